@@ -1,0 +1,287 @@
+"""Hugging Face–layout checkpoints: load and save, never unpickling.
+
+A model directory holds `config.json`, `model.safetensors` (or shards plus
+`model.safetensors.index.json`), `generation_config.json` and the tokenizer files.
+Ember's module names follow HF Llama, so llama/mistral/qwen2/mixtral weights map by
+name; GPT-2 stores q, k, v in one `Conv1D` (weights transposed) and is translated here.
+Every directory is written to a temporary path beside the target and renamed into place,
+so a run killed mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ember.config import ModelConfig
+from ember.errors import EmberError
+from ember.model import CausalLM
+
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
+
+
+# --- atomic directories --------------------------------------------------------------------
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a fresh temp dir; on success it replaces `path` whole, on error it vanishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():  # data on disk before the rename makes it visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = path.with_name(f".{path.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise EmberError(f"{what} {path} does not exist.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise EmberError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+    except UnicodeDecodeError:
+        raise EmberError(f"{what} {path} is not UTF-8 text.") from None
+
+
+# --- name maps ---------------------------------------------------------------------------
+def hf_to_ember(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Translate an HF state dict of `cfg.model_type` into Ember's module names."""
+    hf = {k: v for k, v in hf.items() if not IGNORED_KEYS.search(k)}
+    if cfg.model_type != "gpt2":
+        out = {}
+        for k, v in hf.items():
+            if k.startswith("transformer.") or k.startswith("gpt_neox."):
+                raise EmberError(f"Weight {k} does not belong to a {cfg.model_type} checkpoint.")
+            out[k] = v
+        if cfg.tie_word_embeddings:
+            out.pop("lm_head.weight", None)
+        return out
+    out = {}
+    q = cfg.num_attention_heads * cfg.head_dim
+    for k, v in hf.items():
+        k = k.removeprefix("transformer.")
+        if k == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[k] = v
+            continue
+        m = re.match(r"h\.(\d+)\.(.+)$", k)
+        if m is None:
+            top = {"wte.weight": "model.embed_tokens.weight", "wpe.weight": "model.embed_positions.weight",
+                   "ln_f.weight": "model.norm.weight", "ln_f.bias": "model.norm.bias"}
+            if k not in top:
+                raise EmberError(f"Unexpected GPT-2 weight '{k}' in checkpoint.")
+            out[top[k]] = v
+            continue
+        i, rest = m.groups()
+        p = f"model.layers.{i}."
+        kind = rest.rsplit(".", 1)[-1]  # weight or bias
+        if rest.startswith("attn.c_attn."):
+            # Conv1D stores [in, out]; q, k, v are consecutive column blocks.
+            v = v.t() if kind == "weight" else v
+            out[p + f"self_attn.q_proj.{kind}"] = v[:q].contiguous()
+            out[p + f"self_attn.k_proj.{kind}"] = v[q:2 * q].contiguous()
+            out[p + f"self_attn.v_proj.{kind}"] = v[2 * q:].contiguous()
+            continue
+        names = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm",
+                 "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"}
+        module = rest.rsplit(".", 1)[0]
+        if module not in names:
+            raise EmberError(f"Unexpected GPT-2 weight '{k}' in checkpoint.")
+        if kind == "weight" and module not in ("ln_1", "ln_2"):
+            v = v.t().contiguous()
+        out[p + f"{names[module]}.{kind}"] = v
+    return out
+
+
+def ember_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `hf_to_ember`: the names and layouts `transformers` expects."""
+    if cfg.model_type != "gpt2":
+        out = dict(sd)
+        if cfg.tie_word_embeddings:
+            out.pop("lm_head.weight", None)  # safetensors cannot store shared tensors twice
+        return out
+    out = {}
+    names = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+             "self_attn.o_proj": "attn.c_proj", "mlp.up_proj": "mlp.c_fc", "mlp.down_proj": "mlp.c_proj"}
+    top = {"model.embed_tokens.weight": "transformer.wte.weight",
+           "model.embed_positions.weight": "transformer.wpe.weight",
+           "model.norm.weight": "transformer.ln_f.weight", "model.norm.bias": "transformer.ln_f.bias"}
+    for k, v in sd.items():
+        if k in top:
+            out[top[k]] = v
+            continue
+        if k == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[k] = v
+            continue
+        m = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", k)
+        i, module, kind = m.groups()
+        p = f"transformer.h.{i}."
+        if module == "self_attn.q_proj":
+            qkv = [sd[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
+            fused = torch.cat(qkv, dim=0)
+            out[p + f"attn.c_attn.{kind}"] = fused.t().contiguous() if kind == "weight" else fused
+            continue
+        if module in ("self_attn.k_proj", "self_attn.v_proj"):
+            continue
+        if kind == "weight" and module not in ("input_layernorm", "post_attention_layernorm"):
+            v = v.t()
+        out[p + f"{names[module]}.{kind}"] = v.contiguous()
+    return out
+
+
+# --- loading ---------------------------------------------------------------------------
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """All tensors of a model dir (single file or shards), on CPU, in their stored dtype."""
+    single, index = path / WEIGHTS_NAME, path / INDEX_NAME
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            weight_map = read_json(index, "Shard index").get("weight_map", {})
+            sd: dict[str, Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise EmberError(f"Shard {path / shard} named in {index.name} is missing.")
+                sd.update(load_file(str(path / shard)))
+            return sd
+    except SafetensorError as e:
+        raise EmberError(f"The weights in {path} are corrupt or truncated ({e}).") from None
+    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
+        raise EmberError(f"{path} holds only pickled weights (.bin/.pt); Ember loads safetensors only. "
+                         "Convert them with transformers' save_pretrained(safe_serialization=True).")
+    raise EmberError(f"No {WEIGHTS_NAME} or {INDEX_NAME} in {path}.")
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    if not path.exists():
+        raise EmberError(f"Model directory {path} does not exist.")
+    if not path.is_dir():
+        raise EmberError(f"{path} is a file; a model is a directory with config.json and weights.")
+    data = read_json(path / "config.json", "Model config")
+    if not isinstance(data, dict):
+        raise EmberError(f"Model config {path / 'config.json'} must hold a JSON object.")
+    return ModelConfig.from_hf(data)
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> CausalLM:
+    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode."""
+    from ember.device import pick_device, pick_dtype
+
+    path = Path(path)
+    cfg = load_config(path)
+    device = pick_device(device if device is None or isinstance(device, str) else str(device))
+    dtype = pick_dtype(device, dtype)
+    sd = hf_to_ember(cfg, read_state_dict(path))
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = set(model.state_dict().keys())
+    if cfg.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} weights (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:3])})")
+        raise EmberError(f"Weights in {path} do not match its config.json: {'; '.join(parts)}.")
+    own = model.state_dict()
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise EmberError(f"Weight {k} in {path} has shape {tuple(v.shape)}, config.json implies "
+                             f"{tuple(own[k].shape)}.")
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    return model.to(dtype).eval()
+
+
+# --- saving ----------------------------------------------------------------------------
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def write_model_files(model: CausalLM, out: Path, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json and weights (sharded above `max_shard_bytes`) into `out`."""
+    cfg = model.config
+    sd = ember_to_hf(cfg, {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    hf_cfg = cfg.to_hf()
+    dtype = next(iter(sd.values())).dtype
+    hf_cfg["torch_dtype"] = hf_cfg["dtype"] = _dtype_name(dtype)
+    write_json(out / "config.json", hf_cfg)
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    if total <= max_shard_bytes:
+        save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        return
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for k, v in sd.items():
+        nbytes = v.numel() * v.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def generation_config(cfg: ModelConfig, **overrides: Any) -> dict[str, Any]:
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+           "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.8, "top_p": 0.95}
+    gen.update(overrides)
+    return gen
+
+
+def save_pretrained(model: CausalLM, tokenizer: Any, path: str | Path, max_shard_bytes: int = 4 << 30,
+                    extra_files: dict[str, Any] | None = None) -> Path:
+    """Save model (+ tokenizer) as an HF-layout directory, atomically."""
+    path = Path(path)
+    with atomic_dir(path) as tmp:
+        write_model_files(model, tmp, max_shard_bytes)
+        write_json(tmp / "generation_config.json", generation_config(model.config))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        for name, data in (extra_files or {}).items():
+            write_json(tmp / name, data)
+    return path

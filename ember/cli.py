@@ -1,0 +1,308 @@
+"""The `ember` command: a thin layer over library functions that tests call too.
+
+Every subcommand parses flags, calls one function, and prints. Problems a user can fix
+raise `EmberError`, which ends here as one sentence on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ember.errors import EmberError
+
+EPILOG = """\
+The path from nothing to a model:
+  ember quickstart                                   # all of the below, on the Python stdlib
+  ember tokenizer train --input stdlib --vocab-size 4096 --out tok
+  ember data prepare --input stdlib --tokenizer tok --out data
+  ember pretrain --preset small --data data --out run --max-steps 2000
+  ember plot run
+  ember generate --model run/model --prompt "def fib(n):"
+"""
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate (default 128)")
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
+    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ember", description="Ember: tokenize, pretrain, generate — a whole LLM system you can read.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("quickstart", help="train a tokenizer and a small model on the Python stdlib, then sample",
+                       description="Build the default corpus (this interpreter's standard library), train a "
+                       "byte-level BPE tokenizer, pretrain a small Llama-style model within a time budget, report "
+                       "loss and perplexity, print samples and save an HF-layout checkpoint.")
+    p.add_argument("--minutes", type=float, default=10.0, help="total time budget (default 10)")
+    p.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
+    p.add_argument("--preset", default="small", help="model size (default small, ~6M parameters)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
+    p.add_argument("--corpus-mb", type=float, default=12.0, help="stdlib megabytes to use (default 12)")
+    p.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+    p.add_argument("--seed", type=int, default=1337)
+
+    p = sub.add_parser("tokenizer", help="train a tokenizer").add_subparsers(dest="action", metavar="ACTION")
+    t = p.add_parser("train", help="train a byte-level BPE tokenizer",
+                     description="Train a byte-level BPE tokenizer (HF tokenizers engine) and save tokenizer.json "
+                     "and tokenizer_config.json (with a ChatML chat template) to --out.")
+    t.add_argument("--input", nargs="+", required=True, help="files, directories, .jsonl, .parquet, or 'stdlib'")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--pattern", default="llama3", choices=["llama3", "gpt2"], help="pre-tokenization regex")
+    t.add_argument("--max-mb", type=float, default=None, help="use at most this many MB of text")
+
+    p = sub.add_parser("tokens", help="show how a tokenizer splits text",
+                       description="Print the pieces, ids and count for a text.")
+    p.add_argument("--tokenizer", required=True, help="tokenizer or model directory")
+    p.add_argument("text")
+
+    p = sub.add_parser("data", help="prepare token shards").add_subparsers(dest="action", metavar="ACTION")
+    d = p.add_parser("prepare", help="tokenize a corpus into memory-mapped shards",
+                     description="Tokenize text files, directories, JSONL (a 'text' field) or Parquet into "
+                     "uint16/uint32 token shards with a deterministic train/validation split.")
+    d.add_argument("--input", nargs="+", required=True, help="files, directories, .jsonl, .parquet, or 'stdlib'")
+    d.add_argument("--tokenizer", required=True)
+    d.add_argument("--out", required=True)
+    d.add_argument("--val-fraction", type=float, default=0.005)
+
+    p = sub.add_parser("pretrain", help="pretrain a model on token shards",
+                       description="Train from scratch (or --resume) with AdamW, warmup + cosine/constant/wsd "
+                       "schedule, gradient accumulation, clipping, periodic validation and atomic checkpoints. "
+                       "Writes OUT/metrics.jsonl, OUT/checkpoint (for --resume) and OUT/model (HF layout).")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="named model size (see ember.config.PRESETS)")
+    src.add_argument("--config", help="HF-style config.json (model_type plus HF field names)")
+    p.add_argument("--data", required=True, help="directory written by 'ember data prepare'")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--max-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
+    p.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "wsd"])
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
+    p.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+    p = sub.add_parser("plot", help="plot a run's loss curves to PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
+
+    p = sub.add_parser("generate", help="complete a prompt",
+                       description="Generate a continuation with a KV cache from an Ember or HF checkpoint.")
+    p.add_argument("--model", required=True, help="model directory (HF layout)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    _add_sampling(p)
+    _add_device(p)
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal",
+                       description="Interactive chat using the checkpoint's chat template; tokens stream as "
+                       "they are generated. Type /reset to start over, /exit (or Ctrl-D) to quit.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--system", default=None, help="system prompt")
+    _add_sampling(p)
+    _add_device(p)
+    return parser
+
+
+# --- commands ------------------------------------------------------------------------------
+def cmd_tokenizer_train(a: argparse.Namespace) -> None:
+    from ember.data import iter_documents
+    from ember.tokenizer import train_tokenizer
+
+    max_bytes = int(a.max_mb * 1e6) if a.max_mb else None
+    texts = _capped((text for _, text in iter_documents(a.input)), max_bytes)
+    tok = train_tokenizer(texts, vocab_size=a.vocab_size, pattern=a.pattern, show_progress=True)
+    tok.save(a.out)
+    print(f"Saved a {tok.vocab_size}-token tokenizer to {a.out}")
+
+
+def _capped(texts, max_bytes: int | None):
+    total = 0
+    for t in texts:
+        yield t
+        total += len(t.encode("utf-8", "ignore"))
+        if max_bytes is not None and total >= max_bytes:
+            return
+
+
+def cmd_tokens(a: argparse.Namespace) -> None:
+    from ember.tokenizer import load_tokenizer
+
+    info = load_tokenizer(a.tokenizer).describe(a.text)
+    print(" | ".join(repr(p)[1:-1] for p in info["pieces"]))
+    print("ids:", ", ".join(map(str, info["ids"])))
+    print("count:", len(info["ids"]))
+
+
+def cmd_data_prepare(a: argparse.Namespace) -> None:
+    from ember.data import prepare_shards
+    from ember.tokenizer import load_tokenizer
+
+    meta = prepare_shards(a.input, load_tokenizer(a.tokenizer), a.out, val_fraction=a.val_fraction)
+    n = meta["num_tokens"]
+    print(f"Wrote {n['train']:,} train and {n['val']:,} validation tokens to {a.out}")
+
+
+def cmd_pretrain(a: argparse.Namespace) -> None:
+    from ember.config import ModelConfig, preset
+    from ember.train.loop import TrainConfig
+    from ember.train.pretrain import describe_run, pretrain
+
+    model_config = None
+    if not a.resume:
+        if a.config:
+            model_config = ModelConfig.from_json_file(a.config)
+        else:
+            model_config = preset(a.preset or "small")
+    cfg = TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
+                      block_size=a.block_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
+                      warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=a.weight_decay,
+                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
+                      log_every=a.log_every, seed=a.seed, mixed_precision=a.mixed_precision,
+                      time_budget_s=a.time_budget * 60 if a.time_budget else None)
+    pretrain(a.data, a.out, model_config, cfg, device=a.device, resume=a.resume,
+             eval_batches=a.eval_batches, progress=not a.no_progress)
+    print(f"Done: {describe_run(a.out)}")
+    print(f"Model: {Path(a.out) / 'model'}   Curves: ember plot {a.out}")
+
+
+def cmd_plot(a: argparse.Namespace) -> None:
+    from ember.plot import plot_run
+
+    print(f"Wrote {plot_run(a.run_dir, a.out)}")
+
+
+def _sampling_kwargs(a: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    from ember.checkpoint import load_model
+    from ember.generate import stream_text
+    from ember.tokenizer import load_tokenizer
+
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    tok = load_tokenizer(a.model)
+    if a.prompt_ids is not None:
+        try:
+            ids = [int(x) for x in a.prompt_ids.split(",") if x.strip()]
+        except ValueError:
+            raise EmberError("--prompt-ids must be comma-separated integers, e.g. 1,2,3.") from None
+        print(tok.decode(ids), end="", flush=True)
+    else:
+        ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
+        print(a.prompt, end="", flush=True)
+    for piece in stream_text(model, tok, ids, stop=a.stop, **_sampling_kwargs(a)):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from ember.checkpoint import load_model
+    from ember.generate import stream_text
+    from ember.tokenizer import load_tokenizer
+
+    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    tok = load_tokenizer(a.model)
+    base = [{"role": "system", "content": a.system}] if a.system else []
+    messages = list(base)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("Chatting with", a.model, "— /reset starts over, /exit or Ctrl-D quits.")
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = list(base)
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if len(ids) >= model.config.max_position_embeddings:
+            print("(the conversation no longer fits the context; /reset to start over)", file=sys.stderr)
+            messages.pop()
+            continue
+        print("assistant> " if interactive else "", end="", flush=True)
+        reply = []
+        for piece in stream_text(model, tok, ids, stop=a.stop, **_sampling_kwargs(a)):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_quickstart(a: argparse.Namespace) -> None:
+    from ember.quickstart import quickstart
+
+    quickstart(minutes=a.minutes, out=a.out, preset_name=a.preset, vocab_size=a.vocab_size,
+               corpus_mb=a.corpus_mb, device=a.device, seed=a.seed)
+
+
+COMMANDS = {
+    "quickstart": cmd_quickstart, "tokens": cmd_tokens, "pretrain": cmd_pretrain, "plot": cmd_plot,
+    "generate": cmd_generate, "chat": cmd_chat,
+    ("tokenizer", "train"): cmd_tokenizer_train, ("data", "prepare"): cmd_data_prepare,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    key = (args.command, args.action) if hasattr(args, "action") else args.command
+    if isinstance(key, tuple) and key[1] is None:
+        parser.parse_args([args.command, "--help"])
+    try:
+        COMMANDS[key](args)
+    except EmberError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The simple generator: one sequence, a contiguous KV cache, a decode loop.
+
+`generate_ids` is the hot loop (prefill once, then one token per forward, nothing but the
+cache write allocated per step); `stream_text` turns ids into text that never splits a
+UTF-8 character and never shows the start of a stop string; `generate` is the one-call
+API. The batched, paged path for serving lives in `ember.engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from ember.errors import EmberError
+from ember.kv_cache import KVCache
+from ember.model import CausalLM
+from ember.sampling import SamplingParams, draw, process_logits
+
+
+def context_length(model: CausalLM) -> int:
+    return model.config.max_position_embeddings
+
+
+def eos_ids(model: CausalLM, tokenizer: Any = None) -> set[int]:
+    ids: set[int] = set()
+    eos = model.config.eos_token_id
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list):
+        ids.update(eos)
+    if tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
+        ids.add(tokenizer.eos_id)
+    return ids
+
+
+@torch.inference_mode()
+def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int = 128,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
+                 frequency_penalty: float = 0.0, seed: int | None = None,
+                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
+    """Yield new token ids one by one; stops after `max_new_tokens` or a token in `stop_ids`."""
+    params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, min_p=min_p,
+                            repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                            frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_new_tokens)
+    if len(prompt_ids) == 0:
+        raise EmberError("The prompt is empty; give at least one token.")
+    ctx = context_length(model)
+    if len(prompt_ids) >= ctx:
+        raise EmberError(f"The prompt has {len(prompt_ids)} tokens but the model's context is {ctx}; "
+                         "shorten the prompt.")
+    vocab = model.config.vocab_size
+    if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
+        raise EmberError(f"Prompt token ids must be in [0, {vocab}).")
+    max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids))
+    weight = model.lm_head.weight
+    device, dtype = weight.device, weight.dtype
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device, dtype)
+    stop = set(stop_ids)
+
+    track_seen = repetition_penalty != 1.0
+    track_counts = presence_penalty != 0.0 or frequency_penalty != 0.0
+    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device) if track_seen else None
+    counts = torch.zeros(1, vocab, dtype=torch.int32, device=device) if track_counts else None
+    ids = torch.tensor([list(prompt_ids)], device=device)
+    if seen is not None:
+        seen[0, ids[0]] = True
+
+    logits = model(ids, cache=cache, last_only=True)[:, -1]
+    for _ in range(max_new_tokens):
+        token = draw(process_logits(logits, params, seen, counts), params.greedy, generator)
+        tok = int(token.item())
+        yield tok
+        if tok in stop:
+            return
+        if seen is not None:
+            seen[0, tok] = True
+        if counts is not None:
+            counts[0, tok] += 1
+        logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
+
+
+def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (),
+                ignore_eos: bool = False, **sampling: Any) -> Iterator[str]:
+    """Yield text pieces as they are generated; ends at EOS or the first stop string (excluded)."""
+    from ember.tokenizer import IncrementalDecoder
+
+    decoder = IncrementalDecoder(tokenizer)
+    stop_ids = () if ignore_eos else tuple(eos_ids(model, tokenizer))
+    held = ""  # text that could still turn out to be the start of a stop string
+    for tok in generate_ids(model, prompt_ids, stop_ids=stop_ids, **sampling):
+        if tok in stop_ids:
+            break
+        held += decoder.push(tok)
+        cut = min((held.find(s) for s in stop if s in held), default=-1)
+        if cut >= 0:
+            if held[:cut]:
+                yield held[:cut]
+            return
+        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
+        if len(held) > keep:
+            yield held[:len(held) - keep]
+            held = held[len(held) - keep:]
+    held += decoder.flush()
+    cut = min((held.find(s) for s in stop if s in held), default=-1)
+    if cut >= 0:
+        held = held[:cut]
+    if held:
+        yield held
+
+
+def generate(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens: int = 128,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
+             stop: Sequence[str] | str | None = None) -> str:
+    """Complete `prompt` and return the new text (temperature 0 = greedy)."""
+    if isinstance(stop, str):
+        stop = [stop]
+    prompt_ids = tokenizer.encode(prompt, add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
+    return "".join(stream_text(model, tokenizer, prompt_ids, stop=stop or (), max_new_tokens=max_new_tokens,
+                               temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0,
+                               min_p=min_p or 0.0, repetition_penalty=repetition_penalty, seed=seed))

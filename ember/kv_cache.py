@@ -1,0 +1,53 @@
+"""A contiguous, pre-allocated KV cache for the simple generator.
+
+Every sequence in the batch is at the same length (one prompt, or prompts of one length),
+so keys and values live in one [B, Hkv, max_len, D] tensor per layer and each step writes
+its slice in place: nothing is allocated per token. The engine's paged cache
+(`ember.engine`) implements the same `attend` interface over blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ember.config import ModelConfig
+from ember.model import attention, causal_mask
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.max_len = max_len
+        self.length = 0  # tokens already cached
+        self.sliding_window = cfg.sliding_window
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        return torch.arange(self.length, self.length + num_tokens, device=device)
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        start, T = self.length, q.shape[2]
+        end = start + T
+        if end > self.max_len:
+            raise RuntimeError(f"KV cache holds {self.max_len} tokens; step needs {end}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        window = self.sliding_window
+        if T == 1 and (window is None or end <= window):
+            return attention(q, keys, values, causal=False)  # one new token sees everything cached
+        if start == 0 and (window is None or end <= window):
+            return attention(q, keys, values, causal=True)
+        q_pos = torch.arange(start, end, device=q.device)
+        k_pos = torch.arange(0, end, device=q.device)
+        return attention(q, keys, values, mask=causal_mask(q_pos, k_pos, window))
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
+
+    def truncate(self, length: int) -> None:
+        """Forget tokens past `length` (speculative decoding rolls rejected tokens back)."""
+        self.length = min(self.length, length)

@@ -1,0 +1,324 @@
+"""The transformer: one decoder for every family in `ember.config`.
+
+Read it top to bottom: normalisation, rotary positions, attention, the MLP (plain, gated,
+or a mixture of experts), the block, and the causal LM that stacks them. Module names
+follow Hugging Face's Llama layout (`model.layers.0.self_attn.q_proj`, ...), so weights
+and PEFT adapters map onto them by name; GPT-2's fused projections are split on load
+(see `ember.checkpoint`).
+
+One forward serves every caller: training passes full sequences; the generator and the
+engine pass a KV-cache backend whose `attend` stores this step's keys and values and
+attends over everything cached (contiguous in `ember.kv_cache`, paged in the engine).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ember.config import ModelConfig
+
+
+class CacheBackend(Protocol):
+    """What attention needs from a KV cache; implementations live beside their callers."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Store k, v [B, Hkv, T, D] for this step, return attention of q [B, H, T, D]."""
+        ...
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        """Positions of the tokens about to be processed, [B, T] or [T]."""
+        ...
+
+    def advance(self, num_tokens: int) -> None:
+        """Called once after all layers have attended."""
+        ...
+
+
+# --- normalisation ---------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 for stability under bf16, as the reference implementations do.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    return RMSNorm(cfg.hidden_size, cfg.norm_eps) if cfg.uses_rmsnorm else nn.LayerNorm(
+        cfg.hidden_size, eps=cfg.norm_eps
+    )
+
+
+# --- rotary position embedding -----------------------------------------------------------
+def rope_inv_freq(cfg: ModelConfig) -> Tensor:
+    """Per-pair rotation frequencies, with Llama-3 or linear context-extension scaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: leave high frequencies alone, divide low ones by `factor`, blend in between.
+    factor, lo, hi = s["factor"], s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos/sin tables for `positions` ([T] or [B, T]), shaped to broadcast over heads."""
+    angles = positions.float()[..., None] * inv_freq.float()  # [..., T, D/2]
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    if positions.dim() == 2:  # [B, T, D] -> [B, 1, T, D]
+        cos, sin = cos[:, None], sin[:, None]
+    return cos, sin
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (the HF/Llama layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# --- attention -------------------------------------------------------------------------
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = True) -> Tensor:
+    """Scaled dot-product attention with grouped KV heads, through PyTorch's fused kernels.
+
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend.
+    """
+    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each KV head
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1)
+
+
+def causal_mask(q_positions: Tensor, k_positions: Tensor, sliding_window: int | None = None) -> Tensor:
+    """Boolean mask [.., Tq, Tk]: a query sees keys at or before its position (within the window)."""
+    diff = q_positions[..., :, None] - k_positions[..., None, :]
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask = mask & (diff < sliding_window)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
+        h, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        self.q_proj = nn.Linear(h, q, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(q, h, bias=cfg.o_proj_bias)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
+                cache: CacheBackend | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            out = cache.attend(self.layer_idx, q, k, v)
+        else:
+            out = attention(q, k, v, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+# --- feed-forward ----------------------------------------------------------------------
+def activation(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class MLP(nn.Module):
+    """SwiGLU (gate * up, then down) when gated; otherwise up -> act -> down (GPT-2)."""
+
+    def __init__(self, cfg: ModelConfig, gated: bool | None = None) -> None:
+        super().__init__()
+        self.gated = cfg.gated_mlp if gated is None else gated
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        if self.gated:
+            self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Expert(nn.Module):
+    """One SwiGLU expert, with Mixtral's weight names (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.w2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.w3 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed mixture of experts: each token goes to its k best experts, outputs are
+    mixed by the router's renormalised probabilities (Mixtral)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = cfg.num_experts_per_tok
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(cfg) for _ in range(cfg.num_local_experts))
+        self.aux_loss: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        probs = F.softmax(self.gate(x).float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        if self.training:
+            # Switch-Transformer load balancing: fraction routed x mean probability, per expert.
+            routed = F.one_hot(chosen, len(self.experts)).float().mean(0)  # [k, E]
+            self.aux_loss = len(self.experts) * (routed * probs.mean(0)).sum()
+        return out.view(shape)
+
+
+# --- the block and the model -------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = make_norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg)
+        if cfg.num_local_experts:
+            self.block_sparse_moe = MoE(cfg)  # Mixtral's name, so checkpoints map 1:1
+        else:
+            self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, rope, mask, cache) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if not cfg.uses_rope:
+            self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = make_norm(cfg)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model: ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("rope_inv_freq", rope_inv_freq(cfg) if cfg.uses_rope else torch.empty(0),
+                             persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's trick: shrink projections that write into the residual stream by depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after building on the meta device)."""
+        device = self.lm_head.weight.device
+        self.rope_inv_freq = (rope_inv_freq(self.config) if self.config.uses_rope
+                              else torch.empty(0)).to(device)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+
+    def hidden_states(self, input_ids: Tensor, positions: Tensor | None = None,
+                      cache: CacheBackend | None = None, attn_mask: Tensor | None = None) -> Tensor:
+        """Final normalised hidden states [B, T, H] (value and reward heads read these)."""
+        cfg = self.config
+        B, T = input_ids.shape
+        if positions is None:
+            positions = (cache.positions(T, input_ids.device) if cache is not None
+                         else torch.arange(T, device=input_ids.device))
+        x = self.model.embed_tokens(input_ids)
+        if cfg.uses_rope:
+            rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+        else:
+            rope = None
+            x = x + self.model.embed_positions(positions)
+        mask = attn_mask
+        if mask is None and cache is None and cfg.sliding_window is not None and T > cfg.sliding_window:
+            mask = causal_mask(positions, positions, cfg.sliding_window)
+        for layer in self.model.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(T)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: Tensor, positions: Tensor | None = None,
+                cache: CacheBackend | None = None, attn_mask: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with `last_only`, which skips the head elsewhere)."""
+        h = self.hidden_states(input_ids, positions, cache, attn_mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)
+
+    def aux_loss(self) -> Tensor | None:
+        """Sum of the MoE load-balancing losses from the last training forward, if any."""
+        losses = [m.aux_loss for m in self.modules() if isinstance(m, MoE) and m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else None
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,141 @@
+"""`ember quickstart`: the whole pipeline, start to finish, within a time budget.
+
+corpus (this interpreter's standard library) -> BPE tokenizer -> token shards ->
+pretraining (the step count fitted to the time left) -> loss, perplexity, samples ->
+an HF-layout checkpoint, and the commands to try next.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from ember.config import preset
+from ember.data import TokenShards, prepare_shards, stdlib_files
+from ember.device import pick_device
+from ember.errors import EmberError
+from ember.generate import generate
+from ember.model import CausalLM
+from ember.tokenizer import load_tokenizer, train_tokenizer
+from ember.train.loop import TrainConfig, lm_loss, make_optimizer
+from ember.train.pretrain import model_config_for, pretrain
+
+SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", "    for i in range("]
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _read(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
+def measure_step_time(model: CausalLM, cfg: TrainConfig, data: TokenShards, device: torch.device) -> float:
+    """Seconds per optimizer step, from two timed steps after a warm-up (on a throwaway copy)."""
+    import copy
+
+    probe = copy.deepcopy(model).train()
+    opt = make_optimizer(probe, cfg)
+    times = []
+    for i in range(3):
+        t = time.perf_counter()
+        for micro in range(cfg.grad_accum):
+            x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, step=i, micro_step=micro, seed=cfg.seed)
+            loss, n = lm_loss(probe(x.to(device)), y.to(device))
+            (loss / n).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    del probe, opt
+    return sum(times[1:]) / 2
+
+
+def quickstart(minutes: float = 10.0, out: str | Path = "runs/quickstart", preset_name: str = "small",
+               vocab_size: int = 4096, corpus_mb: float = 12.0, device: str | None = None,
+               seed: int = 1337, batch_size: int = 8, block_size: int = 256, lr: float = 2e-3) -> dict:
+    if minutes <= 0:
+        raise EmberError("--minutes must be positive.")
+    t0 = time.time()
+    budget = minutes * 60
+    out = Path(out)
+    dev = pick_device(device)
+    threads = torch.get_num_threads()
+    _say(f"Ember quickstart: {minutes:g} min budget on {dev} ({threads} threads), torch {torch.__version__}, "
+         f"Python {platform.python_version()}; writing to {out}")
+
+    # 1. corpus
+    files = stdlib_files(max_bytes=int(corpus_mb * 1e6))
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    _say(f"[1/5] corpus: {len(files)} files, {mb:.1f} MB of Python from the standard library")
+
+    # 2. tokenizer
+    t = time.time()
+    tok = train_tokenizer((_read(f) for f in files), vocab_size=vocab_size, pattern="llama3")
+    tok.save(out / "tokenizer")
+    sample = "def __init__(self, name):\n    self.name = name"
+    n = len(tok.encode(sample))
+    _say(f"[2/5] tokenizer: {tok.vocab_size} tokens trained in {time.time() - t:.0f}s "
+         f"({len(sample) / n:.2f} chars/token on {sample!r})")
+
+    # 3. shards
+    t = time.time()
+    meta = prepare_shards([str(f) for f in files], tok, out / "data", val_fraction=0.02, progress=False)
+    _say(f"[3/5] data: {meta['num_tokens']['train']:,} train / {meta['num_tokens']['val']:,} validation "
+         f"tokens in {time.time() - t:.0f}s")
+
+    # 4. pretraining, with the number of steps fitted to the time left
+    data = TokenShards(out / "data")
+    torch.manual_seed(seed)
+    cfg = TrainConfig(batch_size=batch_size, block_size=block_size, lr=lr, seed=seed, warmup_steps=1)
+    model_cfg = model_config_for(preset(preset_name), tok, block_size)
+    model = CausalLM(model_cfg).to(dev)
+    step_time = measure_step_time(model, cfg, data, dev)
+    reserve = 25 + 0.04 * budget  # final evaluation, checkpoint and samples
+    train_time = budget - (time.time() - t0) - reserve
+    evals = 5
+    eval_cost = 0.5 * step_time * 10  # ten forward-only batches per evaluation
+    steps = int((train_time - evals * eval_cost) / (step_time * 1.05))
+    if steps < 20:
+        raise EmberError(f"{minutes:g} minutes leave time for only {max(steps, 0)} training steps on this "
+                         "machine; give --minutes a larger value.")
+    cfg = TrainConfig(max_steps=steps, batch_size=batch_size, block_size=block_size, lr=lr, seed=seed,
+                      warmup_steps=max(10, steps // 20), eval_every=max(1, steps // evals),
+                      save_every=max(1, steps // 4), log_every=max(1, steps // 100),
+                      time_budget_s=train_time * 1.1)
+    _say(f"[4/5] pretraining a {model.num_parameters() / 1e6:.1f}M-parameter {model_cfg.model_type} "
+         f"({model_cfg.num_hidden_layers} layers, width {model_cfg.hidden_size}) for {steps} steps of "
+         f"{batch_size}x{block_size} tokens ({step_time:.2f}s/step)")
+    del model
+    last = pretrain(out / "data", out, model_cfg, cfg, device=str(dev), eval_batches=10)
+
+    # 5. results and samples
+    from ember.checkpoint import load_model
+    from ember.plot import plot_run
+
+    png = plot_run(out)
+    val = last.get("val_loss", float("nan"))
+    _say(f"[5/5] done in {(time.time() - t0) / 60:.1f} min: train loss {last['loss']:.3f}, "
+         f"validation loss {val:.3f} (perplexity {math.exp(val):.1f}, "
+         f"{val / math.log(2):.2f} bits/token); curves in {png}")
+    model = load_model(out / "model", device=str(dev))
+    tok = load_tokenizer(out / "model")
+    for i, prompt in enumerate(SAMPLE_PROMPTS):
+        text = generate(model, tok, prompt, max_new_tokens=60, temperature=0.8, top_p=0.95, seed=seed + i)
+        _say(f"\n--- sample {i + 1} " + "-" * 50 + f"\n{prompt}{text}")
+    m = out / "model"
+    _say("\nNext:\n"
+         f"  ember generate --model {m} --prompt 'def fibonacci(n):' --temperature 0.7\n"
+         f"  ember tokens --tokenizer {m} 'for i in range(10):'\n"
+         f"  ember plot {out}\n"
+         f"  ember pretrain --preset {preset_name} --data {out / 'data'} --out {out}-long --max-steps 5000\n"
+         f"  python -c \"import transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{m}')\"")
+    return last

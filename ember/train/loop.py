@@ -1,0 +1,306 @@
+"""The training loop every recipe shares: pretraining, SFT, DPO, reward modelling.
+
+A recipe supplies three things: `get_batch(step, micro_step)` (a pure function of the step,
+so a resumed run sees exactly the batches an uninterrupted one would), `loss_fn(model,
+batch) -> (summed loss, number of target tokens, metrics)` and optionally `evaluate(model)`.
+The loop does the rest: AdamW (fused where available), warmup then cosine / constant /
+warmup-stable-decay learning rates, gradient accumulation with the loss normalised by the
+target tokens of the whole step, mixed precision where the device is fast at it, clipping,
+periodic validation, a progress bar, `metrics.jsonl`, and atomic checkpoints from which
+`resume=True` continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ember.checkpoint import atomic_dir, read_json, write_json, write_model_files
+from ember.device import autocast_dtype
+from ember.errors import EmberError
+
+SCHEDULES = ("cosine", "constant", "wsd")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    block_size: int = 256  # tokens per sequence
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = off
+    eval_every: int = 200  # 0 = only at the end
+    save_every: int = 500  # 0 = only at the end
+    log_every: int = 10
+    seed: int = 1337
+    mixed_precision: str = "auto"  # auto | off | bf16 | fp16
+    time_budget_s: float | None = None  # stop early (and save) when exceeded
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise EmberError(f"Unknown schedule '{self.schedule}'; choose one of {', '.join(SCHEDULES)}.")
+        for name in ("max_steps", "batch_size", "grad_accum", "block_size"):
+            if getattr(self, name) < 1:
+                raise EmberError(f"{name} must be at least 1.")
+        if self.lr <= 0:
+            raise EmberError("The learning rate must be positive.")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then the chosen shape down to lr * min_lr_ratio at max_steps."""
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    if step < cfg.warmup_steps:
+        return peak * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "wsd":
+        decay_start = int(cfg.max_steps * (1 - cfg.decay_fraction))
+        if step < decay_start:
+            return peak
+        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
+        return peak + (floor - peak) * min(1.0, frac)
+    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+    """Summed next-token cross-entropy and the number of targets (-100 marks ignored ones)."""
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and embeddings only, never on norms or biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for p in params:
+        if id(p) in seen:  # tied weights appear once
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    device = params[0].device.type
+    if device in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+# --- checkpoints -------------------------------------------------------------------------
+CHECKPOINT = "checkpoint"
+STATE = "trainer_state.json"
+OPTIMIZER = "optimizer.pt"
+
+
+def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                    cfg: TrainConfig, extra_state: dict[str, Any], save_extra: Callable[[Path], None] | None) -> None:
+    """Model (HF layout) + optimizer + RNG + step, replacing the previous checkpoint atomically."""
+    with atomic_dir(out_dir / CHECKPOINT) as tmp:
+        write_model_files(model, tmp)
+        if save_extra is not None:
+            save_extra(tmp)  # tokenizer, adapters, ...
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / OPTIMIZER)
+        write_json(tmp / STATE, {"step": step, "train_config": asdict(cfg), **extra_state})
+
+
+def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model, optimizer and RNG; return the saved trainer state (with `step`)."""
+    from ember.checkpoint import hf_to_ember, read_state_dict
+
+    ckpt = out_dir / CHECKPOINT
+    if not (ckpt / STATE).is_file():
+        old = out_dir / f".{CHECKPOINT}.old"  # killed between the two renames of atomic_dir
+        if (old / STATE).is_file():
+            ckpt = old
+        else:
+            raise EmberError(f"No checkpoint to resume from in {out_dir} (expected {ckpt / STATE}).")
+    state = read_json(ckpt / STATE, "Trainer state")
+    sd = hf_to_ember(model.config, read_state_dict(ckpt))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise EmberError(f"The checkpoint in {ckpt} does not fit this model "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
+    blob = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(blob["optimizer"])
+    torch.set_rng_state(blob["rng"]["torch"])
+    if "cuda" in blob["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    return state
+
+
+# --- the loop ----------------------------------------------------------------------------
+def _log(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint so the log reads as one clean run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], Any],
+          loss_fn: Callable[[nn.Module, Any], tuple[Tensor, int, dict[str, float]]], out_dir: str | Path,
+          evaluate: Callable[[nn.Module], dict[str, float]] | None = None, resume: bool = False,
+          save_extra: Callable[[Path], None] | None = None, progress: bool = True,
+          extra_state: dict[str, Any] | None = None,
+          count_targets: Callable[[Any], int] | None = None) -> dict[str, Any]:
+    """Run the loop to `cfg.max_steps` and return the final metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    device = next(model.parameters()).device
+    optimizer = make_optimizer(model, cfg)
+    torch.manual_seed(cfg.seed)
+
+    step, elapsed_before = 0, 0.0
+    if resume:
+        state = load_checkpoint(out_dir, model, optimizer)
+        step, elapsed_before = state["step"], state.get("elapsed_s", 0.0)
+        _truncate_log(metrics_path, step)
+        if step >= cfg.max_steps:
+            tqdm.write(f"Checkpoint is already at step {step} of {cfg.max_steps}; nothing to do.")
+    elif metrics_path.exists():
+        metrics_path.unlink()
+    extra_state = dict(extra_state or {})
+    count_targets = count_targets or _count_targets
+
+    amp = {"auto": autocast_dtype(device), "off": None, "bf16": torch.bfloat16,
+           "fp16": torch.float16}[cfg.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
+
+    # Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly.
+    stop_requested = {"flag": False}
+
+    def request_stop(signum, frame):
+        stop_requested["flag"] = True
+
+    old_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        old_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint() -> None:
+        save_checkpoint(out_dir, model, optimizer, step, cfg,
+                        {**extra_state, "elapsed_s": elapsed_before + time.time() - t_start}, save_extra)
+
+    model.train()
+    t_start = time.time()
+    last = {"step": step}
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+    tokens_window, t_window = 0, time.time()
+    try:
+        while step < cfg.max_steps:
+            lr = learning_rate(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batches = [get_batch(step, micro) for micro in range(cfg.grad_accum)]
+            # Normalise by the target tokens of the whole step, not per micro-batch, so k
+            # micro-batches of b give the same update as one batch of k*b.
+            total_targets = sum(count_targets(b) for b in batches)
+            loss_sum, info = 0.0, {}
+            for batch in batches:
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss, n, info = loss_fn(model, batch)
+                    scaled = loss / max(1, total_targets)
+                    aux = model.aux_loss() if hasattr(model, "aux_loss") else None
+                    if aux is not None:
+                        scaled = scaled + model.config.router_aux_loss_coef * aux / len(batches)
+                (scaler.scale(scaled) if scaler else scaled).backward()
+                loss_sum += float(loss.detach())
+            if scaler:
+                scaler.unscale_(optimizer)
+            grad_norm = (float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                         if cfg.grad_clip > 0 else float("nan"))
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_window += total_targets
+
+            train_loss = loss_sum / max(1, total_targets)
+            if not math.isfinite(train_loss):
+                raise EmberError(f"The loss became {train_loss} at step {step}; lower the learning rate "
+                                 "(--lr) or enable clipping.")
+            last = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, **info}
+            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            if log_now:
+                now = time.time()
+                last["tokens_per_s"] = tokens_window / max(1e-9, now - t_window)
+                last["elapsed_s"] = elapsed_before + now - t_start
+                tokens_window, t_window = 0, now
+            eval_now = evaluate is not None and (
+                step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            if eval_now:
+                model.eval()
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    last.update(evaluate(model))
+                model.train()
+            if log_now or eval_now:
+                _log(metrics_path, last)
+            bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "lr", "tokens_per_s") if k in last})
+            bar.update(1)
+
+            over_time = cfg.time_budget_s is not None and elapsed_before + time.time() - t_start > cfg.time_budget_s
+            if step < cfg.max_steps and not over_time and (
+                    stop_requested["flag"] or (cfg.save_every and step % cfg.save_every == 0)):
+                checkpoint()
+            if stop_requested["flag"]:
+                bar.close()
+                raise EmberError(f"Training stopped at step {step}; the checkpoint in {out_dir / CHECKPOINT} "
+                                 "is saved, continue with --resume.")
+            if over_time:
+                tqdm.write(f"Time budget reached at step {step}; stopping early.")
+                break
+        checkpoint()
+    finally:
+        bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+    model.eval()
+    return last
+
+
+def _count_targets(batch: Any) -> int:
+    targets = batch[1] if isinstance(batch, (tuple, list)) else batch["labels"]
+    return int((targets != -100).sum())

@@ -1,0 +1,118 @@
+"""The transformer against `transformers`, family by family: same weights, same logits,
+same greedy tokens, in both directions (HF checkpoint -> Ember, Ember checkpoint -> HF)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is the parity peer (test extra)")
+
+from ember.checkpoint import load_model, save_pretrained  # noqa: E402
+from ember.config import ModelConfig, preset  # noqa: E402
+from ember.generate import generate_ids  # noqa: E402
+from ember.model import CausalLM  # noqa: E402
+
+VOCAB = 97
+
+HF_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+    "gpt2-untied": dict(model_type="gpt2", vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                        n_positions=128, tie_word_embeddings=False),
+    "llama-gqa-untied": dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             tie_word_embeddings=False),
+    "llama-tied-bias": dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                            tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
+    "llama3-rope-scaling": dict(model_type="llama", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                rope_theta=500000.0, max_position_embeddings=512,
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0,
+                                              "original_max_position_embeddings": 16}),
+    "mistral": dict(model_type="mistral", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
+    "qwen2-qkv-bias": dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           tie_word_embeddings=True),
+    "mixtral-moe": dict(model_type="mixtral", vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        num_local_experts=4, num_experts_per_tok=2),
+}
+
+
+def hf_model(spec: dict) -> "transformers.PreTrainedModel":
+    spec = dict(spec)
+    cfg = transformers.AutoConfig.for_model(spec.pop("model_type"), **spec)
+    # Random ids must never stop HF's generation early: no EOS, and no special ids to pad.
+    cfg.eos_token_id = cfg.bos_token_id = cfg.pad_token_id = None
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    # Non-zero biases and norms, so a mapping error in any of them shows in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name or "ln_" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(HF_CONFIGS))
+def hf_and_ember(request, tmp_path_factory):
+    hf = hf_model(HF_CONFIGS[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path, safe_serialization=True)
+    return hf, load_model(path, device="cpu", dtype=torch.float32)
+
+
+def test_hf_checkpoint_gives_same_logits(hf_and_ember):
+    hf, ember_model = hf_and_ember
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(ids).logits
+        got = ember_model(ids)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_greedy_generation_token_identical_to_transformers(hf_and_ember):
+    hf, ember_model = hf_and_ember
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, 7:]
+    got = list(generate_ids(ember_model, prompt[0].tolist(), max_new_tokens=64, temperature=0.0))
+    assert got == expected.tolist()
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt2-mini", "moe-tiny"])
+def test_ember_checkpoint_opens_in_transformers_with_same_logits(name, tmp_path):
+    torch.manual_seed(0)
+    cfg = preset(name, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2 if name != "gpt2-mini" else 4)
+    model = CausalLM(cfg).eval()
+    save_pretrained(model, None, tmp_path / "ckpt")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    ids = torch.randint(0, VOCAB, (2, 33))
+    with torch.no_grad():
+        diff = (hf(ids).logits - model(ids)).abs().max().item()
+    assert diff <= 1e-4
+
+
+def test_sliding_window_matches_transformers(tmp_path):
+    spec = dict(HF_CONFIGS["mistral"], sliding_window=8)
+    hf = hf_model(spec)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_model(tmp_path, device="cpu")
+    assert model.config.sliding_window == 8
+    ids = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+
+
+def test_transformers_5_rope_parameters_config_loads():
+    cfg = ModelConfig.from_hf(dict(model_type="llama", vocab_size=10, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0,
+                                                    "factor": 8.0, "low_freq_factor": 1.0,
+                                                    "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192}))
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 8.0
