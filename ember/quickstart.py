@@ -99,7 +99,7 @@ def quickstart(minutes: float = 10.0, out: str | Path = "runs/quickstart", prese
     model_cfg = model_config_for(preset(preset_name), tok, block_size)
     model = CausalLM(model_cfg).to(dev)
     step_time = measure_step_time(model, cfg, data, dev)
-    reserve = 25 + 0.04 * budget  # final evaluation, checkpoint and samples
+    reserve = 12 + 0.02 * budget  # final evaluation, checkpoint and samples
     train_time = budget - (time.time() - t0) - reserve
     evals = 5
     eval_cost = 0.5 * step_time * 10  # ten forward-only batches per evaluation
