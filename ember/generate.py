@@ -84,6 +84,17 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
         logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 
+def find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters could still grow into a stop string (hold them back)."""
+    return max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+
+
 def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], stop: Sequence[str] = (),
                 ignore_eos: bool = False, **sampling: Any) -> Iterator[str]:
     """Yield text pieces as they are generated; ends at EOS or the first stop string (excluded)."""
@@ -96,18 +107,18 @@ def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], stop
         if tok in stop_ids:
             break
         held += decoder.push(tok)
-        cut = min((held.find(s) for s in stop if s in held), default=-1)
-        if cut >= 0:
+        cut = find_stop(held, stop)
+        if cut is not None:
             if held[:cut]:
                 yield held[:cut]
             return
-        keep = max((k for s in stop for k in range(len(s) - 1, 0, -1) if held.endswith(s[:k])), default=0)
+        keep = stop_holdback(held, stop)
         if len(held) > keep:
             yield held[:len(held) - keep]
             held = held[len(held) - keep:]
     held += decoder.flush()
-    cut = min((held.find(s) for s in stop if s in held), default=-1)
-    if cut >= 0:
+    cut = find_stop(held, stop)
+    if cut is not None:
         held = held[:cut]
     if held:
         yield held

@@ -1,0 +1,6 @@
+"""The inference engine: paged KV cache, continuous batching, prefix caching (see engine.py)."""
+
+from ember.engine.engine import LLM, CompletionOutput, EngineConfig, RequestOutput
+from ember.sampling import SamplingParams
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]

@@ -1,0 +1,267 @@
+"""`LLM`: the offline engine API (vLLM's shape), and the step loop behind it.
+
+    llm = LLM("runs/quickstart/model", num_kv_blocks=256)
+    outs = llm.generate(["def add(a, b):", "import os"], SamplingParams(temperature=0, max_tokens=32))
+    print(outs[0].outputs[0].text)
+
+Each `step()`: schedule (token budget, preemption), run the model once on the flat batch,
+sample for every sequence whose tokens are all computed, detokenize, check stops, free
+the blocks of finished sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence as Seq
+
+import torch
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.model_runner import ModelRunner
+from ember.engine.paged_cache import KVPool
+from ember.engine.scheduler import Scheduler
+from ember.engine.sequence import Sequence, Status
+from ember.errors import EmberError
+from ember.generate import find_stop
+from ember.model import CausalLM
+from ember.sampling import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[dict[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    finished: bool = True
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes for the KV pool (default: 1 GiB on CPU, 90% of free GPU memory)
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 64
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+
+
+def parse_bytes(value: int | str | None) -> int | None:
+    """'2GB', '512MiB', '1e9' or an int -> bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    s = str(value).strip().upper().replace("IB", "B")
+    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[:-len(unit)]) * mult)
+    return int(float(s))
+
+
+class LLM:
+    def __init__(self, model: str | Path | CausalLM, tokenizer: Any = None, device: str | None = None,
+                 dtype: str | torch.dtype | None = None, **engine_args: Any) -> None:
+        from ember.checkpoint import load_model
+        from ember.tokenizer import load_tokenizer
+
+        known = EngineConfig.__dataclass_fields__
+        unknown = set(engine_args) - set(known)
+        if unknown:
+            raise EmberError(f"Unknown engine argument(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(known)}.")
+        self.config = cfg = EngineConfig(**engine_args)
+        if isinstance(model, CausalLM):
+            self.model = model.eval()
+            self.tokenizer = tokenizer
+        else:
+            self.model = load_model(model, device=device, dtype=dtype)
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+        mcfg = self.model.config
+        weight = self.model.lm_head.weight
+        self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
+        if cfg.block_size < 1:
+            raise EmberError("block_size must be at least 1.")
+        num_blocks = cfg.num_kv_blocks or self._blocks_from_memory(weight.device, weight.dtype)
+        if num_blocks * cfg.block_size < self.max_model_len and cfg.num_kv_blocks is None:
+            num_blocks = -(-self.max_model_len // cfg.block_size)
+        self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
+        self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.pool)
+        self._decoders: dict[int, Any] = {}
+        self._requests: dict[str, list[Sequence]] = {}
+        self._prompts: dict[str, str | None] = {}
+        self._counter = itertools.count()
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+
+    def _blocks_from_memory(self, device: torch.device, dtype: torch.dtype) -> int:
+        per_block = KVPool.bytes_per_block(self.model.config, self.config.block_size, dtype)
+        budget = parse_bytes(self.config.kv_cache_memory)
+        if budget is None:
+            if device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(device)
+                budget = int(free * 0.9)
+            else:
+                budget = 1 << 30
+        blocks = budget // per_block
+        if blocks < 1:
+            raise EmberError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes).")
+        return int(blocks)
+
+    # --- requests ----------------------------------------------------------------------------
+    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        ids = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            eos = self.model.config.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+            if self.tokenizer is not None and getattr(self.tokenizer, "eos_id", None) is not None:
+                ids.add(self.tokenizer.eos_id)
+        return frozenset(ids)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        request_id = request_id or str(next(self._counter))
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EmberError("A text prompt needs a tokenizer; pass token ids instead.")
+            ids = self.tokenizer.encode(prompt, add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))
+            text = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+        if not ids:
+            raise EmberError("The prompt is empty.")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise EmberError(f"Prompt token ids must be in [0, {vocab}).")
+        if len(ids) >= self.max_model_len:
+            raise EmberError(f"The prompt has {len(ids)} tokens but the context is {self.max_model_len}.")
+        need = -(-min(len(ids) + params.max_tokens, self.max_model_len) // self.config.block_size)
+        if need > self.block_manager.num_blocks:
+            raise EmberError(f"One request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
+                             "raise num_kv_blocks or kv_cache_memory, or lower max_tokens.")
+        arrival = next(self._counter)
+        seqs = [Sequence(list(ids), params, request_id=request_id, index=i, arrival=arrival,
+                         stop_ids=self._stop_ids(params)) for i in range(params.n)]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self._requests[request_id] = seqs
+        self._prompts[request_id] = text
+        self.stats["prompt_tokens"] += len(ids) * params.n
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+            self._decoders.pop(seq.seq_id, None)
+        self._prompts.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # --- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One forward pass; returns the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            if self.scheduler.waiting:
+                raise EmberError("The KV pool cannot hold the next request; raise num_kv_blocks.")
+            return []
+        logits = self.runner.run(scheduled)
+        self.stats["steps"] += 1
+        finished_requests = []
+        for seq, n in scheduled:
+            seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
+            if seq.seq_id not in logits:
+                continue
+            token, lp = self.runner.sample(seq, logits[seq.seq_id])
+            seq.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+            self.stats["generated_tokens"] += 1
+            reason = self._check_stop(seq, token)
+            if reason:
+                self.scheduler.finish(seq, reason)
+                self._decoders.pop(seq.seq_id, None)
+                if all(s.finished for s in self._requests[seq.request_id]):
+                    finished_requests.append(self._output(seq.request_id))
+        return finished_requests
+
+    def _check_stop(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if self.tokenizer is not None:
+            dec = self._decoders.get(seq.seq_id)
+            if dec is None:
+                from ember.tokenizer import IncrementalDecoder
+                dec = self._decoders[seq.seq_id] = IncrementalDecoder(self.tokenizer)
+            if token not in seq.stop_ids:
+                seq.text += dec.push(token)
+            if params.stop:
+                cut = find_stop(seq.text, params.stop)
+                if cut is not None:
+                    seq.text = seq.text[:cut]
+                    return "stop"
+        if token in seq.stop_ids and len(seq.output_ids) > params.min_tokens - 1:
+            return "stop"
+        if len(seq.output_ids) >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _output(self, request_id: str) -> RequestOutput:
+        seqs = self._requests.pop(request_id)
+        prompt = self._prompts.pop(request_id)
+        for s in seqs:
+            dec = self._decoders.pop(s.seq_id, None)
+            if dec is not None:
+                s.text += dec.flush()
+        outs = [CompletionOutput(s.index, s.text,
+                                 [t for t in s.output_ids if not (s.finish_reason == "stop" and t in s.stop_ids)],
+                                 s.finish_reason, s.logprobs if s.params.logprobs is not None else None)
+                for s in seqs]
+        first = seqs[0]
+        return RequestOutput(request_id, prompt, first.prompt_ids, outs,
+                             prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None
+                             else None)
+
+    # --- offline API -------------------------------------------------------------------------
+    def generate(self, prompts: str | list[int] | Seq[str | list[int]],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in prompt order."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise EmberError(f"Got {len(params)} sampling params for {len(prompts)} prompts.")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        done: dict[str, RequestOutput] = {}
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(ids), disable=not use_tqdm, unit="req")
+        t0 = time.perf_counter()
+        while self.has_unfinished():
+            for out in self.step():
+                done[out.request_id] = out
+                bar.update(1)
+        bar.close()
+        self.stats["elapsed_s"] = time.perf_counter() - t0
+        return [done[i] for i in ids]

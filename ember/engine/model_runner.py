@@ -1,0 +1,100 @@
+"""Turns a schedule into one forward pass and samples the next tokens.
+
+The flat batch: every scheduled token of every sequence in one row `[1, N]`, with its
+position and its KV slot. Only sequences whose tokens are now all computed get logits
+(the last row of each), so a prefill chunk that is not the last costs no LM-head work.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ember.engine.paged_cache import KVPool, PagedBatch
+from ember.engine.sequence import Sequence
+from ember.model import CausalLM
+from ember.sampling import draw, process_logits
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, pool: KVPool) -> None:
+        self.model, self.pool = model, pool
+        self.device = model.lm_head.weight.device
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> dict[int, Tensor]:
+        """Compute the scheduled tokens; return last-token logits for sequences now fully computed."""
+        bs = self.pool.block_size
+        ids, positions, slots = [], [], []
+        query_lens, context_lens, tables, sample_rows, sample_seqs = [], [], [], [], []
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        row = 0
+        for seq, n in scheduled:
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start:start + n]
+            positions += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            query_lens.append(n)
+            context_lens.append(start + n)
+            tables.append(seq.block_table)
+            if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
+                prompt_rows[seq.seq_id] = (row, start)
+            row += n
+            if start + n == seq.num_tokens:
+                sample_rows.append(row - 1)
+                sample_seqs.append(seq)
+        dev = self.device
+        pos = torch.tensor(positions, device=dev)
+        batch = PagedBatch(self.pool, pos, torch.tensor(slots, device=dev), query_lens, context_lens, tables,
+                           self.model.config.sliding_window)
+        hidden = self.model.hidden_states(torch.tensor([ids], device=dev), positions=pos, cache=batch)[0]
+        out = {}
+        if sample_rows:
+            logits = self.model.lm_head(hidden[sample_rows]).float()
+            out = {seq.seq_id: logits[i] for i, seq in enumerate(sample_seqs)}
+        for seq, n in scheduled:
+            if seq.seq_id in prompt_rows:
+                self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
+        return out
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: Tensor, row: int, start: int, n: int) -> None:
+        """Log-probabilities of each prompt token given the ones before it (None for the first)."""
+        if start == 0:
+            seq.prompt_logprobs = [None]
+        end = min(start + n, seq.num_prompt_tokens)
+        if end - start <= 0:
+            return
+        logprobs = torch.log_softmax(self.model.lm_head(hidden[row:row + end - start]).float(), dim=-1)
+        for i in range(end - start):
+            target_pos = start + i + 1
+            if target_pos >= seq.num_prompt_tokens:
+                break
+            seq.prompt_logprobs.append(top_logprobs(logprobs[i], seq.token_ids[target_pos], seq.params.prompt_logprobs))
+
+    def sample(self, seq: Sequence, logits: Tensor) -> tuple[int, dict[int, float] | None]:
+        """The next token for one sequence, under its own parameters and random stream."""
+        params, vocab = seq.params, logits.shape[-1]
+        seen = counts = None
+        if params.repetition_penalty != 1.0:
+            seen = torch.zeros(1, vocab, dtype=torch.bool)
+            seen[0, torch.tensor(seq.token_ids)] = True
+        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
+            counts = torch.bincount(torch.tensor(seq.output_ids), minlength=vocab)[None, :vocab]
+        row = logits[None].cpu()
+        if params.min_tokens and len(seq.output_ids) < params.min_tokens and seq.stop_ids:
+            row = row.clone()
+            row[0, list(seq.stop_ids)] = float("-inf")
+        token = int(draw(process_logits(row, params, seen, counts), params.greedy, seq.generator)[0])
+        lp = None
+        if params.logprobs is not None:
+            lp = top_logprobs(torch.log_softmax(row[0], dim=-1), token, params.logprobs)
+        return token, lp
+
+
+def top_logprobs(logprobs: Tensor, token: int, n: int) -> dict[int, float]:
+    """The chosen token's log-probability plus the n most likely (OpenAI's `top_logprobs`)."""
+    out = {token: float(logprobs[token])}
+    if n > 0:
+        values, ids = logprobs.topk(n)
+        out.update({int(i): float(v) for i, v in zip(ids, values)})
+    return out

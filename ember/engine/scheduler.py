@@ -1,0 +1,89 @@
+"""Continuous batching with a token budget (the vLLM v1 rule: no prefill/decode phases).
+
+Each step spends at most `max_num_batched_tokens`: running sequences first (a decode
+token, or the next chunk of a long prefill), then waiting ones in arrival order, so
+several prefills can share a step with decodes. When the KV pool runs out, the youngest
+running sequence is preempted: its blocks are freed and it is recomputed later, so
+nothing it generated is lost.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from ember.engine.block_manager import BlockManager
+from ember.engine.sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512,
+                 max_num_seqs: int = 64) -> None:
+        self.bm = block_manager
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.bm.free_sequence(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """Pick (sequence, number of tokens to compute) pairs for one model step."""
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        queue, still_running, preempted = list(self.running), [], False
+        while queue:
+            seq = queue.pop(0)
+            n = min(seq.num_uncomputed, budget)
+            if n == 0:  # out of budget this step; it keeps its place
+                still_running.append(seq)
+                continue
+            while not self.bm.can_allocate(seq, n):
+                victim = queue.pop() if queue else seq  # the youngest goes first
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status is Status.WAITING:  # it preempted itself
+                continue
+            self.bm.allocate(seq, n)
+            scheduled.append((seq, n))
+            still_running.append(seq)
+            budget -= n
+        self.running = still_running
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            seq = self.waiting[0]
+            if seq.num_computed_tokens == 0:
+                self.bm.match_prefix(seq)
+            n = min(seq.num_uncomputed, budget)
+            if not self.bm.can_allocate(seq, n):
+                self.bm.free_sequence(seq)  # give back any prefix hits; try again next step
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                break
+            self.bm.allocate(seq, n)
+            self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, n))
+            budget -= n
+        return scheduled
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.bm.free_sequence(seq)

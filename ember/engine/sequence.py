@@ -1,0 +1,83 @@
+"""A request's life in the engine: its tokens, how many have been computed, its blocks.
+
+The scheduler needs no prefill/decode phases: a sequence has `num_computed_tokens` out of
+`len(token_ids)`; a step computes some of the rest (a prefill chunk, or the one newest
+token when decoding). When everything is computed the model's last logits give the next
+token, which is appended, and the sequence is uncomputed by exactly one token again.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from ember.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    index: int = 0  # which of the request's n completions this is
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival: int = 0  # order of arrival, so preemption can pick the youngest
+    status: Status = Status.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS and stop_token_ids)
+    text: str = ""  # detokenized output so far (stop strings removed)
+    generator: torch.Generator | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_ids)
+        if self.params.seed is not None:
+            # Each completion of a seeded request draws from its own stream, whatever the batch.
+            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def append(self, token: int) -> None:
+        self.token_ids.append(token)
+        self.output_ids.append(token)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: blocks are gone; prompt and generated tokens are recomputed later."""
+        self.block_table = []
+        self.block_hashes = []
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions += 1
+        self.status = Status.WAITING

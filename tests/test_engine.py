@@ -1,0 +1,146 @@
+"""The engine against `transformers` greedy decoding, under prefix caching and preemption."""
+
+import pytest
+import torch
+
+from ember.config import preset
+from ember.engine import LLM, SamplingParams
+from ember.engine.block_manager import BlockManager
+from ember.engine.sequence import Sequence
+from ember.errors import EmberError
+from ember.model import CausalLM
+
+transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding peer")
+
+VOCAB = 101
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The same random llama (GQA) as an Ember model and as a transformers model."""
+    from ember.checkpoint import save_pretrained
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=VOCAB, max_position_embeddings=256)).eval()
+    path = tmp_path_factory.mktemp("engine") / "m"
+    save_pretrained(model, None, path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    return model, hf
+
+
+def prompts(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [3, 17, 40, 9, 33, 64, 1, 25][:n]
+    return [torch.randint(0, VOCAB, (L,), generator=g).tolist() for L in lengths]
+
+
+def hf_greedy(hf, prompt, n):
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_checked(llm, ps, params):
+    """generate(), checking the block allocator's invariant after every step."""
+    ids = [llm.add_request(p, params) for p in ps]
+    done = {}
+    while llm.has_unfinished():
+        for out in llm.step():
+            done[out.request_id] = out
+        llm.block_manager.check()
+    assert llm.block_manager.num_used == 0  # everything returned at the end
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_batched_greedy_matches_transformers_per_prompt(pair, prefix_caching):
+    model, hf = pair
+    ps = prompts()
+    ps.append(ps[2][:30] + [7, 8, 9])  # shares a 30-token prefix with another prompt
+    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=48,
+              enable_prefix_caching=prefix_caching)
+    outs = run_checked(llm, ps, SamplingParams(temperature=0, max_tokens=20))
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, 20)
+    if prefix_caching:
+        assert llm.block_manager.prefix_hits > 0
+
+
+def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
+    model, hf = pair
+    ps = prompts()
+    llm = LLM(model, block_size=4, num_kv_blocks=40, max_num_batched_tokens=64)
+    outs = run_checked(llm, ps, SamplingParams(temperature=0, max_tokens=24))
+    assert llm.scheduler.num_preemptions > 0
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
+
+
+def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(pair):
+    model, _ = pair
+    target = prompts(1, seed=5)[0]
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=42)
+    alone = LLM(model, block_size=8, num_kv_blocks=64).generate([target], params)[0].outputs[0].token_ids
+    crowd = prompts(6, seed=9)
+    others = [SamplingParams(temperature=0.7, max_tokens=10, seed=i) for i in range(len(crowd))]
+    llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=32)
+    outs = llm.generate(crowd[:3] + [target] + crowd[3:], others[:3] + [params] + others[3:])
+    assert outs[3].outputs[0].token_ids == alone
+
+
+def test_n_completions_and_logprobs(pair):
+    model, _ = pair
+    llm = LLM(model, block_size=8, num_kv_blocks=64)
+    out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=1.0, n=3, max_tokens=5, seed=1, logprobs=2))[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1  # independent streams
+    for o in out.outputs:
+        assert len(o.logprobs) == 5
+        for tok, lp in zip(o.token_ids, o.logprobs):
+            assert tok in lp and len(lp) <= 3 and all(v <= 0 for v in lp.values())
+
+
+def test_prompt_logprobs_match_a_full_forward(pair):
+    model, _ = pair
+    p = prompts(3)[2]
+    out = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16).generate(
+        [p], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([p]))[0].float(), -1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+    for i in range(1, len(p)):
+        assert out.prompt_logprobs[i][p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
+
+
+def test_bad_requests_are_refused(pair):
+    model, _ = pair
+    llm = LLM(model, block_size=8, num_kv_blocks=8)
+    with pytest.raises(EmberError, match="context"):
+        llm.add_request(list(range(1, 100)) * 3)
+    with pytest.raises(EmberError, match="KV blocks"):
+        llm.add_request([1, 2, 3], SamplingParams(max_tokens=200))
+    with pytest.raises(EmberError, match="Unknown engine argument"):
+        LLM(model, block_sise=8)
+
+
+def test_block_manager_shares_prefix_and_evicts_lru_only_when_needed():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = Sequence([1, 2, 3, 4, 5], SamplingParams())
+    bm.allocate(a, 5)
+    a.num_computed_tokens = 5
+    bm.commit(a)
+    bm.free_sequence(a)
+    bm.check()
+    assert bm.num_free == 4 and len(bm.cached) == 2  # two full blocks kept for reuse
+    c = Sequence([7] * 4, SamplingParams())
+    bm.allocate(c, 4)  # two never-used blocks are taken first: nothing evicted
+    assert len(bm.cached) == 2
+    assert not bm.can_allocate(Sequence([8] * 8, SamplingParams()), 8)
+    d = Sequence([8] * 2, SamplingParams())
+    bm.allocate(d, 2)  # no free block left: evict the least recently used cached one (the tail)
+    bm.check()
+    assert len(bm.cached) == 1
+    b = Sequence([1, 2, 3, 4, 9], SamplingParams())
+    assert bm.match_prefix(b) == 2  # the shared head block survived
+    bm.check()
