@@ -47,7 +47,8 @@ def run_checked(llm, ps, params):
     done = {}
     while llm.has_unfinished():
         for out in llm.step():
-            done[out.request_id] = out
+            if out.finished:
+                done[out.request_id] = out
         llm.block_manager.check()
     assert llm.block_manager.num_used == 0  # everything returned at the end
     return [done[i] for i in ids]

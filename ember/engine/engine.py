@@ -176,7 +176,11 @@ class LLM:
 
     # --- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass; returns the requests that finished in it."""
+        """One forward pass; returns a snapshot of every request that made progress in it.
+
+        A snapshot's `finished` says whether the request is done; streaming callers send
+        the text that grew since their last snapshot (see `ember.generate.stop_holdback`).
+        """
         scheduled = self.scheduler.schedule()
         if not scheduled:
             if self.scheduler.waiting:
@@ -184,7 +188,7 @@ class LLM:
             return []
         logits = self.runner.run(scheduled)
         self.stats["steps"] += 1
-        finished_requests = []
+        progressed: dict[str, None] = {}
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
@@ -198,10 +202,12 @@ class LLM:
             reason = self._check_stop(seq, token)
             if reason:
                 self.scheduler.finish(seq, reason)
-                self._decoders.pop(seq.seq_id, None)
-                if all(s.finished for s in self._requests[seq.request_id]):
-                    finished_requests.append(self._output(seq.request_id))
-        return finished_requests
+            progressed[seq.request_id] = None
+        outputs = []
+        for request_id in progressed:
+            seqs = self._requests[request_id]
+            outputs.append(self._output(request_id, finished=all(s.finished for s in seqs)))
+        return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
@@ -225,13 +231,18 @@ class LLM:
             return "length"
         return None
 
-    def _output(self, request_id: str) -> RequestOutput:
-        seqs = self._requests.pop(request_id)
-        prompt = self._prompts.pop(request_id)
-        for s in seqs:
-            dec = self._decoders.pop(s.seq_id, None)
-            if dec is not None:
-                s.text += dec.flush()
+    def _output(self, request_id: str, finished: bool) -> RequestOutput:
+        seqs = self._requests[request_id]
+        prompt = self._prompts[request_id]
+        if finished:
+            del self._requests[request_id], self._prompts[request_id]
+            for s in seqs:
+                dec = self._decoders.pop(s.seq_id, None)
+                if dec is not None:
+                    s.text += dec.flush()
+                    cut = find_stop(s.text, s.params.stop)
+                    if cut is not None:
+                        s.text = s.text[:cut]
         outs = [CompletionOutput(s.index, s.text,
                                  [t for t in s.output_ids if not (s.finish_reason == "stop" and t in s.stop_ids)],
                                  s.finish_reason, s.logprobs if s.params.logprobs is not None else None)
@@ -239,7 +250,7 @@ class LLM:
         first = seqs[0]
         return RequestOutput(request_id, prompt, first.prompt_ids, outs,
                              prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None
-                             else None)
+                             else None, finished=finished)
 
     # --- offline API -------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
@@ -260,8 +271,9 @@ class LLM:
         t0 = time.perf_counter()
         while self.has_unfinished():
             for out in self.step():
-                done[out.request_id] = out
-                bar.update(1)
+                if out.finished:
+                    done[out.request_id] = out
+                    bar.update(1)
         bar.close()
         self.stats["elapsed_s"] = time.perf_counter() - t0
         return [done[i] for i in ids]
