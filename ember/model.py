@@ -103,13 +103,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend.
     """
-    if k.shape[1] != q.shape[1]:  # grouped-query attention: share each KV head
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    gqa = k.shape[1] != q.shape[1]  # grouped-query attention: each KV head serves a group of q heads
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
 
 
 def causal_mask(q_positions: Tensor, k_positions: Tensor, sliding_window: int | None = None) -> Tensor:
