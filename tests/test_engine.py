@@ -145,3 +145,29 @@ def test_block_manager_shares_prefix_and_evicts_lru_only_when_needed():
     b = Sequence([1, 2, 3, 4, 9], SamplingParams())
     assert bm.match_prefix(b) == 2  # the shared head block survived
     bm.check()
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_chunked_prefill_splits_long_prompts_across_steps(pair, chunked):
+    model, hf = pair
+    long_prompt = prompts(6)[5]  # 64 tokens
+    llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16, enable_chunked_prefill=chunked)
+    llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=30))
+    llm.step()  # the short request is decoding
+    llm.add_request(long_prompt, SamplingParams(temperature=0, max_tokens=4))
+    sizes = []
+    while llm.has_unfinished():
+        sched = llm.scheduler.schedule()
+        sizes.append(sum(n for _, n in sched))
+        logits = llm.runner.run(sched)
+        for seq, n in sched:  # the rest of step(), so the schedule can be inspected
+            seq.num_computed_tokens += n
+            if seq.seq_id in logits:
+                tok, _ = llm.runner.sample(seq, logits[seq.seq_id])
+                seq.append(tok)
+                if len(seq.output_ids) >= seq.params.max_tokens:
+                    llm.scheduler.finish(seq, "length")
+    if chunked:
+        assert max(sizes) <= 16  # the budget holds: the long prompt went in chunks beside the decode
+    else:
+        assert max(sizes) >= 64  # the whole prompt in one step

@@ -58,6 +58,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True  # off: a prompt is computed in one step, stalling decodes
     max_model_len: int | None = None
 
 
@@ -100,7 +101,8 @@ class LLM:
             num_blocks = -(-self.max_model_len // cfg.block_size)
         self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                   cfg.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.pool)
         self._decoders: dict[int, Any] = {}
         self._requests: dict[str, list[Sequence]] = {}
@@ -158,6 +160,7 @@ class LLM:
         seqs = [Sequence(list(ids), params, request_id=request_id, index=i, arrival=arrival,
                          stop_ids=self._stop_ids(params)) for i in range(params.n)]
         for seq in seqs:
+            seq.arrival_time = time.perf_counter()
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
         self._prompts[request_id] = text
@@ -196,6 +199,7 @@ class LLM:
                 continue
             token, lp = self.runner.sample(seq, logits[seq.seq_id])
             seq.append(token)
+            seq.token_times.append(time.perf_counter())
             if lp is not None:
                 seq.logprobs.append(lp)
             self.stats["generated_tokens"] += 1

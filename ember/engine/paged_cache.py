@@ -30,6 +30,46 @@ class KVPool:
         return 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * cfg.head_dim * elem
 
 
+class _Group:
+    """Sequences attended in one SDPA call: all decodes together, each prefill chunk alone
+    (padding a decode to a prefill chunk's length would multiply its attention work)."""
+
+    def __init__(self, members: list[tuple[int, int, int, list[int]]], block_size: int,
+                 sliding_window: int | None, device: torch.device) -> None:
+        # members: (first row in the flat batch, query length, context length, block table)
+        B = len(members)
+        max_q, max_ctx = max(m[1] for m in members), max(m[2] for m in members)
+        ctx_pos = torch.arange(max_ctx)
+        gather = torch.zeros(B, max_ctx, dtype=torch.long)
+        q_index = torch.zeros(B, max_q, dtype=torch.long)
+        q_valid = torch.zeros(B, max_q, dtype=torch.bool)
+        q_pos = torch.zeros(B, max_q, dtype=torch.long)
+        for b, (row, ql, cl, table) in enumerate(members):
+            blocks = torch.tensor(table, dtype=torch.long)
+            p = ctx_pos[:cl]
+            gather[b, :cl] = blocks[p // block_size] * block_size + p % block_size
+            q_index[b, :ql] = torch.arange(row, row + ql)
+            q_valid[b, :ql] = True
+            q_pos[b, :ql] = torch.arange(cl - ql, cl)
+        self.rows = q_index[q_valid].to(device)  # flat-batch rows, in output order
+        self.q_index, self.q_valid = q_index.to(device), q_valid.to(device)
+        self.gather = gather.to(device)
+        self.mask = None
+        self.causal = False
+        fresh_prompt = B == 1 and members[0][1] == members[0][2]  # a whole prompt: plain causal attention
+        if fresh_prompt and (sliding_window is None or max_ctx <= sliding_window):
+            self.causal = True
+        elif not (max_q == 1 and all(m[2] == max_ctx for m in members) and
+                  (sliding_window is None or max_ctx <= sliding_window)):
+            k_pos = ctx_pos[None, None, :]
+            diff = q_pos[:, :, None] - k_pos
+            mask = (diff >= 0) & (k_pos < torch.tensor([m[2] for m in members])[:, None, None])
+            if sliding_window is not None:
+                mask &= diff < sliding_window
+            mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite
+            self.mask = mask[:, None].to(device)  # [B, 1, max_q, max_ctx]
+
+
 class PagedBatch:
     """One step's attention metadata; passed to the model as its cache backend."""
 
@@ -38,34 +78,15 @@ class PagedBatch:
         self.pool = pool
         self._positions = positions
         self.slot_mapping = slot_mapping
+        members, row = [], 0
+        for ql, cl, table in zip(query_lens, context_lens, block_tables):
+            members.append((row, ql, cl, table))
+            row += ql
         device = positions.device
-        B, bs = len(query_lens), pool.block_size
-        max_q, max_ctx = max(query_lens), max(context_lens)
-        # Slots of every context token of every sequence, padded (padding reads slot 0, masked out).
-        ctx_pos = torch.arange(max_ctx)
-        gather = torch.zeros(B, max_ctx, dtype=torch.long)
-        q_index = torch.zeros(B, max_q, dtype=torch.long)
-        q_valid = torch.zeros(B, max_q, dtype=torch.bool)
-        q_pos = torch.zeros(B, max_q, dtype=torch.long)
-        start = 0
-        for b, (ql, cl, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-            blocks = torch.tensor(table, dtype=torch.long)
-            p = ctx_pos[:cl]
-            gather[b, :cl] = blocks[p // bs] * bs + p % bs
-            q_index[b, :ql] = torch.arange(start, start + ql)
-            q_valid[b, :ql] = True
-            q_pos[b, :ql] = torch.arange(cl - ql, cl)
-            start += ql
-        k_pos = ctx_pos[None, None, :]
-        diff = q_pos[:, :, None] - k_pos
-        mask = (diff >= 0) & (k_pos < torch.tensor(context_lens)[:, None, None])
-        if sliding_window is not None:
-            mask &= diff < sliding_window
-        mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite
-        self.gather = gather.to(device)
-        self.q_index = q_index.to(device)
-        self.q_valid = q_valid.to(device)
-        self.mask = mask[:, None].to(device)  # [B, 1, max_q, max_ctx]
+        decodes = [m for m in members if m[1] == 1]
+        self.groups = [_Group(decodes, pool.block_size, sliding_window, device)] if decodes else []
+        self.groups += [_Group([m], pool.block_size, sliding_window, device) for m in members if m[1] > 1]
+        self.num_tokens = row
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
@@ -75,11 +96,13 @@ class PagedBatch:
         k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
         k_pool[self.slot_mapping] = k[0].transpose(0, 1)
         v_pool[self.slot_mapping] = v[0].transpose(0, 1)
-        keys = k_pool[self.gather].permute(0, 2, 1, 3)  # [B, Hkv, max_ctx, D]
-        values = v_pool[self.gather].permute(0, 2, 1, 3)
-        queries = q[0][:, self.q_index].permute(1, 0, 2, 3)  # [B, H, max_q, D]
-        out = attention(queries, keys, values, mask=self.mask)  # [B, H, max_q, D]
-        out = out.permute(1, 0, 2, 3)[:, self.q_valid]  # [H, N, D], in input order
+        out = torch.empty_like(q[0])  # [H, N, D]
+        for g in self.groups:
+            keys = k_pool[g.gather].permute(0, 2, 1, 3)  # [B, Hkv, max_ctx, D]
+            values = v_pool[g.gather].permute(0, 2, 1, 3)
+            queries = q[0][:, g.q_index].permute(1, 0, 2, 3)  # [B, H, max_q, D]
+            o = attention(queries, keys, values, mask=g.mask, causal=g.causal)
+            out[:, g.rows] = o.permute(1, 0, 2, 3)[:, g.q_valid]
         return out[None]
 
     def advance(self, num_tokens: int) -> None:

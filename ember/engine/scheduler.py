@@ -17,8 +17,9 @@ from ember.engine.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512,
-                 max_num_seqs: int = 64) -> None:
+                 max_num_seqs: int = 64, enable_chunked_prefill: bool = True) -> None:
         self.bm = block_manager
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
@@ -39,6 +40,11 @@ class Scheduler:
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """Pick (sequence, number of tokens to compute) pairs for one model step."""
+        if not self.enable_chunked_prefill and self.waiting:
+            # Without chunking, prefills go first and alone: whole prompts, decodes paused.
+            prefills = self._admit_waiting(self.max_num_batched_tokens, [])
+            if prefills:
+                return prefills
         budget = self.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
         queue, still_running, preempted = list(self.running), [], False
@@ -61,12 +67,23 @@ class Scheduler:
             still_running.append(seq)
             budget -= n
         self.running = still_running
+        if not preempted and self.enable_chunked_prefill:
+            scheduled = self._admit_waiting(budget, scheduled)
+        return scheduled
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+    def _admit_waiting(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Move waiting sequences into the running set, in arrival order, while budget and blocks last."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_computed_tokens == 0:
                 self.bm.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
+            if not self.enable_chunked_prefill and n < seq.num_uncomputed:
+                if scheduled:  # the whole prompt waits for the next step
+                    self.bm.free_sequence(seq)
+                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                    break
+                n = seq.num_uncomputed  # first in its step: may exceed the budget
             if not self.bm.can_allocate(seq, n):
                 self.bm.free_sequence(seq)  # give back any prefix hits; try again next step
                 seq.num_computed_tokens = seq.num_cached_tokens = 0

@@ -46,6 +46,8 @@ class Sequence:
     text: str = ""  # detokenized output so far (stop strings removed)
     generator: torch.Generator | None = None
     num_preemptions: int = 0
+    arrival_time: float = 0.0  # perf_counter() when added
+    token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
