@@ -19,9 +19,10 @@ from ember.model import attention
 class KVPool:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, device: torch.device,
                  dtype: torch.dtype) -> None:
-        shape = (num_blocks * block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        # Keys and values of a slot side by side, [slots, 2 * Hkv, D]: one gather fetches both.
+        shape = (num_blocks * block_size, 2 * cfg.num_key_value_heads, cfg.head_dim)
+        self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.num_kv_heads = cfg.num_key_value_heads
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
@@ -52,8 +53,9 @@ class _Group:
             q_valid[b, :ql] = True
             q_pos[b, :ql] = torch.arange(cl - ql, cl)
         self.rows = q_index[q_valid].to(device)  # flat-batch rows, in output order
+        self.shape = (B, max_ctx)
         self.q_index, self.q_valid = q_index.to(device), q_valid.to(device)
-        self.gather = gather.to(device)
+        self.gather = gather.view(-1).to(device)
         self.mask = None
         self.causal = False
         fresh_prompt = B == 1 and members[0][1] == members[0][2]  # a whole prompt: plain causal attention
@@ -87,22 +89,25 @@ class PagedBatch:
         self.groups = [_Group(decodes, pool.block_size, sliding_window, device)] if decodes else []
         self.groups += [_Group([m], pool.block_size, sliding_window, device) for m in members if m[1] > 1]
         self.num_tokens = row
+        # one group whose rows are the batch in order (all decodes, or one prefill): no scatter needed
+        self.single_ordered = len(self.groups) == 1 and (len(members) == 1 or all(m[1] == 1 for m in members))
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return self._positions
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q [1, H, N, D]; k, v [1, Hkv, N, D] for the N scheduled tokens.
-        k_pool, v_pool = self.pool.k[layer], self.pool.v[layer]
-        k_pool[self.slot_mapping] = k[0].transpose(0, 1)
-        v_pool[self.slot_mapping] = v[0].transpose(0, 1)
-        out = torch.empty_like(q[0])  # [H, N, D]
+        pool, hkv = self.pool.kv[layer], self.pool.num_kv_heads
+        pool[self.slot_mapping] = torch.cat((k[0], v[0]), dim=0).transpose(0, 1)
+        out = None if len(self.groups) == 1 and self.single_ordered else torch.empty_like(q[0])  # [H, N, D]
         for g in self.groups:
-            keys = k_pool[g.gather].permute(0, 2, 1, 3)  # [B, Hkv, max_ctx, D]
-            values = v_pool[g.gather].permute(0, 2, 1, 3)
-            queries = q[0][:, g.q_index].permute(1, 0, 2, 3)  # [B, H, max_q, D]
-            o = attention(queries, keys, values, mask=g.mask, causal=g.causal)
-            out[:, g.rows] = o.permute(1, 0, 2, 3)[:, g.q_valid]
+            kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)  # [B, 2Hkv, ctx, D]
+            queries = q[0][:, g.q_index].transpose(0, 1)  # [B, H, max_q, D]
+            o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=g.causal)
+            o = o.transpose(0, 1)[:, g.q_valid]  # [H, rows, D]
+            if out is None:
+                return o[None]
+            out[:, g.rows] = o
         return out[None]
 
     def advance(self, num_tokens: int) -> None:
