@@ -210,7 +210,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 def cmd_generate(a: argparse.Namespace) -> None:
     from ember.checkpoint import load_model
-    from ember.generate import stream_text
+    from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype)
@@ -231,7 +231,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 def cmd_chat(a: argparse.Namespace) -> None:
     from ember.checkpoint import load_model
-    from ember.generate import stream_text
+    from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype)

@@ -18,7 +18,7 @@ from ember.config import preset
 from ember.data import TokenShards, prepare_shards, stdlib_files
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.generate import generate
+from ember.generation import generate
 from ember.model import CausalLM
 from ember.tokenizer import load_tokenizer, train_tokenizer
 from ember.train.loop import TrainConfig, lm_loss, make_optimizer

@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is the p
 
 from ember.checkpoint import load_model, save_pretrained  # noqa: E402
 from ember.config import ModelConfig, preset  # noqa: E402
-from ember.generate import generate_ids  # noqa: E402
+from ember.generation import generate_ids  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
 
 VOCAB = 97

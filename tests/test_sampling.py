@@ -7,7 +7,7 @@ import torch
 
 from ember.config import preset
 from ember.errors import EmberError
-from ember.generate import generate_ids, stream_text
+from ember.generation import generate_ids, stream_text
 from ember.model import CausalLM
 from ember.sampling import (SamplingParams, apply_min_p, apply_presence_frequency, apply_repetition_penalty,
                             apply_top_k, apply_top_p, draw)

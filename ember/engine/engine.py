@@ -25,7 +25,7 @@ from ember.engine.paged_cache import KVPool
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence, Status
 from ember.errors import EmberError
-from ember.generate import find_stop
+from ember.generation import find_stop
 from ember.model import CausalLM
 from ember.sampling import SamplingParams
 
@@ -182,7 +182,7 @@ class LLM:
         """One forward pass; returns a snapshot of every request that made progress in it.
 
         A snapshot's `finished` says whether the request is done; streaming callers send
-        the text that grew since their last snapshot (see `ember.generate.stop_holdback`).
+        the text that grew since their last snapshot (see `ember.generation.stop_holdback`).
         """
         scheduled = self.scheduler.schedule()
         if not scheduled:
