@@ -291,6 +291,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
                   tie_word_embeddings=True),
+    # ~3M parameters: fewer FLOPs per token, so more tokens seen in a short CPU budget
+    "mini": dict(model_type="llama", hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                 num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                 tie_word_embeddings=True),
     # a draft-model-sized llama
     "llama-20m": dict(model_type="llama", hidden_size=384, intermediate_size=1024,
                       num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=2,

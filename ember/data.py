@@ -6,7 +6,7 @@
 - `prepare_shards` tokenizes each document, appends EOS, and routes it to train or
   validation by a hash of its content, so the split never changes when files are added.
   Shards are flat uint16/uint32 arrays (nanoGPT's `.bin` format) plus `meta.json`, and
-  the tokenizer is saved beside them.
+  the tokenizer is saved beside them. The directory appears whole or not at all.
 - `TokenShards.get_batch` draws windows from a generator seeded by (seed, split, step,
   micro-step): a resumed run sees exactly the batches an uninterrupted run would.
 """
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
 import json
-import shutil
+import os
 import sysconfig
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -28,18 +28,31 @@ import torch
 from ember.errors import EmberError
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".html", ".htm", ".c", ".h", ".json", ".csv", ".tex"}
-STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__",
-               "turtledemo", "ensurepip", "tkinter"}
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+# Tests, test data, demos and installed third-party packages are not "the standard library".
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "lib2to3",
+               "__pycache__", "turtledemo", "ensurepip"}
 META = "meta.json"
+FORMAT = "ember-token-shards-v1"
 TOKENIZER_DIR = "tokenizer"
+SPLITS = ("train", "val")
+ENCODE_BATCH = 256  # documents per tokenizer call: amortizes the call, bounds memory
 
 
 # --- corpora -----------------------------------------------------------------------------
 def stdlib_files(max_bytes: int | None = None) -> list[Path]:
-    """The `.py` files of this interpreter's standard library (no tests), in a fixed order."""
+    """The `.py` files of this interpreter's standard library (no tests), in a fixed order.
+
+    With `max_bytes`, the shortest prefix of that order holding at least `max_bytes` bytes
+    (or everything, if the library is smaller).
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if not STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]))
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in STDLIB_SKIP]  # prune: site-packages is huge
+        files += [Path(dirpath, f) for f in filenames
+                  if f.endswith(".py") and not f.startswith("_sysconfigdata")]  # build-specific config
+    files.sort()
     if max_bytes is None:
         return files
     chosen, total = [], 0
@@ -51,32 +64,36 @@ def stdlib_files(max_bytes: int | None = None) -> list[Path]:
     return chosen
 
 
-def read_text(path: Path) -> str:
-    data = path.read_bytes()
+def decode_text(data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        return data.decode("latin-1")  # old corpora (e.g. some Gutenberg files) are Latin-1
+        return data.decode("latin-1")  # old corpora (e.g. some Gutenberg files) are Latin-1; never fails
 
 
-def _looks_binary(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return b"\x00" in f.read(4096)
+def read_text(path: Path) -> str:
+    return decode_text(Path(path).read_bytes())
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, str]]:
     opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise EmberError(f"{path} line {n} has no string field 'text'.")
-            yield f"{path}:{n}", record["text"]
+    n = 0
+    try:
+        with opener(path, "rb") as f:
+            for n, line in enumerate(f, 1):  # bytes, so a bad encoding is reported with its line
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except UnicodeDecodeError:
+                    raise EmberError(f"{path} line {n} is not valid UTF-8.") from None
+                except json.JSONDecodeError as e:
+                    raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise EmberError(f"{path} line {n} has no string field 'text'.")
+                yield f"{path}:{n}", record["text"]
+    except (OSError, EOFError) as e:  # gzip raises these for truncated or non-gzip files
+        raise EmberError(f"{path} could not be read after line {n} ({e}).") from None
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, str]]:
@@ -85,146 +102,203 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, str]]:
     except ImportError:
         raise EmberError(f"Reading {path} needs pyarrow: pip install 'ember[parquet]'.") from None
     try:
-        table = pq.read_table(path, columns=["text"])
-    except KeyError:
-        raise EmberError(f"{path} has no 'text' column.") from None
+        pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for corrupt files
-        if "text" in str(e) and "column" in str(e).lower():
-            raise EmberError(f"{path} has no 'text' column.") from None
         raise EmberError(f"{path} is not a readable Parquet file ({e}).") from None
-    for i, text in enumerate(table.column("text").to_pylist()):
-        if isinstance(text, str):
-            yield f"{path}:{i}", text
+    if "text" not in pf.schema_arrow.names:
+        raise EmberError(f"{path} has no 'text' column (it has {', '.join(pf.schema_arrow.names)}).")
+    row = 0
+    for batch in pf.iter_batches(columns=["text"], batch_size=1024):  # streamed: files may be large
+        for text in batch.column(0).to_pylist():
+            if isinstance(text, str):
+                yield f"{path}:{row}", text
+            row += 1
 
 
-def _iter_path(path: Path) -> Iterator[tuple[str, str]]:
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
+def _iter_file(path: Path) -> Iterator[tuple[str, str]]:
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
         yield from _iter_jsonl(path)
-    elif name.endswith(".parquet"):
+    elif path.name.endswith(".parquet"):
         yield from _iter_parquet(path)
-    elif not _looks_binary(path):
-        yield str(path), read_text(path)
+    else:
+        data = path.read_bytes()
+        if b"\x00" not in data[:4096]:  # a NUL byte near the start means a binary file: skip it
+            yield str(path), decode_text(data)
+
+
+def _dir_files(root: Path) -> list[Path]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]  # .git etc.
+        files += [Path(dirpath, f) for f in filenames if not f.startswith(".") and (
+            Path(f).suffix.lower() in TEXT_SUFFIXES or f.lower().endswith(DATA_SUFFIXES))]
+    return sorted(files)
+
+
+def _iter_input(item: str | Path) -> Iterator[tuple[str, str]]:
+    """The non-blank documents of one input (a file, a directory, or `stdlib`)."""
+    if str(item) == "stdlib":
+        paths = stdlib_files()
+    else:
+        path = Path(item)
+        if not path.exists():
+            raise EmberError(f"Input {path} does not exist.")
+        paths = _dir_files(path) if path.is_dir() else [path]
+    for p in paths:
+        for source, text in _iter_file(p):
+            if text.strip():
+                yield source, text
+
+
+def _describe(inputs: list[str | Path]) -> str:
+    names = [str(i) for i in inputs]
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def iter_documents(inputs: Iterable[str | Path]) -> Iterator[tuple[str, str]]:
     """(source, text) for every document in the inputs; `stdlib` names the default corpus."""
+    inputs = list(inputs)
     found = False
     for item in inputs:
-        if str(item) == "stdlib":
-            paths = stdlib_files()
-        else:
-            path = Path(item)
-            if not path.exists():
-                raise EmberError(f"Input {path} does not exist.")
-            if path.is_dir():
-                paths = sorted(p for p in path.rglob("*") if p.is_file() and (
-                    p.suffix in TEXT_SUFFIXES or p.name.endswith((".jsonl", ".jsonl.gz", ".parquet"))))
-            else:
-                paths = [path]
-        for p in paths:
-            for source, text in _iter_path(Path(p)):
-                if text.strip():
-                    found = True
-                    yield source, text
+        for doc in _iter_input(item):
+            found = True
+            yield doc
     if not found:
-        raise EmberError(f"No text found in {', '.join(map(str, inputs))}.")
+        raise EmberError(f"No text found in {_describe(inputs)}.")
 
 
 # --- shards ------------------------------------------------------------------------------
-def is_validation(text: str, val_fraction: float) -> bool:
-    """A stable coin flip per document (sha256, not Python's salted hash)."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8], "big")
-    return h / 2**64 < val_fraction
-
-
-def _batched(items: Iterator[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
-    batch: list[tuple[str, str]] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def is_validation(text: str, val_fraction: float, seed: int = 0) -> bool:
+    """A coin flip per document that is the same on every run and machine (sha256 of the
+    content, not Python's salted hash()), so adding files never moves existing documents."""
+    digest = hashlib.sha256(f"{seed}\n".encode() + text.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
 
 
 class _ShardWriter:
+    """Appends documents to `{split}_00000.bin`, starting a new file once one holds `shard_tokens`.
+    A document never straddles two shards, so every shard starts at a document boundary."""
+
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
+        self.file: BinaryIO | None = None
+        self.tokens = 0  # in the open shard
 
-    def add(self, ids: list[int]) -> None:
-        self.buffer.append(np.asarray(ids, dtype=self.dtype))
-        self.buffered += len(ids)
-        if self.buffered >= self.shard_tokens:
-            self.flush()
+    def add(self, ids: np.ndarray) -> None:
+        if self.file is None:
+            self.file = open(self.out / f"{self.split}_{len(self.shards):05d}.bin", "wb")
+        ids.tofile(self.file)
+        self.tokens += len(ids)
+        if self.tokens >= self.shard_tokens:
+            self.close()
 
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        name = f"{self.split}_{len(self.shards):05d}.bin"
-        arr = np.concatenate(self.buffer)
-        arr.tofile(self.out / name)
-        self.shards.append({"file": name, "tokens": int(arr.size)})
-        self.buffer, self.buffered = [], 0
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.shards.append({"file": Path(self.file.name).name, "tokens": self.tokens})
+            self.file, self.tokens = None, 0
+
+
+def _fingerprint(tokenizer_dir: Path) -> str | None:
+    f = tokenizer_dir / "tokenizer.json"
+    return "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
 def prepare_shards(inputs: list[str], tokenizer: Any, out_dir: str | Path, val_fraction: float = 0.005,
-                   shard_tokens: int = 100_000_000, progress: bool = True) -> dict[str, Any]:
-    """Tokenize `inputs` into `out_dir` (written atomically) and return its meta."""
+                   shard_tokens: int = 100_000_000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Tokenize `inputs` into shards in `out_dir` (written atomically) and return its meta.
+
+    `tokenizer` needs `encode_batch(texts)` or `encode(text)`, `eos_id`, `vocab_size` and
+    `save(dir)`. `seed` salts the train/validation hash: another seed, another split.
+    """
     from tqdm.auto import tqdm
 
     from ember.checkpoint import atomic_dir
 
     if not 0 <= val_fraction < 1:
-        raise EmberError("--val-fraction must be in [0, 1).")
+        raise EmberError(f"val_fraction must be in [0, 1), got {val_fraction}.")
+    if shard_tokens < 1:
+        raise EmberError(f"shard_tokens must be positive, got {shard_tokens}.")
     eos = tokenizer.eos_id
     if eos is None:
         raise EmberError("The tokenizer has no end-of-text token to separate documents.")
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 65535 else np.uint32)
-    out_dir = Path(out_dir)
+    inputs = [str(i) for i in inputs]
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
+        # atomic_dir replaces out_dir whole: never do that to a directory we did not write
+        raise EmberError(f"{out_dir} exists and is not an Ember data directory; choose another --out.")
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 - 1 else np.uint32)
+    encode_batch = getattr(tokenizer, "encode_batch", None) or (lambda texts: [tokenizer.encode(t) for t in texts])
+
+    def documents() -> Iterator[tuple[int, str]]:
+        for k, item in enumerate(inputs):
+            for _, text in _iter_input(item):
+                yield k, text
+
     with atomic_dir(out_dir) as tmp:
-        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        docs = {"train": 0, "val": 0}
-        held_back: list[int] | None = None  # the last train document, in case val ends up empty
-        bar = tqdm(unit="doc", desc="tokenizing", disable=not progress)
-        encode = getattr(tokenizer, "encode_batch", None)
-        for batch in _batched(iter_documents(inputs), 256):
-            texts = [t for _, t in batch]
-            all_ids = encode(texts) if encode else [tokenizer.encode(t) for t in texts]
-            for text, ids in zip(texts, all_ids):
-                split = "val" if is_validation(text, val_fraction) else "train"
-                if split == "train":
-                    if held_back is not None:
-                        writers["train"].add(held_back)
-                        docs["train"] += 1
-                    held_back = list(ids) + [eos]
-                else:
-                    writers["val"].add(list(ids) + [eos])
-                    docs["val"] += 1
-            bar.update(len(batch))
+        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
+        docs = {s: 0 for s in SPLITS}
+        per_input = [0] * len(inputs)
+        held_back: np.ndarray | None = None  # the last train document, in case val ends up empty
+        bar = tqdm(unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
+        docs_iter = documents()
+        while batch := list(itertools.islice(docs_iter, ENCODE_BATCH)):
+            held_back = _write_batch(batch, encode_batch, eos, dtype, val_fraction, seed, writers, docs, held_back)
+            for k, _ in batch:
+                per_input[k] += 1
+            bar.update(sum(len(t) for _, t in batch))
+            bar.set_postfix(docs=sum(docs.values()), refresh=False)
         bar.close()
-        if held_back is not None:
-            # A tiny corpus may hash no document into validation: then the last one goes there.
-            target = "val" if (docs["val"] == 0 and val_fraction > 0 and docs["train"] > 0) else "train"
+        if held_back is None:
+            if docs["val"] == 0:
+                raise EmberError(f"No text found in {_describe(inputs)}.")
+        else:
+            # A tiny corpus may hash no document into validation: then its last train document goes
+            # there (deterministic), provided train keeps at least one.
+            target = "val" if docs["val"] == 0 and val_fraction > 0 and docs["train"] > 0 else "train"
             writers[target].add(held_back)
             docs[target] += 1
         for w in writers.values():
-            w.flush()
+            w.close()
         tokenizer.save(tmp / TOKENIZER_DIR)
         meta = {
-            "format": "ember-token-shards-v1", "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
-            "eos_id": eos, "val_fraction": val_fraction,
+            "format": FORMAT,
+            "dtype": dtype.name,
+            "vocab_size": int(tokenizer.vocab_size),
+            "eos_id": int(eos),
+            "val_fraction": val_fraction,
+            "seed": seed,
             "shards": {s: w.shards for s, w in writers.items()},
             "num_tokens": {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()},
             "num_documents": docs,
-            "inputs": [str(i) for i in inputs],
+            "sources": [{"input": i, "documents": n} for i, n in zip(inputs, per_input)],
+            "tokenizer": {"dir": TOKENIZER_DIR, "fingerprint": _fingerprint(tmp / TOKENIZER_DIR)},
         }
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _write_batch(batch: list[tuple[int, str]], encode_batch: Any, eos: int, dtype: np.dtype, val_fraction: float,
+                 seed: int, writers: dict[str, _ShardWriter], docs: dict[str, int],
+                 held_back: np.ndarray | None) -> np.ndarray | None:
+    """Tokenize one batch of documents and route each (ids + EOS) to its split; returns the
+    train document now held back (train always lags by one so the last can still move to val)."""
+    texts = [t for _, t in batch]
+    for text, ids in zip(texts, encode_batch(texts)):
+        if isinstance(ids, np.ndarray):
+            row = np.append(ids.astype(dtype), np.array([eos], dtype=dtype))
+        else:  # fromiter is the fastest list -> array path, and raises if an id overflows dtype
+            row = np.fromiter(itertools.chain(ids, (eos,)), dtype=dtype, count=len(ids) + 1)
+        if is_validation(text, val_fraction, seed):
+            writers["val"].add(row)
+            docs["val"] += 1
+        else:
+            if held_back is not None:
+                writers["train"].add(held_back)
+                docs["train"] += 1
+            held_back = row
+    return held_back
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -240,13 +314,19 @@ class TokenShards:
             raise EmberError(f"{self.path} has no {META}; create it with 'ember data prepare'.")
         try:
             self.meta = json.loads(meta_path.read_text())
-            dtype = np.dtype(self.meta["dtype"])
-            self.shards = {
-                split: [np.memmap(self.path / s["file"], dtype=dtype, mode="r") for s in self.meta["shards"][split]
-                        if s["tokens"] > 0]
-                for split in ("train", "val")
-            }
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            self.dtype = np.dtype(self.meta["dtype"])
+            self.vocab_size, self.eos_id = int(self.meta["vocab_size"]), int(self.meta["eos_id"])
+            self.shards: dict[str, list[np.memmap]] = {split: [] for split in SPLITS}
+            for split in SPLITS:
+                for s in self.meta["shards"][split]:
+                    if s["tokens"] == 0:  # np.memmap cannot map an empty file
+                        continue
+                    mm = np.memmap(self.path / s["file"], dtype=self.dtype, mode="r")
+                    if len(mm) != s["tokens"]:
+                        raise EmberError(f"Shard {self.path / s['file']} holds {len(mm)} tokens, not the "
+                                         f"{s['tokens']} that {META} lists; prepare the data again.")
+                    self.shards[split].append(mm)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise EmberError(f"{meta_path} is malformed ({e}); prepare the data again.") from None
         except FileNotFoundError as e:
             raise EmberError(f"A shard listed in {meta_path} is missing ({e.filename}).") from None
@@ -256,31 +336,43 @@ class TokenShards:
         return self.path / TOKENIZER_DIR
 
     def num_tokens(self, split: str) -> int:
-        return sum(len(s) for s in self.shards[split])
+        return sum(len(s) for s in self._split(split))
+
+    def _split(self, split: str) -> list[np.memmap]:
+        if split not in self.shards:
+            raise EmberError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+        return self.shards[split]
 
     def _windows(self, split: str, block_size: int) -> tuple[list[np.memmap], np.ndarray]:
-        shards = [s for s in self.shards[split] if len(s) > block_size]
+        """The shards that fit a window of block_size + 1 tokens, and how many starts each has."""
+        if block_size < 1:
+            raise EmberError(f"block_size must be positive, got {block_size}.")
+        shards = [s for s in self._split(split) if len(s) > block_size]
         if not shards:
-            raise EmberError(f"The {split} split has fewer than {block_size + 1} tokens in any shard; use a larger "
-                             "corpus or a smaller --block-size.")
-        starts = np.array([len(s) - block_size for s in shards], dtype=np.int64)  # valid starts per shard
-        return shards, starts
+            raise EmberError(f"The {split} split has fewer than {block_size + 1} tokens in any shard: the corpus "
+                             f"is too small for this block size; use a larger corpus or a smaller --block-size.")
+        return shards, np.array([len(s) - block_size for s in shards], dtype=np.int64)
 
     def check_split(self, split: str, block_size: int) -> None:
         """Raise a clear error if `split` cannot give windows of `block_size` + 1 tokens."""
         self._windows(split, block_size)
 
-    def _gather(self, shards, picks: list[tuple[int, int]], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def _gather(shards: list[np.memmap], picks: list[tuple[int, int]],
+                block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([np.asarray(shards[i][o:o + block_size + 1], dtype=np.int64) for i, o in picks])
         t = torch.from_numpy(rows)
         return t[:, :-1].contiguous(), t[:, 1:].contiguous()
 
     def get_batch(self, split: str, batch_size: int, block_size: int, step: int, micro_step: int = 0,
                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y [B, T] (y = x shifted by one); a pure function of its arguments."""
+        """x, y int64 [B, T] (y = x shifted by one), a pure function of the arguments and the
+        data: no sampler state, so a run resumed at `step` sees the batches it would have seen."""
         shards, starts = self._windows(split, block_size)
-        rng = np.random.default_rng([seed, 0 if split == "train" else 1, step, micro_step])
-        # Pick a shard in proportion to its size, then an offset inside it.
+        mask = 2**64 - 1  # the seed sequence wants non-negative integers
+        rng = np.random.default_rng([seed & mask, SPLITS.index(split), step & mask, micro_step & mask])
+        # Uniform over all valid windows: a shard's share is its number of starts. No window
+        # crosses a shard boundary.
         cum = np.cumsum(starts)
         flat = rng.integers(0, cum[-1], size=batch_size)
         idx = np.searchsorted(cum, flat, side="right")
@@ -289,13 +381,13 @@ class TokenShards:
 
     def iter_eval_batches(self, split: str, batch_size: int, block_size: int,
                           max_batches: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The same evenly spaced windows every call, so validation losses are comparable."""
-        shards, starts = self._windows(split, block_size)
-        picks = []
-        for i, s in enumerate(shards):
-            picks += [(i, o) for o in range(0, len(s) - block_size, block_size)]
-        if len(picks) > batch_size * max_batches:  # spread the chosen windows over the whole split
-            stride = len(picks) / (batch_size * max_batches)
-            picks = [picks[int(k * stride)] for k in range(batch_size * max_batches)]
+        """The same non-overlapping windows, spread evenly over the split, on every call, so
+        validation losses are comparable across steps and runs. The last batch may be short."""
+        shards, _ = self._windows(split, block_size)
+        picks = [(i, o) for i, s in enumerate(shards) for o in range(0, len(s) - block_size, block_size)]
+        want = batch_size * max_batches
+        if len(picks) > want:
+            stride = len(picks) / want
+            picks = [picks[int(k * stride)] for k in range(want)]
         for b in range(0, len(picks), batch_size):
             yield self._gather(shards, picks[b:b + batch_size], block_size)

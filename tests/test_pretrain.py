@@ -92,7 +92,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ember.cli", "quickstart", "--minutes", "1.5", "--out",
+    r = subprocess.run([sys.executable, "-m", "ember.cli", "quickstart", "--minutes", "2", "--out",
                         str(tmp_path / "qs"), "--corpus-mb", "3"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "validation loss" in r.stdout and "Next:" in r.stdout

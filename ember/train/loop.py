@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 1337
     mixed_precision: str = "auto"  # auto | off | bf16 | fp16
     time_budget_s: float | None = None  # stop early (and save) when exceeded
+    schedule_by_time: bool = False  # decay the lr by elapsed share of time_budget_s (no exact resume)
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -70,21 +71,27 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then the chosen shape down to lr * min_lr_ratio at max_steps."""
+def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
+    """Linear warmup, then the chosen shape down to lr * min_lr_ratio at max_steps.
+
+    `progress` (0..1) overrides the step-based position, for time-budgeted runs.
+    """
     peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "constant":
         return peak
+    if progress is None:
+        progress = step / cfg.max_steps
+    progress = min(1.0, progress)
     if cfg.schedule == "wsd":
-        decay_start = int(cfg.max_steps * (1 - cfg.decay_fraction))
-        if step < decay_start:
+        decay_start = 1 - cfg.decay_fraction
+        if progress < decay_start:
             return peak
-        frac = (step - decay_start) / max(1, cfg.max_steps - decay_start)
-        return peak + (floor - peak) * min(1.0, frac)
-    frac = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, frac)))
+        return peak + (floor - peak) * min(1.0, (progress - decay_start) / cfg.decay_fraction)
+    warm = cfg.warmup_steps / cfg.max_steps
+    frac = max(0.0, (progress - warm) / max(1e-9, 1 - warm))
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * frac))
 
 
 def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
@@ -228,7 +235,11 @@ def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], An
     tokens_window, t_window = 0, time.time()
     try:
         while step < cfg.max_steps:
-            lr = learning_rate(step, cfg)
+            progress = None
+            if cfg.schedule_by_time and cfg.time_budget_s:
+                elapsed = elapsed_before + time.time() - t_start
+                progress = max(step / cfg.max_steps, elapsed / cfg.time_budget_s)
+            lr = learning_rate(step, cfg, progress)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [get_batch(step, micro) for micro in range(cfg.grad_accum)]
@@ -263,14 +274,15 @@ def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], An
                 raise EmberError(f"The loss became {train_loss} at step {step}; lower the learning rate "
                                  "(--lr) or enable clipping.")
             last = {"step": step, "loss": train_loss, "lr": lr, "grad_norm": grad_norm, **info}
-            log_now = step % cfg.log_every == 0 or step == cfg.max_steps
+            over_time = cfg.time_budget_s is not None and elapsed_before + time.time() - t_start > cfg.time_budget_s
+            final = step == cfg.max_steps or over_time
+            log_now = step % cfg.log_every == 0 or final
             if log_now:
                 now = time.time()
                 last["tokens_per_s"] = tokens_window / max(1e-9, now - t_window)
                 last["elapsed_s"] = elapsed_before + now - t_start
                 tokens_window, t_window = 0, now
-            eval_now = evaluate is not None and (
-                step == cfg.max_steps or (cfg.eval_every and step % cfg.eval_every == 0))
+            eval_now = evaluate is not None and (final or (cfg.eval_every and step % cfg.eval_every == 0))
             if eval_now:
                 model.eval()
                 with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -281,7 +293,6 @@ def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], An
             bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", "val_loss", "lr", "tokens_per_s") if k in last})
             bar.update(1)
 
-            over_time = cfg.time_budget_s is not None and elapsed_before + time.time() - t_start > cfg.time_budget_s
             if step < cfg.max_steps and not over_time and (
                     stop_requested["flag"] or (cfg.save_every and step % cfg.save_every == 0)):
                 checkpoint()
@@ -290,7 +301,7 @@ def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], An
                 raise EmberError(f"Training stopped at step {step}; the checkpoint in {out_dir / CHECKPOINT} "
                                  "is saved, continue with --resume.")
             if over_time:
-                tqdm.write(f"Time budget reached at step {step}; stopping early.")
+                tqdm.write(f"Time budget reached at step {step}.")
                 break
         checkpoint()
     finally:
