@@ -132,6 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
     _add_device(p)
+
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description="Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models, "
+                       "/health, /metrics (Prometheus), /tokenize and /detokenize, with continuous batching.")
+    p.add_argument("--model", required=True, help="model directory (HF layout)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
+    p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
+    p.add_argument("--max-waiting", type=int, default=None,
+                   help="queued requests beyond the running batch before new ones get 429 (default: no limit)")
+    g = p.add_argument_group("engine")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
+    g.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GB (default: 1GB CPU, 90%% GPU)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    _add_device(p)
     return parser
 
 
@@ -275,9 +294,22 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
                corpus_mb=a.corpus_mb, device=a.device, seed=a.seed)
 
 
+def cmd_serve(a: argparse.Namespace) -> None:
+    from ember.engine import LLM
+    from ember.serve import serve
+
+    if a.max_waiting is not None and a.max_waiting < 0:
+        raise EmberError("--max-waiting must be >= 0.")
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
+              kv_cache_memory=a.kv_cache_memory, max_num_batched_tokens=a.max_num_batched_tokens,
+              max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching)
+    serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
+          max_waiting=a.max_waiting)
+
+
 COMMANDS = {
     "quickstart": cmd_quickstart, "tokens": cmd_tokens, "pretrain": cmd_pretrain, "plot": cmd_plot,
-    "generate": cmd_generate, "chat": cmd_chat,
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
     ("tokenizer", "train"): cmd_tokenizer_train, ("data", "prepare"): cmd_data_prepare,
 }
 

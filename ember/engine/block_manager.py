@@ -39,7 +39,7 @@ class BlockManager:
 
     @property
     def num_used(self) -> int:
-        return sum(1 for r in self.ref_count if r > 0)
+        return self.num_blocks - self.num_free  # `check()` verifies this against the reference counts
 
     @property
     def hit_rate(self) -> float:
@@ -47,7 +47,7 @@ class BlockManager:
 
     def check(self) -> None:
         """The allocator invariant: every block is exactly one of free, cached or used."""
-        used = self.num_used
+        used = sum(1 for r in self.ref_count if r > 0)
         assert len(self.free) + len(self.cached) + used == self.num_blocks, "blocks leaked"
         assert all(self.ref_count[b] == 0 for b in self.free), "a free block is referenced"
         assert all(self.ref_count[b] == 0 for b in self.cached), "a cached block is referenced"

@@ -120,6 +120,8 @@ class LLM:
             else:
                 budget = 1 << 30
         blocks = budget // per_block
+        if self.config.kv_cache_memory is None:  # never more than every sequence at full length needs
+            blocks = min(blocks, self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size))
         if blocks < 1:
             raise EmberError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes).")
         return int(blocks)
@@ -247,12 +249,19 @@ class LLM:
                     cut = find_stop(s.text, s.params.stop)
                     if cut is not None:
                         s.text = s.text[:cut]
-        outs = [CompletionOutput(s.index, s.text,
-                                 [t for t in s.output_ids if not (s.finish_reason == "stop" and t in s.stop_ids)],
-                                 s.finish_reason, s.logprobs if s.params.logprobs is not None else None)
-                for s in seqs]
+        outs = []
+        for s in seqs:
+            ids = list(s.output_ids)
+            if s.finish_reason == "stop" and ids and ids[-1] in s.stop_ids:
+                ids.pop()  # the stop token itself is not part of the completion
+            logprobs = s.logprobs[:len(ids)] if s.params.logprobs is not None else None
+            outs.append(CompletionOutput(s.index, s.text, ids, s.finish_reason, logprobs))
         first = seqs[0]
-        return RequestOutput(request_id, prompt, first.prompt_ids, outs,
+        metrics = {"arrival_time": first.arrival_time}
+        times = [s.token_times[0] for s in seqs if s.token_times]
+        if times:
+            metrics["first_token_time"] = min(times)
+        return RequestOutput(request_id, prompt, first.prompt_ids, outs, metrics=metrics,
                              prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None
                              else None, finished=finished)
 

@@ -1,0 +1,315 @@
+"""The HTTP routes: OpenAI completions, chat and models; health, metrics, tokenize.
+
+Handlers validate and tokenize on the event loop, hand prompt ids to the `AsyncEngine`,
+then either wait for the final snapshots or stream deltas as server-sent events. Every
+failure a client can cause is OpenAI's error JSON with a 4xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember.engine import LLM, RequestOutput, SamplingParams
+from ember.errors import EmberError
+from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
+from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Delta, DetokenizeRequest,
+                                  TokenizeRequest, chat_logprobs, completion_logprobs, now, reject_unsupported,
+                                  resolve_max_tokens, sampling_params, usage)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
+
+
+def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
+               max_waiting: int | None = None) -> FastAPI:
+    engine = AsyncEngine(llm, max_waiting)
+    tok = llm.tokenizer
+    ctx = llm.max_model_len
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="Ember", lifespan=lifespan)
+    app.state.engine = engine
+    _install_error_handlers(app)
+
+    def require_key(authorization: str | None = Header(None)) -> None:
+        if api_key is None:
+            return
+        # compare_digest: the time taken does not reveal how much of the key matched
+        if authorization is None or not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                           type="authentication_error", code="invalid_api_key")
+
+    api = APIRouter(dependencies=[Depends(require_key)])
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'.",
+                           param="model", code="model_not_found")
+
+    def chat_ids(messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        if not messages:
+            raise APIError(400, "'messages' must contain at least one message.", param="messages")
+        try:
+            return tok.apply_chat_template([m.as_template_dict() for m in messages],
+                                           add_generation_prompt=add_generation_prompt, tokenize=True)
+        except EmberError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
+        return tok.encode(text, add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+
+    def completion_prompts(prompt: str | list[Any]) -> list[list[int]]:
+        if isinstance(prompt, str):
+            return [encode(prompt)]
+        if not prompt:
+            raise APIError(400, "'prompt' must not be empty.", param="prompt")
+        if isinstance(prompt[0], int):
+            return [list(prompt)]
+        return [encode(p) if isinstance(p, str) else list(p) for p in prompt]
+
+    async def start(prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+        try:
+            stream = engine.submit(prompts, params)
+        except ServerBusy as e:
+            raise APIError(429, str(e), type="server_busy_error", code="server_busy") from None
+        try:
+            await stream.accepted()
+        except EmberError as e:  # e.g. token ids out of range, or a request bigger than the KV pool
+            raise APIError(400, str(e), param="prompt") from None
+        return stream
+
+    async def collect(stream: RequestStream, request: Request) -> dict[str, RequestOutput]:
+        """The final snapshot of every request; aborts them if the client goes away first."""
+        finals: dict[str, RequestOutput] = {}
+
+        async def consume() -> None:
+            async for out in stream:
+                if out.finished:
+                    finals[out.request_id] = out
+
+        task = asyncio.ensure_future(consume())
+        try:
+            while not (await asyncio.wait({task}, timeout=0.25))[0]:
+                if await request.is_disconnected():
+                    raise APIError(400, "The client disconnected.", code="client_disconnected")
+            task.result()
+        finally:
+            task.cancel()
+            engine.abort(stream)
+        return finals
+
+    def sse(events: AsyncIterator[dict[str, Any]], stream: RequestStream) -> StreamingResponse:
+        async def body() -> AsyncIterator[str]:
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except Exception as e:  # the status line is gone; report in-band, as OpenAI does
+                error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
+                yield f"data: {json.dumps(error.body())}\n\n"
+            finally:  # also on cancellation, when the client disconnects: free its KV blocks now
+                engine.abort(stream)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def stream_choices(stream: RequestStream, n: int, stops: list[str], chunk: Callable[..., dict | None],
+                             include_usage: bool, usage_chunk: Callable[[dict], dict]) -> AsyncIterator[dict]:
+        """Snapshots -> one chunk per completion that has news; finish reasons when its request ends."""
+        deltas: dict[tuple[str, int], Delta] = {}
+        prompt_tokens = completion_tokens = 0
+        async for out in stream:
+            p = stream.request_ids.index(out.request_id)
+            for o in out.outputs:
+                delta = deltas.setdefault((out.request_id, o.index), Delta(stops))
+                text, ids, lps = delta.take(o, out.finished)
+                event = chunk(p * n + o.index, text, ids, lps, o.finish_reason if out.finished else None, delta)
+                if event is not None:
+                    yield event
+            if out.finished:
+                prompt_tokens += len(out.prompt_token_ids)
+                completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+        if include_usage:
+            yield usage_chunk(usage(prompt_tokens, completion_tokens))
+
+    # --- OpenAI routes -----------------------------------------------------------------------
+    @api.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Any:
+        check_model(req.model)
+        reject_unsupported(req)
+        prompts = completion_prompts(req.prompt)
+        params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(p), ctx, COMPLETION_DEFAULT_MAX_TOKENS,
+                                                          "max_tokens", "prompt"), req.logprobs) for p in prompts]
+        stream = await start(prompts, params)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
+                "model": served_model_name}
+        k = req.logprobs
+
+        if req.stream:
+            def chunk(index: int, text: str, ids: list[int], lps: list, finish: str | None, d: Delta) -> dict | None:
+                if not text and finish is None:
+                    return None
+                logprobs = None
+                if k is not None:
+                    logprobs = completion_logprobs(tok, ids, lps, k, d.offset)
+                    d.offset += sum(map(len, logprobs["tokens"]))
+                return head | {"choices": [{"index": index, "text": text, "logprobs": logprobs,
+                                            "finish_reason": finish}]}
+
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return sse(stream_choices(stream, req.n, params[0].stop, chunk, include,
+                                      lambda u: head | {"choices": [], "usage": u}), stream)
+
+        finals = await collect(stream, request)
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for p, rid in enumerate(stream.request_ids):
+            out = finals[rid]
+            prompt_tokens += len(out.prompt_token_ids)
+            for o in out.outputs:
+                completion_tokens += len(o.token_ids)
+                logprobs = completion_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None
+                choices.append({"index": p * req.n + o.index, "text": o.text, "logprobs": logprobs,
+                                "finish_reason": o.finish_reason})
+        return head | {"choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request) -> Any:
+        check_model(req.model)
+        reject_unsupported(req)
+        ids = chat_ids(req.messages)
+        requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                            is not None else (req.max_tokens, "max_tokens"))
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        params = sampling_params(req, resolve_max_tokens(requested, len(ids), ctx, None, param, "messages"), k)
+        stream = await start([ids], [params])
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
+                "model": served_model_name}
+
+        if req.stream:
+            head["object"] = "chat.completion.chunk"
+            started: set[int] = set()
+
+            def chunk(index: int, text: str, ids: list[int], lps: list, finish: str | None, d: Delta) -> dict | None:
+                delta: dict[str, Any] = {}
+                if index not in started:  # the first chunk of each choice names the role
+                    started.add(index)
+                    delta["role"] = "assistant"
+                if text or "role" in delta:
+                    delta["content"] = text
+                if not delta and finish is None:
+                    return None
+                logprobs = chat_logprobs(tok, ids, lps, k) if k is not None and ids else None
+                return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                            "finish_reason": finish}]}
+
+            include = bool(req.stream_options and req.stream_options.include_usage)
+            return sse(stream_choices(stream, req.n, params.stop, chunk, include,
+                                      lambda u: head | {"choices": [], "usage": u}), stream)
+
+        out = (await collect(stream, request))[stream.request_ids[0]]
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": chat_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None,
+                    "finish_reason": o.finish_reason} for o in out.outputs]
+        return head | {"choices": choices,
+                       "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))}
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": now(),
+                                            "owned_by": "ember", "max_model_len": ctx}]}
+
+    # --- tokenizer routes (vLLM's shape) -------------------------------------------------------
+    @api.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
+        ids = (encode(req.prompt, req.add_special_tokens) if req.prompt is not None
+               else chat_ids(req.messages, req.add_generation_prompt))
+        return {"tokens": ids, "count": len(ids), "max_model_len": ctx}
+
+    @api.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
+        check_model(req.model)
+        vocab = llm.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in req.tokens):
+            raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    app.include_router(api)
+
+    # --- open routes: liveness and scraping carry no data worth a key --------------------------
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(engine.metrics.render(engine.gauges), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    def reply(error: APIError, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return reply(e, {"Retry-After": "1"} if e.status == 429 else None)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        # FastAPI says 422 with a list of errors; OpenAI clients expect 400 and one sentence.
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = ".".join(loc) or None
+        if err.get("type") == "json_invalid":
+            message, param = f"The request body is not valid JSON: {err.get('ctx', {}).get('error', err['msg'])}.", None
+        elif err.get("type") == "extra_forbidden":
+            message = f"Unsupported parameter: '{param}'."
+        elif not loc:  # no body, or a body that is not an object
+            message = "The request body must be a JSON object."
+        else:
+            message = f"Invalid value for '{param}': {err['msg']}." if param else f"Invalid request: {err['msg']}."
+        return reply(APIError(400, message, param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return reply(APIError(e.status_code, str(e.detail), type=kind))
+
+    @app.exception_handler(EmberError)
+    async def ember_error(request: Request, e: EmberError) -> JSONResponse:
+        return reply(APIError(400, str(e)))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception) -> JSONResponse:  # ours, not the client's; still JSON
+        return reply(APIError(500, f"Internal error: {e}", type="server_error"))
+
+
+def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_waiting: int | None = None, log_level: str = "info") -> None:
+    """Run the server until interrupted."""
+    import uvicorn
+
+    app = create_app(llm, served_model_name, api_key, max_waiting)
+    print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

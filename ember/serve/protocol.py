@@ -1,0 +1,229 @@
+"""OpenAI request models, the errors we answer with, and the response shapes we build.
+
+Requests forbid unknown fields so a parameter we do not implement is a 400, not silently
+ignored; a few OpenAI parameters are accepted only at their no-op values (`echo=false`,
+`best_of=1`, ...). vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `stop_token_ids`, `ignore_eos`) ride in the body (`extra_body` in openai).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ember.engine import CompletionOutput
+from ember.errors import EmberError
+from ember.generation import stop_holdback
+from ember.sampling import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered as OpenAI's `{"error": {message, type, param, code}}`."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- requests ------------------------------------------------------------------------------
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class _Sampling(_Strict):
+    """Fields shared by completions and chat."""
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = Field(1, ge=1, le=64)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as OpenAI allows
+    logit_bias: dict[str, float] | None = None  # only empty
+    # vLLM-style extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def unsupported(self) -> dict[str, bool]:
+        """Parameter -> whether it is set to something we do not implement."""
+        return {"logit_bias": bool(self.logit_bias)}
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def unsupported(self) -> dict[str, bool]:
+        return {**super().unsupported(), "echo": self.echo, "best_of": self.best_of not in (None, 1, self.n),
+                "suffix": bool(self.suffix)}
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        # Chat templates know "system"; OpenAI's newer "developer" role means the same.
+        message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        return message | ({"name": self.name} if self.name else {})
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> dict[str, bool]:
+        return {**super().unsupported(), "tools": bool(self.tools),
+                "tool_choice": self.tool_choice not in (None, "none"),
+                "response_format": self.response_format not in (None, {"type": "text"})}
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True  # BOS for text prompts, as the engine would add it
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+def reject_unsupported(req: _Sampling) -> None:
+    for name, is_set in req.unsupported().items():
+        if is_set:
+            raise APIError(400, f"The parameter '{name}' is not supported by this server.", param=name,
+                           code="unsupported_parameter")
+
+
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """OpenAI fields -> engine SamplingParams; out-of-range values become a 400."""
+    given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+                 presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                 repetition_penalty=req.repetition_penalty)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return SamplingParams(**{k: v for k, v in given.items() if v is not None}, seed=req.seed,
+                              max_tokens=max_tokens, min_tokens=req.min_tokens, stop=[s for s in stop if s],
+                              stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+                              logprobs=logprobs, n=req.n)
+    except EmberError as e:
+        raise APIError(400, str(e)) from None
+
+
+def resolve_max_tokens(requested: int | None, prompt_len: int, max_model_len: int, default: int | None,
+                       param: str, prompt_param: str) -> int:
+    """The engine stops at the context, so prompt + max_tokens must fit in it."""
+    if prompt_len >= max_model_len:
+        raise APIError(400, f"The prompt has {prompt_len} tokens but this model's context is {max_model_len} "
+                       "tokens; shorten it.", param=prompt_param,
+                       code="context_length_exceeded")
+    room = max_model_len - prompt_len
+    if requested is None:
+        return min(default, room) if default else room
+    if requested > room:
+        raise APIError(400, f"This model's context is {max_model_len} tokens, but the prompt ({prompt_len}) plus "
+                       f"{param} ({requested}) needs {prompt_len + requested}; lower {param}.", param=param,
+                       code="context_length_exceeded")
+    return requested
+
+
+# --- responses -----------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    """The k most likely tokens of one step (the engine's dict also holds the chosen one)."""
+    return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
+
+
+def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+                        offset: int = 0) -> dict[str, Any]:
+    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens = [tokenizer.decode([t]) for t in token_ids]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
+            "top_logprobs": [{tokenizer.decode([i]): v for i, v in _top(lp, k)} for lp in logprobs],
+            "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict[str, Any]:
+    """The chat shape: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    def item(t: int, v: float) -> dict[str, Any]:
+        return {"token": tokenizer.decode([t]), "logprob": v, "bytes": list(tokenizer.token_bytes(t))}
+
+    return {"content": [item(t, lp[t]) | {"top_logprobs": [item(i, v) for i, v in _top(lp, k)]}
+                        for t, lp in zip(token_ids, logprobs)]}
+
+
+class Delta:
+    """What one completion has that the client has not seen yet, while streaming.
+
+    Text that could still grow into a stop string is held back (the engine cuts a stop
+    only once it is complete); logprobs go out with the tokens generated so far.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.text_sent = 0
+        self.tokens_sent = 0
+        self.offset = 0  # text_offset of the next token, for legacy logprobs
+
+    def take(self, out: CompletionOutput, finished: bool) -> tuple[str, list[int], list[dict[int, float]]]:
+        text = out.text if finished else out.text[: len(out.text) - stop_holdback(out.text, self.stops)]
+        new_text = text[self.text_sent:]
+        if not new_text and not finished:  # keep tokens (and logprobs) with the text they make
+            return "", [], []
+        self.text_sent = max(self.text_sent, len(text))
+        n = len(out.token_ids)
+        new_ids = out.token_ids[self.tokens_sent:n]
+        new_lps = (out.logprobs or [])[self.tokens_sent:n]
+        self.tokens_sent = n
+        return new_text, new_ids, new_lps
