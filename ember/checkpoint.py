@@ -196,19 +196,12 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(data)
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> CausalLM:
-    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode."""
-    from ember.device import pick_device, pick_dtype
-
-    path = Path(path)
-    cfg = load_config(path)
-    device = pick_device(device if device is None or isinstance(device, str) else str(device))
-    dtype = pick_dtype(device, dtype)
+def read_weights(path: Path, model: CausalLM) -> dict[str, Tensor]:
+    """The weights in `path`, in Ember's names, checked to fit `model` name by name and shape by shape."""
+    cfg = model.config
     sd = hf_to_ember(cfg, read_state_dict(path))
-    with torch.device("meta"):
-        model = CausalLM(cfg)
-    expected = set(model.state_dict().keys())
+    own = model.state_dict()
+    expected = set(own)
     if cfg.tie_word_embeddings:
         expected.discard("lm_head.weight")
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
@@ -219,11 +212,25 @@ def load_model(path: str | Path, device: str | torch.device | None = None,
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected weights (e.g. {', '.join(unexpected[:3])})")
         raise EmberError(f"Weights in {path} do not match its config.json: {'; '.join(parts)}.")
-    own = model.state_dict()
     for k, v in sd.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise EmberError(f"Weight {k} in {path} has shape {tuple(v.shape)}, config.json implies "
                              f"{tuple(own[k].shape)}.")
+    return sd
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None) -> CausalLM:
+    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode."""
+    from ember.device import pick_device, pick_dtype
+
+    path = Path(path)
+    cfg = load_config(path)
+    device = pick_device(device if device is None or isinstance(device, str) else str(device))
+    dtype = pick_dtype(device, dtype)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    sd = read_weights(path, model)
     model.to_empty(device=device)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     if cfg.tie_word_embeddings:

@@ -15,7 +15,7 @@ import torch
 from ember.errors import EmberError
 from ember.kv_cache import KVCache
 from ember.model import CausalLM
-from ember.sampling import SamplingParams, draw, process_logits
+from ember.sampling import PenaltyTracker, SamplingParams, draw, process_logits
 
 
 def context_length(model: CausalLM) -> int:
@@ -34,6 +34,17 @@ def eos_ids(model: CausalLM, tokenizer: Any = None) -> set[int]:
     return ids
 
 
+def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int, context: int) -> None:
+    """Refuse prompts the model cannot take: empty, unknown ids, or no room left to generate."""
+    if len(prompt_ids) == 0:
+        raise EmberError("The prompt is empty; give at least one token.")
+    if max(prompt_ids) >= vocab_size or min(prompt_ids) < 0:
+        raise EmberError(f"Prompt token ids must be in [0, {vocab_size}).")
+    if len(prompt_ids) >= context:
+        raise EmberError(f"The prompt has {len(prompt_ids)} tokens but the model's context is {context}; "
+                         "shorten the prompt.")
+
+
 @torch.inference_mode()
 def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int = 128,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
@@ -44,15 +55,8 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_new_tokens)
-    if len(prompt_ids) == 0:
-        raise EmberError("The prompt is empty; give at least one token.")
     ctx = context_length(model)
-    if len(prompt_ids) >= ctx:
-        raise EmberError(f"The prompt has {len(prompt_ids)} tokens but the model's context is {ctx}; "
-                         "shorten the prompt.")
-    vocab = model.config.vocab_size
-    if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-        raise EmberError(f"Prompt token ids must be in [0, {vocab}).")
+    check_prompt_ids(prompt_ids, model.config.vocab_size, ctx)
     max_new_tokens = min(max_new_tokens, ctx - len(prompt_ids))
     weight = model.lm_head.weight
     device, dtype = weight.device, weight.dtype
@@ -62,25 +66,16 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device, dtype)
     stop = set(stop_ids)
 
-    track_seen = repetition_penalty != 1.0
-    track_counts = presence_penalty != 0.0 or frequency_penalty != 0.0
-    seen = torch.zeros(1, vocab, dtype=torch.bool, device=device) if track_seen else None
-    counts = torch.zeros(1, vocab, dtype=torch.int32, device=device) if track_counts else None
+    penalties = PenaltyTracker(params, prompt_ids, model.config.vocab_size, device)
     ids = torch.tensor([list(prompt_ids)], device=device)
-    if seen is not None:
-        seen[0, ids[0]] = True
-
     logits = model(ids, cache=cache, last_only=True)[:, -1]
     for _ in range(max_new_tokens):
-        token = draw(process_logits(logits, params, seen, counts), params.greedy, generator)
+        token = draw(process_logits(logits, params, penalties.seen, penalties.counts), params.greedy, generator)
         tok = int(token.item())
         yield tok
         if tok in stop:
             return
-        if seen is not None:
-            seen[0, tok] = True
-        if counts is not None:
-            counts[0, tok] += 1
+        penalties.add(tok)
         logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 

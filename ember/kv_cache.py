@@ -47,7 +47,3 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
-
-    def truncate(self, length: int) -> None:
-        """Forget tokens past `length` (speculative decoding rolls rejected tokens back)."""
-        self.length = min(self.length, length)

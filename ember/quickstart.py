@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ember.config import preset
-from ember.data import TokenShards, prepare_shards, stdlib_files
+from ember.data import TokenShards, prepare_shards, read_text, stdlib_files
 from ember.device import pick_device
 from ember.errors import EmberError
 from ember.generation import generate
@@ -29,14 +29,6 @@ SAMPLE_PROMPTS = ["def ", "import os\n\n\nclass ", "    for i in range("]
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
-
-
-def _read(path: Path) -> str:
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("latin-1")
 
 
 def measure_step_time(model: CausalLM, cfg: TrainConfig, data: TokenShards, device: torch.device) -> float:
@@ -79,7 +71,7 @@ def quickstart(minutes: float = 10.0, out: str | Path = "runs/quickstart", prese
 
     # 2. tokenizer
     t = time.time()
-    tok = train_tokenizer((_read(f) for f in files), vocab_size=vocab_size, pattern="llama3")
+    tok = train_tokenizer((read_text(f) for f in files), vocab_size=vocab_size, pattern="llama3")
     tok.save(out / "tokenizer")
     sample = "def __init__(self, name):\n    self.name = name"
     n = len(tok.encode(sample))

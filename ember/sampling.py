@@ -110,6 +110,27 @@ def apply_min_p(logits: Tensor, min_p: float | Tensor) -> Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
+class PenaltyTracker:
+    """What the penalties need, kept up to date one token at a time (never rebuilt per step):
+    `seen` marks prompt and output tokens (repetition), `counts` counts output tokens
+    (presence, frequency). Each stays None when its penalties are off."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: list[int] | tuple[int, ...], vocab_size: int,
+                 device: torch.device | str = "cpu") -> None:
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            self.seen[0, torch.tensor(list(prompt_ids), device=device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(1, vocab_size, dtype=torch.int32, device=device)
+
+    def add(self, token: int) -> None:
+        if self.seen is not None:
+            self.seen[0, token] = True
+        if self.counts is not None:
+            self.counts[0, token] += 1
+
+
 def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
                    output_counts: Tensor | None = None) -> Tensor:
     """All transforms that apply to one request's logits [B, V] (float32)."""

@@ -1,7 +1,6 @@
 """Pretraining end to end on real shards: exact resume, the run directory, the quickstart."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

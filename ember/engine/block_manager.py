@@ -95,8 +95,8 @@ class BlockManager:
             seq.block_table.append(block)
             seq.block_hashes.append(h)
             prev = h
-        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * bs
-        return seq.num_cached_tokens
+        seq.num_computed_tokens = len(seq.block_table) * bs
+        return seq.num_computed_tokens
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         for _ in range(self.blocks_needed(seq, num_new_tokens)):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence as Seq
 
@@ -23,11 +23,12 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.model_runner import ModelRunner
 from ember.engine.paged_cache import KVPool
 from ember.engine.scheduler import Scheduler
-from ember.engine.sequence import Sequence, Status
+from ember.engine.sequence import Sequence
 from ember.errors import EmberError
-from ember.generation import find_stop
+from ember.generation import check_prompt_ids, eos_ids, find_stop
 from ember.model import CausalLM
 from ember.sampling import SamplingParams
+from ember.tokenizer import IncrementalDecoder
 
 
 @dataclass
@@ -47,7 +48,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     prompt_logprobs: list[dict[int, float] | None] | None = None
     finished: bool = True
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,7 +104,6 @@ class LLM:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    cfg.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.pool)
-        self._decoders: dict[int, Any] = {}
         self._requests: dict[str, list[Sequence]] = {}
         self._prompts: dict[str, str | None] = {}
         self._counter = itertools.count()
@@ -127,15 +126,6 @@ class LLM:
         return int(blocks)
 
     # --- requests ----------------------------------------------------------------------------
-    def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
-        ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            eos = self.model.config.eos_token_id
-            ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-            if self.tokenizer is not None and getattr(self.tokenizer, "eos_id", None) is not None:
-                ids.add(self.tokenizer.eos_id)
-        return frozenset(ids)
-
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
@@ -147,22 +137,19 @@ class LLM:
             text = prompt
         else:
             ids, text = [int(t) for t in prompt], None
-        if not ids:
-            raise EmberError("The prompt is empty.")
-        vocab = self.model.config.vocab_size
-        if min(ids) < 0 or max(ids) >= vocab:
-            raise EmberError(f"Prompt token ids must be in [0, {vocab}).")
-        if len(ids) >= self.max_model_len:
-            raise EmberError(f"The prompt has {len(ids)} tokens but the context is {self.max_model_len}.")
+        check_prompt_ids(ids, self.model.config.vocab_size, self.max_model_len)
         need = -(-min(len(ids) + params.max_tokens, self.max_model_len) // self.config.block_size)
         if need > self.block_manager.num_blocks:
             raise EmberError(f"One request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
                              "raise num_kv_blocks or kv_cache_memory, or lower max_tokens.")
-        arrival = next(self._counter)
-        seqs = [Sequence(list(ids), params, request_id=request_id, index=i, arrival=arrival,
-                         stop_ids=self._stop_ids(params)) for i in range(params.n)]
+        # EOS ends a completion unless ignore_eos; stop_token_ids always do.
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else frozenset(eos_ids(self.model, self.tokenizer)))
+        seqs = [Sequence(list(ids), params, request_id=request_id, index=i, stop_ids=stop_ids)
+                for i in range(params.n)]
         for seq in seqs:
-            seq.arrival_time = time.perf_counter()
+            if self.tokenizer is not None:
+                seq.decoder = IncrementalDecoder(self.tokenizer)
             self.scheduler.add(seq)
         self._requests[request_id] = seqs
         self._prompts[request_id] = text
@@ -173,7 +160,6 @@ class LLM:
         for seq in self._requests.pop(request_id, []):
             if not seq.finished:
                 self.scheduler.finish(seq, "abort")
-            self._decoders.pop(seq.seq_id, None)
         self._prompts.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
@@ -217,19 +203,15 @@ class LLM:
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if self.tokenizer is not None:
-            dec = self._decoders.get(seq.seq_id)
-            if dec is None:
-                from ember.tokenizer import IncrementalDecoder
-                dec = self._decoders[seq.seq_id] = IncrementalDecoder(self.tokenizer)
+        if seq.decoder is not None:
             if token not in seq.stop_ids:
-                seq.text += dec.push(token)
+                seq.text += seq.decoder.push(token)
             if params.stop:
                 cut = find_stop(seq.text, params.stop)
                 if cut is not None:
                     seq.text = seq.text[:cut]
                     return "stop"
-        if token in seq.stop_ids and len(seq.output_ids) > params.min_tokens - 1:
+        if token in seq.stop_ids:  # never before min_tokens: the runner masks them until then
             return "stop"
         if len(seq.output_ids) >= params.max_tokens:
             return "length"
@@ -243,9 +225,8 @@ class LLM:
         if finished:
             del self._requests[request_id], self._prompts[request_id]
             for s in seqs:
-                dec = self._decoders.pop(s.seq_id, None)
-                if dec is not None:
-                    s.text += dec.flush()
+                if s.decoder is not None:
+                    s.text += s.decoder.flush()
                     cut = find_stop(s.text, s.params.stop)
                     if cut is not None:
                         s.text = s.text[:cut]
@@ -257,11 +238,7 @@ class LLM:
             logprobs = s.logprobs[:len(ids)] if s.params.logprobs is not None else None
             outs.append(CompletionOutput(s.index, s.text, ids, s.finish_reason, logprobs))
         first = seqs[0]
-        metrics = {"arrival_time": first.arrival_time}
-        times = [s.token_times[0] for s in seqs if s.token_times]
-        if times:
-            metrics["first_token_time"] = min(times)
-        return RequestOutput(request_id, prompt, first.prompt_ids, outs, metrics=metrics,
+        return RequestOutput(request_id, prompt, first.prompt_ids, outs,
                              prompt_logprobs=first.prompt_logprobs if first.params.prompt_logprobs is not None
                              else None, finished=finished)
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from ember.engine.paged_cache import KVPool, PagedBatch
 from ember.engine.sequence import Sequence
 from ember.model import CausalLM
-from ember.sampling import draw, process_logits
+from ember.sampling import PenaltyTracker, draw, process_logits
 
 
 class ModelRunner:
@@ -73,18 +73,15 @@ class ModelRunner:
 
     def sample(self, seq: Sequence, logits: Tensor) -> tuple[int, dict[int, float] | None]:
         """The next token for one sequence, under its own parameters and random stream."""
-        params, vocab = seq.params, logits.shape[-1]
-        seen = counts = None
-        if params.repetition_penalty != 1.0:
-            seen = torch.zeros(1, vocab, dtype=torch.bool)
-            seen[0, torch.tensor(seq.token_ids)] = True
-        if (params.presence_penalty or params.frequency_penalty) and seq.output_ids:
-            counts = torch.bincount(torch.tensor(seq.output_ids), minlength=vocab)[None, :vocab]
+        params = seq.params
+        if seq.penalties is None:
+            seq.penalties = PenaltyTracker(params, seq.token_ids, logits.shape[-1])
         row = logits[None].cpu()
         if params.min_tokens and len(seq.output_ids) < params.min_tokens and seq.stop_ids:
             row = row.clone()
             row[0, list(seq.stop_ids)] = float("-inf")
-        token = int(draw(process_logits(row, params, seen, counts), params.greedy, seq.generator)[0])
+        token = int(draw(process_logits(row, params, seq.penalties.seen, seq.penalties.counts), params.greedy,
+                         seq.generator)[0])
         lp = None
         if params.logprobs is not None:
             lp = top_logprobs(torch.log_softmax(row[0], dim=-1), token, params.logprobs)

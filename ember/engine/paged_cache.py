@@ -39,19 +39,16 @@ class _Group:
                  sliding_window: int | None, device: torch.device) -> None:
         # members: (first row in the flat batch, query length, context length, block table)
         B = len(members)
-        max_q, max_ctx = max(m[1] for m in members), max(m[2] for m in members)
-        ctx_pos = torch.arange(max_ctx)
-        gather = torch.zeros(B, max_ctx, dtype=torch.long)
-        q_index = torch.zeros(B, max_q, dtype=torch.long)
-        q_valid = torch.zeros(B, max_q, dtype=torch.bool)
-        q_pos = torch.zeros(B, max_q, dtype=torch.long)
-        for b, (row, ql, cl, table) in enumerate(members):
-            blocks = torch.tensor(table, dtype=torch.long)
-            p = ctx_pos[:cl]
-            gather[b, :cl] = blocks[p // block_size] * block_size + p % block_size
-            q_index[b, :ql] = torch.arange(row, row + ql)
-            q_valid[b, :ql] = True
-            q_pos[b, :ql] = torch.arange(cl - ql, cl)
+        rows, q_lens, ctx_lens = (torch.tensor([m[i] for m in members]) for i in range(3))
+        max_q, max_ctx = int(q_lens.max()), int(ctx_lens.max())
+        ctx_pos, q_off = torch.arange(max_ctx), torch.arange(max_q)
+        # Block tables padded with block 0: slots past a sequence's context are read but masked.
+        width = -(-max_ctx // block_size)
+        tables = torch.tensor([m[3][:width] + [0] * (width - len(m[3][:width])) for m in members])
+        gather = tables[:, ctx_pos // block_size] * block_size + ctx_pos % block_size  # [B, max_ctx]
+        q_valid = q_off[None, :] < q_lens[:, None]  # [B, max_q]
+        q_index = torch.where(q_valid, rows[:, None] + q_off, 0)
+        q_pos = (ctx_lens - q_lens)[:, None] + q_off  # absolute position of each query
         self.rows = q_index[q_valid].to(device)  # flat-batch rows, in output order
         self.shape = (B, max_ctx)
         self.q_index, self.q_valid = q_index.to(device), q_valid.to(device)
@@ -61,11 +58,11 @@ class _Group:
         fresh_prompt = B == 1 and members[0][1] == members[0][2]  # a whole prompt: plain causal attention
         if fresh_prompt and (sliding_window is None or max_ctx <= sliding_window):
             self.causal = True
-        elif not (max_q == 1 and all(m[2] == max_ctx for m in members) and
+        elif not (max_q == 1 and bool((ctx_lens == max_ctx).all()) and
                   (sliding_window is None or max_ctx <= sliding_window)):
             k_pos = ctx_pos[None, None, :]
             diff = q_pos[:, :, None] - k_pos
-            mask = (diff >= 0) & (k_pos < torch.tensor([m[2] for m in members])[:, None, None])
+            mask = (diff >= 0) & (k_pos < ctx_lens[:, None, None])
             if sliding_window is not None:
                 mask &= diff < sliding_window
             mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite

@@ -80,13 +80,11 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if not self.enable_chunked_prefill and n < seq.num_uncomputed:
                 if scheduled:  # the whole prompt waits for the next step
-                    self.bm.free_sequence(seq)
-                    seq.num_computed_tokens = seq.num_cached_tokens = 0
+                    self._leave_waiting(seq)
                     break
                 n = seq.num_uncomputed  # first in its step: may exceed the budget
             if not self.bm.can_allocate(seq, n):
-                self.bm.free_sequence(seq)  # give back any prefix hits; try again next step
-                seq.num_computed_tokens = seq.num_cached_tokens = 0
+                self._leave_waiting(seq)
                 break
             self.bm.allocate(seq, n)
             self.waiting.popleft()
@@ -95,6 +93,11 @@ class Scheduler:
             scheduled.append((seq, n))
             budget -= n
         return scheduled
+
+    def _leave_waiting(self, seq: Sequence) -> None:
+        """Not admitted this step after all: give back its prefix hits; it retries next step."""
+        self.bm.free_sequence(seq)
+        seq.num_computed_tokens = 0
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status = Status.FINISHED

@@ -11,10 +11,11 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from ember.sampling import SamplingParams
+from ember.sampling import PenaltyTracker, SamplingParams
 
 _ids = itertools.count()
 
@@ -32,10 +33,8 @@ class Sequence:
     request_id: str = ""
     index: int = 0  # which of the request's n completions this is
     seq_id: int = field(default_factory=lambda: next(_ids))
-    arrival: int = 0  # order of arrival, so preemption can pick the youngest
     status: Status = Status.WAITING
     num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # chained hashes of its full blocks
     output_ids: list[int] = field(default_factory=list)
@@ -45,8 +44,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS and stop_token_ids)
     text: str = ""  # detokenized output so far (stop strings removed)
     generator: torch.Generator | None = None
-    num_preemptions: int = 0
-    arrival_time: float = 0.0  # perf_counter() when added
+    decoder: Any = None  # incremental detokenizer, set by the engine when it has a tokenizer
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
 
     def __post_init__(self) -> None:
@@ -54,6 +52,7 @@ class Sequence:
         if self.params.seed is not None:
             # Each completion of a seeded request draws from its own stream, whatever the batch.
             self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
+        self.penalties: PenaltyTracker | None = None  # built by the runner, which knows the vocabulary
 
     @property
     def num_tokens(self) -> int:
@@ -74,12 +73,12 @@ class Sequence:
     def append(self, token: int) -> None:
         self.token_ids.append(token)
         self.output_ids.append(token)
+        if self.penalties is not None:
+            self.penalties.add(token)
 
     def reset_for_recompute(self) -> None:
         """Preempted: blocks are gone; prompt and generated tokens are recomputed later."""
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0
-        self.num_preemptions += 1
         self.status = Status.WAITING

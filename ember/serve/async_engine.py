@@ -214,8 +214,7 @@ class AsyncEngine:
         self.gauges = {
             "running": len({s.request_id for s in sched.running}),
             "waiting": len({s.request_id for s in sched.waiting}),
-            # total - free, not bm.num_used: that one scans every block, and pools are large.
-            "kv_used": bm.num_blocks - bm.num_free, "kv_free": bm.num_free, "kv_total": bm.num_blocks,
+            "kv_used": bm.num_used, "kv_free": bm.num_free, "kv_total": bm.num_blocks,
             "hit_rate": bm.hit_rate, "preemptions": sched.num_preemptions,
             "generation_tokens": llm.stats["generated_tokens"], "prompt_tokens": llm.stats["prompt_tokens"],
         }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ember.checkpoint import atomic_dir, read_json, write_json, write_model_files
+from ember.checkpoint import atomic_dir, read_json, read_weights, write_json, write_model_files
 from ember.device import autocast_dtype
 from ember.errors import EmberError
 
@@ -145,8 +145,6 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG; return the saved trainer state (with `step`)."""
-    from ember.checkpoint import hf_to_ember, read_state_dict
-
     ckpt = out_dir / CHECKPOINT
     if not (ckpt / STATE).is_file():
         old = out_dir / f".{CHECKPOINT}.old"  # killed between the two renames of atomic_dir
@@ -155,12 +153,7 @@ def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
         else:
             raise EmberError(f"No checkpoint to resume from in {out_dir} (expected {ckpt / STATE}).")
     state = read_json(ckpt / STATE, "Trainer state")
-    sd = hf_to_ember(model.config, read_state_dict(ckpt))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise EmberError(f"The checkpoint in {ckpt} does not fit this model "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}).")
+    model.load_state_dict(read_weights(ckpt, model), strict=False)  # strict=False: a tied head is not stored
     # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
     blob = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
