@@ -151,7 +151,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
     _add_device(p)
+
+    for module in _command_modules():
+        COMMANDS.update(module.add_commands(sub))
     return parser
+
+
+# Command groups that live beside their library code (ember/<area>/commands.py). Each module's
+# add_commands(sub) adds its parsers and returns {key: handler}; key is "name" or ("name", "action").
+# These modules import only argparse at top level, so `ember --help` stays instant.
+COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.rag.commands",
+                   "ember.eval.commands"]
+
+
+def _command_modules() -> list:
+    import importlib
+    import importlib.util
+
+    found = []
+    for name in COMMAND_MODULES:
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # the parent package is not there yet
+            spec = None
+        if spec is not None:
+            found.append(importlib.import_module(name))
+    return found
 
 
 # --- commands ------------------------------------------------------------------------------

@@ -177,15 +177,14 @@ class LLM:
             if self.scheduler.waiting:
                 raise EmberError("The KV pool cannot hold the next request; raise num_kv_blocks.")
             return []
-        logits = self.runner.run(scheduled)
+        ready, logits = self.runner.run(scheduled)
         self.stats["steps"] += 1
-        progressed: dict[str, None] = {}
         for seq, n in scheduled:
             seq.num_computed_tokens += n
             self.block_manager.commit(seq)
-            if seq.seq_id not in logits:
-                continue
-            token, lp = self.runner.sample(seq, logits[seq.seq_id])
+        progressed: dict[str, None] = {}
+        sampled = self.runner.sample_all(ready, logits) if ready else []
+        for seq, (token, lp) in zip(ready, sampled):
             seq.append(token)
             seq.token_times.append(time.perf_counter())
             if lp is not None:

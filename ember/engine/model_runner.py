@@ -22,8 +22,9 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> dict[int, Tensor]:
-        """Compute the scheduled tokens; return last-token logits for sequences now fully computed."""
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
+        """Compute the scheduled tokens; return the sequences now fully computed and their
+        last-token logits, one row each."""
         bs = self.pool.block_size
         ids, positions, slots = [], [], []
         query_lens, context_lens, tables, sample_rows, sample_seqs = [], [], [], [], []
@@ -48,14 +49,25 @@ class ModelRunner:
         batch = PagedBatch(self.pool, pos, torch.tensor(slots, device=dev), query_lens, context_lens, tables,
                            self.model.config.sliding_window)
         hidden = self.model.hidden_states(torch.tensor([ids], device=dev), positions=pos, cache=batch)[0]
-        out = {}
-        if sample_rows:
-            logits = self.model.lm_head(hidden[sample_rows]).float()
-            out = {seq.seq_id: logits[i] for i, seq in enumerate(sample_seqs)}
+        logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
         for seq, n in scheduled:
             if seq.seq_id in prompt_rows:
                 self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
-        return out
+        return sample_seqs, logits
+
+    def sample_all(self, seqs: list[Sequence], logits: Tensor) -> list[tuple[int, dict[int, float] | None]]:
+        """Next tokens for a step's sequences. Plain greedy rows (no penalties, logprobs or
+        min_tokens) take one batched argmax; the rest go through the full sampler one by one."""
+        plain = [i for i, s in enumerate(seqs) if _plain_greedy(s)]
+        results: list = [None] * len(seqs)
+        if plain:
+            rows = logits if len(plain) == len(seqs) else logits[plain]
+            for i, token in zip(plain, rows.argmax(-1).tolist()):
+                results[i] = (token, None)
+        for i, seq in enumerate(seqs):
+            if results[i] is None:
+                results[i] = self.sample(seq, logits[i])
+        return results
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor, row: int, start: int, n: int) -> None:
         """Log-probabilities of each prompt token given the ones before it (None for the first)."""
@@ -86,6 +98,12 @@ class ModelRunner:
         if params.logprobs is not None:
             lp = top_logprobs(torch.log_softmax(row[0], dim=-1), token, params.logprobs)
         return token, lp
+
+
+def _plain_greedy(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and not p.presence_penalty
+            and not p.frequency_penalty and not (p.min_tokens and len(seq.output_ids) < p.min_tokens))
 
 
 def top_logprobs(logprobs: Tensor, token: int, n: int) -> dict[int, float]:
