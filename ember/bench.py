@@ -77,7 +77,8 @@ def offline_throughput(llm: Any, requests: list[tuple[list[int], int]], progress
             "output_throughput": output_tokens / elapsed, "total_token_throughput": (prompt_tokens + output_tokens)
             / elapsed, "steps": llm.stats["steps"] - steps_before,
             "preemptions": llm.scheduler.num_preemptions - preempted_before,
-            "prefix_cache_hit_rate": llm.block_manager.hit_rate}
+            "prefix_cache_hit_rate": llm.block_manager.hit_rate, "spec_acceptance_rate": llm.spec_acceptance_rate,
+            "spec_mean_accepted_length": llm.spec_mean_accepted_length}
 
 
 # --- online --------------------------------------------------------------------------------
@@ -224,7 +225,8 @@ def cmd_throughput(a: argparse.Namespace) -> None:
 
     engine_args = dict(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
-                       enable_prefix_caching=not a.no_prefix_caching)
+                       enable_prefix_caching=not a.no_prefix_caching, speculative=a.speculative,
+                       num_speculative_tokens=a.num_speculative_tokens)
     if a.model:
         llm = LLM(a.model, device=a.device, dtype=a.dtype, **engine_args)
         source = a.model
@@ -291,6 +293,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--max-num-seqs", type=int, default=64)
     t.add_argument("--no-prefix-caching", action="store_true")
     t.add_argument("--warmup", action="store_true", help="run two requests first (kernels, allocator)")
+    from ember.cli import add_speculative_flags
+
+    add_speculative_flags(t)
 
     s = actions.add_parser("serve", help="online: stream requests to a running OpenAI-compatible server",
                            description="Send random-length streaming /v1/completions requests to a running server "

@@ -35,6 +35,16 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_speculative_flags(g: argparse._ActionsContainer) -> None:
+    g.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
+                   help="speculative decoding: prompt lookup (ngram) or a small draft model with the same tokenizer")
+    g.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens guessed per step (default 4)")
+
+
+def speculative_args(a: argparse.Namespace) -> dict:
+    return {"speculative": a.speculative, "num_speculative_tokens": a.num_speculative_tokens}
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: auto)")
@@ -150,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
     g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
+    add_speculative_flags(g)
     _add_device(p)
 
     for module in _command_modules():
@@ -327,7 +338,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise EmberError("--max-waiting must be >= 0.")
     llm = LLM(a.model, device=a.device, dtype=a.dtype, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
               kv_cache_memory=a.kv_cache_memory, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching)
+              max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching, **speculative_args(a))
     serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
           max_waiting=a.max_waiting)
 

@@ -24,6 +24,7 @@ from ember.engine.model_runner import ModelRunner
 from ember.engine.paged_cache import KVPool
 from ember.engine.scheduler import Scheduler
 from ember.engine.sequence import Sequence
+from ember.engine.speculative import can_speculate
 from ember.errors import EmberError
 from ember.generation import check_prompt_ids, eos_ids, find_stop
 from ember.model import CausalLM
@@ -60,6 +61,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True  # off: a prompt is computed in one step, stalling decodes
     max_model_len: int | None = None
+    # Speculative decoding: "ngram" (prompt lookup), "draft:DIR", or a CausalLM to draft with.
+    speculative: Any = None
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 3
+    prompt_lookup_min: int = 1
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -101,13 +107,58 @@ class LLM:
             num_blocks = -(-self.max_model_len // cfg.block_size)
         self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                   cfg.enable_chunked_prefill)
         self.runner = ModelRunner(self.model, self.pool)
+        self.proposer = self._make_proposer(cfg, weight)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                   cfg.enable_chunked_prefill, lookahead=self._lookahead if self.proposer else None)
         self._requests: dict[str, list[Sequence]] = {}
         self._prompts: dict[str, str | None] = {}
         self._counter = itertools.count()
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "spec_proposed_tokens": 0,
+                      "spec_accepted_tokens": 0, "spec_verify_steps": 0}
+
+    def _make_proposer(self, cfg: EngineConfig, weight: torch.Tensor) -> Any:
+        from ember.engine.speculative import DraftProposer, NgramProposer
+
+        spec = cfg.speculative
+        if spec is None:
+            return None
+        if cfg.num_speculative_tokens < 1:
+            raise EmberError("num_speculative_tokens must be at least 1.")
+        if spec == "ngram":
+            if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
+                raise EmberError("Prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max.")
+            return NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        if isinstance(spec, CausalLM):
+            draft = spec.to(device=weight.device, dtype=weight.dtype)
+        elif isinstance(spec, str) and spec.startswith("draft:"):
+            from ember.checkpoint import load_model
+
+            draft = load_model(spec[len("draft:"):], device=weight.device, dtype=weight.dtype)
+        else:
+            raise EmberError(f"Unknown speculative method {spec!r}; use 'ngram' or 'draft:MODEL_DIR'.")
+        if draft.config.vocab_size != self.model.config.vocab_size:
+            raise EmberError(f"The draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
+                             f"({self.model.config.vocab_size}); a draft must share the target's tokenizer.")
+        return DraftProposer(draft, self.pool)
+
+    def _lookahead(self, seq: Sequence) -> int:
+        """Guessed tokens worth verifying for this sequence: within its budget of new tokens and the context."""
+        if not seq.speculate:
+            return 0
+        room = min(seq.params.max_tokens - len(seq.output_ids), self.max_model_len - seq.num_tokens + 1) - 1
+        return max(0, min(self.config.num_speculative_tokens, room))
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        """Accepted guessed tokens / proposed ones (0 when nothing was proposed)."""
+        return self.stats["spec_accepted_tokens"] / max(1, self.stats["spec_proposed_tokens"])
+
+    @property
+    def spec_mean_accepted_length(self) -> float:
+        """Tokens a verifying step produced on average: accepted guesses + the target's own."""
+        steps = self.stats["spec_verify_steps"]
+        return (self.stats["spec_accepted_tokens"] + steps) / steps if steps else 0.0
 
     def _blocks_from_memory(self, device: torch.device, dtype: torch.dtype) -> int:
         per_block = KVPool.bytes_per_block(self.model.config, self.config.block_size, dtype)
@@ -147,7 +198,9 @@ class LLM:
             frozenset() if params.ignore_eos else frozenset(eos_ids(self.model, self.tokenizer)))
         seqs = [Sequence(list(ids), params, request_id=request_id, index=i, stop_ids=stop_ids)
                 for i in range(params.n)]
+        speculate = self.proposer is not None and can_speculate(params)
         for seq in seqs:
+            seq.speculate = speculate
             if self.tokenizer is not None:
                 seq.decoder = IncrementalDecoder(self.tokenizer)
             self.scheduler.add(seq)
@@ -177,20 +230,32 @@ class LLM:
             if self.scheduler.waiting:
                 raise EmberError("The KV pool cannot hold the next request; raise num_kv_blocks.")
             return []
-        ready, logits = self.runner.run(scheduled)
+        if self.proposer is not None:
+            scheduled = self._propose(scheduled)
+        ready, logits, counts = self.runner.run(scheduled)
         self.stats["steps"] += 1
+        ready_ids = {seq.seq_id for seq in ready}
         for seq, n in scheduled:
             seq.num_computed_tokens += n
-            self.block_manager.commit(seq)
+            if seq.seq_id not in ready_ids:  # a prefill chunk: its full blocks can be shared now
+                self.block_manager.commit(seq)
         progressed: dict[str, None] = {}
-        sampled = self.runner.sample_all(ready, logits) if ready else []
-        for seq, (token, lp) in zip(ready, sampled):
-            seq.append(token)
-            seq.token_times.append(time.perf_counter())
-            if lp is not None:
-                seq.logprobs.append(lp)
-            self.stats["generated_tokens"] += 1
-            reason = self._check_stop(seq, token)
+        sampled = self.runner.sample_all(ready, logits, counts) if ready else []
+        for seq, (tokens, lps) in zip(ready, sampled):
+            if seq.spec_ids:
+                self._settle_speculation(seq, accepted=len(tokens) - 1)
+            reason = None
+            for token, lp in zip(tokens, lps):
+                seq.append(token)
+                seq.token_times.append(time.perf_counter())
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                self.stats["generated_tokens"] += 1
+                reason = self._check_stop(seq, token)
+                if reason:  # tokens verified after a stop are dropped
+                    break
+            seq.num_computed_tokens = min(seq.num_computed_tokens, seq.num_tokens - 1)
+            self.block_manager.commit(seq)
             if reason:
                 self.scheduler.finish(seq, reason)
             progressed[seq.request_id] = None
@@ -199,6 +264,34 @@ class LLM:
             seqs = self._requests[request_id]
             outputs.append(self._output(request_id, finished=all(s.finished for s in seqs)))
         return outputs
+
+    def _propose(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Fill the lookahead slots the scheduler gave decoding sequences with guessed tokens."""
+        from ember.engine.speculative import NgramProposer
+
+        wanted = [(seq, n - seq.num_uncomputed) for seq, n in scheduled if n > seq.num_uncomputed]
+        if not wanted:
+            return scheduled
+        if isinstance(self.proposer, NgramProposer):
+            for seq, k in wanted:
+                seq.spec_ids = self.proposer.propose(seq.token_ids, k)
+        else:
+            drafts, dists = self.proposer.propose([seq for seq, _ in wanted], [k for _, k in wanted])
+            for (seq, _), draft, dist in zip(wanted, drafts, dists):
+                seq.spec_ids, seq.spec_probs = draft, dist
+        for seq, _ in wanted:
+            self.stats["spec_proposed_tokens"] += len(seq.spec_ids)
+            self.stats["spec_verify_steps"] += bool(seq.spec_ids)
+        # Each sequence computes its newest token plus its guesses (fewer than its slots if the
+        # proposer found less); unused slots stay allocated for the tokens still to come.
+        return [(seq, seq.num_uncomputed if n > seq.num_uncomputed else n) for seq, n in scheduled]
+
+    def _settle_speculation(self, seq: Sequence, accepted: int) -> None:
+        """Forget the KV of rejected guesses: they are simply overwritten later."""
+        seq.num_computed_tokens -= len(seq.spec_ids) - accepted
+        seq.draft_computed = min(seq.draft_computed, seq.num_computed_tokens)
+        self.stats["spec_accepted_tokens"] += accepted
+        seq.spec_ids, seq.spec_probs = [], None
 
     def _check_stop(self, seq: Sequence, token: int) -> str | None:
         params = seq.params

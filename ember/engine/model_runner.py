@@ -22,51 +22,51 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
 
     @torch.inference_mode()
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None]:
-        """Compute the scheduled tokens; return the sequences now fully computed and their
-        last-token logits, one row each."""
-        bs = self.pool.block_size
-        ids, positions, slots = [], [], []
-        query_lens, context_lens, tables, sample_rows, sample_seqs = [], [], [], [], []
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None, list[int]]:
+        """Compute the scheduled tokens. Returns the sequences now fully computed, their logits
+        (one row per position to sample: 1, or 1 + k with k speculative tokens) and the row counts."""
+        items, sample_rows, sample_seqs, counts = [], [], [], []
         prompt_rows: dict[int, tuple[int, int]] = {}
         row = 0
         for seq, n in scheduled:
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
-            positions += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            query_lens.append(n)
-            context_lens.append(start + n)
-            tables.append(seq.block_table)
+            tokens = seq.token_ids + seq.spec_ids if seq.spec_ids else seq.token_ids
+            items.append((tokens[start:start + n], start, seq.block_table))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 prompt_rows[seq.seq_id] = (row, start)
             row += n
-            if start + n == seq.num_tokens:
-                sample_rows.append(row - 1)
+            if start + n == len(tokens):
+                k = len(seq.spec_ids)
+                sample_rows.extend(range(row - 1 - k, row))
                 sample_seqs.append(seq)
-        dev = self.device
-        pos = torch.tensor(positions, device=dev)
-        batch = PagedBatch(self.pool, pos, torch.tensor(slots, device=dev), query_lens, context_lens, tables,
-                           self.model.config.sliding_window)
-        hidden = self.model.hidden_states(torch.tensor([ids], device=dev), positions=pos, cache=batch)[0]
+                counts.append(k + 1)
+        hidden = hidden_states(self.model, self.pool, items)
         logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
         for seq, n in scheduled:
             if seq.seq_id in prompt_rows:
                 self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
-        return sample_seqs, logits
+        return sample_seqs, logits, counts
 
-    def sample_all(self, seqs: list[Sequence], logits: Tensor) -> list[tuple[int, dict[int, float] | None]]:
-        """Next tokens for a step's sequences. Plain greedy rows (no penalties, logprobs or
-        min_tokens) take one batched argmax; the rest go through the full sampler one by one."""
-        plain = [i for i, s in enumerate(seqs) if _plain_greedy(s)]
-        results: list = [None] * len(seqs)
-        if plain:
-            rows = logits if len(plain) == len(seqs) else logits[plain]
-            for i, token in zip(plain, rows.argmax(-1).tolist()):
-                results[i] = (token, None)
-        for i, seq in enumerate(seqs):
-            if results[i] is None:
-                results[i] = self.sample(seq, logits[i])
+    def sample_all(self, seqs: list[Sequence], logits: Tensor, counts: list[int]) -> list[tuple[list[int], list]]:
+        """New tokens for each of a step's ready sequences, with their logprobs (or None).
+
+        Plain greedy rows (no penalties, logprobs or min_tokens) share one batched argmax;
+        speculative rows are verified against their draft; the rest go through the full
+        sampler one by one."""
+        from ember.engine.speculative import verify
+
+        best = logits.argmax(-1).tolist() if any(_plain_greedy(s) for s in seqs) else None
+        results, row = [], 0
+        for seq, count in zip(seqs, counts):
+            if seq.spec_ids:
+                tokens = verify(logits[row:row + count], seq.spec_ids, seq.params, seq.generator, seq.spec_probs)
+                results.append((tokens, [None] * len(tokens)))
+            elif best is not None and _plain_greedy(seq):
+                results.append(([best[row]], [None]))
+            else:
+                token, lp = self.sample(seq, logits[row])
+                results.append(([token], [lp]))
+            row += count
         return results
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor, row: int, start: int, n: int) -> None:
@@ -98,6 +98,29 @@ class ModelRunner:
         if params.logprobs is not None:
             lp = top_logprobs(torch.log_softmax(row[0], dim=-1), token, params.logprobs)
         return token, lp
+
+
+def hidden_states(model: CausalLM, pool: KVPool, items: list[tuple[list[int], int, list[int]]]) -> Tensor:
+    """One forward over a flat batch: items are (token ids, position of the first, block table).
+    Returns the final hidden state of every token, [N, hidden]."""
+    bs = pool.block_size
+    device = model.lm_head.weight.device
+    ids, positions, slots = [], [], []
+    for tokens, start, table in items:
+        ids += tokens
+        positions += range(start, start + len(tokens))
+        slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(tokens))]
+    pos = torch.tensor(positions, device=device)
+    batch = PagedBatch(pool, pos, torch.tensor(slots, device=device), [len(t) for t, _, _ in items],
+                       [s + len(t) for t, s, _ in items], [table for _, _, table in items], model.config.sliding_window)
+    return model.hidden_states(torch.tensor([ids], device=device), positions=pos, cache=batch)[0]
+
+
+def forward_tokens(model: CausalLM, pool: KVPool, items: list[tuple[list[int], int, list[int]]]) -> Tensor:
+    """Logits of each item's last token, [len(items), V] (float32)."""
+    hidden = hidden_states(model, pool, items)
+    last = torch.tensor([len(t) for t, _, _ in items]).cumsum(0) - 1
+    return model.lm_head(hidden[last.to(hidden.device)]).float()
 
 
 def _plain_greedy(seq: Sequence) -> bool:

@@ -10,6 +10,7 @@ nothing it generated is lost.
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable
 
 from ember.engine.block_manager import BlockManager
 from ember.engine.sequence import Sequence, Status
@@ -17,8 +18,12 @@ from ember.engine.sequence import Sequence, Status
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int = 512,
-                 max_num_seqs: int = 64, enable_chunked_prefill: bool = True) -> None:
+                 max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
+                 lookahead: Callable[[Sequence], int] | None = None) -> None:
         self.bm = block_manager
+        # Speculative decoding: how many guessed tokens a decoding sequence may have verified
+        # this step; they are given budget and KV slots here, and filled in by the proposer.
+        self.lookahead = lookahead
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
@@ -51,6 +56,8 @@ class Scheduler:
         while queue:
             seq = queue.pop(0)
             n = min(seq.num_uncomputed, budget)
+            if n == 1 and self.lookahead is not None and seq.num_uncomputed == 1:
+                n = min(1 + self.lookahead(seq), budget)
             if n == 0:  # out of budget this step; it keeps its place
                 still_running.append(seq)
                 continue

@@ -46,6 +46,13 @@ class Sequence:
     generator: torch.Generator | None = None
     decoder: Any = None  # incremental detokenizer, set by the engine when it has a tokenizer
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
+    # Speculative decoding: proposed tokens being verified this step, the proposer's
+    # distributions (None when its guesses were deterministic), and how far a draft model's
+    # own KV cache has caught up with token_ids.
+    spec_ids: list[int] = field(default_factory=list)
+    spec_probs: Any = None
+    draft_computed: int = 0
+    speculate: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
@@ -64,7 +71,7 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens - self.num_computed_tokens
+        return self.num_tokens + len(self.spec_ids) - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:
@@ -81,4 +88,6 @@ class Sequence:
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = 0
+        self.draft_computed = 0
+        self.spec_ids, self.spec_probs = [], None
         self.status = Status.WAITING

@@ -1,0 +1,142 @@
+"""Speculative decoding: speed-up over plain decoding, with identical greedy output.
+
+    python benchmarks/speculative.py --target runs/quickstart/model --draft runs/draft/model
+
+Make the two models with Ember itself, on the same tokenizer and data:
+    ember quickstart --out runs/quickstart                       # the target, ~5.4M parameters
+    ember pretrain --preset tiny --data runs/quickstart/data --out runs/draft --time-budget 6
+
+Two workloads, each decoded greedily by the same engine with and without speculation:
+  1. copy-heavy (what prompt lookup is for): the prompt holds a held-out source file, then
+     its first lines again, so a good continuation copies the rest;
+  2. free continuation of held-out source code (what a draft model is for).
+Each runs at batch size 1 (single stream, the latency case) and with 16 concurrent requests.
+The figures are output tokens/s; the ratios are what to read (the machines are noisy), and
+every speculative run must give exactly the plain run's tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ember.checkpoint import load_model  # noqa: E402
+from ember.data import stdlib_files  # noqa: E402
+from ember.engine import LLM, SamplingParams  # noqa: E402
+from ember.tokenizer import load_tokenizer  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def held_out_sources(n: int, seed: int) -> list[str]:
+    """Source files of the stdlib's test suite, which the default corpus leaves out."""
+    files = sorted((Path(sysconfig.get_paths()["stdlib"]) / "test").glob("test_*.py"))
+    if not files:  # some installs ship without tests: fall back to the corpus itself
+        files = stdlib_files()
+    random.Random(seed).shuffle(files)
+    texts = []
+    for f in files:
+        try:
+            text = Path(f).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if len(text) > 3000:
+            texts.append(text)
+        if len(texts) == n:
+            break
+    return texts
+
+
+def copy_prompts(tok, n: int, seed: int, budget: int) -> list[list[int]]:
+    prompts = []
+    for text in held_out_sources(n, seed):
+        ids = tok.encode(text)[:budget]
+        prompts.append(ids + tok.encode("\n\n# The same code again:\n") + ids[:24])
+    return prompts
+
+
+def free_prompts(tok, n: int, seed: int) -> list[list[int]]:
+    return [tok.encode(text)[:96] for text in held_out_sources(n, seed + 1)]
+
+
+def run(llm: LLM, prompts: list[list[int]], max_tokens: int, concurrent: int) -> tuple[float, list[list[int]]]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    outputs: list[list[int]] = []
+    start = time.perf_counter()
+    for i in range(0, len(prompts), concurrent):
+        outs = llm.generate(prompts[i:i + concurrent], params)
+        outputs += [o.outputs[0].token_ids for o in outs]
+    elapsed = time.perf_counter() - start
+    return sum(map(len, outputs)) / elapsed, outputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True, help="target model directory")
+    ap.add_argument("--draft", default=None, help="draft model directory (same tokenizer)")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=4, help="tokens guessed per step")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+
+    tok = load_tokenizer(args.target)
+    target = load_model(args.target, device="cpu", dtype="float32")
+    draft = load_model(args.draft, device="cpu", dtype="float32") if args.draft else None
+    context = target.config.max_position_embeddings
+    workloads = {"copy": copy_prompts(tok, args.prompts, args.seed, context - args.max_tokens - 64),
+                 "free": free_prompts(tok, args.prompts, args.seed)}
+    methods = {"ngram": "ngram"} | ({"draft": draft} if draft is not None else {})
+    engine = dict(block_size=16, num_kv_blocks=2048, max_num_batched_tokens=1024)
+    rows = []
+    for workload, prompts in workloads.items():
+        for concurrent in (1, 16):
+            n = len(prompts) if concurrent > 1 else min(4, len(prompts))
+            base_tps, base_out = run(LLM(target, tok, **engine), prompts[:n], args.max_tokens, concurrent)
+            print(f"{workload:5} c={concurrent:<3} plain      {base_tps:7.1f} tok/s", flush=True)
+            for name, spec in methods.items():
+                llm = LLM(target, tok, speculative=spec, num_speculative_tokens=args.k, **engine)
+                tps, out = run(llm, prompts[:n], args.max_tokens, concurrent)
+                row = {"workload": workload, "concurrent": concurrent, "method": name, "plain_tok_s": base_tps,
+                       "spec_tok_s": tps, "speedup": tps / base_tps, "identical": out == base_out,
+                       "acceptance_rate": llm.spec_acceptance_rate,
+                       "mean_accepted_length": llm.spec_mean_accepted_length}
+                rows.append(row)
+                print(f"{workload:5} c={concurrent:<3} {name:10} {tps:7.1f} tok/s  {tps / base_tps:5.2f}x  "
+                      f"accept {row['acceptance_rate']:.2f}  len {row['mean_accepted_length']:.2f}  "
+                      f"identical={row['identical']}", flush=True)
+    result = {"benchmark": "speculative", "target": {"path": args.target, "parameters": target.num_parameters()},
+              "draft": {"path": args.draft, "parameters": draft.num_parameters()} if draft else None,
+              "k": args.k, "max_tokens": args.max_tokens, "rows": rows,
+              "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                          "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d")}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
+    size = (f"target {target.num_parameters() / 1e6:.1f}M parameters"
+            + (f", draft {draft.num_parameters() / 1e6:.2f}M ({target.num_parameters() / draft.num_parameters():.0f}x "
+               "smaller)" if draft else ""))
+    md = ["# Speculative decoding (CPU)", "",
+          f"{size}; greedy, {args.max_tokens} new tokens, k = {args.k}; {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}. Command: `python benchmarks/speculative.py --target ... --draft ...`.", "",
+          "| workload | concurrent | method | plain tok/s | speculative tok/s | speed-up | acceptance | "
+          "tokens/step | identical |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        md.append(f"| {r['workload']} | {r['concurrent']} | {r['method']} | {r['plain_tok_s']:.1f} | "
+                  f"{r['spec_tok_s']:.1f} | **{r['speedup']:.2f}x** | {r['acceptance_rate']:.2f} | "
+                  f"{r['mean_accepted_length']:.2f} | {'yes' if r['identical'] else 'NO'} |")
+    (RESULTS / "speculative.md").write_text("\n".join(md) + "\n")
+    print(f"Wrote {RESULTS / 'speculative.json'} and .md")
+
+
+if __name__ == "__main__":
+    main()
