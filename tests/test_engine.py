@@ -105,13 +105,16 @@ def test_n_completions_and_logprobs(pair):
 def test_prompt_logprobs_match_a_full_forward(pair):
     model, _ = pair
     p = prompts(3)[2]
-    out = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16).generate(
-        [p], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+    llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16)
     with torch.no_grad():
         ref = torch.log_softmax(model(torch.tensor([p]))[0].float(), -1)
-    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
-    for i in range(1, len(p)):
-        assert out.prompt_logprobs[i][p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
+    # The second time, the prompt's blocks are in the prefix cache: scoring must not skip them.
+    llm.generate([p], SamplingParams(temperature=0, max_tokens=1))
+    for _ in range(2):
+        out = llm.generate([p], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))[0]
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(p)
+        for i in range(1, len(p)):
+            assert out.prompt_logprobs[i][p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
 
 
 def test_bad_requests_are_refused(pair):

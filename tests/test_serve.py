@@ -236,6 +236,62 @@ def test_chat_logprobs_have_the_chat_shape(client):
         assert isinstance(item.bytes, list)
 
 
+# --- the evaluation contract (lm-eval's local-completions) -----------------------------------
+def reference_logprobs(model_dir, ids):
+    """log p(ids[i] | ids[:i]) for i >= 1 from one plain forward of the checkpoint."""
+    from ember.checkpoint import load_model
+
+    model = load_model(model_dir, dtype="float32")
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+    return [float(logp[i - 1, ids[i]]) for i in range(1, len(ids))], logp
+
+
+def test_echo_scores_the_prompt_like_a_forward_pass(server, model_dir):
+    """echo + logprobs + max_tokens 0: OpenAI's shape over the prompt alone, null first entry."""
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": "def add(a, b): return a"},
+                     headers=auth()).json()["tokens"]
+    ref, logp = reference_logprobs(model_dir, ids)
+    prompts = [ids, ids[:5]]  # a batch of token-id lists; the second shares the first's prefix
+    for _ in range(2):  # the second round would hit the prefix cache: the scores must not change
+        body = {"model": NAME, "prompt": prompts, "echo": True, "max_tokens": 0, "logprobs": 2,
+                "temperature": 0}
+        r = httpx.post(server.url + "/v1/completions", json=body, headers=auth(), timeout=30)
+        assert r.status_code == 200, r.text
+        choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+        assert r.json()["usage"]["completion_tokens"] == 0
+        for prompt, choice in zip(prompts, choices):
+            lp = choice["logprobs"]
+            assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(prompt)
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            assert lp["token_logprobs"][1:] == pytest.approx(ref[:len(prompt) - 1], abs=1e-4)
+            for i, top in enumerate(lp["top_logprobs"][1:], start=1):
+                assert max(top.values()) == pytest.approx(float(logp[i - 1].max()), abs=1e-4)
+            assert "".join(lp["tokens"]) == choice["text"]
+            assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(prompt))]
+
+
+def test_echo_with_generation_covers_prompt_and_new_tokens(client, server):
+    """lm-eval sends max_tokens 1 with echo and drops the last entry; text prompts work too."""
+    out = client.completions.create(model=NAME, prompt=["hello world", "def add"], max_tokens=3, echo=True,
+                                    logprobs=1, **GREEDY)
+    plain = client.completions.create(model=NAME, prompt="hello world", max_tokens=3, **GREEDY)
+    first = sorted(out.choices, key=lambda c: c.index)[0]
+    assert first.text == "hello world" + plain.choices[0].text
+    assert first.logprobs.token_logprobs[0] is None
+    n = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}, headers=auth()).json()["count"]
+    assert len(first.logprobs.tokens) == n + 3
+    assert all(v is not None for v in first.logprobs.token_logprobs[1:])
+
+
+def test_tokenizer_info_lets_a_client_find_special_ids(server):
+    info = httpx.get(server.url + "/tokenizer_info", headers=auth()).json()
+    assert info["max_model_len"] == CONTEXT and info["eos_token"] is not None
+    ids = httpx.post(server.url + "/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False},
+                     headers=auth()).json()["tokens"]
+    assert ids == [info["eos_token_id"]]
+
+
 def test_tokenize_and_detokenize_round_trip(server):
     ids = httpx.post(server.url + "/tokenize", json={"prompt": "hello world"}, headers=auth()).json()
     assert ids["count"] == len(ids["tokens"]) and ids["max_model_len"] == CONTEXT
@@ -263,7 +319,8 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", COMPLETION | {"prompt": "hello world " * 1500}, 400, "prompt"),
     ("/v1/completions", COMPLETION | {"prompt": [1, 2, 100000]}, 400, "ANY"),
     ("/v1/completions", COMPLETION | {"prompt": []}, 400, "prompt"),
-    ("/v1/completions", COMPLETION | {"echo": True}, 400, "echo"),
+    ("/v1/completions", COMPLETION | {"echo": True, "stream": True}, 400, "echo"),
+    ("/v1/completions", COMPLETION | {"max_tokens": 0}, 400, "ANY"),  # only with echo
     ("/v1/completions", COMPLETION | {"best_of": 3}, 400, "best_of"),
     ("/v1/completions", COMPLETION | {"suffix": "end"}, 400, "suffix"),
     ("/v1/completions", COMPLETION | {"logit_bias": {"1": 5}}, 400, "logit_bias"),

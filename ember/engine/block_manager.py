@@ -77,9 +77,11 @@ class BlockManager:
     def match_prefix(self, seq: Sequence) -> int:
         """Give a new sequence the cached blocks of its longest cached prefix; return its tokens.
 
-        The last prompt token is never taken from the cache: its logits are needed.
+        The last prompt token is never taken from the cache: its logits are needed. A request
+        that wants prompt logprobs takes no cached blocks (as in vLLM): every prompt token's
+        logits are needed; it still publishes its own blocks for others.
         """
-        if not self.enable_prefix_caching or seq.block_table:
+        if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return 0
         bs, prev = self.block_size, None
         eligible = (seq.num_tokens - 1) // bs

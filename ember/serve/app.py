@@ -152,13 +152,23 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
     async def completions(req: CompletionRequest, request: Request) -> Any:
         check_model(req.model)
         reject_unsupported(req)
+        if req.echo and req.stream:
+            raise APIError(400, "'echo' cannot be combined with 'stream' on this server.", param="echo",
+                           code="unsupported_parameter")
+        # echo + max_tokens 0 scores the prompt alone (lm-eval's loglikelihood); the engine always
+        # samples at least one token, so ask for one and drop it.
+        score_only = req.echo and req.max_tokens == 0
         prompts = completion_prompts(req.prompt)
-        params = [sampling_params(req, resolve_max_tokens(req.max_tokens, len(p), ctx, COMPLETION_DEFAULT_MAX_TOKENS,
-                                                          "max_tokens", "prompt"), req.logprobs) for p in prompts]
+        k = req.logprobs
+        params = []
+        for p in prompts:
+            max_tokens = resolve_max_tokens(None if score_only else req.max_tokens, len(p), ctx,
+                                            COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
+            params.append(sampling_params(req, 1 if score_only else max_tokens, k,
+                                          prompt_logprobs=k if req.echo and k is not None else None))
         stream = await start(prompts, params)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
                 "model": served_model_name}
-        k = req.logprobs
 
         if req.stream:
             def chunk(index: int, text: str, ids: list[int], lps: list, finish: str | None, d: Delta) -> dict | None:
@@ -181,10 +191,25 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
             out = finals[rid]
             prompt_tokens += len(out.prompt_token_ids)
             for o in out.outputs:
-                completion_tokens += len(o.token_ids)
-                logprobs = completion_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None
-                choices.append({"index": p * req.n + o.index, "text": o.text, "logprobs": logprobs,
-                                "finish_reason": o.finish_reason})
+                ids, lps, text = o.token_ids, o.logprobs or [], o.text
+                if score_only:
+                    ids, lps, text, finish = [], [], "", "length"
+                else:
+                    finish = o.finish_reason
+                if req.echo:
+                    prompt_text = req.prompt if isinstance(req.prompt, str) else (
+                        req.prompt[p] if isinstance(req.prompt[0], str) else tok.decode(out.prompt_token_ids))
+                    text = prompt_text + text
+                    if k is not None:
+                        prompt_lps = out.prompt_logprobs or []
+                        if len(prompt_lps) != len(out.prompt_token_ids):
+                            raise APIError(500, "The engine returned incomplete prompt logprobs.",
+                                           type="server_error")
+                        ids, lps = list(out.prompt_token_ids) + list(ids), list(prompt_lps) + list(lps)
+                completion_tokens += 0 if score_only else len(o.token_ids)
+                logprobs = completion_logprobs(tok, ids, lps, k) if k is not None else None
+                choices.append({"index": p * req.n + o.index, "text": text, "logprobs": logprobs,
+                                "finish_reason": finish})
         return head | {"choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
     @api.post("/v1/chat/completions")
@@ -241,9 +266,25 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
         check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
-        ids = (encode(req.prompt, req.add_special_tokens) if req.prompt is not None
-               else chat_ids(req.messages, req.add_generation_prompt))
+        # Special-token strings in the text become their ids here (as HF and vLLM tokenize), so a
+        # client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
+        ids = (tok.encode(req.prompt, allowed_special="all",
+                          add_bos=req.add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+               if req.prompt is not None else chat_ids(req.messages, req.add_generation_prompt))
         return {"tokens": ids, "count": len(ids), "max_model_len": ctx}
+
+    @api.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        """The tokenizer's config (vLLM's route), enough for lm-eval's remote tokenizer."""
+        def name(i: int | None) -> str | None:
+            return tok.id_to_token(i) if i is not None else None
+
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ctx, "max_model_len": ctx,
+                "vocab_size": llm.model.config.vocab_size,
+                "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
+                "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+                "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+                "chat_template": getattr(tok, "chat_template", None)}
 
     @api.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:

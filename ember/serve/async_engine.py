@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -156,6 +157,7 @@ class AsyncEngine:
             try:
                 outputs = llm.step()
             except Exception as e:  # a bug or an impossible pool; fail loudly but keep serving
+                traceback.print_exc()  # the operator's log gets the whole story; clients get one line
                 self._fail_all(EngineFailed(f"The engine failed: {e}"))
                 continue
             now = time.perf_counter()

@@ -1,8 +1,9 @@
 """OpenAI request models, the errors we answer with, and the response shapes we build.
 
 Requests forbid unknown fields so a parameter we do not implement is a 400, not silently
-ignored; a few OpenAI parameters are accepted only at their no-op values (`echo=false`,
-`best_of=1`, ...). vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
+ignored; a few OpenAI parameters are accepted only at their no-op values (`best_of=1`,
+empty `suffix`, ...). `echo` with `logprobs` scores the prompt too (what lm-eval's
+loglikelihood requests need), with `max_tokens: 0` allowed to score the prompt alone. vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`) ride in the body (`extra_body` in openai).
 """
 
@@ -77,7 +78,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
 
     def unsupported(self) -> dict[str, bool]:
-        return {**super().unsupported(), "echo": self.echo, "best_of": self.best_of not in (None, 1, self.n),
+        return {**super().unsupported(), "best_of": self.best_of not in (None, 1, self.n),
                 "suffix": bool(self.suffix)}
 
 
@@ -134,7 +135,8 @@ def reject_unsupported(req: _Sampling) -> None:
                            code="unsupported_parameter")
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """OpenAI fields -> engine SamplingParams; out-of-range values become a 400."""
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
@@ -144,7 +146,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> Sa
         return SamplingParams(**{k: v for k, v in given.items() if v is not None}, seed=req.seed,
                               max_tokens=max_tokens, min_tokens=req.min_tokens, stop=[s for s in stop if s],
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, n=req.n)
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n)
     except EmberError as e:
         raise APIError(400, str(e)) from None
 
@@ -181,16 +183,21 @@ def _top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
     return sorted(entry.items(), key=lambda kv: -kv[1])[:k]
 
 
-def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float]], k: int,
+def completion_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int,
                         offset: int = 0) -> dict[str, Any]:
-    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset."""
+    """OpenAI's legacy shape: tokens, token_logprobs, top_logprobs, text_offset.
+
+    An entry of `logprobs` may be None (the first prompt token under `echo`: nothing
+    predicts it), which becomes null in both `token_logprobs` and `top_logprobs`.
+    """
     tokens = [tokenizer.decode([t]) for t in token_ids]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(token_ids, logprobs)],
-            "top_logprobs": [{tokenizer.decode([i]): v for i, v in _top(lp, k)} for lp in logprobs],
+    return {"tokens": tokens, "token_logprobs": [None if lp is None else lp[t] for t, lp in zip(token_ids, logprobs)],
+            "top_logprobs": [None if lp is None else {tokenizer.decode([i]): v for i, v in _top(lp, k)}
+                             for lp in logprobs],
             "text_offset": offsets}
 
 

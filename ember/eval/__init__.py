@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, benchmark tasks (lm-eval YAML subset), metrics, pairwise comparison."""

@@ -1,0 +1,288 @@
+"""`ember eval perplexity|run|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
+
+Only argparse and the standard library are imported at module level, so `ember --help`
+stays fast; each handler imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="an Ember or Hugging Face checkpoint directory, scored in this process")
+    p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) that honours "
+                                      "echo + logprobs on /v1/completions and offers /tokenize")
+    p.add_argument("--served-model", help="the model name to send to --endpoint")
+    p.add_argument("--api-key", help="bearer key for --endpoint")
+    p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
+    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
+
+
+def _lm(args: argparse.Namespace) -> Any:
+    from ember.eval.lm import open_lm
+
+    return open_lm(args.model, args.endpoint, served_model=args.served_model, api_key=args.api_key,
+                   device=args.device, dtype=args.dtype)
+
+
+def _dump(obj: Any, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    tmp.replace(out)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> None:
+    from ember.eval.perplexity import perplexity
+
+    res = perplexity(_lm(args), args.files, window=args.window, stride=args.stride, use_prefix=not args.no_prefix)
+    if args.json:
+        print(json.dumps(res))
+        return
+    o = res["overall"]
+    print(f"window {res['window']}, stride {res['stride']}")
+    for path, r in res["files"].items():
+        print(f"{path}: {r['tokens']} tokens, perplexity {r['perplexity']:.4f}, bits/byte {r['bits_per_byte']:.4f}")
+    print(f"overall: {o['tokens']} tokens, {o['bytes']} bytes, perplexity {o['perplexity']:.4f}, "
+          f"bits/byte {o['bits_per_byte']:.4f}, word perplexity {o['word_perplexity']:.4f}")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from ember.eval.tasks import TaskConfig, run_task
+
+    lm = _lm(args)
+    if args.cache:  # resumable: answers already in the cache are not asked again
+        from ember.eval.report import CachedLM
+
+        ident = str(Path(args.model).resolve()) if args.model else f"{args.endpoint}|{args.served_model}"
+        lm = CachedLM(lm, args.cache, ident)
+    summary = {}
+    for name in args.task:
+        cfg = TaskConfig.load(name)
+        res = run_task(lm, cfg, limit=args.limit, num_fewshot=args.num_fewshot,
+                       data_dir=Path(args.data) if args.data else None, bootstrap_iters=args.bootstrap_iters)
+        summary[cfg.task] = {k: v for k, v in res.items() if k != "samples"}
+        if args.out:
+            out = Path(args.out)
+            _dump(summary[cfg.task], out / f"{cfg.task}.json")
+            with open(out / f"{cfg.task}.samples.jsonl", "w", encoding="utf-8") as f:
+                for s in res["samples"]:
+                    f.write(json.dumps(s, default=str) + "\n")
+        if not args.json:
+            for metric, v in res["results"].items():
+                print(f"{cfg.task:<20} {metric:<16} {v['value']:.4f} ± {v['stderr']:.4f}  (n={v['n']})")
+    if args.json:
+        print(json.dumps(summary))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from ember.eval.compare import compare_files
+
+    res = compare_files(args.files, judge=args.judge, bootstrap=args.bootstrap, seed=args.seed)
+    if args.out:
+        _dump(res, Path(args.out))
+    if args.json:
+        print(json.dumps(res))
+        return
+    print(f"{'system':<28} {'BT rating':>10} {'95% CI':>20} {'Elo':>8} {'win rate':>9}")
+    for name, r in sorted(res["systems"].items(), key=lambda kv: -kv[1]["bt"]):
+        lo, hi = r["bt_ci"]
+        print(f"{name:<28} {r['bt']:>10.1f} {f'[{lo:.1f}, {hi:.1f}]':>20} {r['elo']:>8.1f} {r['win_rate']:>9.3f}")
+
+
+def cmd_judge(args: argparse.Namespace) -> None:
+    from ember.eval.compare import read_jsonl
+    from ember.eval.judge import DEFAULT_RUBRIC, Judge, Rubric, agreement
+    from ember.eval.metrics import bootstrap_stderr
+
+    rubric = Rubric.load(args.rubric) if args.rubric else Rubric.from_dict(DEFAULT_RUBRIC)
+    items = read_jsonl(args.input)
+    judge = Judge(_lm(args), rubric, mode=args.mode)
+    rows = [judge.score(it) for it in items]
+    summary: dict[str, Any] = {"rubric": rubric.name, "n": len(rows), "criteria": {}}
+    for c in rubric.criteria + [None]:
+        name = c.name if c else "overall"
+        vals = [r["scores"][name] if c else r["overall"] for r in rows]
+        entry = {"mean": sum(vals) / max(len(vals), 1), "stderr": bootstrap_stderr(vals)}
+        human = [it.get("human", {}).get(name) if isinstance(it.get("human"), dict)
+                 else (it.get("human") if name == "overall" else None) for it in items]
+        pairs = [(v, h) for v, h in zip(vals, human) if h is not None]
+        if len(pairs) >= 2:
+            lo, hi = (c.low, c.high) if c else (rubric.criteria[0].low, rubric.criteria[0].high)
+            entry["agreement"] = agreement([p for p, _ in pairs], [h for _, h in pairs], lo, hi)
+        summary["criteria"][name] = entry
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for it, r in zip(items, rows):
+                f.write(json.dumps(it | {"judge": r}, default=str) + "\n")
+    if args.json:
+        print(json.dumps(summary))
+        return
+    for name, e in summary["criteria"].items():
+        extra = f"  spearman {e['agreement']['spearman']:.3f}" if "agreement" in e else ""
+        print(f"{name:<16} {e['mean']:.3f} ± {e['stderr']:.3f}{extra}")
+
+
+def cmd_groundedness(args: argparse.Namespace) -> None:
+    from ember.eval.compare import read_jsonl
+    from ember.eval.groundedness import auroc, check, synthetic_set
+
+    if not args.synthetic and not args.input:
+        from ember.errors import EmberError
+        raise EmberError("Give --input FILE.jsonl or --synthetic N.")
+    items = synthetic_set(args.synthetic) if args.synthetic else read_jsonl(args.input)
+    rows = []
+    for it in items:
+        if "answer" not in it or "context" not in it:
+            from ember.errors import EmberError
+            raise EmberError("Every line needs 'answer' and 'context' (a text or a list of passages).")
+        rows.append(check(it["answer"], it["context"], args.threshold).as_dict())
+    res: dict[str, Any] = {"n": len(rows), "mean_score": sum(r["score"] for r in rows) / max(len(rows), 1),
+                           "grounded_rate": sum(r["score"] >= args.threshold for r in rows) / max(len(rows), 1)}
+    labelled = [(r["score"], it["supported"]) for r, it in zip(rows, items) if "supported" in it]
+    pos, neg = [s for s, y in labelled if y], [s for s, y in labelled if not y]
+    if pos and neg:
+        res["auroc"] = auroc(pos, neg)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            for it, r in zip(items, rows):
+                f.write(json.dumps(it | {"groundedness": r}) + "\n")
+    print(json.dumps(res) if args.json else "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                     for k, v in res.items()))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from ember.eval.report import write_report
+
+    paths = write_report(args.runs, args.out)
+    print(f"wrote {paths['markdown']} and {paths['html']}")
+
+
+def cmd_safety(args: argparse.Namespace) -> None:
+    from ember.eval.safety import bias_probe, run_suite
+
+    lm = _lm(args)
+    res = run_suite(lm, max_tokens=args.max_tokens)
+    res["bias_log_odds_gap"] = bias_probe(lm)
+    if args.out:
+        _dump(res, Path(args.out))
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "samples"}))
+        return
+    for fam, r in res["families"].items():
+        name = "refusal rate" if "refusal_rate" in r else "attack success"
+        v = r.get("refusal_rate", r.get("attack_success_rate"))
+        print(f"{fam:<20} {name:<15} {v:.3f}  95% CI [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]  (n={r['n']})")
+    for axis, gap in res["bias_log_odds_gap"].items():
+        print(f"bias {axis:<15} mean max log-odds gap {gap:.4f}")
+
+
+def cmd_consistency(args: argparse.Namespace) -> None:
+    from ember.eval.compare import read_jsonl
+    from ember.eval.consistency import maj_at_k, paraphrase_agreement
+    from ember.errors import EmberError
+
+    rows = read_jsonl(args.input)
+    if not rows or not all(isinstance(r.get("samples"), list) and r["samples"] for r in rows):
+        raise EmberError("Every line needs 'samples' (a non-empty list of answers) and, for maj@k, 'reference'.")
+    res: dict[str, Any] = {}
+    if all("reference" in r for r in rows):
+        toks = [r["tokens"] for r in rows] if all("tokens" in r for r in rows) else None
+        for k in sorted({1, args.k}):
+            res[f"k={k}"] = maj_at_k([r["samples"] for r in rows], [r["reference"] for r in rows], k, toks)
+    groups: dict[str, list[str]] = {}
+    for r in rows:
+        if "group" in r:  # paraphrases of one question share a group id; compare their first answers
+            groups.setdefault(str(r["group"]), []).append(r["samples"][0])
+    if groups:
+        res["paraphrases"] = paraphrase_agreement(list(groups.values()))
+    print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict:
+    ev = sub.add_parser("eval", help="evaluate models: perplexity, benchmark tasks, pairwise comparison",
+                        description="Evaluate a checkpoint (--model DIR) or any OpenAI-compatible server "
+                                    "(--endpoint URL).")
+    acts = ev.add_subparsers(dest="action", metavar="ACTION")
+    acts.required = True
+
+    p = acts.add_parser("perplexity", help="rolling-window perplexity and bits per byte of text files")
+    p.add_argument("files", nargs="+", help="UTF-8 text files")
+    _add_target(p)
+    p.add_argument("--window", type=int, help="tokens a window holds (default: the model's context)")
+    p.add_argument("--stride", type=int, help="tokens scored per window after the first (default: window, i.e. "
+                                              "lm-eval's disjoint windows; smaller gives more context)")
+    p.add_argument("--no-prefix", action="store_true", help="do not prepend BOS/EOS; the first token goes unscored")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+
+    p = acts.add_parser("run", help="run benchmark tasks (lm-eval YAML subset, or a ready task name)")
+    p.add_argument("--task", nargs="+", required=True,
+                   help="FILE.yaml or a ready task: arc_easy, arc_challenge, piqa, hellaswag, truthfulqa_mc2, "
+                        "gsm8k, nq_open, lambada_openai")
+    _add_target(p)
+    p.add_argument("--data", help="directory holding the task's data files (default: ../shared/data/eval)")
+    p.add_argument("--limit", type=int, help="only the first N documents")
+    p.add_argument("--num-fewshot", type=int, help="override the task's number of solved examples")
+    p.add_argument("--bootstrap-iters", type=int, default=1000)
+    p.add_argument("--json", action="store_true", help="print results as one JSON object")
+    p.add_argument("--out", help="directory for <task>.json and per-sample <task>.samples.jsonl")
+    p.add_argument("--cache", help="SQLite response cache; a rerun after an interruption repeats no call")
+
+    p = acts.add_parser("compare", help="pairwise battles -> win rates, Bradley-Terry and Elo with bootstrap CIs")
+    p.add_argument("files", nargs="+", help="battles JSONL ({model_a, model_b, winner: a|b|tie}) or two or more "
+                                            "systems' outputs JSONL ({instruction, output}) to judge")
+    p.add_argument("--judge", help="(with outputs files, one per system) the judge: a model DIR or an endpoint URL; "
+                                   "every pair is judged twice with positions swapped")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", help="write the results JSON here")
+
+    p = acts.add_parser("judge", help="score answers on a rubric with a judge model (never NaN)")
+    p.add_argument("--input", required=True, help="JSONL: {question, answer[, reference, context, human]}")
+    p.add_argument("--rubric", help="rubric YAML ({name, criteria: [{name, description, scale: [1, 5], weight}]}); "
+                                    "default: correctness, completeness, clarity, tone")
+    _add_target(p)
+    p.add_argument("--mode", choices=["loglikelihood", "generate"], default="loglikelihood",
+                   help="loglikelihood: expected score over the scale (constrained); generate: JSON reply, parsed, "
+                        "with fallbacks")
+    p.add_argument("--out", help="per-item JSONL with the judge's scores")
+    p.add_argument("--json", action="store_true")
+
+    p = acts.add_parser("groundedness", help="check each claim of an answer against its context and citations")
+    p.add_argument("--input", help="JSONL: {answer, context: text or [passages]} (citations [k] are 1-based)")
+    p.add_argument("--synthetic", type=int, help="instead, N generated contexts x 4 answers (supported, swapped "
+                                                 "number, swapped entity, misattributed citation); prints AUROC")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--out", help="per-item JSONL with claim checks")
+    p.add_argument("--json", action="store_true")
+
+    p = acts.add_parser("report", help="Markdown + HTML report of run directories (tables, error bars, win rates)")
+    p.add_argument("runs", nargs="+", help="directories written by `ember eval run --out`, or compare results JSON")
+    p.add_argument("--out", required=True, help="directory for report.md and report.html")
+
+    p = acts.add_parser("safety", help="probe suite: attack success per family, over-refusal, counterfactual bias")
+    _add_target(p)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--out", help="write results and every reply as JSON here")
+    p.add_argument("--json", action="store_true")
+
+    p = acts.add_parser("consistency", help="self-consistency: maj@k, agreement across samples and paraphrases")
+    p.add_argument("--input", required=True, help="JSONL: {samples: [answers...], reference[, tokens, group]}")
+    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+
+    return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "compare"): cmd_compare,
+            ("eval", "judge"): cmd_judge, ("eval", "groundedness"): cmd_groundedness}
+
+
+if __name__ == "__main__":  # python -m ember.eval.commands ... for quick checks
+    parser = argparse.ArgumentParser(prog="ember")
+    handlers = add_commands(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(sys.argv[1:])
+    handlers[(ns.command, ns.action)](ns)

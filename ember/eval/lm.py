@@ -1,0 +1,248 @@
+"""Language-model backends for evaluation: log-likelihood of continuations, and generation.
+
+`LocalLM` scores in-process. Requests that share a context are packed into ONE row: the
+context once, then every continuation after it, each seeing the context and itself but
+not its siblings (a tree attention mask, positions restarting after the context). Rows
+are sorted by length and batched under a token budget, and the LM head runs only on the
+positions that predict a continuation token. `EndpointLM` asks any OpenAI-compatible
+server for the same numbers through `/v1/completions` with `echo` and `logprobs`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ember.errors import EmberError
+
+
+@dataclass
+class LLResult:
+    logprob: float  # sum of log p(continuation token | everything before it)
+    is_greedy: bool  # every continuation token is the argmax
+    num_tokens: int
+
+
+def _groups(requests: Sequence[tuple[list[int], list[int]]]) -> dict[tuple[int, ...], list[int]]:
+    out: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(requests):
+        if not ctx:
+            raise EmberError("A log-likelihood request needs at least one context token (a BOS/EOS prefix).")
+        if not cont:
+            raise EmberError("A log-likelihood request needs at least one continuation token.")
+        out.setdefault(tuple(ctx), []).append(i)
+    return out
+
+
+class LocalLM:
+    """An Ember checkpoint (or model object) scored in this process."""
+
+    def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,
+                 max_batch_tokens: int = 4096) -> None:
+        if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
+            from ember.checkpoint import load_model
+            from ember.tokenizer import load_tokenizer
+
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+            model = load_model(model, device=device, dtype=dtype or "float32")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_length = model.config.max_position_embeddings
+        self.max_batch_tokens = max_batch_tokens
+        self.device = model.lm_head.weight.device
+
+    # --- tokens --------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    @property
+    def prefix_token(self) -> int:
+        """What rolling windows and empty contexts start with: BOS, else EOS (lm-eval uses EOT)."""
+        tok = self.tokenizer
+        for t in (getattr(tok, "bos_id", None), getattr(tok, "eos_id", None), self.model.config.eos_token_id):
+            if isinstance(t, int):
+                return t
+        return 0
+
+    # --- scoring ---------------------------------------------------------------------------
+    def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LLResult]:
+        results: list[LLResult | None] = [None] * len(requests)
+        rows = []
+        for ctx, members in _groups(requests).items():
+            conts = [requests[i][1] for i in members]
+            # Left-truncate the context so the longest continuation still fits in the window.
+            keep = max(1, self.max_length - max(len(c) for c in conts) + 1)
+            ctx = list(ctx[-keep:])
+            conts = [c[-(self.max_length - len(ctx) + 1):] for c in conts]
+            rows.append((ctx, conts, members))
+        rows.sort(key=lambda r: -(len(r[0]) + sum(len(c) - 1 for c in r[1])))
+        batch: list = []
+        for row in rows:
+            length = len(row[0]) + sum(len(c) - 1 for c in row[1])
+            width = max([length] + [len(b[0]) + sum(len(c) - 1 for c in b[1]) for b in batch])
+            if batch and width * (len(batch) + 1) > self.max_batch_tokens:
+                self._score_batch(batch, results)
+                batch = []
+            batch.append(row)
+        if batch:
+            self._score_batch(batch, results)
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _score_batch(self, rows: list, results: list) -> None:
+        T = max(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts, _ in rows)
+        B = len(rows)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        pos = torch.zeros(B, T, dtype=torch.long)
+        seg = torch.full((B, T), -1, dtype=torch.long)  # 0 = context, k = k-th continuation, -1 = padding
+        gather_b, gather_t, targets, owners = [], [], [], []
+        for b, (ctx, conts, members) in enumerate(rows):
+            n = len(ctx)
+            ids[b, :n] = torch.tensor(ctx)
+            pos[b, :n] = torch.arange(n)
+            seg[b, :n] = 0
+            t = n
+            for k, (cont, req) in enumerate(zip(conts, members), start=1):
+                body = cont[:-1]  # the last token is only predicted, never fed
+                ids[b, t:t + len(body)] = torch.tensor(body, dtype=torch.long)
+                pos[b, t:t + len(body)] = torch.arange(n, n + len(body))
+                seg[b, t:t + len(body)] = k
+                # token j of the continuation is predicted by the hidden state before it
+                rows_for = [n - 1] + list(range(t, t + len(body)))
+                gather_b += [b] * len(cont)
+                gather_t += rows_for
+                targets += cont
+                owners += [req] * len(cont)
+                t += len(body)
+            pad = torch.arange(t, T)
+            pos[b, t:] = pad  # padding sees only itself (a row with no key would be NaN)
+        # a query sees earlier keys of the context and of its own continuation, never a sibling's
+        mask = (seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :])
+        mask &= (pos[:, :, None] >= pos[:, None, :])
+        window = self.model.config.sliding_window
+        if window is not None:
+            mask &= (pos[:, :, None] - pos[:, None, :]) < window
+        eye = torch.eye(T, dtype=torch.bool)[None]
+        mask = torch.where((seg == -1)[:, :, None], eye, mask)
+        dev = self.device
+        hidden = self.model.hidden_states(ids.to(dev), positions=pos.to(dev), attn_mask=mask[:, None].to(dev))
+        h = hidden[torch.tensor(gather_b, device=dev), torch.tensor(gather_t, device=dev)]
+        logp = torch.log_softmax(self.model.lm_head(h).float(), dim=-1)
+        tgt = torch.tensor(targets, device=dev)
+        token_lp = logp.gather(1, tgt[:, None])[:, 0].double().cpu()
+        greedy = (logp.argmax(-1) == tgt).cpu()
+        acc: dict[int, list] = {}
+        for i, req in enumerate(owners):
+            a = acc.setdefault(req, [0.0, True, 0])
+            a[0] += float(token_lp[i])
+            a[1] = a[1] and bool(greedy[i])
+            a[2] += 1
+        for req, (lp, g, n) in acc.items():
+            results[req] = LLResult(lp, g, n)
+
+    # --- generation ------------------------------------------------------------------------
+    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        from ember.engine import LLM, SamplingParams
+
+        if not hasattr(self, "_llm"):
+            self._llm = LLM(self.model, self.tokenizer)
+        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=[u for u in until if u],
+                                seed=seed)
+        L = self._llm.max_model_len
+        budget = min(max_tokens, L // 2)  # lm-eval: the context keeps max_length - max_gen_toks tokens
+        ids = [self.tokenizer.encode(p, add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))[-(L - budget):]
+               for p in prompts]
+        room = [SamplingParams(**{**params.__dict__, "max_tokens": max(1, min(max_tokens, L - len(i)))})
+                for i in ids]
+        return [o.outputs[0].text for o in self._llm.generate(ids, room)]
+
+
+class EndpointLM:
+    """Any OpenAI-compatible server that honours `echo` + `logprobs` on `/v1/completions`."""
+
+    def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
+                 batch_size: int = 32, timeout: float = 300.0) -> None:
+        try:
+            import httpx
+        except ImportError:
+            raise EmberError("--endpoint needs the httpx package (pip install httpx).") from None
+
+        self.base = base_url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout)
+        self.model = model
+        self.batch_size = batch_size
+        info = self._get("/tokenizer_info")
+        # A scored prompt is context + continuation, and the server must still fit one token after it.
+        self.max_length = int(info.get("max_model_len") or 2048) - 2
+        self._prefix = info.get("bos_token_id") if info.get("bos_token_id") is not None else info.get("eos_token_id")
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        if self.model:
+            body = {"model": self.model, **body}
+        r = self.http.post(path, json=body)
+        if r.status_code != 200:
+            raise EmberError(f"The endpoint answered {r.status_code} to {path}: {r.text[:300]}")
+        return r.json()
+
+    def _get(self, path: str) -> dict[str, Any]:
+        r = self.http.get(path)
+        if r.status_code != 200:
+            raise EmberError(f"The endpoint answered {r.status_code} to GET {path}; it needs /tokenizer_info.")
+        return r.json()
+
+    @property
+    def prefix_token(self) -> int:
+        return int(self._prefix or 0)
+
+    def encode(self, text: str) -> list[int]:
+        return self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self._post("/detokenize", {"tokens": ids})["prompt"]
+
+    def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LLResult]:
+        out = []
+        for s in range(0, len(requests), self.batch_size):
+            chunk = requests[s:s + self.batch_size]
+            prompts = [(list(c) + list(t))[-self.max_length:] for c, t in chunk]
+            reply = self._post("/v1/completions", {"prompt": prompts, "echo": True, "max_tokens": 0,
+                                                   "logprobs": 1, "temperature": 0})
+            for (ctx, cont), choice in zip(chunk, sorted(reply["choices"], key=lambda c: c["index"])):
+                lp = choice["logprobs"]
+                n = len(cont)
+                toks = lp["token_logprobs"][-n:]
+                tops = lp["top_logprobs"][-n:]
+                greedy = all(abs(max(top.values()) - v) < 1e-9 for v, top in zip(toks, tops))
+                out.append(LLResult(float(sum(toks)), greedy, n))
+        return out
+
+    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        out = []
+        for p in prompts:
+            body: dict[str, Any] = {"prompt": p, "max_tokens": max_tokens, "temperature": temperature}
+            if until:
+                body["stop"] = [u for u in until if u][:4]
+            if seed is not None:
+                body["seed"] = seed
+            out.append(self._post("/v1/completions", body)["choices"][0]["text"])
+        return out
+
+
+def open_lm(model: str | None = None, endpoint: str | None = None, **kwargs: Any) -> LocalLM | EndpointLM:
+    """`--model DIR` or `--endpoint URL`, exactly one."""
+    if (model is None) == (endpoint is None):
+        raise EmberError("Give exactly one of --model DIR or --endpoint URL.")
+    if endpoint is not None:
+        return EndpointLM(endpoint, model=kwargs.get("served_model"), api_key=kwargs.get("api_key"))
+    from pathlib import Path
+
+    if not (Path(model) / "config.json").exists():
+        raise EmberError(f"No model at {model} (config.json is missing).")
+    return LocalLM(Path(model), device=kwargs.get("device"), dtype=kwargs.get("dtype"))
