@@ -413,3 +413,18 @@ def test_full_waiting_queue_answers_429_then_recovers(busy_server):
     assert queued["r"].status_code == 200, queued["r"].text
     assert httpx.post(url + "/v1/completions", json=COMPLETION, timeout=30).status_code == 200
     assert busy_server.metrics()["ember_requests_rejected_total"] == 3
+
+
+def test_speculative_server_gives_the_same_greedy_text_and_reports_acceptance(model_dir, server, tmp_path):
+    spec = Server(model_dir, tmp_path / "spec.log", "--speculative", "ngram", "--num-speculative-tokens", "3")
+    try:
+        body = {"model": NAME, "prompt": "hello world, hello world, hello world, hello", "max_tokens": 24,
+                "temperature": 0, "ignore_eos": True}
+        plain = httpx.post(server.url + "/v1/completions", json=body, headers=auth(), timeout=30).json()
+        fast = httpx.post(spec.url + "/v1/completions", json=body, timeout=30).json()
+        assert fast["choices"][0]["text"] == plain["choices"][0]["text"]
+        m = spec.metrics()
+        assert m["ember_spec_draft_tokens_total"] > 0
+        assert 0 <= m["ember_spec_acceptance_rate"] <= 1
+    finally:
+        spec.stop()

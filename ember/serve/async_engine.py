@@ -219,4 +219,6 @@ class AsyncEngine:
             "kv_used": bm.num_used, "kv_free": bm.num_free, "kv_total": bm.num_blocks,
             "hit_rate": bm.hit_rate, "preemptions": sched.num_preemptions,
             "generation_tokens": llm.stats["generated_tokens"], "prompt_tokens": llm.stats["prompt_tokens"],
+            "spec_proposed": llm.stats["spec_proposed_tokens"], "spec_accepted": llm.stats["spec_accepted_tokens"],
+            "spec_acceptance_rate": llm.spec_acceptance_rate, "spec_mean_accepted_length": llm.spec_mean_accepted_length,
         }

@@ -73,6 +73,14 @@ class Metrics:
                         gauges["prompt_tokens"])
         lines += metric("ember_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
                         gauges["preemptions"])
+        lines += metric("ember_spec_draft_tokens_total", "counter", "Speculative tokens proposed.",
+                        gauges["spec_proposed"])
+        lines += metric("ember_spec_accepted_tokens_total", "counter", "Speculative tokens the target accepted.",
+                        gauges["spec_accepted"])
+        lines += metric("ember_spec_acceptance_rate", "gauge", "Accepted / proposed speculative tokens.",
+                        gauges["spec_acceptance_rate"])
+        lines += metric("ember_spec_mean_accepted_length", "gauge",
+                        "Tokens produced per verifying step (accepted guesses + 1).", gauges["spec_mean_accepted_length"])
         lines += metric("ember_requests_rejected_total", "counter", "Requests refused because the queue was full.",
                         self.rejected)
         lines += ["# HELP ember_requests_finished_total Completions finished, by reason (abort: client left).",
