@@ -102,6 +102,19 @@ def test_n_completions_and_logprobs(pair):
             assert tok in lp and len(lp) <= 3 and all(v <= 0 for v in lp.values())
 
 
+def test_n_completions_share_the_prompt_blocks(pair):
+    model, _ = pair
+    prompt = prompts(6)[5][:40]  # 5 full blocks of 8
+    llm = LLM(model, block_size=8, num_kv_blocks=64)
+    params = SamplingParams(temperature=1.0, n=4, max_tokens=6, seed=3, ignore_eos=True)
+    shared = llm.generate([prompt], params)[0]
+    assert llm.block_manager.prefix_hits == 3 * 4  # each sibling reuses the first one's full blocks
+    assert llm.stats["steps"] < 6 + 3  # and the siblings' short recompute rides along in the same steps
+    # the same completions as when every sibling computes the prompt itself
+    alone = LLM(model, block_size=8, num_kv_blocks=64, enable_prefix_caching=False).generate([prompt], params)[0]
+    assert [o.token_ids for o in shared.outputs] == [o.token_ids for o in alone.outputs]
+
+
 def test_prompt_logprobs_match_a_full_forward(pair):
     model, _ = pair
     p = prompts(3)[2]

@@ -113,6 +113,9 @@ class LLM:
                                    cfg.enable_chunked_prefill, lookahead=self._lookahead if self.proposer else None)
         self._requests: dict[str, list[Sequence]] = {}
         self._prompts: dict[str, str | None] = {}
+        # n > 1: the siblings of a request wait until the first has computed the prompt, then
+        # start from its blocks through the prefix cache (only the partial last block is redone).
+        self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}
         self._counter = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "spec_proposed_tokens": 0,
                       "spec_accepted_tokens": 0, "spec_verify_steps": 0}
@@ -203,7 +206,11 @@ class LLM:
             seq.speculate = speculate
             if self.tokenizer is not None:
                 seq.decoder = IncrementalDecoder(self.tokenizer)
+        fork = len(seqs) > 1 and self.config.enable_prefix_caching and params.prompt_logprobs is None
+        for seq in seqs[:1] if fork else seqs:
             self.scheduler.add(seq)
+        if fork:
+            self._forks[seqs[0].seq_id] = (seqs[0], seqs[1:])
         self._requests[request_id] = seqs
         self._prompts[request_id] = text
         self.stats["prompt_tokens"] += len(ids) * params.n
@@ -259,11 +266,20 @@ class LLM:
             if reason:
                 self.scheduler.finish(seq, reason)
             progressed[seq.request_id] = None
+        if self._forks:
+            self._release_forks()
         outputs = []
         for request_id in progressed:
             seqs = self._requests[request_id]
             outputs.append(self._output(request_id, finished=all(s.finished for s in seqs)))
         return outputs
+
+    def _release_forks(self) -> None:
+        """Queue the siblings of sequences whose prompt is now computed (and cached), first in line."""
+        for parent_id, (parent, siblings) in list(self._forks.items()):
+            if parent.num_computed_tokens >= parent.num_prompt_tokens or parent.finished:
+                del self._forks[parent_id]
+                self.scheduler.waiting.extendleft(reversed([s for s in siblings if not s.finished]))
 
     def _propose(self, scheduled: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
         """Fill the lookahead slots the scheduler gave decoding sequences with guessed tokens."""
