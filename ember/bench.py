@@ -228,7 +228,7 @@ def cmd_throughput(a: argparse.Namespace) -> None:
                        enable_prefix_caching=not a.no_prefix_caching, speculative=a.speculative,
                        num_speculative_tokens=a.num_speculative_tokens)
     if a.model:
-        llm = LLM(a.model, device=a.device, dtype=a.dtype, **engine_args)
+        llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args)
         source = a.model
     else:
         from ember.config import preset
@@ -236,6 +236,12 @@ def cmd_throughput(a: argparse.Namespace) -> None:
 
         torch.manual_seed(a.seed)
         model = CausalLM(preset(a.preset, vocab_size=a.vocab_size)).eval()
+        if a.quantize:
+            from ember.quant import quantize_model
+
+            model = quantize_model(model, a.quantize)
+        if a.adapter:
+            raise EmberError("--adapter needs --model (the base the adapter was trained on).")
         llm = LLM(model, device=a.device, dtype=a.dtype, **engine_args)
         source = f"random-weight preset {a.preset}"
     vocab = llm.model.config.vocab_size
@@ -286,6 +292,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the --preset model (default 4096)")
     t.add_argument("--device", default=None)
     t.add_argument("--dtype", default=None)
+    from ember.cli import add_model_flags
+
+    add_model_flags(t)
     t.add_argument("--block-size", type=int, default=16)
     t.add_argument("--num-kv-blocks", type=int, default=None)
     t.add_argument("--kv-cache-memory", default=None)

@@ -220,14 +220,38 @@ def read_weights(path: Path, model: CausalLM) -> dict[str, Tensor]:
 
 
 def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None) -> CausalLM:
-    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode."""
+               dtype: str | torch.dtype | None = None, quantization: str | None = None,
+               adapter: str | Path | None = None) -> CausalLM:
+    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode.
+
+    `adapter`: a LoRA adapter directory (PEFT format) merged into the base weights, so the
+    result runs at the base's speed everywhere (generation, engine, server).
+    `quantization` (int8, int4, nf4, smoothquant, w8a8) quantizes on load with that method's
+    defaults (see `ember.quant`), after any adapter is merged; a directory saved quantized
+    (config.json holds a `quantization_config`) loads quantized without it."""
     from ember.device import pick_device, pick_dtype
 
     path = Path(path)
     cfg = load_config(path)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     dtype = pick_dtype(device, dtype)
+    qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
+    if adapter is not None:
+        if qcfg is not None:
+            raise EmberError(f"{path} is saved quantized; an adapter merges into full-precision weights, so load "
+                             "the unquantized base with adapter= (and quantization= if wanted).")
+        from ember.lora import load_adapter, merge_and_unload
+
+        model = merge_and_unload(load_adapter(load_model(path, device, torch.float32), adapter)).eval()
+        if quantization is not None:
+            from ember.quant.io import quantize_loaded
+
+            return quantize_loaded(path, model, quantization, dtype)
+        return model.to(dtype)
+    if qcfg is not None or quantization is not None:
+        from ember.quant.io import load_or_quantize
+
+        return load_or_quantize(path, cfg, qcfg, quantization, device, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
     sd = read_weights(path, model)

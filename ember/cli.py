@@ -48,6 +48,13 @@ def speculative_args(a: argparse.Namespace) -> dict:
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: auto)")
+    add_model_flags(p)
+
+
+def add_model_flags(p: argparse._ActionsContainer) -> None:
+    p.add_argument("--quantize", default=None, metavar="METHOD",
+                   help="quantize on load: int8, int4, nf4, smoothquant or w8a8 (see `ember quantize`)")
+    p.add_argument("--adapter", default=None, help="LoRA adapter directory (PEFT format) merged into the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tokenizer", required=True)
     d.add_argument("--out", required=True)
     d.add_argument("--val-fraction", type=float, default=0.005)
+    from ember.train.commands import add_synth_parser
+
+    add_synth_parser(p)
 
     p = sub.add_parser("pretrain", help="pretrain a model on token shards",
                        description="Train from scratch (or --resume) with AdamW, warmup + cosine/constant/wsd "
@@ -171,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Command groups that live beside their library code (ember/<area>/commands.py). Each module's
 # add_commands(sub) adds its parsers and returns {key: handler}; key is "name" or ("name", "action").
 # These modules import only argparse at top level, so `ember --help` stays instant.
-COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.rag.commands",
-                   "ember.eval.commands"]
+COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.train.align_commands",
+                   "ember.rag.commands", "ember.eval.commands"]
 
 
 def _command_modules() -> list:
@@ -229,6 +239,12 @@ def cmd_data_prepare(a: argparse.Namespace) -> None:
     print(f"Wrote {n['train']:,} train and {n['val']:,} validation tokens to {a.out}")
 
 
+def cmd_data_synth(a: argparse.Namespace) -> None:
+    from ember.train.commands import cmd_synth
+
+    cmd_synth(a)
+
+
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from ember.config import ModelConfig, preset
     from ember.train.loop import TrainConfig
@@ -268,7 +284,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 
-    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     tok = load_tokenizer(a.model)
     if a.prompt_ids is not None:
         try:
@@ -289,7 +305,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 
-    model = load_model(a.model, device=a.device, dtype=a.dtype)
+    model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     tok = load_tokenizer(a.model)
     base = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(base)
@@ -336,7 +352,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter,
+              block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
               kv_cache_memory=a.kv_cache_memory, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching, **speculative_args(a))
     serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
@@ -347,6 +364,7 @@ COMMANDS = {
     "quickstart": cmd_quickstart, "tokens": cmd_tokens, "pretrain": cmd_pretrain, "plot": cmd_plot,
     "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
     ("tokenizer", "train"): cmd_tokenizer_train, ("data", "prepare"): cmd_data_prepare,
+    ("data", "synth"): cmd_data_synth,
 }
 
 

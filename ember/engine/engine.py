@@ -81,7 +81,8 @@ def parse_bytes(value: int | str | None) -> int | None:
 
 class LLM:
     def __init__(self, model: str | Path | CausalLM, tokenizer: Any = None, device: str | None = None,
-                 dtype: str | torch.dtype | None = None, **engine_args: Any) -> None:
+                 dtype: str | torch.dtype | None = None, quantization: str | None = None,
+                 adapter: str | Path | None = None, **engine_args: Any) -> None:
         from ember.checkpoint import load_model
         from ember.tokenizer import load_tokenizer
 
@@ -92,11 +93,16 @@ class LLM:
                              f"known: {', '.join(known)}.")
         self.config = cfg = EngineConfig(**engine_args)
         if isinstance(model, CausalLM):
+            if quantization is not None or adapter is not None:
+                raise EmberError("quantization= and adapter= apply when LLM loads a model directory; for a model "
+                                 "object, use ember.quant.quantize_model or ember.lora.load_adapter first.")
             self.model = model.eval()
             self.tokenizer = tokenizer
         else:
-            self.model = load_model(model, device=device, dtype=dtype)
-            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
+            self.model = load_model(model, device=device, dtype=dtype, quantization=quantization, adapter=adapter)
+            # A directory without tokenizer files still serves token-id prompts.
+            has_tokenizer = (Path(model) / "tokenizer.json").exists()
+            self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
         mcfg = self.model.config
         weight = self.model.lm_head.weight
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)

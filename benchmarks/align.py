@@ -1,0 +1,268 @@
+"""Alignment benchmark: DPO on synthetic preferences and PPO on a rule reward, from a pretrained base.
+
+    ember quickstart --minutes 4 --out /tmp/align_base      # once: a small pretrained base
+    python benchmarks/align.py [--base /tmp/align_base/model] [--no-peer]
+
+DPO. Preference pairs from `ember.synth` ("concise-over-rambling" over arithmetic prompts:
+the bare answer is chosen over the same answer wrapped in filler); held-out pairs have
+prompts never seen in training. Reported: held-out preference accuracy (the implicit
+reward beta * log pi/ref ranks chosen above rejected), and the behaviour itself: the share
+of greedy replies to held-out prompts that are concise (end their turn within
+`--concise-tokens` tokens), before and after. The peer is TRL's DPOTrainer on the same
+checkpoint opened by `transformers`, the same pairs and hyperparameters; its trained model
+is loaded back into Ember and measured by the same code, so the columns compare like with like.
+
+PPO. Rule reward `char=0123456789` (share of digits in the reply) on raw-text code
+prompts; mean reward and KL to the reference on held-out prompts before and after, with the
+adaptive KL controller aiming at `--target-kl`. Curves: benchmarks/results/align.ppo.png.
+
+Results: benchmarks/results/align.json and align.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ember.checkpoint import load_model  # noqa: E402
+from ember.synth import synth_rows  # noqa: E402
+from ember.tokenizer import load_tokenizer  # noqa: E402
+from ember.train.dpo import DPOConfig, dpo_train, pair_logps, preference_accuracy  # noqa: E402
+from ember.train.examples import end_of_turn_id  # noqa: E402
+from ember.train.loop import TrainConfig  # noqa: E402
+from ember.train.preference import pairs_from_dicts, render_pairs  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def greedy_concise_rate(model, tok, prompts: list[str], max_new: int, concise_tokens: int) -> tuple[float, list]:
+    """Share of greedy replies that end their turn within `concise_tokens` tokens."""
+    from ember.generation import generate_ids
+
+    stop = {end_of_turn_id(tok)} | ({tok.eos_id} if tok.eos_id is not None else set())
+    hits, samples = 0, []
+    model.eval()
+    for p in prompts:
+        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        out = list(generate_ids(model, ids, max_new, temperature=0.0, stop_ids=stop))
+        ended = bool(out) and out[-1] in stop
+        reply = [t for t in out if t not in stop]
+        ok = ended and len(reply) <= concise_tokens
+        hits += ok
+        if len(samples) < 4:
+            samples.append({"prompt": p, "reply": tok.decode(reply), "concise": ok})
+    return hits / len(prompts), samples
+
+
+def dpo_data(n_train: int, n_eval: int) -> tuple[list[dict], list[dict]]:
+    train = synth_rows("concise-over-rambling", n_train, seed=1, base_task="arithmetic")
+    held = synth_rows("concise-over-rambling", n_eval, seed=2, base_task="arithmetic",
+                      exclude={r["prompt"] for r in train})
+    strip = lambda rows: [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]  # noqa: E731
+    return strip(train), strip(held)
+
+
+def measure_dpo_model(model, tok, held_pairs, ref, beta, prompts, a) -> dict:
+    acc = preference_accuracy(model, held_pairs, ref, tok.pad_id, beta, 16, torch.device("cpu"))
+    rate, samples = greedy_concise_rate(model, tok, prompts, a.max_new_tokens, a.concise_tokens)
+    return {"held_out_accuracy": acc["eval/accuracy"], "held_out_margin": acc["eval/margin"],
+            "greedy_concise_rate": rate, "samples": samples}
+
+
+def run_ember_dpo(a, tok, train_pairs, held_pairs, ref_held, prompts) -> dict:
+    model = load_model(a.base, device="cpu", dtype=torch.float32)
+    cfg = TrainConfig(max_steps=a.dpo_steps, batch_size=a.batch_size, lr=a.dpo_lr, warmup_steps=a.dpo_steps // 10,
+                      weight_decay=0.0, eval_every=0, save_every=0, log_every=5, schedule="cosine")
+    run = Path(a.work) / "dpo"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    dpo_train(model, tok, train_pairs, [], run, cfg, DPOConfig(beta=a.beta, max_length=128), progress=False)
+    seconds = time.perf_counter() - t0
+    out = measure_dpo_model(model, tok, held_pairs, ref_held, a.beta, prompts, a)
+    out["train_seconds"] = seconds
+    return out
+
+
+def run_trl_dpo(a, train_rows, tok, held_pairs, ref_held, prompts) -> dict:
+    """TRL's DPOTrainer on the same checkpoint, pairs and hyperparameters; measured by Ember."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig as TRLConfig, DPOTrainer
+
+    hf_tok = AutoTokenizer.from_pretrained(a.base)
+    hf = AutoModelForCausalLM.from_pretrained(a.base, torch_dtype=torch.float32)
+    conv = [{"prompt": [{"role": "user", "content": r["prompt"]}],
+             "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in train_rows]
+    out_dir = Path(a.work) / "trl"
+    shutil.rmtree(out_dir, ignore_errors=True)
+    args = TRLConfig(output_dir=str(out_dir), per_device_train_batch_size=a.batch_size, max_steps=a.dpo_steps,
+                     learning_rate=a.dpo_lr, lr_scheduler_type="cosine", warmup_steps=a.dpo_steps // 10,
+                     weight_decay=0.0, beta=a.beta, loss_type=["sigmoid"], max_length=128, report_to="none",
+                     use_cpu=True, save_strategy="no", logging_steps=10, seed=1337, adam_beta2=0.95,
+                     max_grad_norm=1.0, dataloader_num_workers=0, gradient_checkpointing=False)
+    trainer = DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(conv), processing_class=hf_tok)
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    saved = out_dir / "final"
+    trainer.save_model(str(saved))
+    tok.save(saved)  # Ember's own tokenizer files beside the weights
+    model = load_model(saved, device="cpu", dtype=torch.float32)
+    out = measure_dpo_model(model, tok, held_pairs, ref_held, a.beta, prompts, a)
+    out["train_seconds"] = seconds
+    return out
+
+
+def dpo_section(a) -> dict:
+    tok = load_tokenizer(a.base)
+    train_rows, held_rows = dpo_data(a.dpo_pairs, a.eval_pairs)
+    train_pairs, _ = render_pairs(tok, pairs_from_dicts(train_rows).pairs, 128)
+    held_pairs, _ = render_pairs(tok, pairs_from_dicts(held_rows).pairs, 128)
+    base = load_model(a.base, device="cpu", dtype=torch.float32)
+    ref_held = pair_logps(base, held_pairs, tok.pad_id, 16, torch.device("cpu"))
+    prompts = [r["prompt"] for r in held_rows[:a.greedy_prompts]]
+    rate, samples = greedy_concise_rate(base, tok, prompts, a.max_new_tokens, a.concise_tokens)
+    before = {"held_out_accuracy": 0.0, "greedy_concise_rate": rate, "samples": samples,
+              "note": "policy == reference: every implicit reward is 0, so no pair is ranked"}
+    print(f"DPO before: greedy concise rate {rate:.1%}", flush=True)
+    ember = run_ember_dpo(a, tok, train_pairs, held_pairs, ref_held, prompts)
+    print(f"DPO Ember: accuracy {ember['held_out_accuracy']:.1%}, concise {ember['greedy_concise_rate']:.1%}, "
+          f"{ember['train_seconds']:.1f}s", flush=True)
+    result = {"task": "concise-over-rambling (arithmetic prompts)", "train_pairs": len(train_pairs),
+              "held_out_pairs": len(held_pairs), "greedy_prompts": len(prompts), "beta": a.beta, "lr": a.dpo_lr,
+              "steps": a.dpo_steps, "batch_pairs": a.batch_size, "before": before, "ember": ember}
+    if a.peer:
+        try:
+            trl = run_trl_dpo(a, train_rows, tok, held_pairs, ref_held, prompts)
+            result["trl"] = trl
+            print(f"DPO TRL: accuracy {trl['held_out_accuracy']:.1%}, concise {trl['greedy_concise_rate']:.1%}, "
+                  f"{trl['train_seconds']:.1f}s", flush=True)
+        except ImportError as e:
+            result["trl"] = {"skipped": f"trl not installed ({e})"}
+    return result
+
+
+CODE_PROMPTS = ["def ", "import ", "class ", "for i in ", "if x ", "return ", "x = ", "# ", "while ", "print(",
+                "with open(", "try:\n    ", "from os import ", "self.", "assert ", "lambda ", "raise ", "yield ",
+                "except ", "elif ", "else:\n    ", "global ", "async def ", "await ", "del ", "pass\n",
+                "@property\ndef ", "args = ", "data = [", "result = {", "n = len(", "value = int("]
+
+
+def ppo_section(a) -> dict:
+    from ember.train.ppo import PPOConfig, rule_reward
+    from ember.train.rlhf import ppo_train
+
+    tok = load_tokenizer(a.base)
+    policy = load_model(a.base, device="cpu", dtype=torch.float32)
+    train_p, held_p = CODE_PROMPTS[:24], CODE_PROMPTS[24:]
+    cfg = PPOConfig(iterations=a.ppo_iterations, rollout_batch=16, minibatch=8, ppo_epochs=4,
+                    max_new_tokens=24, lr=a.ppo_lr, kl_coef=0.05, target_kl=a.target_kl, eval_every=10, seed=0)
+    run = Path(a.work) / "ppo"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    last = ppo_train(policy, tok, train_p, run, cfg, reward_fn=rule_reward("char=0123456789"),
+                     eval_prompts=held_p, chat=False, progress=False)
+    seconds = time.perf_counter() - t0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "ppo.png", RESULTS / "align.ppo.png")
+    out = {"reward": "char=0123456789 (share of digits in the reply)", "iterations": a.ppo_iterations,
+           "target_kl": a.target_kl, "lr": a.ppo_lr, "held_out_prompts": len(held_p),
+           "held_out_reward_before": lines[0]["eval/reward"], "held_out_reward_after": last["eval/reward"],
+           "held_out_kl_after": last["eval/kl"], "rollout_kl_last": last["kl"], "kl_coef_last": last["kl_coef"],
+           "train_seconds": seconds, "curves": "benchmarks/results/align.ppo.png"}
+    print(f"PPO: held-out reward {out['held_out_reward_before']:.3f} -> {out['held_out_reward_after']:.3f}, "
+          f"KL {out['held_out_kl_after']:.2f} (target {a.target_kl}), {seconds:.0f}s", flush=True)
+    return out
+
+
+def write_markdown(res: dict) -> str:
+    if "dpo" not in res or "ppo" not in res:
+        return json.dumps(res, indent=2)
+    d, p = res["dpo"], res["ppo"]
+    rows = [("held-out preference accuracy", "held_out_accuracy"), ("greedy replies concise", "greedy_concise_rate"),
+            ("training time (s)", "train_seconds")]
+    peer = "trl" in d and "skipped" not in d["trl"]
+    lines = [f"# Alignment benchmark ({res['machine']})", "",
+             f"## DPO: {d['task']}, {d['train_pairs']} training pairs, {d['held_out_pairs']} held out, "
+             f"beta {d['beta']}, lr {d['lr']}, {d['steps']} steps x {d['batch_pairs']} pairs", "",
+             "| | before | Ember DPO |" + (" TRL DPOTrainer |" if peer else ""),
+             "|---|---|---|" + ("---|" if peer else "")]
+    for label, key in rows:
+        def f(x):
+            v = x.get(key)
+            return "-" if v is None else (f"{v:.1f}" if key == "train_seconds" else f"{v:.1%}")
+        lines.append(f"| {label} | {f(d['before'])} | {f(d['ember'])} |" + (f" {f(d['trl'])} |" if peer else ""))
+    if peer:
+        lines += ["", f"Ember / TRL training time: {d['ember']['train_seconds'] / d['trl']['train_seconds']:.2f}x "
+                  "(same machine, same run)."]
+    elif "trl" in d:
+        lines += ["", f"TRL: {d['trl']['skipped']}"]
+    lines += ["", f"## PPO: reward {p['reward']}, {p['iterations']} iterations, target KL {p['target_kl']}", "",
+              "| held-out mean reward before | after | KL to reference after (nats/reply) |", "|---|---|---|",
+              f"| {p['held_out_reward_before']:.3f} | {p['held_out_reward_after']:.3f} | {p['held_out_kl_after']:.2f} |",
+              "", "![PPO curves](align.ppo.png)", "", "Notes:",
+              "- TRL's DPOTrainer (defaults) runs the reference model every step; Ember computes reference "
+              "log-probs once and caches them, which is most of the time difference.",
+              "- The KL column is the Monte-Carlo estimate sum(log pi - log ref) over sampled replies; "
+              "near zero it can come out slightly negative.",
+              f"- Base: {res['base']}. On a weak base (a few minutes of pretraining) greedy replies never end "
+              "their turn within the concise limit, before or after; the held-out preference accuracy is the "
+              "target metric, and Ember's and TRL's greedy outputs after DPO are near-identical (see align.json).",
+              ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default="/tmp/align_base/model", help="pretrained base (ember quickstart)")
+    ap.add_argument("--work", default="/tmp/align_bench")
+    ap.add_argument("--dpo-pairs", type=int, default=400)
+    ap.add_argument("--eval-pairs", type=int, default=100)
+    ap.add_argument("--greedy-prompts", type=int, default=40)
+    ap.add_argument("--dpo-steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--dpo-lr", type=float, default=5e-5)
+    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--concise-tokens", type=int, default=8)
+    ap.add_argument("--ppo-iterations", type=int, default=40)
+    ap.add_argument("--ppo-lr", type=float, default=2e-5)
+    ap.add_argument("--target-kl", type=float, default=3.0)
+    ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip TRL's DPOTrainer")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--only", default="all", choices=["all", "dpo", "ppo"], help="run one section, keep the other's "
+                    "results from benchmarks/results/align.json")
+    a = ap.parse_args()
+    if not Path(a.base, "config.json").is_file():
+        sys.exit(f"No model in {a.base}; make one with: ember quickstart --minutes 4 --out /tmp/align_base")
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                      f"torch {torch.__version__}", "base": str(a.base)}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    previous = RESULTS / "align.json"
+    if a.only != "all" and previous.is_file():  # refresh one section, keep the other
+        res = {**json.loads(previous.read_text()), **res}
+    if a.only in ("all", "dpo"):
+        res["dpo"] = dpo_section(a)
+    if a.only in ("all", "ppo"):
+        res["ppo"] = ppo_section(a)
+    (RESULTS / "align.json").write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / "align.md").write_text(write_markdown(res))
+    print(write_markdown(res))
+
+
+if __name__ == "__main__":
+    main()

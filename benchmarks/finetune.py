@@ -1,0 +1,215 @@
+"""Fine-tuning benchmark: full SFT vs LoRA vs QLoRA on a synthetic task, and LoRA speed vs peft.
+
+    python benchmarks/finetune.py [--base DIR] [--task format] [--minutes 5]
+
+1. Takes a small pretrained Ember model (`--base`; default /tmp/ft_base/model, made with
+   `ember quickstart --minutes 4 --out /tmp/ft_base` when missing).
+2. Writes a synthetic instruction set and a disjoint held-out set (`ember.synth`).
+3. Fine-tunes full / LoRA / QLoRA, each within the same time budget, and scores greedy
+   exact match on the held-out prompts; reports the trainable-parameter share.
+4. Times LoRA training steps (forward, backward, AdamW) in Ember and in peft + transformers on
+   the same base, LoRA config and batches, alternating the two, and reports tokens/s.
+
+Writes benchmarks/results/finetune.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from ember.checkpoint import load_model  # noqa: E402
+from ember.lora import ALL_LINEAR, LoraConfig, apply_lora, trainable_summary  # noqa: E402
+from ember.synth import exact_match, synth_rows  # noqa: E402
+from ember.tokenizer import load_tokenizer  # noqa: E402
+from ember.train.examples import collate, load_sft_examples  # noqa: E402
+from ember.train.loop import TrainConfig, lm_loss, make_optimizer  # noqa: E402
+from ember.train.sft import load_finetuned, rows_for, sft  # noqa: E402
+
+
+def ensure_base(base: Path) -> Path:
+    if not (base / "config.json").is_file():
+        out = base.parent
+        print(f"no base model at {base}; running ember quickstart --minutes 4 --out {out}")
+        subprocess.run([sys.executable, "-m", "ember.cli", "quickstart", "--minutes", "4", "--out", str(out)],
+                       check=True)
+    return base
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def targets(args) -> list[str] | str:
+    return ALL_LINEAR if args.lora_targets == ALL_LINEAR else args.lora_targets.split(",")
+
+
+def run_method(method: str, base: Path, train_file: Path, held: list[dict], work: Path, args) -> dict:
+    lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets(args))
+    cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, block_size=args.block_size,
+                      lr=args.lr_full if method == "full" else args.lr_lora, warmup_steps=20, weight_decay=0.0,
+                      save_every=0, eval_every=0, log_every=10, seed=args.seed, time_budget_s=args.minutes * 60,
+                      schedule_by_time=True)
+    t0 = time.time()
+    last = sft(base, train_file, work / method, method=method, lora=lora, train_config=cfg, pack=args.pack,
+               progress=False)
+    train_s = time.time() - t0
+    model, tok = load_finetuned(work / method, device="cpu")
+    if method == "full":
+        trainable, total = trainable_summary(model)
+        share = 1.0
+    else:
+        trainable, total = trainable_summary(model)
+        share = trainable / total
+    t1 = time.time()
+    em = exact_match(model, tok, held, max_new_tokens=args.max_new_tokens)
+    result = {"method": method, "exact_match": em["exact_match"], "n_eval": em["n"], "steps": last["step"],
+              "final_loss": last["loss"], "train_s": round(train_s, 1), "eval_s": round(time.time() - t1, 1),
+              "trainable": trainable, "total": total, "trainable_share": share, "samples": em["samples"][:3]}
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+    return result
+
+
+def speed(base: Path, train_file: Path, args) -> dict:
+    """Tokens/s of LoRA training steps, Ember vs peft + transformers, same batches, alternating."""
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(base)
+    rows, _ = rows_for(tok, load_sft_examples(train_file), args.block_size, False, False)
+    batches = [collate(rows[i:i + args.batch_size], tok.pad_id or 0)
+               for i in range(0, args.batch_size * args.speed_steps, args.batch_size)]
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.0)
+
+    ours = apply_lora(load_model(base, device="cpu", dtype=torch.float32),
+                      LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets(args))).train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                     target_modules=targets(args), task_type="CAUSAL_LM")).train()
+
+    def step_fn(model, forward):
+        opt = make_optimizer(model, cfg)
+
+        def run() -> float:
+            t = time.perf_counter()
+            for b in batches:
+                loss, n = lm_loss(forward(model, b["input_ids"]), b["labels"])
+                (loss / n).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            return tokens / (time.perf_counter() - t)
+        return run
+
+    run_ours = step_fn(ours, lambda m, x: m(x))
+    run_theirs = step_fn(theirs, lambda m, x: m(input_ids=x).logits)
+    run_ours(), run_theirs()  # warm-up
+    a, b = [], []
+    for _ in range(args.speed_rounds):
+        a.append(run_ours())
+        b.append(run_theirs())
+    result = {"ember_tokens_per_s": statistics.median(a), "peft_tokens_per_s": statistics.median(b),
+              "rounds": args.speed_rounds, "steps_per_round": len(batches), "tokens_per_round": tokens,
+              "ember_trainable": trainable_summary(ours)[0],
+              "peft_trainable": sum(p.numel() for p in theirs.parameters() if p.requires_grad)}
+    result["ratio"] = result["ember_tokens_per_s"] / result["peft_tokens_per_s"]
+    print(json.dumps(result))
+    return result
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Fine-tuning: {res['task']} ({res['n_train']} train, {res['n_eval']} held-out prompts)", "",
+             f"Base: `{res['base']}` ({res['base_params']:,} parameters). Each method gets {res['minutes']} min "
+             f"of training on {res['machine']}.", "",
+             "| method | held-out exact match | trainable params | share | steps | train s |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in res["methods"]:
+        lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {r['trainable']:,} | "
+                     f"{100 * r['trainable_share']:.2f}% | {r['steps']} | {r['train_s']} |")
+    if res.get("qlora_memory"):
+        m = res["qlora_memory"]
+        lines += ["", f"QLoRA frozen base: {m['nf4_bytes']:,} bytes in NF4 vs {m['bf16_bytes']:,} in bf16 "
+                  f"({100 * m['ratio']:.1f}%)."]
+    s = res.get("speed")
+    if s:
+        lines += ["", "| LoRA training (fwd+bwd+AdamW) | tokens/s |", "|---|---:|",
+                  f"| Ember | {s['ember_tokens_per_s']:.0f} |", f"| peft + transformers | {s['peft_tokens_per_s']:.0f} |",
+                  f"| ratio Ember / peft | {s['ratio']:.2f} |", "",
+                  f"Median of {s['rounds']} alternating rounds of {s['steps_per_round']} steps "
+                  f"({s['tokens_per_round']:,} tokens each); same batches, r and targets ({res['args']['lora_targets']})."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="/tmp/ft_base/model")
+    p.add_argument("--task", default="format")
+    p.add_argument("--n-train", type=int, default=3000)
+    p.add_argument("--n-eval", type=int, default=100)
+    p.add_argument("--methods", default="full,lora,qlora")
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget per method")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=96)
+    p.add_argument("--pack", action="store_true")
+    p.add_argument("--lr-full", type=float, default=1e-3)
+    p.add_argument("--lr-lora", type=float, default=3e-3)
+    p.add_argument("--lora-r", type=int, default=4)
+    p.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj,up_proj,down_proj",
+                   help="comma-separated names or all-linear")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--speed-steps", type=int, default=8)
+    p.add_argument("--speed-rounds", type=int, default=5)
+    p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--work", default="/tmp/ft_bench")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                   help="torch threads (1 is faster on a machine shared with other jobs)")
+    p.add_argument("--out", default=str(ROOT / "results" / "finetune"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    base = ensure_base(Path(args.base))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    train_rows = synth_rows(args.task, args.n_train, seed=0)
+    held = synth_rows(args.task, args.n_eval, seed=1, exclude={r["messages"][0]["content"] for r in train_rows})
+    train_file = write_rows(work / "train.jsonl", train_rows)
+
+    import platform
+    res = {"task": args.task, "n_train": args.n_train, "n_eval": args.n_eval, "base": str(base),
+           "base_params": load_model(base, device="cpu").num_parameters(), "minutes": args.minutes,
+           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+           "methods": [], "args": vars(args)}
+    for method in [m for m in args.methods.split(",") if m]:
+        res["methods"].append(run_method(method, base, train_file, held, work, args))
+        if method == "qlora":
+            from ember.lora import base_weight_bytes, quantize_base
+            m = apply_lora(load_model(base, device="cpu", dtype=torch.float32), LoraConfig(target_modules=ALL_LINEAR))
+            bf16 = base_weight_bytes(m)[1]
+            now = base_weight_bytes(quantize_base(m))[0]
+            res["qlora_memory"] = {"nf4_bytes": now, "bf16_bytes": bf16, "ratio": now / bf16}
+    if not args.no_speed:
+        res["speed"] = speed(base, train_file, args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Quantization: weight memory, perplexity, batch-1 decode speed and GEMV kernels, per method.
+
+    python benchmarks/quant.py [--model runs/quickstart/model] [--speed-preset llama-153m]
+
+1. Quality: perplexity on held-out text of --model (a trained model; without one, a
+   random-weight model whose perplexity only shows that nothing broke) in fp32, bf16 and
+   every method, with the bytes of its weights. The same model with planted activation
+   outliers (`ember.quant.outliers`) shows SmoothQuant's point: naive W8A8 vs SmoothQuant.
+   Held-out text: the default corpus' validation documents (the quickstart's 2% split).
+2. Decode: tokens/s at batch 1 (128-token prompt, --new-tokens new ones, greedy, Ember's
+   KV-cached generator) on a random-weight Llama-shaped model (default: the issue's 153M
+   reference shape), fp32/bf16 vs each method, with `transformers` fp32/bf16 as the peer.
+3. GEMV: one token through one linear layer, each kernel vs fp32 and bf16 `F.linear`.
+Ratios are what to read: the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ember.checkpoint import load_model, save_pretrained  # noqa: E402
+from ember.config import preset  # noqa: E402
+from ember.generation import generate_ids  # noqa: E402
+from ember.model import CausalLM  # noqa: E402
+from ember.quant import quantize_model, weight_bytes  # noqa: E402
+from ember.quant.int4 import Int4Linear  # noqa: E402
+from ember.quant.int8 import Int8Linear  # noqa: E402
+from ember.quant.nf4 import NF4Linear  # noqa: E402
+from ember.quant.outliers import inject_outliers  # noqa: E402
+from ember.quant.smoothquant import W8A8Linear  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = [("int8", {}), ("int4 g32", {"group_size": 32}), ("int4 g64", {"group_size": 64}),
+           ("int4 g128", {"group_size": 128}), ("nf4", {}), ("w8a8", {}), ("smoothquant", {})]
+
+
+def heldout_ids(tokenizer, n_tokens: int) -> list[int]:
+    from ember.data import is_validation, iter_documents
+
+    ids: list[int] = []
+    for _, text in iter_documents(["stdlib"]):
+        if is_validation(text, 0.02):
+            ids += tokenizer.encode(text) + [tokenizer.eos_id]
+            if len(ids) >= n_tokens:
+                break
+    return ids[:n_tokens]
+
+
+def calibration_ids(tokenizer, n: int = 16, seq: int = 256) -> torch.Tensor:
+    from ember.quant.io import stdlib_calibration
+
+    return torch.tensor([r for r in stdlib_calibration(tokenizer, n, seq) if len(r) == seq])
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, ids: list[int], ref: list[torch.Tensor] | None = None,
+               window: int = 256) -> tuple[float, float, list[torch.Tensor]]:
+    """(perplexity, mean KL(ref || model) per token, log-probs per window) over consecutive windows.
+
+    Perplexity: exp(mean next-token NLL), each window scored from its own start. The KL to the
+    fp32 model's distribution sees quantization error that perplexity of a weak model hides."""
+    nll, kl, count, logps = 0.0, 0.0, 0, []
+    for j, i in enumerate(range(0, len(ids) - 1, window)):
+        x = torch.tensor([ids[i:i + window + 1]])
+        if x.shape[1] < 2:
+            break
+        logp = F.log_softmax(model(x[:, :-1]).float()[0], dim=-1)
+        nll -= logp.gather(1, x[0, 1:, None]).sum().item()
+        if ref is not None:
+            kl += (ref[j].exp() * (ref[j] - logp)).sum().item()
+        logps.append(logp)
+        count += x.shape[1] - 1
+    return math.exp(nll / count), kl / count, logps
+
+
+def quantized(model, name, kw, calib):
+    method = name.split()[0]
+    if method == "smoothquant":
+        kw = dict(kw, calibration=calib)
+    return quantize_model(copy.deepcopy(model), method, **kw)
+
+
+def linear_bytes(model: nn.Module) -> int:
+    """Bytes of the decoder blocks' linear layers: the part quantization shrinks."""
+    from ember.quant.api import target_linears
+
+    qcfg = getattr(model, "quantization_config", None)
+    total = 0
+    for name in (qcfg["modules"] if qcfg else target_linears(model)):
+        mod = model.get_submodule(name)
+        total += mod.nbytes() if hasattr(mod, "nbytes") else sum(p.numel() * p.element_size()
+                                                                 for p in mod.parameters())
+    return total
+
+
+def quality(model, tokenizer, args) -> list[dict]:
+    ids = heldout_ids(tokenizer, args.ppl_tokens) if tokenizer else torch.randint(
+        0, model.config.vocab_size, (args.ppl_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    calib = calibration_ids(tokenizer) if tokenizer else torch.randint(0, model.config.vocab_size, (8, 256))
+    rows, ref = [], perplexity(model, ids)[2]
+
+    def add(label, method, m):
+        ppl, kl, _ = perplexity(m, ids, ref)
+        rows.append({"model": label, "method": method, "ppl": ppl, "kl_vs_fp32": kl, "weight_bytes": weight_bytes(m),
+                     "linear_bytes": linear_bytes(m)})
+        print(f"  {rows[-1]}", flush=True)
+
+    add("plain", "fp32", model)
+    add("plain", "bf16", copy.deepcopy(model).to(torch.bfloat16))
+    for name, kw in METHODS:
+        add("plain", name, quantized(model, name, kw, calib))
+    outlier = copy.deepcopy(model)
+    inject_outliers(outlier, channels=args.outlier_channels, factor=args.outlier_factor)
+    add("outliers", "fp32", outlier)
+    for name in ("int8", "w8a8", "smoothquant"):
+        add("outliers", name, quantized(outlier, name, {}, calib))
+    base = rows[0]["ppl"]
+    for r in rows:
+        r["ppl_vs_fp32"] = r["ppl"] / base - 1
+    return rows
+
+
+# --- decode speed ----------------------------------------------------------------------------------
+@torch.inference_mode()
+def ember_decode(model, prompt, n) -> float:
+    """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded)."""
+    list(generate_ids(model, prompt[:16], max_new_tokens=4, temperature=0.0))  # warm-up
+    stamps = []
+    for _ in generate_ids(model, prompt, max_new_tokens=n, temperature=0.0):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+@torch.inference_mode()
+def hf_decode(path, dtype, prompt, n) -> float:
+    import transformers
+    from transformers import LogitsProcessor
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    stamps = []
+
+    class Clock(LogitsProcessor):  # called once per new token
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    x = torch.tensor([prompt])
+    hf.generate(x[:, :16], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    hf.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                logits_processor=[Clock()])
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def speed(args) -> list[dict]:
+    torch.manual_seed(0)
+    cfg = preset(args.speed_preset)
+    model = CausalLM(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, cfg.vocab_size, (args.prompt_tokens,), generator=g).tolist()
+    calib = torch.randint(0, cfg.vocab_size, (2, 64))
+    n = args.new_tokens
+    rows = []
+
+    def add(name, act, tps, nbytes, tokens=n, impl="ember"):
+        rows.append({"impl": impl, "method": name, "activations": act, "tokens_per_s": tps,
+                     "weight_bytes": nbytes, "new_tokens": tokens})
+        print(f"  {rows[-1]}", flush=True)
+
+    add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model))
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    add("bf16", "bf16", ember_decode(bf, prompt, n), weight_bytes(bf))
+    del bf
+    for name, kw, acts, tokens in [("int8", {}, ("fp32", "bf16"), n),
+                                   ("int4 g128", {"group_size": 128}, ("bf16", "fp32"), n),
+                                   ("int4 g32", {"group_size": 32}, ("bf16",), n), ("smoothquant", {}, ("fp32",), n),
+                                   ("nf4", {}, ("bf16",), args.slow_tokens)]:
+        q = quantized(model, name, kw, calib)
+        for act in acts:
+            q = q.to(torch.bfloat16 if act == "bf16" else torch.float32)
+            add(name, act, ember_decode(q, prompt, tokens), weight_bytes(q), tokens)
+        del q
+    if not args.no_peers:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("  transformers not installed: no peer rows")
+        else:
+            path = Path(args.tmp) / "speed_model"
+            save_pretrained(model, None, path)
+            for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+                add(name, name, hf_decode(path, dt, prompt, n), weight_bytes(model) // (1 if name == "fp32" else 2),
+                    impl="transformers")
+    return rows
+
+
+# --- GEMV kernels -------------------------------------------------------------------------------------
+def timed(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        times.append((time.perf_counter() - t) / reps)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def gemv(args) -> list[dict]:
+    from ember.quant.kernels import fallback_only
+
+    rows = []
+    for k, n in [(768, 2048), (2048, 768)]:
+        torch.manual_seed(0)
+        lin = nn.Linear(k, n, bias=False)
+        x32, x16 = torch.randn(1, k), torch.randn(1, k).to(torch.bfloat16)
+        w16 = lin.weight.detach().to(torch.bfloat16)
+        reps = max(10, int(2e7 / (k * n)))
+        base = timed(lambda: F.linear(x32, lin.weight), reps)
+        cases = [("fp32 F.linear", lambda: F.linear(x32, lin.weight), False),
+                 ("bf16 F.linear", lambda: F.linear(x16, w16), False)]
+        i8, i4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 128)
+        i4_32, nf = Int4Linear.from_linear(lin, 32), NF4Linear.from_linear(lin)
+        w8 = W8A8Linear.from_linear(lin)
+        cases += [("int8 weight-only, fp32 act", lambda: i8(x32), False),
+                  ("int8 weight-only, bf16 act", lambda: i8(x16), False),
+                  ("int8 dequantize+matmul", lambda: i8(x32), True),
+                  ("int4 g128, bf16 act", lambda: i4(x16), False),
+                  ("int4 g128, fp32 act", lambda: i4(x32), False),
+                  ("int4 g32, bf16 act", lambda: i4_32(x16), False),
+                  ("int4 dequantize+matmul", lambda: i4(x32), True),
+                  ("nf4 dequantize+matmul, bf16", lambda: nf(x16), False),
+                  ("w8a8 (int8 x int8 -> int32)", lambda: w8(x32), False)]
+        for name, fn, fallback in cases:
+            if fallback:
+                with fallback_only():
+                    t = timed(fn, max(3, reps // 10))
+            else:
+                t = timed(fn, reps)
+            rows.append({"shape": f"{k}->{n}", "kernel": name, "us": t * 1e6, "speedup_vs_fp32": base / t})
+        bf = next(r["us"] for r in rows if r["shape"] == f"{k}->{n}" and r["kernel"] == "bf16 F.linear")
+        for r in rows:
+            if r["shape"] == f"{k}->{n}":
+                r["speedup_vs_bf16"] = bf / r["us"]
+        print(f"  {k}->{n} done", flush=True)
+    return rows
+
+
+# --- report --------------------------------------------------------------------------------------------
+def markdown(result) -> str:
+    mib = 2 ** 20
+    out = ["# Quantization", "", f"Machine: {result['machine']}; torch {result['torch']}.",
+           f"Command: `{result['command']}`"]
+    if result.get("quality"):
+        out += ["", f"## Perplexity and weight memory ({result['quality_model']})", "",
+                "| model | method | all weights (MiB) | block linears (MiB) | perplexity | vs fp32 "
+                "| KL to fp32 (nats/token) |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+    for r in result.get("quality", []):
+        out.append(f"| {r['model']} | {r['method']} | {r['weight_bytes'] / mib:.2f} | {r['linear_bytes'] / mib:.3f} | "
+                   f"{r['ppl']:.3f} | {100 * r['ppl_vs_fp32']:+.2f}% | {r['kl_vs_fp32']:.2e} |")
+    if result.get("decode"):
+        fp = next(r["tokens_per_s"] for r in result["decode"] if r["impl"] == "ember" and r["method"] == "fp32")
+        bf = next(r["tokens_per_s"] for r in result["decode"] if r["impl"] == "ember" and r["method"] == "bf16")
+        out += ["", f"## Batch-1 decode ({result['speed_model']}, {result['prompt_tokens']}-token prompt, greedy)", "",
+                "| impl | method | activations | weights (MiB) | tokens/s | vs Ember fp32 | vs Ember bf16 |",
+                "|---|---|---|---:|---:|---:|---:|"]
+        for r in result["decode"]:
+            out.append(f"| {r['impl']} | {r['method']} | {r['activations']} | {r['weight_bytes'] / mib:.1f} | "
+                       f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp:.2f}x | {r['tokens_per_s'] / bf:.2f}x |")
+    if result.get("gemv"):
+        out += ["", "## GEMV: one token through one linear layer", "",
+                "| shape (in->out) | kernel | µs | vs fp32 | vs bf16 |", "|---|---|---:|---:|---:|"]
+        for r in result["gemv"]:
+            out.append(f"| {r['shape']} | {r['kernel']} | {r['us']:.1f} | {r['speedup_vs_fp32']:.2f}x | "
+                       f"{r['speedup_vs_bf16']:.2f}x |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="trained model dir for perplexity (default: random small model)")
+    ap.add_argument("--speed-preset", default="llama-153m", help="random-weight model for decode speed")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--slow-tokens", type=int, default=16, help="new tokens for dequantize-per-step methods (nf4)")
+    ap.add_argument("--prompt-tokens", type=int, default=128)
+    ap.add_argument("--ppl-tokens", type=int, default=16384)
+    ap.add_argument("--outlier-channels", type=int, default=4)
+    ap.add_argument("--outlier-factor", type=float, default=50.0)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["quality", "decode", "gemv"])
+    ap.add_argument("--no-peers", action="store_true", help="skip the transformers decode rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--tmp", default="/tmp/ember_quant_bench")
+    ap.add_argument("--out", default=str(RESULTS / "quant"), help="results path without extension")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    result = {"machine": f"{machine}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:]),
+              "speed_model": f"random {args.speed_preset}", "prompt_tokens": args.prompt_tokens}
+    t0 = time.time()
+    if "quality" not in args.skip:
+        print("perplexity ...", flush=True)
+        if args.model:
+            from ember.tokenizer import load_tokenizer
+
+            model, tok = load_model(args.model, device="cpu", dtype="float32"), load_tokenizer(args.model)
+            result["quality_model"] = f"trained {args.model}, {model.num_parameters() / 1e6:.1f}M params"
+        else:
+            torch.manual_seed(0)
+            model, tok = CausalLM(preset("small", vocab_size=4096)).eval(), None
+            result["quality_model"] = "random-weight small preset: perplexity only shows nothing broke"
+        result["quality"] = quality(model, tok, args)
+    if "decode" not in args.skip:
+        print("decode ...", flush=True)
+        result["decode"] = speed(args)
+    if "gemv" not in args.skip:
+        print("gemv ...", flush=True)
+        result["gemv"] = gemv(args)
+    result["seconds"] = time.time() - t0
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

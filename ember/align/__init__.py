@@ -1,0 +1,1 @@
+"""Alignment data: constitutional self-critique (the training objectives live in ember.train)."""

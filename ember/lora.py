@@ -1,0 +1,413 @@
+"""LoRA: low-rank adapters on a frozen model (Hu et al., 2021), saved in PEFT's file format.
+
+A targeted linear layer y = W x becomes y = W x + (alpha / r) * B A dropout(x), with A
+[r, in] drawn kaiming-uniform and B [out, r] zero, so the adapted model starts equal to
+its base. Only A and B train. `merge_lora` folds B A into W for adapter-free inference;
+`unmerge_lora` takes it out again.
+
+Ember's modules carry Hugging Face Llama names, so an adapter is PEFT's own layout:
+`adapter_config.json` plus `adapter_model.safetensors` with keys such as
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. `peft` opens Ember's
+adapters on the same base loaded by `transformers`, and Ember opens `peft`'s.
+
+QLoRA (Dettmers et al., 2023) is the same adapters over a base stored in NF4:
+`quantize_base` swaps every frozen weight for its 4-bit form (see `ember.quant.nf4`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ember.errors import EmberError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # Module names (a module matches when its path ends with ".name"), "all-linear"
+    # (every linear layer but the LM head), or a regex matched against the full path.
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise EmberError(f"LoRA rank r must be at least 1, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise EmberError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules:
+                raise EmberError("Give at least one LoRA target module.")
+            self.target_modules = list(self.target_modules)
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraLinear(nn.Module):
+    """A frozen linear layer (`base_layer`, as PEFT names it) plus a trainable low-rank update."""
+
+    def __init__(self, base_layer: nn.Module, cfg: LoraConfig) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.r, self.scaling = cfg.r, cfg.scaling
+        self.lora_dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        # Adapters train in float32 even over a bf16 or NF4 base ("higher precision" in QLoRA).
+        device = _weight_device(base_layer)
+        self.lora_A = nn.Linear(self.in_features, cfg.r, bias=False, device=device, dtype=torch.float32)
+        self.lora_B = nn.Linear(cfg.r, self.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init: A random, B zero
+        nn.init.zeros_(self.lora_B.weight)
+        self.merged = False
+        self.disabled = False
+
+    def delta_weight(self) -> Tensor:
+        """The update B A * scaling, [out, in], in float32."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged or self.disabled:
+            return out
+        a = self.lora_A.weight
+        h = F.linear(F.linear(self.lora_dropout(x).to(a.dtype), a), self.lora_B.weight)
+        return out + (h * self.scaling).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _weight_device(module: nn.Module) -> torch.device:
+    for t in list(module.parameters()) + list(module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _is_quantized(module: nn.Module) -> bool:
+    return hasattr(module, "dequantize") and hasattr(module, "in_features")  # ember.quant layers
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_quantized(module)
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+
+
+def target_names(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Paths of the linear layers `targets` selects, with PEFT's matching rules."""
+    names = []
+    for name, module in model.named_modules():
+        if not _is_linear(module) or isinstance(module, LoraLinear) or ".lora_" in name:
+            continue
+        if targets == ALL_LINEAR:
+            hit = name != "lm_head"
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = any(name == t or name.endswith("." + t) for t in targets)
+        if hit:
+            names.append(name)
+    if not names:
+        raise EmberError(f"No linear layer of the model matches the LoRA targets {targets!r} "
+                         "(Ember uses Llama names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).")
+    return names
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Freeze `model` and wrap the targeted linear layers in place; returns the same model."""
+    if lora_layers(model):
+        raise EmberError("This model already has LoRA adapters.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in target_names(model, cfg.target_modules):
+        _set_module(model, name, LoraLinear(model.get_submodule(name), cfg))
+    model.lora_config = cfg  # what save_adapter writes
+    return model
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights counted once, NF4 weights by element."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    for m in model.modules():  # quantized weights are buffers, not parameters
+        if _is_quantized(m):
+            total += m.in_features * m.out_features
+    return trainable, total
+
+
+def describe_trainable(model: nn.Module) -> str:
+    trainable, total = trainable_summary(model)
+    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+
+
+# --- merge, unmerge, disable ---------------------------------------------------------------
+def _base_weight(layer: LoraLinear) -> Tensor:
+    if _is_quantized(layer.base_layer):
+        raise EmberError("Cannot merge LoRA into a quantized (e.g. NF4) base; dequantize it first.")
+    return layer.base_layer.weight
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scaling B A), computed in float32."""
+    for layer in lora_layers(model).values():
+        if not layer.merged:
+            w = _base_weight(layer)
+            w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
+            layer.merged = True
+    return model
+
+
+@torch.no_grad()
+def unmerge_lora(model: nn.Module) -> nn.Module:
+    """Undo `merge_lora` (W -= scaling B A), restoring the base up to float rounding."""
+    for layer in lora_layers(model).values():
+        if layer.merged:
+            w = _base_weight(layer)
+            w.copy_((w.float() - layer.delta_weight()).to(w.dtype))
+            layer.merged = False
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then put the plain base layers back: an ordinary model with the adapter baked in."""
+    merge_lora(model)
+    for name, layer in lora_layers(model).items():
+        _set_module(model, name, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (e.g. the DPO reference policy)."""
+    layers = list(lora_layers(model).values())
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        w = _base_weight(layer)
+        with torch.no_grad():
+            w.copy_((w.float() - layer.delta_weight()).to(w.dtype))
+        layer.merged = False
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was
+        for layer in merged:
+            w = _base_weight(layer)
+            with torch.no_grad():
+                w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
+            layer.merged = True
+
+
+# --- the PEFT file format -----------------------------------------------------------------
+def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """A and B of every adapter under PEFT's key names."""
+    out = {}
+    for name, layer in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            out[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part).weight.detach().cpu().contiguous()
+    return out
+
+
+def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
+    cfg: LoraConfig = getattr(model, "lora_config", None)
+    if cfg is None:
+        raise EmberError("This model has no LoRA adapters to save.")
+    # The short names of the adapted layers: PEFT matches them as path suffixes.
+    short = sorted({name.rsplit(".", 1)[-1] for name in lora_layers(model)})
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "target_modules": short if not isinstance(cfg.target_modules, str) or cfg.target_modules == ALL_LINEAR
+        else cfg.target_modules,
+        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
+        "revision": None, "auto_mapping": None,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT layout) atomically."""
+    from ember.checkpoint import atomic_dir, write_json
+
+    if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
+        raise EmberError("PEFT-format adapters are written for Llama-family models only; GPT-2's fused "
+                         "c_attn layout differs from Ember's split q/k/v projections.")
+    config = adapter_config(model, base_model)
+    weights = adapter_state_dict(model)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / CONFIG_NAME, config)
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(out_dir)
+
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """The config and tensors (keys without the PEFT prefix) of a PEFT LoRA directory."""
+    from ember.checkpoint import read_json
+
+    path = Path(path)
+    if not path.is_dir():
+        raise EmberError(f"Adapter directory {path} does not exist.")
+    raw = read_json(path / CONFIG_NAME, "Adapter config")
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        raise EmberError(f"{path / CONFIG_NAME} is not a LoRA adapter (peft_type {raw.get('peft_type')!r}).")
+    unsupported = {"use_dora": raw.get("use_dora"), "rank_pattern": raw.get("rank_pattern"),
+                   "alpha_pattern": raw.get("alpha_pattern"), "modules_to_save": raw.get("modules_to_save"),
+                   "layers_to_transform": raw.get("layers_to_transform"),
+                   "fan_in_fan_out": raw.get("fan_in_fan_out"), "lora_bias": raw.get("lora_bias")}
+    used = [k for k, v in unsupported.items() if v]
+    if raw.get("bias", "none") != "none":
+        used.append(f"bias={raw['bias']}")
+    if used:
+        raise EmberError(f"The adapter in {path} uses {', '.join(used)}, which Ember does not support.")
+    if not (path / WEIGHTS_NAME).is_file():
+        raise EmberError(f"Adapter directory {path} has no {WEIGHTS_NAME} (pickled adapter_model.bin is not read).")
+    try:
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    except SafetensorError as e:
+        raise EmberError(f"The adapter weights in {path} are corrupt ({e}).") from None
+    state = {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight", k)
+        if m is None:
+            raise EmberError(f"Adapter weight '{k}' in {path} is not a LoRA A/B matrix Ember understands.")
+        state[f"{m.group(1)}.{m.group(2)}.weight"] = v
+    modules = sorted({k.rsplit(".", 2)[0] for k in state})
+    cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
+                     dropout=float(raw.get("lora_dropout", 0.0)), target_modules=modules or ["none"],
+                     use_rslora=bool(raw.get("use_rslora", False)))
+    return cfg, state
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
+    """Apply the PEFT-format adapter in `path` to `model` (in place); refuses a different base."""
+    cfg, state = read_adapter(path)
+    linear = {name for name, m in model.named_modules() if _is_linear(m)}
+    missing = [m for m in cfg.target_modules if m not in linear]
+    if missing:
+        raise EmberError(f"The adapter in {path} was made for a different base model: it adapts "
+                         f"{missing[0]}, which this model does not have ({len(missing)} such layers).")
+    apply_lora(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=
+                                 "|".join(re.escape(m) for m in cfg.target_modules), use_rslora=cfg.use_rslora))
+    model.lora_config = cfg
+    own = {f"{name}.{part}.weight": getattr(layer, part).weight
+           for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    absent = sorted(own.keys() - state.keys())
+    if absent:
+        raise EmberError(f"The adapter in {path} lacks {absent[0]} ({len(absent)} tensors missing).")
+    with torch.no_grad():
+        for k, v in state.items():
+            if tuple(v.shape) != tuple(own[k].shape):
+                raise EmberError(f"The adapter in {path} was made for a different base model: {k} has shape "
+                                 f"{tuple(v.shape)}, this model needs {tuple(own[k].shape)}.")
+            own[k].copy_(v.to(own[k].dtype))
+    return model
+
+
+# --- QLoRA: the frozen base in NF4 ----------------------------------------------------------
+class NF4Embedding(nn.Module):
+    """An embedding table stored in NF4 (rows are [out=vocab, in=hidden] of an NF4Linear)."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        from ember.quant.nf4 import NF4Linear
+
+        super().__init__()
+        vocab, hidden = embedding.weight.shape
+        shell = nn.Linear(hidden, vocab, bias=False, device="meta")
+        shell.weight = embedding.weight  # from_linear reads only .weight and the shapes
+        self.table = NF4Linear.from_linear(shell)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.table.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.table.dequantize(self.table.compute_dtype))
+
+
+class TiedNF4Head(nn.Module):
+    """The LM head of a tied model: logits against the NF4 embedding table, stored once."""
+
+    def __init__(self, embedding: NF4Embedding) -> None:
+        super().__init__()
+        self._embedding = [embedding]  # a list: not a second submodule, so not stored twice
+
+    @property
+    def weight(self) -> Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self._embedding[0].table.dequantize(x.dtype))
+
+
+def quantize_base(model: nn.Module, embeddings: bool = True) -> nn.Module:
+    """Store every frozen linear weight (and, with `embeddings`, the token table and a tied
+    or untied LM head) in NF4 with double-quantized scales; LoRA A and B stay float32."""
+    from ember.quant.nf4 import NF4Linear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and ".lora_" not in name and not module.weight.requires_grad:
+            if name == "lm_head" and (not embeddings or getattr(model.config, "tie_word_embeddings", False)):
+                continue
+            _set_module(model, name, NF4Linear.from_linear(module))
+    if embeddings:
+        table = NF4Embedding(model.model.embed_tokens)
+        model.model.embed_tokens = table
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head = TiedNF4Head(table)
+    return model
+
+
+def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the frozen base occupies now, bytes it would occupy in bf16)."""
+    now = bf16 = 0
+    seen: set[int] = set()
+    for m in model.modules():
+        if _is_quantized(m):
+            now += m.nbytes()
+            bf16 += 2 * m.in_features * m.out_features + (2 * m.bias.numel() if m.bias is not None else 0)
+            seen.update(id(t) for t in m.parameters())
+    for p in model.parameters():
+        if id(p) not in seen and not p.requires_grad:
+            seen.add(id(p))
+            now += p.numel() * p.element_size()
+            bf16 += 2 * p.numel()
+    return now, bf16

@@ -1,0 +1,177 @@
+"""LoRA and QLoRA: exactness of the adapter algebra, PEFT file parity both ways, refusals, NF4 base."""
+
+import pytest
+import torch
+
+from ember.checkpoint import load_model, save_pretrained
+from ember.config import preset
+from ember.errors import EmberError
+from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, disable_adapters, load_adapter, lora_layers,
+                        merge_and_unload, merge_lora, quantize_base, save_adapter, trainable_summary, unmerge_lora)
+from ember.model import CausalLM
+
+VOCAB = 128
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("lora") / "base"
+    save_pretrained(CausalLM(preset("tiny", vocab_size=VOCAB)), None, path)
+    return path
+
+
+def base(path):
+    return load_model(path, device="cpu", dtype=torch.float32)
+
+
+def ids(seed=0):
+    return torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def randomize(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora_layers(model).values():
+        layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05
+
+
+def test_zero_init_b_means_the_adapted_model_equals_its_base(base_dir):
+    ref = base(base_dir)
+    model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        assert torch.equal(model(ids()), ref(ids()))
+    layer = next(iter(lora_layers(model).values()))
+    assert torch.count_nonzero(layer.lora_B.weight) == 0 and torch.count_nonzero(layer.lora_A.weight) > 0
+    bound = 1 / layer.in_features ** 0.5  # kaiming_uniform(a=sqrt(5)) on [r, in]
+    assert layer.lora_A.weight.abs().max() <= bound
+
+
+def test_targets_by_name_all_linear_and_regex(base_dir):
+    names = lambda cfg: sorted(lora_layers(apply_lora(base(base_dir), cfg)))  # noqa: E731
+    qv = names(LoraConfig(target_modules=["q_proj", "v_proj"]))
+    assert qv == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qv"]
+    every = names(LoraConfig(target_modules="all-linear"))
+    assert len(every) == 2 * 7 and "lm_head" not in every
+    assert names(LoraConfig(target_modules=r"model\.layers\.1\.mlp\..*")) == [
+        f"model.layers.1.mlp.{p}_proj" for p in ("down", "gate", "up")]
+    with pytest.raises(EmberError, match="No linear layer"):
+        apply_lora(base(base_dir), LoraConfig(target_modules=["c_attn"]))
+
+
+def test_only_adapters_train_and_their_share_is_small(base_dir):
+    model = apply_lora(base(base_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    trainable, total = trainable_summary(model)
+    assert {n.rsplit(".", 2)[-2] for n, p in model.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    assert trainable == sum(2 * (64 + out) for out in (64, 32)) * 2  # r=2: A [2,64], B [out,2], 2 layers
+    assert trainable / total < 0.05
+
+
+def test_merge_and_unmerge_are_exact_to_rounding(base_dir):
+    model = apply_lora(base(base_dir), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize(model)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        adapted = model(ids())
+        merge_lora(model)
+        torch.testing.assert_close(model(ids()), adapted, atol=1e-5, rtol=1e-5)
+        with disable_adapters(model):  # merged: the context takes the update out, then puts it back
+            torch.testing.assert_close(model(ids()), base(base_dir)(ids()), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(ids()), adapted, atol=1e-5, rtol=1e-5)
+        unmerge_lora(model)
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(v, original[k], atol=1e-6, rtol=0)
+        plain = merge_and_unload(model)
+        assert not lora_layers(plain)
+        torch.testing.assert_close(plain(ids()), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_disable_adapters_gives_the_base_exactly(base_dir):
+    model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    randomize(model)
+    with torch.no_grad():
+        with disable_adapters(model):
+            assert torch.equal(model(ids()), base(base_dir)(ids()))
+        assert not torch.equal(model(ids()), base(base_dir)(ids()))
+
+
+# --- PEFT parity ------------------------------------------------------------------------------
+def test_ember_adapter_opens_in_peft_with_identical_logits(base_dir, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity peer")
+    peft = pytest.importorskip("peft", reason="peft is the parity peer")
+    model = apply_lora(base(base_dir), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize(model)
+    save_adapter(model, tmp_path / "ad", base_model=str(base_dir))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ad").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()), theirs(ids()).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "down_proj"], "all-linear"])
+def test_peft_adapter_opens_in_ember_with_identical_logits(base_dir, tmp_path, targets):
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity peer")
+    peft = pytest.importorskip("peft", reason="peft is the parity peer")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets,
+                                                     init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    theirs.save_pretrained(tmp_path / "ad")
+    model = load_adapter(base(base_dir), tmp_path / "ad")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids()), theirs(ids()).logits, atol=1e-5, rtol=0)
+
+
+def test_adapter_for_a_different_base_is_refused(base_dir, tmp_path):
+    model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    save_adapter(model, tmp_path / "ad")
+    wider = CausalLM(preset("tiny", vocab_size=VOCAB, hidden_size=32, intermediate_size=64))
+    with pytest.raises(EmberError, match="different base model.*shape"):
+        load_adapter(wider, tmp_path / "ad")
+    shallower = CausalLM(preset("tiny", vocab_size=VOCAB, num_hidden_layers=1))
+    with pytest.raises(EmberError, match="different base model.*model.layers.1"):
+        load_adapter(shallower, tmp_path / "ad")
+    with pytest.raises(EmberError, match="does not exist"):
+        load_adapter(base(base_dir), tmp_path / "nowhere")
+
+
+# --- QLoRA ------------------------------------------------------------------------------------
+def test_qlora_base_is_under_30_percent_of_bf16_and_only_adapters_get_gradients(base_dir):
+    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
+    model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
+    _, bf16 = base_weight_bytes(model)
+    quantize_base(model)
+    now, bf16_after = base_weight_bytes(model)
+    assert bf16_after == bf16 and now <= 0.30 * bf16
+    assert not [n for n, p in model.named_parameters() if "lora_" not in n and p.requires_grad]
+    randomize(model)
+    model.train()
+    loss = model(ids()).logsumexp(-1).mean()
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert grads and all(".lora_" in n for n in grads)
+    assert all(torch.count_nonzero(g) > 0 for g in grads.values())
+    # The NF4 base computes close to the float base (4-bit weights, not noise).
+    model.eval()
+    with torch.no_grad(), disable_adapters(model):
+        ref = base(base_dir)(ids())
+        err = (model(ids()) - ref).abs().mean() / ref.abs().mean()
+    assert err < 0.2
+
+
+def test_load_model_and_the_engine_apply_an_adapter(base_dir, tmp_path):
+    from ember.engine import LLM, SamplingParams
+
+    model = apply_lora(base(base_dir), LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize(model)
+    save_adapter(model, tmp_path / "ad", base_model=str(base_dir))
+    with torch.no_grad():
+        expected = model(ids())
+        merged = load_model(base_dir, device="cpu", dtype=torch.float32, adapter=tmp_path / "ad")
+        torch.testing.assert_close(merged(ids()), expected, atol=1e-5, rtol=0)
+        assert not lora_layers(merged)  # merged into plain linears: the base's speed
+    prompt = ids()[0].tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    served = LLM(base_dir, device="cpu", dtype="float32", adapter=tmp_path / "ad", num_kv_blocks=16, block_size=8)
+    plain = LLM(merged, num_kv_blocks=16, block_size=8)
+    assert served.generate([prompt], greedy)[0].outputs[0].token_ids == plain.generate([prompt], greedy)[0].outputs[0].token_ids
+    quantized = LLM(base_dir, device="cpu", dtype="float32", adapter=tmp_path / "ad", quantization="int8", num_kv_blocks=16)
+    assert len(quantized.generate([prompt], greedy)[0].outputs[0].token_ids) == 6
