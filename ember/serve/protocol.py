@@ -123,6 +123,14 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
 
 
+class EmbeddingRequest(_Strict):
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None  # only the model's own size
+    user: str | None = None
+
+
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
