@@ -562,3 +562,109 @@ def test_rolling_task_pools_documents_like_perplexity(lm, tmp_path):
     nll, nbytes = sum(p.nll for p in parts), sum(p.bytes for p in parts)
     assert res["bits_per_byte"]["value"] == pytest.approx(nll / nbytes / math.log(2), rel=1e-9)
     assert math.isfinite(res["bits_per_byte"]["stderr"])
+
+
+# --- calibration and sampled self-consistency -------------------------------------------------
+def test_calibration_ece_and_brier_on_hand_made_numbers():
+    # Perfectly calibrated: at 0.25 one in four is right, at 0.75 three in four.
+    perfect = M.calibration([0.25] * 4 + [0.75] * 4, [1, 0, 0, 0, 1, 1, 1, 0])
+    assert perfect["ece"] == pytest.approx(0.0, abs=1e-12) and perfect["mce"] == pytest.approx(0.0, abs=1e-12)
+    # Overconfident: 90% sure, 60% right -> ECE 0.3; Brier (6·0.01 + 4·0.81) / 10 = 0.33.
+    over = M.calibration([0.9] * 10, [1] * 6 + [0] * 4)
+    assert over["ece"] == pytest.approx(0.3) and over["brier"] == pytest.approx(0.33)
+    # Two bins, each half right: |0.5 - 0.95|·½ + |0.5 - 0.55|·½ = 0.25; the largest gap is 0.45.
+    two = M.calibration([0.95, 0.95, 0.55, 0.55], [1, 0, 1, 0], bins=10)
+    assert two["ece"] == pytest.approx(0.25) and two["mce"] == pytest.approx(0.45)
+    counts = [b["count"] for b in two["bins"]]
+    assert counts[9] == 2 and counts[5] == 2 and sum(counts) == 4
+    # Bins are right-closed: 0.1 belongs to the first bin, 0.0 too, 1.0 to the last.
+    edges = M.calibration([0.0, 0.1, 0.1000001, 1.0], [0, 0, 1, 1], bins=10)
+    assert [b["count"] for b in edges["bins"]][:2] == [2, 1] and edges["bins"][9]["count"] == 1
+    with pytest.raises(Exception, match="one confidence"):
+        M.calibration([0.5], [1, 0])
+
+
+def test_choice_confidence_normalises_over_the_choices():
+    conf, hit, brier = M.choice_confidence([math.log(0.7) - 3, math.log(0.2) - 3, math.log(0.1) - 3], 1)
+    assert conf == pytest.approx(0.7) and hit == 0.0 and brier == pytest.approx(0.49 + 0.64 + 0.01)
+    assert M.choice_confidence([-1.0, -5.0], 0)[1] == 1.0
+
+
+def test_report_adds_calibration_for_multiple_choice_runs(lm, tmp_path):
+    from ember.eval.report import task_calibration, write_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "toy.json").write_text(json.dumps({"task": "toy", "results": {"acc": {"value": 0.6, "stderr": 0.1, "n": 10}}}))
+    p, q = math.log(0.9), math.log(0.1)  # 90% confident every time, right 6 times in 10
+    (run / "toy.samples.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "choices": ["a", "b"], "gold": 0 if i < 6 else 1, "loglikelihoods": [p, q]}) + "\n"
+        for i in range(10)))
+    cal = task_calibration(run / "toy.samples.jsonl")
+    assert cal["ece"] == pytest.approx(0.3) and cal["brier"] == pytest.approx(0.33)
+    assert cal["brier_multiclass"] == pytest.approx(0.66)  # two choices: twice the top-label score
+    paths = write_report([run], tmp_path / "report")
+    md, page = paths["markdown"].read_text(), paths["html"].read_text()
+    assert "## Calibration (run/toy)" in md and "ECE 0.3000" in md and "| (0.8, 0.9] | 10 | 0.9000 | 0.6000 |" in md
+    assert "data:image/png;base64," in page
+    # A real run's samples log works end to end.
+    res = run_task(lm, TaskConfig.load(write_task(tmp_path)), limit=6, bootstrap_iters=10)
+    with open(run / "toy.samples.jsonl", "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in res["samples"])
+    cal = task_calibration(run / "toy.samples.jsonl")
+    assert cal["n"] == 6 and cal["accuracy"] == pytest.approx(res["results"]["acc"]["value"])
+    assert 0 <= cal["ece"] <= 1 and sum(b["count"] for b in cal["bins"]) == 6
+
+
+def test_consistency_draws_k_samples_with_a_local_model(model_dir, tmp_path, capsys):
+    from ember.cli import main
+
+    qs = tmp_path / "q.jsonl"
+    qs.write_text('{"question": "what is 2 + 2?", "answer": "4"}\n{"question": "name a colour"}\n')
+    argv = ["eval", "consistency", "--questions", str(qs), "--model", str(model_dir), "--k", "3",
+            "--temperature", "1.0", "--max-tokens", "6", "--json"]
+    assert main(argv + ["--out", str(tmp_path / "a.jsonl")]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert res["k"] == 3 and res["n"] == 2 and res["with_answers"] == 1 and "maj@3" in res["k=3"]
+    assert [len(r["samples"]) for r in rows] == [3, 3] and all(1 <= t <= 6 for r in rows for t in r["tokens"])
+    assert res["tokens"] == sum(sum(r["tokens"]) for r in rows) and rows[0]["reference"] == "4"
+    assert 1 / 3 <= res["agreement"] <= 1
+    assert main(argv + ["--out", str(tmp_path / "b.jsonl")]) == 0  # seeded: the same answers again
+    capsys.readouterr()
+    assert (tmp_path / "b.jsonl").read_text() == (tmp_path / "a.jsonl").read_text()
+    assert main(["eval", "consistency", "--input", str(tmp_path / "a.jsonl"), "--k", "3", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["k=3"]["tokens"] == res["k=3"]["tokens"]
+
+
+def test_consistency_draws_k_samples_from_an_endpoint(monkeypatch, capsys, tmp_path):
+    httpx = pytest.importorskip("httpx", reason="the endpoint client uses httpx")
+    import functools
+
+    from ember.cli import main
+
+    answers = {"q1": ["#### 4", "4", "5"], "q2": ["7", "8", "9"], "q3": ["a", "a", "a"]}
+    seen = []
+
+    def handler(request):
+        if request.url.path == "/tokenizer_info":
+            return httpx.Response(200, json={"max_model_len": 128, "eos_token_id": 2})
+        body = json.loads(request.content)
+        seen.append(body)
+        q = body["prompt"].split(":")[1].strip().split()[0]
+        choices = [{"index": j, "text": t, "finish_reason": "stop"} for j, t in enumerate(answers[q])]
+        if q != "q2":  # q2's server gives only a total: 7 tokens split 3 + 2 + 2
+            for c in choices:
+                c["logprobs"] = {"tokens": c["text"].split()}
+        return httpx.Response(200, json={"choices": choices[::-1], "usage": {"completion_tokens": 7}})
+
+    monkeypatch.setattr(httpx, "Client", functools.partial(httpx.Client, transport=httpx.MockTransport(handler)))
+    qs = tmp_path / "q.jsonl"
+    qs.write_text('{"question": "q1", "answer": "4"}\n{"question": "q2", "answer": 9}\n{"question": "q3"}\n')
+    assert main(["eval", "consistency", "--questions", str(qs), "--endpoint", "http://fake/v1", "--k", "3",
+                 "--temperature", "0.8", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [b["n"] for b in seen] == [3, 3, 3] and all(b["temperature"] == 0.8 for b in seen)
+    assert res["agreement"] == pytest.approx((2 / 3 + 1 / 3 + 1) / 3) and res["all_agree"] == pytest.approx(1 / 3)
+    assert res["k=3"]["maj@3"] == 0.5 and res["k=3"]["pass@1"] == 0.5 and res["with_answers"] == 2
+    assert res["tokens"] == 4 + 7 + 3 and res["k=3"]["tokens"] == 11 and res["k=1"]["tokens"] == 2 + 3

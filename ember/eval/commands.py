@@ -187,20 +187,53 @@ def cmd_consistency(args: argparse.Namespace) -> None:
     from ember.eval.consistency import maj_at_k, paraphrase_agreement
     from ember.errors import EmberError
 
+    if args.questions:
+        return _consistency_sampled(args)
+    if not args.input:
+        raise EmberError("Give --input samples.jsonl, or --questions FILE with --model DIR or --endpoint URL.")
     rows = read_jsonl(args.input)
     if not rows or not all(isinstance(r.get("samples"), list) and r["samples"] for r in rows):
         raise EmberError("Every line needs 'samples' (a non-empty list of answers) and, for maj@k, 'reference'.")
     res: dict[str, Any] = {}
-    if all("reference" in r for r in rows):
-        toks = [r["tokens"] for r in rows] if all("tokens" in r for r in rows) else None
+    scored = [r for r in rows if r.get("reference") is not None]  # maj@k over the questions that have answers
+    if scored:
+        toks = [r["tokens"] for r in scored] if all("tokens" in r for r in scored) else None
         for k in sorted({1, args.k}):
-            res[f"k={k}"] = maj_at_k([r["samples"] for r in rows], [r["reference"] for r in rows], k, toks)
+            res[f"k={k}"] = maj_at_k([r["samples"] for r in scored], [str(r["reference"]) for r in scored], k, toks)
     groups: dict[str, list[str]] = {}
     for r in rows:
         if "group" in r:  # paraphrases of one question share a group id; compare their first answers
             groups.setdefault(str(r["group"]), []).append(r["samples"][0])
     if groups:
         res["paraphrases"] = paraphrase_agreement(list(groups.values()))
+    print(json.dumps(res) if args.json else json.dumps(res, indent=2))
+
+
+def _consistency_sampled(args: argparse.Namespace) -> None:
+    """Draw k answers per question with the model, then agreement, maj@k and token cost."""
+    from ember.eval.compare import read_jsonl
+    from ember.eval.consistency import draw_samples, self_consistency
+    from ember.errors import EmberError
+
+    rows = read_jsonl(args.questions)
+    if not rows or not all(isinstance(r.get("question"), str) for r in rows):
+        raise EmberError("Every line of --questions needs 'question' (text) and optionally 'answer'.")
+    try:
+        prompts = [args.template.format(question=r["question"]) for r in rows]
+    except (KeyError, IndexError, ValueError):
+        raise EmberError("--template may only use the {question} placeholder.") from None
+    samples, tokens = draw_samples(_lm(args), prompts, args.k, temperature=args.temperature,
+                                   max_tokens=args.max_tokens, until=args.until, seed=args.seed)
+    refs = [None if r.get("answer") is None else str(r["answer"]) for r in rows]
+    res = self_consistency(samples, tokens, refs)
+    if args.out:  # the same shape --input reads, so a run can be rescored later
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as f:
+            for r, s, t, ref in zip(rows, samples, tokens, refs):
+                f.write(json.dumps({"question": r["question"], "samples": s, "tokens": t}
+                                   | ({"reference": ref} if ref is not None else {})
+                                   | ({"group": r["group"]} if "group" in r else {})) + "\n")
     print(json.dumps(res) if args.json else json.dumps(res, indent=2))
 
 
@@ -273,8 +306,18 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--json", action="store_true")
 
     p = acts.add_parser("consistency", help="self-consistency: maj@k, agreement across samples and paraphrases")
-    p.add_argument("--input", required=True, help="JSONL: {samples: [answers...], reference[, tokens, group]}")
-    p.add_argument("--k", type=int, default=5)
+    p.add_argument("--input", help="score samples you provide, JSONL: {samples: [answers...], reference[, tokens, "
+                                   "group]}")
+    p.add_argument("--questions", help="instead, draw the samples: JSONL {question[, answer]}; needs --model or "
+                                       "--endpoint")
+    _add_target(p)
+    p.add_argument("--k", type=int, default=5, help="samples per question")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0, help="sample j of a question uses seed + j (in process)")
+    p.add_argument("--until", nargs="*", default=["\n\n"], help="stop strings")
+    p.add_argument("--template", default="Question: {question}\nAnswer:", help="prompt; {question} is replaced")
+    p.add_argument("--out", help="(with --questions) write the drawn samples as JSONL that --input reads")
     p.add_argument("--json", action="store_true")
 
     return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "compare"): cmd_compare,

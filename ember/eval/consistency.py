@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from typing import Any, Sequence
 
+from ember.errors import EmberError
 from ember.eval.metrics import squad_normalize
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -64,6 +65,82 @@ def paraphrase_agreement(groups: Sequence[Sequence[str]]) -> dict[str, float]:
     all_same = [float(s == 1.0) for s in shares]
     n = max(len(shares), 1)
     return {"agreement": sum(shares) / n, "all_agree": sum(all_same) / n, "n": len(shares)}
+
+
+def draw_samples(lm: Any, prompts: Sequence[str], k: int, temperature: float = 0.7, max_tokens: int = 256,
+                 until: Sequence[str] = ("\n\n",), seed: int = 0) -> tuple[list[list[str]], list[list[int]]]:
+    """k answers per prompt and the completion tokens each took.
+
+    In process (`LocalLM`), every (prompt, j) is one engine request seeded with seed + j, all
+    in one batch, so a rerun draws the same answers. Against an endpoint, one
+    `/v1/completions` call per prompt asks for n=k choices; each choice's token count comes
+    from its logprobs when the server returns them, else `usage.completion_tokens` is split
+    evenly over the k choices (the total per question stays exact).
+    """
+    if k < 1:
+        raise EmberError("--k must be at least 1.")
+    stop = [u for u in until if u]
+    if hasattr(lm, "http") and hasattr(lm, "_post"):  # EndpointLM
+        texts, counts = [], []
+        for p in prompts:
+            body: dict[str, Any] = {"prompt": p, "n": k, "max_tokens": max_tokens, "temperature": temperature,
+                                    "seed": seed, "logprobs": 1}
+            if stop:
+                body["stop"] = stop[:4]
+            reply = lm._post("/v1/completions", body)
+            choices = sorted(reply.get("choices", []), key=lambda c: c.get("index", 0))
+            if len(choices) != k:
+                raise EmberError(f"The endpoint returned {len(choices)} choices for n={k}; it must honour n.")
+            texts.append([c["text"] for c in choices])
+            per = [len((c.get("logprobs") or {}).get("tokens") or []) for c in choices]
+            total = int((reply.get("usage") or {}).get("completion_tokens", 0))
+            if not all(per) and total:
+                per = [total // k + (1 if j < total % k else 0) for j in range(k)]
+            counts.append(per)
+        return texts, counts
+    if not hasattr(lm, "tokenizer") or not hasattr(lm, "model"):
+        raise EmberError("Sampling needs a local model (--model DIR) or an endpoint (--endpoint URL).")
+    from ember.engine import LLM, SamplingParams
+
+    if not hasattr(lm, "_llm"):
+        lm._llm = LLM(lm.model, lm.tokenizer)
+    L = lm._llm.max_model_len
+    budget = min(max_tokens, L // 2)  # as LocalLM.generate: the prompt keeps L - budget tokens
+    add_bos = bool(getattr(lm.tokenizer, "add_bos_token", False))
+    ids = [lm.tokenizer.encode(p, add_bos=add_bos)[-(L - budget):] for p in prompts]
+    reqs, params = [], []
+    for i in ids:
+        for j in range(k):
+            reqs.append(i)
+            params.append(SamplingParams(temperature=temperature, max_tokens=max(1, min(max_tokens, L - len(i))),
+                                         stop=stop, seed=seed + j))
+    outs = lm._llm.generate(reqs, params)
+    texts = [[outs[q * k + j].outputs[0].text for j in range(k)] for q in range(len(prompts))]
+    counts = [[len(outs[q * k + j].outputs[0].token_ids) for j in range(k)] for q in range(len(prompts))]
+    return texts, counts
+
+
+def self_consistency(samples: Sequence[Sequence[str]], tokens: Sequence[Sequence[int]],
+                     references: Sequence[str | None] | None = None) -> dict[str, Any]:
+    """Agreement rate over all k samples, maj@k and pass@1 where references exist, and token cost."""
+    k = min((len(s) for s in samples), default=0)
+    agree = [majority(s[:k])[1] for s in samples]
+    n = max(len(samples), 1)
+    spent = sum(sum(t[:k]) for t in tokens)
+    res: dict[str, Any] = {"k": k, "n": len(samples), "agreement": sum(agree) / n,
+                           "all_agree": sum(float(a == 1.0) for a in agree) / n, "tokens": spent,
+                           "tokens_per_question": spent / n}
+    if references is not None:
+        have = [i for i, r in enumerate(references) if r is not None]
+        if have:
+            sub = [samples[i] for i in have]
+            toks = [tokens[i] for i in have]
+            refs = [str(references[i]) for i in have]
+            res["with_answers"] = len(have)
+            res[f"k={k}"] = maj_at_k(sub, refs, k, toks)
+            if k > 1:
+                res["k=1"] = maj_at_k(sub, refs, 1, toks)
+    return res
 
 
 def sample_answers(lm: Any, prompts: Sequence[str], k: int, temperature: float = 0.7, max_tokens: int = 256,

@@ -189,3 +189,55 @@ def aggregate(per_item: Sequence[dict[str, float]], iters: int = 1000) -> dict[s
         vals = [item[name] for item in per_item if name in item]
         out[name] = {"value": float(np.mean(vals)), "stderr": bootstrap_stderr(vals, iters), "n": len(vals)}
     return out
+
+
+# --- calibration -----------------------------------------------------------------------------
+def choice_confidence(lls: Sequence[float], gold: int | Sequence[int]) -> tuple[float, float, float]:
+    """(confidence, correct, multi-class Brier) of one multiple-choice item.
+
+    The choices' log-likelihoods are softmax-normalised over the choices; the model's answer
+    is the argmax (as `acc`), its confidence is that answer's normalised probability, and the
+    multi-class Brier term is sum_k (p_k - y_k)^2 with y the one-hot gold answer.
+    """
+    a = np.asarray(lls, dtype=np.float64)
+    p = np.exp(a - a.max())
+    p /= p.sum()
+    pred = int(np.argmax(a))
+    golds = list(gold) if isinstance(gold, (list, tuple)) else [gold]
+    y = np.zeros_like(p)
+    y[[g for g in golds if 0 <= g < len(p)]] = 1.0
+    return float(p[pred]), _hit(pred, gold), float(((p - y) ** 2).sum())
+
+
+def calibration(confidences: Sequence[float], correct: Sequence[float], bins: int = 10) -> dict[str, Any]:
+    """Reliability diagram bins, Expected Calibration Error and Brier score.
+
+    Equal-width bins over [0, 1]: bin m holds confidences in ((m-1)/M, m/M] (0 goes to the
+    first bin), and ECE = sum_m |B_m|/n * |acc(B_m) - conf(B_m)| (Guo et al., 2017). MCE is
+    the largest gap over non-empty bins. Brier here is the top-label score mean (conf - correct)^2.
+    """
+    c = np.asarray(confidences, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    if c.shape != y.shape or c.ndim != 1:
+        raise EmberError("calibration needs one confidence and one correctness value per item.")
+    if bins < 1:
+        raise EmberError("calibration needs at least one bin.")
+    if c.size and (c.min() < 0 or c.max() > 1):
+        raise EmberError("Confidences must lie in [0, 1].")
+    n = c.size
+    idx = np.clip(np.ceil(c * bins).astype(int) - 1, 0, bins - 1)  # right-closed bins
+    table, ece, mce = [], 0.0, 0.0
+    for m in range(bins):
+        sel = idx == m
+        k = int(sel.sum())
+        row: dict[str, Any] = {"lo": m / bins, "hi": (m + 1) / bins, "count": k,
+                               "confidence": float(c[sel].mean()) if k else None,
+                               "accuracy": float(y[sel].mean()) if k else None}
+        if k:
+            gap = abs(row["accuracy"] - row["confidence"])
+            ece += k / n * gap
+            mce = max(mce, gap)
+        table.append(row)
+    return {"ece": float(ece), "mce": float(mce), "brier": float(((c - y) ** 2).mean()) if n else float("nan"),
+            "accuracy": float(y.mean()) if n else float("nan"), "confidence": float(c.mean()) if n else float("nan"),
+            "n": n, "bins": table}

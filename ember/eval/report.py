@@ -4,7 +4,8 @@
 hash of the model identity and the request, committed batch by batch, so a run that is
 interrupted and started again repeats no call it already made. `write_report` reads the
 `<task>.json` files `ember eval run --out DIR` writes (and `compare` results with
-ratings) and renders tables plus inline-SVG bar charts with error bars.
+ratings) and renders tables plus inline-SVG bar charts with error bars; for multiple-choice
+runs it reads `<task>.samples.jsonl` too and adds calibration (reliability diagram, ECE, Brier).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def _collect(run_dirs: Sequence[str | Path]) -> tuple[list[dict], list[dict]]:
             except (OSError, json.JSONDecodeError) as e:
                 raise EmberError(f"Cannot read {f}: {e}.") from None
             if "results" in obj and "task" in obj:
-                tasks.append(obj | {"run": d.name})
+                tasks.append(obj | {"run": d.name, "_samples": f.with_name(f"{obj['task']}.samples.jsonl")})
             elif "systems" in obj:
                 ratings.append(obj | {"run": d.name})
     return tasks, ratings
@@ -148,12 +149,86 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
                                f"{s['win_rate']:.3f}"] for n, s in systems]),
                  "<h3>Win-rate matrix (row beats column)</h3>",
                  _html_table([""] + names, [[a] + [_cell(wm.get(a, {}).get(b)) for b in names] for a in names])]
+    for t in tasks:  # multiple-choice runs: is the model's confidence in its answer its accuracy?
+        cal = task_calibration(t["_samples"])
+        if cal is None:
+            continue
+        md += ["", f"## Calibration ({t['run']}/{t['task']})", "",
+               f"ECE {cal['ece']:.4f} · MCE {cal['mce']:.4f} · Brier (top label) {cal['brier']:.4f} · "
+               f"Brier (all choices) {cal['brier_multiclass']:.4f} · accuracy {cal['accuracy']:.4f} · "
+               f"mean confidence {cal['confidence']:.4f} · n {cal['n']}", "",
+               "| bin | count | mean confidence | accuracy | gap |", "|---|---|---|---|---|"]
+        md += [f"| ({b['lo']:.1f}, {b['hi']:.1f}] | {b['count']} | {_f(b['confidence'])} | {_f(b['accuracy'])} | "
+               f"{_f(None if b['count'] == 0 else abs(b['accuracy'] - b['confidence']))} |" for b in cal["bins"]]
+        body += [f"<h2>Calibration ({html.escape(t['run'])}/{html.escape(t['task'])})</h2>",
+                 f"<p>ECE {cal['ece']:.4f}, MCE {cal['mce']:.4f}, Brier (top label) {cal['brier']:.4f}, "
+                 f"Brier (all choices) {cal['brier_multiclass']:.4f}, n {cal['n']}</p>",
+                 _reliability_png(cal, f"{t['run']}/{t['task']}"),
+                 _html_table(["bin", "count", "mean confidence", "accuracy"],
+                             [[f"({b['lo']:.1f}, {b['hi']:.1f}]", b["count"], _f(b["confidence"]), _f(b["accuracy"])]
+                              for b in cal["bins"]])]
     paths = {"markdown": out / "report.md", "html": out / "report.html"}
     paths["markdown"].write_text("\n".join(md) + "\n", encoding="utf-8")
     paths["html"].write_text("<!doctype html><meta charset='utf-8'><title>Evaluation report</title>"
                              "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border:1px solid #ccc}"
                              "table{border-collapse:collapse}</style>" + "\n".join(body), encoding="utf-8")
     return paths
+
+
+def task_calibration(samples_path: Path, bins: int = 10) -> dict[str, Any] | None:
+    """Calibration of a multiple-choice run from its per-sample log: None when it is not one."""
+    from ember.eval.metrics import calibration, choice_confidence
+
+    if not Path(samples_path).is_file():
+        return None
+    conf, hit, brier = [], [], []
+    with open(samples_path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            s = json.loads(line)
+            if "loglikelihoods" not in s or "gold" not in s:
+                return None
+            c, h, b = choice_confidence(s["loglikelihoods"], s["gold"])
+            conf.append(c), hit.append(h), brier.append(b)
+    if not conf:
+        return None
+    return calibration(conf, hit, bins) | {"brier_multiclass": sum(brier) / len(brier)}
+
+
+def _reliability_png(cal: dict[str, Any], title: str) -> str:
+    """The reliability diagram as an embedded PNG (matplotlib, headless); empty when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "<p>(install matplotlib for the reliability diagram)</p>"
+    import base64
+    import io
+
+    full = [b for b in cal["bins"] if b["count"]]
+    width = 1.0 / len(cal["bins"])
+    fig, ax = plt.subplots(figsize=(4.2, 4.2), dpi=100)
+    ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
+           color="#4a7bd0", edgecolor="black", label="accuracy")
+    ax.bar([b["lo"] for b in full], [b["confidence"] - b["accuracy"] for b in full], width=width, align="edge",
+           bottom=[b["accuracy"] for b in full], color="#e06666", alpha=0.4, edgecolor="#e06666", label="gap")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"{title}\nECE {cal['ece']:.3f}")
+    ax.legend(loc="upper left", fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="reliability diagram {html.escape(title)}" src="data:image/png;base64,{data}"/>'
+
+
+def _f(v: float | None) -> str:
+    return "" if v is None else f"{v:.4f}"
 
 
 def _cell(v: float | None) -> str:
