@@ -41,6 +41,7 @@ def test_ngram_proposer_continues_the_most_recent_match():
     assert p.propose([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 3) == [7, 1, 2]  # latest match of (1, 2, 3)
     assert p.propose([1, 2, 3, 4], 2) == []  # nothing repeats
     assert p.propose([5, 1, 5], 4) == [1, 5]  # continuation runs to the end of the context
+    assert p.propose([7, 8, 9, 7, 8, 7, 8], 3) == [9, 7, 8]  # the latest match has only 2 tokens after it
 
 
 def test_verify_greedy_keeps_the_agreeing_prefix_and_adds_the_targets_token():

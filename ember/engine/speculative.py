@@ -72,7 +72,7 @@ def verify(target_logits: Tensor, draft: list[int], params: SamplingParams, gene
 
 class NgramProposer:
     """Prompt lookup: match the last n tokens (n from `max_n` down to `min_n`) earlier in the
-    sequence and propose the k tokens that followed the most recent match."""
+    sequence and propose the k tokens that followed the most recent match (that has k)."""
 
     def __init__(self, max_n: int = 3, min_n: int = 1) -> None:
         if not 1 <= min_n <= max_n:
@@ -86,7 +86,10 @@ class NgramProposer:
             windows = np.lib.stride_tricks.sliding_window_view(ids[:-1], n)  # every earlier n-gram
             hits = np.flatnonzero((windows == tail).all(axis=1))
             if hits.size:
-                start = int(hits[-1]) + n  # the most recent match's continuation
+                # The most recent match with k tokens after it; in a short loop that is an earlier
+                # period, whose continuation covers all k guesses.
+                full = hits[hits + n + k <= len(ids)]
+                start = int(full[-1] if full.size else hits[0]) + n
                 return ids[start:start + k].tolist()
         return []
 
