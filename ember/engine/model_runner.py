@@ -19,7 +19,6 @@ from ember.sampling import PenaltyTracker, draw, process_logits
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool) -> None:
         self.model, self.pool = model, pool
-        self.device = model.lm_head.weight.device
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None, list[int]]:
@@ -104,7 +103,7 @@ def hidden_states(model: CausalLM, pool: KVPool, items: list[tuple[list[int], in
     """One forward over a flat batch: items are (token ids, position of the first, block table).
     Returns the final hidden state of every token, [N, hidden]."""
     bs = pool.block_size
-    device = model.lm_head.weight.device
+    device = pool.kv[0].device  # the pool lives beside the model; reading a (quantized) weight here could dequantize it
     ids, positions, slots = [], [], []
     for tokens, start, table in items:
         ids += tokens

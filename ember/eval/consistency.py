@@ -98,23 +98,9 @@ def draw_samples(lm: Any, prompts: Sequence[str], k: int, temperature: float = 0
                 per = [total // k + (1 if j < total % k else 0) for j in range(k)]
             counts.append(per)
         return texts, counts
-    if not hasattr(lm, "tokenizer") or not hasattr(lm, "model"):
+    if not hasattr(lm, "sample"):
         raise EmberError("Sampling needs a local model (--model DIR) or an endpoint (--endpoint URL).")
-    from ember.engine import LLM, SamplingParams
-
-    if not hasattr(lm, "_llm"):
-        lm._llm = LLM(lm.model, lm.tokenizer)
-    L = lm._llm.max_model_len
-    budget = min(max_tokens, L // 2)  # as LocalLM.generate: the prompt keeps L - budget tokens
-    add_bos = bool(getattr(lm.tokenizer, "add_bos_token", False))
-    ids = [lm.tokenizer.encode(p, add_bos=add_bos)[-(L - budget):] for p in prompts]
-    reqs, params = [], []
-    for i in ids:
-        for j in range(k):
-            reqs.append(i)
-            params.append(SamplingParams(temperature=temperature, max_tokens=max(1, min(max_tokens, L - len(i))),
-                                         stop=stop, seed=seed + j))
-    outs = lm._llm.generate(reqs, params)
+    outs = lm.sample(list(prompts), stop, max_tokens, temperature, [seed + j for j in range(k)])
     texts = [[outs[q * k + j].outputs[0].text for j in range(k)] for q in range(len(prompts))]
     counts = [[len(outs[q * k + j].outputs[0].token_ids) for j in range(k)] for q in range(len(prompts))]
     return texts, counts

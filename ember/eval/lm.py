@@ -145,21 +145,33 @@ class LocalLM:
             results[req] = LLResult(lp, g, n)
 
     # --- generation ------------------------------------------------------------------------
-    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
-                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
-        from ember.engine import LLM, SamplingParams
+    def engine(self) -> Any:
+        """The engine over this model, built on first use."""
+        from ember.engine import LLM
 
         if not hasattr(self, "_llm"):
             self._llm = LLM(self.model, self.tokenizer)
-        params = SamplingParams(temperature=temperature, max_tokens=max_tokens, stop=[u for u in until if u],
-                                seed=seed)
-        L = self._llm.max_model_len
+        return self._llm
+
+    def sample(self, prompts: list[str], until: list[str], max_tokens: int = 256, temperature: float = 0.0,
+               seeds: list[int | None] | None = None) -> list[Any]:
+        """One engine request per (prompt, seed): `RequestOutput`s in that order, prompt-major."""
+        from ember.engine import SamplingParams
+
+        L = self.engine().max_model_len
         budget = min(max_tokens, L // 2)  # lm-eval: the context keeps max_length - max_gen_toks tokens
-        ids = [self.tokenizer.encode(p, add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))[-(L - budget):]
-               for p in prompts]
-        room = [SamplingParams(**{**params.__dict__, "max_tokens": max(1, min(max_tokens, L - len(i)))})
-                for i in ids]
-        return [o.outputs[0].text for o in self._llm.generate(ids, room)]
+        add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
+        ids = [self.tokenizer.encode(p, add_bos=add_bos)[-(L - budget):] for p in prompts]
+        seeds = seeds or [None]
+        reqs = [i for i in ids for _ in seeds]
+        params = [SamplingParams(temperature=temperature, max_tokens=max(1, min(max_tokens, L - len(i))),
+                                 stop=[u for u in until if u], seed=s) for i in ids for s in seeds]
+        return self.engine().generate(reqs, params)
+
+    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
+                 temperature: float = 0.0, seed: int | None = None) -> list[str]:
+        outs = self.sample(prompts, until, max_tokens, temperature, [seed])
+        return [o.outputs[0].text for o in outs]
 
 
 class EndpointLM:

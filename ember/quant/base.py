@@ -23,8 +23,8 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight [out, in] reconstructed from the quantized tensors."""
-        raise NotImplementedError
+        """The weight [out, in] reconstructed from the quantized tensors (each method defines it)."""
+        raise NotImplementedError(f"{type(self).__name__} must define dequantize()")
 
     @property
     def weight(self) -> Tensor:
