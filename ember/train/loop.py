@@ -177,6 +177,21 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
+RUN_FILE = "run.json"  # what a recipe was started with, so --resume needs no flags again
+
+
+def read_run(out_dir: Path, train_config: TrainConfig | None) -> tuple[dict[str, Any], TrainConfig]:
+    """A run's saved settings for --resume; a given `train_config` may only raise max_steps."""
+    run_file = out_dir / RUN_FILE
+    if not run_file.is_file():
+        raise EmberError(f"Nothing to resume in {out_dir}: it has no {RUN_FILE}.")
+    run = read_json(run_file, "Run file")
+    saved = TrainConfig.from_dict(run["train_config"])
+    if train_config is not None:
+        saved.max_steps = train_config.max_steps  # allow extending a finished run
+    return run, saved
+
+
 def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], Any],
           loss_fn: Callable[[nn.Module, Any], tuple[Tensor, int, dict[str, float]]], out_dir: str | Path,
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, resume: bool = False,

@@ -17,16 +17,15 @@ from typing import Any
 
 import torch
 
-from ember.checkpoint import load_config, read_json, save_pretrained, write_json
+from ember.checkpoint import load_config, save_pretrained, write_json
 from ember.config import ModelConfig
 from ember.data import TokenShards
 from ember.device import pick_device
 from ember.errors import EmberError
 from ember.model import CausalLM
 from ember.tokenizer import load_tokenizer
-from ember.train.loop import CHECKPOINT, TrainConfig, lm_loss, train
+from ember.train.loop import CHECKPOINT, RUN_FILE, TrainConfig, lm_loss, read_run, train
 
-RUN_FILE = "run.json"
 
 
 def round_vocab(n: int, multiple: int = 64) -> int:
@@ -65,14 +64,8 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
 
     run_file = out_dir / RUN_FILE
     if resume:
-        if not run_file.is_file():
-            raise EmberError(f"Nothing to resume in {out_dir}: it has no {RUN_FILE}.")
-        run = read_json(run_file, "Run file")
+        _, train_config = read_run(out_dir, train_config)
         model_config = load_config(out_dir / CHECKPOINT)
-        saved = TrainConfig.from_dict(run["train_config"])
-        if train_config.max_steps != saved.max_steps:
-            saved.max_steps = train_config.max_steps  # allow extending a finished run
-        train_config = saved
     else:
         if model_config is None:
             raise EmberError("Give a model preset or config to pretrain.")

@@ -27,10 +27,9 @@ from ember.lora import LoraConfig, apply_lora, base_weight_bytes, describe_train
 from ember.tokenizer import load_tokenizer
 from ember.train.examples import (Row, block_diagonal_mask, collate, example_row, load_sft_examples,
                                   pack_examples, render_messages)
-from ember.train.loop import TrainConfig, lm_loss, train
+from ember.train.loop import RUN_FILE, TrainConfig, lm_loss, read_run, train
 
 METHODS = ("full", "lora", "qlora")
-RUN_FILE = "run.json"
 
 
 class AdapterView(nn.Module):
@@ -133,13 +132,8 @@ def sft(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, metho
     out_dir = Path(out_dir)
     run_file = out_dir / RUN_FILE
     if resume:
-        if not run_file.is_file():
-            raise EmberError(f"Nothing to resume in {out_dir}: it has no {RUN_FILE}.")
-        run = read_json(run_file, "Run file")
-        saved = TrainConfig.from_dict(run["train_config"])
-        if train_config is not None:
-            saved.max_steps = train_config.max_steps  # allow extending a finished run
-        train_config, method, pack = saved, run["method"], run["pack"]
+        run, train_config = read_run(out_dir, train_config)
+        method, pack = run["method"], run["pack"]
         train_on_prompt, model_dir, data_file = run["train_on_prompt"], run["model"], run["data"]
         lora = LoraConfig(**run["lora"]) if run.get("lora") else None
         val_file = run.get("val")
