@@ -68,6 +68,79 @@ def test_batched_greedy_matches_transformers_per_prompt(pair, prefix_caching):
         assert llm.block_manager.prefix_hits > 0
 
 
+@pytest.mark.parametrize("pack_weights", [True, False])
+def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, monkeypatch, pack_weights):
+    """Free extra SDPA calls: every distinct context length becomes its own decode group, so the
+    grouped path (rows picked out of and written back into the flat batch) is what runs."""
+    import ember.engine.paged_cache as paged_cache
+
+    monkeypatch.setattr(paged_cache, "GROUP_COST_SLOTS", 0)
+    model, hf = pair
+    ps = prompts()
+    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256, pack_weights=pack_weights)
+    seen = []
+    original = paged_cache.split_by_length
+    monkeypatch.setattr(paged_cache, "split_by_length", lambda d: seen.append(len(original(d))) or original(d))
+    outs = run_checked(llm, ps, SamplingParams(temperature=0, max_tokens=12))
+    assert max(seen) == len(ps)  # all six decodes in separate groups
+    for p, out in zip(ps, outs):
+        assert out.outputs[0].token_ids == hf_greedy(hf, p, 12)
+
+
+def test_weights_are_packed_by_default_only_for_models_the_engine_loads(pair, tmp_path):
+    from ember.checkpoint import save_pretrained
+
+    model, _ = pair
+    assert LLM(model, num_kv_blocks=8).pack_weights is False  # the caller may be training it
+    save_pretrained(model, None, tmp_path / "m")
+    assert LLM(tmp_path / "m", num_kv_blocks=8).pack_weights is True
+    assert LLM(tmp_path / "m", num_kv_blocks=8, pack_weights=False).pack_weights is False
+
+
+def test_split_by_length_is_the_cheapest_split():
+    from itertools import combinations
+
+    from ember.engine.paged_cache import GROUP_COST_SLOTS, split_by_length
+
+    def cost(groups):
+        return sum(len(g) * max(m[2] for m in g) + GROUP_COST_SLOTS for g in groups)
+
+    g = torch.Generator().manual_seed(1)
+    for trial in range(20):
+        lengths = torch.randint(1, 900, (int(torch.randint(2, 8, (1,), generator=g)),), generator=g).tolist()
+        decodes = [(row, 1, L, []) for row, L in enumerate(lengths)]
+        groups = split_by_length(decodes)
+        assert sorted(m for grp in groups for m in grp) == sorted(decodes)  # each sequence exactly once
+        order = sorted(decodes, key=lambda m: m[2])
+        brute = min(cost([order[a:b] for a, b in zip((0,) + cuts, cuts + (len(order),))])
+                    for r in range(len(order)) for cuts in combinations(range(1, len(order)), r))
+        assert cost(groups) == brute
+    # short and long contexts apart; similar ones together
+    groups = split_by_length([(i, 1, L, []) for i, L in enumerate([20] * 8 + [900] * 8)])
+    assert sorted(len(grp) for grp in groups) == [8, 8]
+    assert split_by_length([(i, 1, 100 + i, []) for i in range(8)]) == [[(i, 1, 100 + i, []) for i in range(8)]]
+
+
+def test_packed_linears_match_and_follow_weight_updates():
+    from ember import packed_linear
+
+    if not packed_linear.available():
+        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 96)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(5, 7, 64)
+    with torch.inference_mode(), packed_linear.packed_linears(model):
+        assert "forward" in layer.__dict__
+        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert "forward" not in layer.__dict__  # the model is itself again outside the block
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # an optimizer step changes the weight in place
+    with torch.inference_mode(), packed_linear.packed_linears(model):
+        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(model(x[:1, :1]), torch.nn.functional.linear(x[:1, :1], layer.weight, layer.bias))
+
+
 def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
     model, hf = pair
     ps = prompts()

@@ -66,6 +66,11 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    # CPU fp32: multiply through oneDNN-packed copies of the linear weights (faster for
+    # batches of rows; costs a second copy of those weights in memory). None: on when the
+    # engine loaded the model itself, off for a model object passed in, which its owner may
+    # be training (a fused optimizer step changes weights without PyTorch noticing).
+    pack_weights: bool | None = None
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -113,7 +118,8 @@ class LLM:
             num_blocks = -(-self.max_model_len // cfg.block_size)
         self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        self.runner = ModelRunner(self.model, self.pool)
+        self.pack_weights = cfg.pack_weights if cfg.pack_weights is not None else not isinstance(model, CausalLM)
+        self.runner = ModelRunner(self.model, self.pool, self.pack_weights)
         self.proposer = self._make_proposer(cfg, weight)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    cfg.enable_chunked_prefill, lookahead=self._lookahead if self.proposer else None)
@@ -138,8 +144,10 @@ class LLM:
             if not 1 <= cfg.prompt_lookup_min <= cfg.prompt_lookup_max:
                 raise EmberError("Prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max.")
             return NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+        pack = self.pack_weights
         if isinstance(spec, CausalLM):
             draft = spec.to(device=weight.device, dtype=weight.dtype)
+            pack = cfg.pack_weights is True  # the caller's own model, as above
         elif isinstance(spec, str) and spec.startswith("draft:"):
             from ember.checkpoint import load_model
 
@@ -149,7 +157,7 @@ class LLM:
         if draft.config.vocab_size != self.model.config.vocab_size:
             raise EmberError(f"The draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({self.model.config.vocab_size}); a draft must share the target's tokenizer.")
-        return DraftProposer(draft, self.pool)
+        return DraftProposer(draft, self.pool, pack)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Guessed tokens worth verifying for this sequence: within its budget of new tokens and the context."""

@@ -13,12 +13,14 @@ from torch import Tensor
 from ember.engine.paged_cache import KVPool, PagedBatch
 from ember.engine.sequence import Sequence
 from ember.model import CausalLM
+from ember.packed_linear import packed_linears
 from ember.sampling import PenaltyTracker, draw, process_logits
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, pool: KVPool) -> None:
+    def __init__(self, model: CausalLM, pool: KVPool, pack_weights: bool = False) -> None:
         self.model, self.pool = model, pool
+        self.pack_weights = pack_weights  # oneDNN-packed fp32 weights on the CPU (ember/packed_linear.py)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None, list[int]]:
@@ -39,11 +41,12 @@ class ModelRunner:
                 sample_rows.extend(range(row - 1 - k, row))
                 sample_seqs.append(seq)
                 counts.append(k + 1)
-        hidden = hidden_states(self.model, self.pool, items)
-        logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
-        for seq, n in scheduled:
-            if seq.seq_id in prompt_rows:
-                self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
+        with packed_linears(self.model, self.pack_weights):
+            hidden = hidden_states(self.model, self.pool, items)
+            logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
+            for seq, n in scheduled:
+                if seq.seq_id in prompt_rows:
+                    self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
         return sample_seqs, logits, counts
 
     def sample_all(self, seqs: list[Sequence], logits: Tensor, counts: list[int]) -> list[tuple[list[int], list]]:
@@ -115,11 +118,13 @@ def hidden_states(model: CausalLM, pool: KVPool, items: list[tuple[list[int], in
     return model.hidden_states(torch.tensor([ids], device=device), positions=pos, cache=batch)[0]
 
 
-def forward_tokens(model: CausalLM, pool: KVPool, items: list[tuple[list[int], int, list[int]]]) -> Tensor:
+def forward_tokens(model: CausalLM, pool: KVPool, items: list[tuple[list[int], int, list[int]]],
+                   pack_weights: bool = False) -> Tensor:
     """Logits of each item's last token, [len(items), V] (float32)."""
-    hidden = hidden_states(model, pool, items)
-    last = torch.tensor([len(t) for t, _, _ in items]).cumsum(0) - 1
-    return model.lm_head(hidden[last.to(hidden.device)]).float()
+    with packed_linears(model, pack_weights):
+        hidden = hidden_states(model, pool, items)
+        last = torch.tensor([len(t) for t, _, _ in items]).cumsum(0) - 1
+        return model.lm_head(hidden[last.to(hidden.device)]).float()
 
 
 def _plain_greedy(seq: Sequence) -> bool:

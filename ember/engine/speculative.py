@@ -97,8 +97,9 @@ class NgramProposer:
 class DraftProposer:
     """A small model guesses k tokens one at a time, on its own KV pool (same block tables)."""
 
-    def __init__(self, model: CausalLM, target_pool: KVPool) -> None:
+    def __init__(self, model: CausalLM, target_pool: KVPool, pack_weights: bool = False) -> None:
         self.model = model.eval()
+        self.pack_weights = pack_weights
         w = model.lm_head.weight
         self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
 
@@ -114,7 +115,7 @@ class DraftProposer:
         items = [(seq.token_ids[seq.draft_computed:], seq.draft_computed, seq.block_table) for seq in seqs]
         active = list(range(len(seqs)))
         for step in range(max(ks)):
-            logits = forward_tokens(self.model, self.pool, items)
+            logits = forward_tokens(self.model, self.pool, items, self.pack_weights)
             next_items, next_active = [], []
             for row, i in enumerate(active):
                 seq = seqs[i]
