@@ -124,7 +124,36 @@ def run_trl_dpo(a, train_rows, tok, held_pairs, ref_held, prompts) -> dict:
     return out
 
 
+def sft_mixed_base(a) -> Path:
+    """SFT the pretrained base into a chat model that does both behaviours: it answers the
+    arithmetic prompts of its training set concisely for `--sft-concise-share` of them and
+    with the rambling reply otherwise (prompts disjoint from the DPO and held-out ones). DPO
+    then has a behaviour to move: the first step of the usual SFT -> preference pipeline."""
+    import random
+
+    from ember.train.sft import sft
+
+    rng = random.Random(3)
+    used = {r["prompt"] for r in dpo_data(a.dpo_pairs, a.eval_pairs)[0] + dpo_data(a.dpo_pairs, a.eval_pairs)[1]}
+    rows = synth_rows("concise-over-rambling", a.sft_rows, seed=7, base_task="arithmetic", exclude=used)
+    data = [{"messages": [{"role": "user", "content": r["prompt"]},
+                          {"role": "assistant", "content": r["chosen"] if rng.random() < a.sft_concise_share
+                           else r["rejected"]}]} for r in rows]
+    run = Path(a.work) / "sft_mix"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    (run / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    cfg = TrainConfig(max_steps=100000, batch_size=16, block_size=96, lr=1e-3, warmup_steps=20, weight_decay=0.0,
+                      save_every=0, eval_every=0, log_every=20, time_budget_s=a.sft_minutes * 60,
+                      schedule_by_time=True)
+    last = sft(a.base, run / "data.jsonl", run / "out", method="full", train_config=cfg, progress=False)
+    print(f"SFT (mixed behaviour) base: {last['step']} steps, loss {last['loss']:.3f}", flush=True)
+    return run / "out" / "model"
+
+
 def dpo_section(a) -> dict:
+    if a.sft_minutes > 0:
+        a.pretrained_base, a.base = a.base, str(sft_mixed_base(a))
     tok = load_tokenizer(a.base)
     train_rows, held_rows = dpo_data(a.dpo_pairs, a.eval_pairs)
     train_pairs, _ = render_pairs(tok, pairs_from_dicts(train_rows).pairs, 128)
@@ -140,6 +169,8 @@ def dpo_section(a) -> dict:
     print(f"DPO Ember: accuracy {ember['held_out_accuracy']:.1%}, concise {ember['greedy_concise_rate']:.1%}, "
           f"{ember['train_seconds']:.1f}s", flush=True)
     result = {"task": "concise-over-rambling (arithmetic prompts)", "train_pairs": len(train_pairs),
+              "dpo_base": str(a.base), "sft_mix": {"minutes": a.sft_minutes, "rows": a.sft_rows,
+                                                   "concise_share": a.sft_concise_share},
               "held_out_pairs": len(held_pairs), "greedy_prompts": len(prompts), "beta": a.beta, "lr": a.dpo_lr,
               "steps": a.dpo_steps, "batch_pairs": a.batch_size, "before": before, "ember": ember}
     if a.peer:
@@ -163,8 +194,9 @@ def ppo_section(a) -> dict:
     from ember.train.ppo import PPOConfig, rule_reward
     from ember.train.rlhf import ppo_train
 
-    tok = load_tokenizer(a.base)
-    policy = load_model(a.base, device="cpu", dtype=torch.float32)
+    base = getattr(a, "pretrained_base", a.base)  # PPO starts from the pretrained base, not DPO's SFT base
+    tok = load_tokenizer(base)
+    policy = load_model(base, device="cpu", dtype=torch.float32)
     train_p, held_p = CODE_PROMPTS[:24], CODE_PROMPTS[24:]
     cfg = PPOConfig(iterations=a.ppo_iterations, rollout_batch=16, minibatch=8, ppo_epochs=4,
                     max_new_tokens=24, lr=a.ppo_lr, kl_coef=0.05, target_kl=a.target_kl, eval_every=10, seed=0)
@@ -185,6 +217,19 @@ def ppo_section(a) -> dict:
     print(f"PPO: held-out reward {out['held_out_reward_before']:.3f} -> {out['held_out_reward_after']:.3f}, "
           f"KL {out['held_out_kl_after']:.2f} (target {a.target_kl}), {seconds:.0f}s", flush=True)
     return out
+
+
+def dpo_base_note(res: dict, d: dict) -> str:
+    mix = d.get("sft_mix") or {}
+    if mix.get("minutes"):
+        return (f"- DPO base: the pretrained {res.get('pretrained_base', res['base'])} after {mix['minutes']:g} min of "
+                f"SFT on {mix['rows']} arithmetic chats answered concisely {mix['concise_share']:.0%} of the time and "
+                "with the rambling reply otherwise (prompts disjoint from the DPO and held-out ones): a chat model "
+                "with both behaviours, so the greedy column shows which one DPO moves it to. 'before' is that "
+                "SFT model.")
+    return (f"- Base: {res['base']}. On a weak base (a few minutes of pretraining) greedy replies never end "
+            "their turn within the concise limit, before or after; the held-out preference accuracy is the "
+            "target metric.")
 
 
 def write_markdown(res: dict) -> str:
@@ -217,10 +262,7 @@ def write_markdown(res: dict) -> str:
               "log-probs once and caches them, which is most of the time difference.",
               "- The KL column is the Monte-Carlo estimate sum(log pi - log ref) over sampled replies; "
               "near zero it can come out slightly negative.",
-              f"- Base: {res['base']}. On a weak base (a few minutes of pretraining) greedy replies never end "
-              "their turn within the concise limit, before or after; the held-out preference accuracy is the "
-              "target metric, and Ember's and TRL's greedy outputs after DPO are near-identical (see align.json).",
-              ""]
+              dpo_base_note(res, d), ""]
     return "\n".join(lines)
 
 
@@ -232,6 +274,10 @@ def main() -> None:
     ap.add_argument("--eval-pairs", type=int, default=100)
     ap.add_argument("--greedy-prompts", type=int, default=40)
     ap.add_argument("--dpo-steps", type=int, default=60)
+    ap.add_argument("--sft-minutes", type=float, default=4.0,
+                    help="first SFT the base on a concise/rambling mix for this long (0: DPO the base directly)")
+    ap.add_argument("--sft-rows", type=int, default=2000)
+    ap.add_argument("--sft-concise-share", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dpo-lr", type=float, default=5e-5)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -257,6 +303,8 @@ def main() -> None:
         res = {**json.loads(previous.read_text()), **res}
     if a.only in ("all", "dpo"):
         res["dpo"] = dpo_section(a)
+        if getattr(a, "pretrained_base", None):
+            res["pretrained_base"] = a.pretrained_base
     if a.only in ("all", "ppo"):
         res["ppo"] = ppo_section(a)
     (RESULTS / "align.json").write_text(json.dumps(res, indent=2) + "\n")

@@ -174,6 +174,8 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=8)
     p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--speed-only", action="store_true",
+                   help="time LoRA steps only; keep the other results from the existing results file")
     p.add_argument("--work", default="/tmp/ft_bench")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -194,6 +196,10 @@ def main() -> None:
            "base_params": load_model(base, device="cpu").num_parameters(), "minutes": args.minutes,
            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
            "methods": [], "args": vars(args)}
+    out = Path(args.out)
+    if args.speed_only and out.with_suffix(".json").is_file():
+        res = json.loads(out.with_suffix(".json").read_text())
+        args.methods = ""
     for method in [m for m in args.methods.split(",") if m]:
         res["methods"].append(run_method(method, base, train_file, held, work, args))
         if method == "qlora":
@@ -204,7 +210,6 @@ def main() -> None:
             res["qlora_memory"] = {"nf4_bytes": now, "bf16_bytes": bf16, "ratio": now / bf16}
     if not args.no_speed:
         res["speed"] = speed(base, train_file, args)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))

@@ -107,6 +107,47 @@ def test_ember_adapter_opens_in_peft_with_identical_logits(base_dir, tmp_path):
         torch.testing.assert_close(model(ids()), theirs(ids()).logits, atol=1e-5, rtol=0)
 
 
+def test_lora_training_follows_peft_step_by_step(base_dir):
+    """Same base, adapter init, batches and AdamW: the two training runs give the same losses,
+    so the gradients through Ember's adapters (and the frozen base) are PEFT's."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity peer")
+    peft = pytest.importorskip("peft", reason="peft is the parity peer")
+    from ember.train.loop import TrainConfig, lm_loss, make_optimizer
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    torch.manual_seed(0)
+    ours = apply_lora(base(base_dir), LoraConfig(r=4, alpha=16, target_modules=targets)).train()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets,
+                                                     task_type="CAUSAL_LM")).train()
+    layers = lora_layers(ours)
+    copied = 0
+    with torch.no_grad():  # start from the same A (random) and B (zero)
+        for name, p in theirs.named_parameters():
+            if ".lora_" in name:
+                path, which = name.removeprefix("base_model.model.").split(".lora_")
+                p.copy_(getattr(layers[path], "lora_" + which.split(".")[0]).weight)
+                copied += 1
+    assert copied == 2 * len(layers)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.0)
+
+    def losses(model, forward):
+        opt, out = make_optimizer(model, cfg), []
+        for step in range(6):
+            x = ids(seed=10 + step % 2)  # two batches in turn: the loss on them must fall
+            loss, n = lm_loss(forward(model, x[:, :-1]), x[:, 1:])
+            (loss / n).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            out.append(float(loss.detach() / n))
+        return out
+
+    ember_losses = losses(ours, lambda m, x: m(x))
+    peft_losses = losses(theirs, lambda m, x: m(input_ids=x).logits)
+    assert ember_losses[-1] < ember_losses[0]  # it trains
+    assert ember_losses == pytest.approx(peft_losses, abs=1e-4)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "down_proj"], "all-linear"])
 def test_peft_adapter_opens_in_ember_with_identical_logits(base_dir, tmp_path, targets):
     transformers = pytest.importorskip("transformers", reason="transformers is the parity peer")
