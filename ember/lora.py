@@ -179,11 +179,23 @@ def _base_weight(layer: LoraLinear) -> Tensor:
     return layer.base_layer.weight
 
 
+def _untie(model: nn.Module, layer: LoraLinear) -> None:
+    """A tied LM head shares its weight with the token embeddings, so merging into it would move
+    the embeddings too. Give the head its own copy first; the model is untied from then on."""
+    w = layer.base_layer.weight
+    if any(isinstance(m, nn.Embedding) and m.weight is w for m in model.modules()):
+        layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
+            model.config.tie_word_embeddings = False  # saved checkpoints then keep both matrices
+
+
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += scaling B A), computed in float32."""
     for layer in lora_layers(model).values():
         if not layer.merged:
+            _base_weight(layer)  # refuses a quantized base
+            _untie(model, layer)
             w = _base_weight(layer)
             w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
             layer.merged = True

@@ -85,6 +85,23 @@ def test_merge_and_unmerge_are_exact_to_rounding(base_dir):
         torch.testing.assert_close(plain(ids()), adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_merging_into_a_tied_head_leaves_the_embeddings_alone(tmp_path):
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=VOCAB, tie_word_embeddings=True)).eval()
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["lm_head", "q_proj"]))
+    randomize(model)
+    with torch.no_grad():
+        adapted = model(ids())
+        merged = merge_and_unload(model)
+        torch.testing.assert_close(merged(ids()), adapted, atol=1e-5, rtol=0)
+    assert torch.equal(merged.model.embed_tokens.weight, embeddings)
+    assert merged.config.tie_word_embeddings is False
+    save_pretrained(merged, None, tmp_path / "merged")  # both matrices saved, and read back as such
+    with torch.no_grad():
+        torch.testing.assert_close(base(tmp_path / "merged")(ids()), adapted, atol=1e-5, rtol=0)
+
+
 def test_disable_adapters_gives_the_base_exactly(base_dir):
     model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
     randomize(model)
