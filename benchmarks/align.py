@@ -94,7 +94,9 @@ def run_ember_dpo(a, tok, train_pairs, held_pairs, ref_held, prompts) -> dict:
 
 
 def run_trl_dpo(a, train_rows, tok, held_pairs, ref_held, prompts) -> dict:
-    """TRL's DPOTrainer on the same checkpoint, pairs and hyperparameters; measured by Ember."""
+    """TRL's DPOTrainer on the same checkpoint, pairs and hyperparameters; measured by Ember.
+
+    fp32 like Ember (TRL turns bf16 autocast on by default, on the CPU too)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig as TRLConfig, DPOTrainer
@@ -109,7 +111,7 @@ def run_trl_dpo(a, train_rows, tok, held_pairs, ref_held, prompts) -> dict:
     args = TRLConfig(output_dir=str(out_dir), per_device_train_batch_size=a.batch_size, max_steps=a.dpo_steps,
                      learning_rate=a.dpo_lr, lr_scheduler_type="cosine", warmup_steps=a.dpo_steps // 10,
                      weight_decay=0.0, beta=a.beta, loss_type=["sigmoid"], max_length=128, report_to="none",
-                     use_cpu=True, save_strategy="no", logging_steps=10, seed=1337, adam_beta2=0.95,
+                     use_cpu=True, bf16=False, save_strategy="no", logging_steps=10, seed=1337, adam_beta2=0.95,
                      max_grad_norm=1.0, dataloader_num_workers=0, gradient_checkpointing=False)
     trainer = DPOTrainer(model=hf, args=args, train_dataset=Dataset.from_list(conv), processing_class=hf_tok)
     t0 = time.perf_counter()
@@ -140,6 +142,9 @@ def sft_mixed_base(a) -> Path:
                           {"role": "assistant", "content": r["chosen"] if rng.random() < a.sft_concise_share
                            else r["rejected"]}]} for r in rows]
     run = Path(a.work) / "sft_mix"
+    if a.reuse_sft and (run / "out" / "model" / "config.json").is_file():
+        print(f"SFT (mixed behaviour) base: reusing {run / 'out' / 'model'}", flush=True)
+        return run / "out" / "model"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     (run / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
@@ -259,7 +264,13 @@ def write_markdown(res: dict) -> str:
               f"| {p['held_out_reward_before']:.3f} | {p['held_out_reward_after']:.3f} | {p['held_out_kl_after']:.2f} |",
               "", "![PPO curves](align.ppo.png)", "", "Notes:",
               "- TRL's DPOTrainer (defaults) runs the reference model every step; Ember computes reference "
-              "log-probs once and caches them, which is most of the time difference.",
+              "log-probs once and caches them, which is most of the time difference. TRL runs in fp32 here "
+              "(`bf16=False`; its default on the CPU is bf16 autocast).",
+              "- Both reach the same held-out preference accuracy, but the greedy behaviour can differ: in "
+              "align.json compare the samples and, in the two runs' logs, `logps/chosen` (TRL raises it, "
+              "Ember's stays flat while `logps/rejected` falls much further). One known difference: TRL "
+              "scores the chat template's newline after the end-of-turn token as a reply token; Ember's "
+              "reply ends at the end-of-turn token, as in its SFT.",
               "- The KL column is the Monte-Carlo estimate sum(log pi - log ref) over sampled replies; "
               "near zero it can come out slightly negative.",
               dpo_base_note(res, d), ""]
@@ -277,6 +288,7 @@ def main() -> None:
     ap.add_argument("--sft-minutes", type=float, default=4.0,
                     help="first SFT the base on a concise/rambling mix for this long (0: DPO the base directly)")
     ap.add_argument("--sft-rows", type=int, default=2000)
+    ap.add_argument("--reuse-sft", action="store_true", help="reuse the mixed-behaviour SFT model of a previous run")
     ap.add_argument("--sft-concise-share", type=float, default=0.3)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--dpo-lr", type=float, default=5e-5)

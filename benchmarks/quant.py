@@ -165,6 +165,18 @@ def hf_decode(path, dtype, prompt, n) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `reps` sums over a `gib`-GiB float32 tensor
+    (with the same threads as the decode runs), far bigger than any cache."""
+    x = torch.ones(int(gib * 2 ** 28))
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
 def speed(args) -> list[dict]:
     torch.manual_seed(0)
     cfg = preset(args.speed_preset)
@@ -176,8 +188,11 @@ def speed(args) -> list[dict]:
     rows = []
 
     def add(name, act, tps, nbytes, tokens=n, impl="ember"):
+        # A token reads every weight once, except the input embedding table (one row) when the
+        # head is untied; the table stays in the activation dtype under every method.
+        table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * (2 if act == "bf16" else 4)
         rows.append({"impl": impl, "method": name, "activations": act, "tokens_per_s": tps,
-                     "weight_bytes": nbytes, "new_tokens": tokens})
+                     "weight_bytes": nbytes, "read_bytes_per_token": nbytes - table, "new_tokens": tokens})
         print(f"  {rows[-1]}", flush=True)
 
     add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model))
@@ -276,12 +291,21 @@ def markdown(result) -> str:
     if result.get("decode"):
         fp = next(r["tokens_per_s"] for r in result["decode"] if r["impl"] == "ember" and r["method"] == "fp32")
         bf = next(r["tokens_per_s"] for r in result["decode"] if r["impl"] == "ember" and r["method"] == "bf16")
-        out += ["", f"## Batch-1 decode ({result['speed_model']}, {result['prompt_tokens']}-token prompt, greedy)", "",
-                "| impl | method | activations | weights (MiB) | tokens/s | vs Ember fp32 | vs Ember bf16 |",
-                "|---|---|---|---:|---:|---:|---:|"]
+        bw = result.get("memory_bandwidth")
+        out += ["", f"## Batch-1 decode ({result['speed_model']}, {result['prompt_tokens']}-token prompt, greedy)", ""]
+        if bw:
+            out += [f"Memory read bandwidth measured in the same run: {bw / 1e9:.1f} GB/s. 'Roofline' is "
+                    "bytes read per token (every weight but the rows of an untied input embedding table) × "
+                    "tokens/s ÷ that bandwidth (gpt-fast's 'bandwidth achieved'): the share of the speed "
+                    "that reading every weight once per token allows.", ""]
+        out += ["| impl | method | activations | weights (MiB) | tokens/s | vs Ember fp32 | vs Ember bf16 "
+                "| GB/s | roofline |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in result["decode"]:
+            achieved = r.get("read_bytes_per_token", r["weight_bytes"]) * r["tokens_per_s"]
+            roof = f"{100 * achieved / bw:.0f}%" if bw else "-"
             out.append(f"| {r['impl']} | {r['method']} | {r['activations']} | {r['weight_bytes'] / mib:.1f} | "
-                       f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp:.2f}x | {r['tokens_per_s'] / bf:.2f}x |")
+                       f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp:.2f}x | {r['tokens_per_s'] / bf:.2f}x | "
+                       f"{achieved / 1e9:.1f} | {roof} |")
     if result.get("gemv"):
         out += ["", "## GEMV: one token through one linear layer", "",
                 "| shape (in->out) | kernel | µs | vs fp32 | vs bf16 |", "|---|---|---:|---:|---:|"]
@@ -329,6 +353,8 @@ def main() -> None:
         result["quality"] = quality(model, tok, args)
     if "decode" not in args.skip:
         print("decode ...", flush=True)
+        result["memory_bandwidth"] = memory_bandwidth()
+        print(f"  memory read bandwidth {result['memory_bandwidth'] / 1e9:.1f} GB/s", flush=True)
         result["decode"] = speed(args)
     if "gemv" not in args.skip:
         print("gemv ...", flush=True)
