@@ -266,11 +266,10 @@ def write_markdown(res: dict) -> str:
               "- TRL's DPOTrainer (defaults) runs the reference model every step; Ember computes reference "
               "log-probs once and caches them, which is most of the time difference. TRL runs in fp32 here "
               "(`bf16=False`; its default on the CPU is bf16 autocast).",
-              "- Both reach the same held-out preference accuracy, but the greedy behaviour can differ: in "
-              "align.json compare the samples and, in the two runs' logs, `logps/chosen` (TRL raises it, "
-              "Ember's stays flat while `logps/rejected` falls much further). One known difference: TRL "
-              "scores the chat template's newline after the end-of-turn token as a reply token; Ember's "
-              "reply ends at the end-of-turn token, as in its SFT.",
+              "- Ember and TRL score each reply through the chat template's closing of the turn (the "
+              "newline after the end-of-turn token). When Ember stopped at the end-of-turn token, its DPO "
+              "reached the same accuracy but only 15% concise greedy replies: it pushed `logps/rejected` "
+              "down until the text broke, while TRL's run raised `logps/chosen`.",
               "- The KL column is the Monte-Carlo estimate sum(log pi - log ref) over sampled replies; "
               "near zero it can come out slightly negative.",
               dpo_base_note(res, d), ""]

@@ -71,12 +71,17 @@ def test_identical_pairs_are_skipped_and_counted(tmp_path):
     assert len(data.pairs) == 1 and data.skipped_identical == 2
 
 
-def test_rendered_pair_masks_only_the_reply(tok):
+def test_rendered_pair_scores_the_reply_through_the_end_of_its_turn(tok):
     [pair] = pairs_from_dicts(good_bad_pairs(["apple"])).pairs
     [r], dropped = render_pairs(tok, [pair], 64)
     assert dropped == 0
     reply = tok.decode([t for t, m in zip(r.chosen_ids, r.chosen_mask) if m])
-    assert reply == "good apple<|im_end|>"
+    assert reply.startswith("good apple<|im_end|>")
+    # What TRL scores: the whole conversation's tokens after the prompt's generation prompt,
+    # through the template's closing of the assistant turn.
+    prompt = tok.apply_chat_template(pair.prompt, add_generation_prompt=True, tokenize=True)
+    full = tok.apply_chat_template(pair.prompt + pair.chosen, add_generation_prompt=False, tokenize=True)
+    assert [t for t, m in zip(r.chosen_ids, r.chosen_mask) if m] == full[len(prompt):]
     # Same prompt tokens on both sides, different replies.
     first_c = r.chosen_mask.index(True)
     assert r.chosen_ids[:first_c] == r.rejected_ids[:first_c]
