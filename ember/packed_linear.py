@@ -5,7 +5,7 @@ row-major layout. oneDNN can first reorder a weight into its own blocked layout,
 and then multiply a few rows at a time faster: on a 2-core AVX2 machine, with a whole
 model's weights cold in cache as in a real step, 1.7x for 8 rows, 1.4x for 32 and 1.1x
 for 512. That is the engine's decode step: one row per running sequence (the engine
-benchmark's `pack_weights=False` row shows 1.10x end to end). For a single row MKL's
+benchmark's `pack_weights=False` row shows about 1.1x end to end). For a single row MKL's
 matrix-vector product stays faster, so single rows keep the plain path.
 
 `packed_linears(model)` switches a model's plain `nn.Linear` layers to packed weights
