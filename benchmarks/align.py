@@ -136,7 +136,8 @@ def sft_mixed_base(a) -> Path:
     from ember.train.sft import sft
 
     rng = random.Random(3)
-    used = {r["prompt"] for r in dpo_data(a.dpo_pairs, a.eval_pairs)[0] + dpo_data(a.dpo_pairs, a.eval_pairs)[1]}
+    train, held = dpo_data(a.dpo_pairs, a.eval_pairs)
+    used = {r["prompt"] for r in train + held}
     rows = synth_rows("concise-over-rambling", a.sft_rows, seed=7, base_task="arithmetic", exclude=used)
     data = [{"messages": [{"role": "user", "content": r["prompt"]},
                           {"role": "assistant", "content": r["chosen"] if rng.random() < a.sft_concise_share

@@ -179,14 +179,16 @@ def _base_weight(layer: LoraLinear) -> Tensor:
     return layer.base_layer.weight
 
 
-def _untie(model: nn.Module, layer: LoraLinear) -> None:
-    """A tied LM head shares its weight with the token embeddings, so merging into it would move
-    the embeddings too. Give the head its own copy first; the model is untied from then on."""
-    w = layer.base_layer.weight
+def _untied_weight(model: nn.Module, layer: LoraLinear) -> Tensor:
+    """The base weight to merge into. A tied LM head shares it with the token embeddings, so
+    merging would move the embeddings too: the head gets its own copy first, and the model
+    is untied from then on."""
+    w = _base_weight(layer)
     if any(isinstance(m, nn.Embedding) and m.weight is w for m in model.modules()):
-        layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        layer.base_layer.weight = w = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         if hasattr(getattr(model, "config", None), "tie_word_embeddings"):
             model.config.tie_word_embeddings = False  # saved checkpoints then keep both matrices
+    return w
 
 
 @torch.no_grad()
@@ -194,9 +196,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += scaling B A), computed in float32."""
     for layer in lora_layers(model).values():
         if not layer.merged:
-            _base_weight(layer)  # refuses a quantized base
-            _untie(model, layer)
-            w = _base_weight(layer)
+            w = _untied_weight(model, layer)
             w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
             layer.merged = True
     return model

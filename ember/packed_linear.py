@@ -18,6 +18,7 @@ only models it loaded itself (`pack_weights` in `ember.engine.EngineConfig`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 from typing import Iterator
@@ -26,10 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# weight -> ((data pointer, version), packed weight); entries go with their layer.
+# layer -> ((its weight's data pointer, version), packed weight); entries go with their layer.
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], Tensor]] = weakref.WeakKeyDictionary()
 
 
+@functools.cache
 def available() -> bool:
     """Whether this PyTorch build has oneDNN's packed linear."""
     ops = torch.ops.mkldnn
@@ -55,7 +57,7 @@ def _weight(module: nn.Linear) -> Tensor:
 
 def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if rows < 2 or x.dtype != torch.float32 or not _eligible(module) or x.device.type != "cpu":
+    if rows < 2 or x.dtype != torch.float32 or not _eligible(module):
         return F.linear(x, module.weight, module.bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), _weight(module),
                                              module.bias, "none", [], "")
@@ -64,7 +66,7 @@ def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
 
 # model -> its eligible layers with their packed forwards, found once: scanning the module
 # tree and binding closures every step costs more than the dictionary writes below.
-_layers: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Linear, object]]] = weakref.WeakKeyDictionary()
+_layers: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Linear, functools.partial]]] = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -80,7 +82,8 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         return
     layers = _layers.get(model)
     if layers is None:
-        layers = _layers[model] = [(m, _bind(m)) for m in model.modules() if _eligible(m)]
+        layers = _layers[model] = [(m, functools.partial(_packed_forward, m)) for m in model.modules()
+                                   if _eligible(m)]
     for layer, forward in layers:
         layer.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward
     try:
@@ -89,6 +92,3 @@ def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
         for layer, _ in layers:
             layer.__dict__.pop("forward", None)
 
-
-def _bind(layer: nn.Linear):
-    return lambda x: _packed_forward(layer, x)

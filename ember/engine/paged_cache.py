@@ -132,18 +132,12 @@ class PagedBatch:
         # q [1, H, N, D]; k, v [1, Hkv, N, D] for the N scheduled tokens.
         pool, hkv = self.pool.kv[layer], self.pool.num_kv_heads
         pool.index_copy_(0, self.slot_mapping, torch.cat((k[0], v[0]), dim=0).transpose(0, 1))
-        if self.single_ordered and self.groups[0].decode:
-            # Only decodes, in batch order: each row is one sequence's single query, so plain
-            # views replace the gathers and scatters of the general path.
-            g = self.groups[0]
-            kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)
-            o = attention(q[0].transpose(0, 1).unsqueeze(2), kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=False)
-            return o.squeeze(2).transpose(0, 1)[None]  # [1, H, B, D]
         out = None if self.single_ordered else torch.empty_like(q[0])  # [H, N, D]
         for g in self.groups:
             kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)  # [B, 2Hkv, ctx, D]
-            if g.decode:  # one query a sequence: pick the rows directly
-                queries = q[0][:, g.rows].transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
+            if g.decode:  # one query a sequence: pick the rows directly (in batch order: take them all)
+                rows = q[0] if self.single_ordered else q[0][:, g.rows]
+                queries = rows.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
                 o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=False)
                 o = o.squeeze(2).transpose(0, 1)  # [H, B, D]
             else:

@@ -44,6 +44,8 @@ def kernel_works(name: str, device: torch.device, dtype: torch.dtype = torch.flo
             _probe(name, device, dtype)
             _cache[key] = True
         except (RuntimeError, NotImplementedError, AttributeError):
+            # A build without the op (AttributeError) or without it for this device and dtype
+            # (the others): the layer falls back to dequantize-then-matmul.
             _cache[key] = False
     return _cache[key]
 
