@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.checkpoint import load_model, save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
+from ember import gemv as ember_gemv  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
 from ember.quant import quantize_model, weight_bytes  # noqa: E402
@@ -198,6 +199,10 @@ def speed(args) -> list[dict]:
     add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model))
     bf = copy.deepcopy(model).to(torch.bfloat16)
     add("bf16", "bf16", ember_decode(bf, prompt, n), weight_bytes(bf))
+    if ember_gemv.available():  # the ablation: what the one-row kernel (ember/gemv.py) buys
+        with ember_gemv.disabled():
+            add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model), impl="ember, PyTorch GEMV")
+            add("bf16", "bf16", ember_decode(bf, prompt, n), weight_bytes(bf), impl="ember, PyTorch GEMV")
     del bf
     for name, kw, acts, tokens in [("int8", {}, ("fp32", "bf16"), n),
                                    ("int4 g128", {"group_size": 128}, ("bf16", "fp32"), n),
@@ -251,8 +256,15 @@ def gemv(args) -> list[dict]:
         i8, i4 = Int8Linear.from_linear(lin), Int4Linear.from_linear(lin, 128)
         i4_32, nf = Int4Linear.from_linear(lin, 32), NF4Linear.from_linear(lin)
         w8 = W8A8Linear.from_linear(lin)
-        cases += [("int8 weight-only, fp32 act", lambda: i8(x32), False),
-                  ("int8 weight-only, bf16 act", lambda: i8(x16), False),
+        s8 = i8.scales.to(torch.bfloat16)
+        if ember_gemv.available():
+            cases += [("Ember gemv, fp32", lambda: ember_gemv.gemv(x32, lin.weight), False),
+                      ("Ember gemv, bf16", lambda: ember_gemv.gemv(x16, w16), False),
+                      ("Ember gemv, int8 weight-only", lambda: i8(x32), False)]
+        cases += [("int8 weight-only (aten int8pack), fp32 act",
+                   lambda: torch.ops.aten._weight_int8pack_mm(x32, i8.qweight, i8.scales), False),
+                  ("int8 weight-only (aten int8pack), bf16 act",
+                   lambda: torch.ops.aten._weight_int8pack_mm(x16, i8.qweight, s8), False),
                   ("int8 dequantize+matmul", lambda: i8(x32), True),
                   ("int4 g128, bf16 act", lambda: i4(x16), False),
                   ("int4 g128, fp32 act", lambda: i4(x32), False),

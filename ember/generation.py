@@ -15,6 +15,7 @@ import torch
 from ember.errors import EmberError
 from ember.kv_cache import KVCache
 from ember.model import CausalLM
+from ember.packed_linear import packed_linears
 from ember.sampling import PenaltyTracker, SamplingParams, draw, process_logits
 
 
@@ -68,7 +69,8 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
 
     penalties = PenaltyTracker(params, prompt_ids, model.config.vocab_size, device)
     ids = torch.tensor([list(prompt_ids)], device=device)
-    logits = model(ids, cache=cache, last_only=True)[:, -1]
+    with packed_linears(model, pack=False):  # one-row decode steps through ember.gemv on the CPU
+        logits = model(ids, cache=cache, last_only=True)[:, -1]
     for _ in range(max_new_tokens):
         token = draw(process_logits(logits, params, penalties.seen, penalties.counts), params.greedy, generator)
         tok = int(token.item())
@@ -76,7 +78,8 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
         if tok in stop:
             return
         penalties.add(tok)
-        logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
+        with packed_linears(model, pack=False):
+            logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:

@@ -103,6 +103,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend.
     """
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        # One decoding query: PyTorch's CPU kernel is 1.4x (128 keys) to 3.6x (512 keys) faster
+        # in fp32 than in bf16 on AVX2, and fp32 is the more accurate of the two.
+        return attention(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
     gqa = k.shape[1] != q.shape[1]  # grouped-query attention: each KV head serves a group of q heads
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

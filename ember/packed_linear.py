@@ -1,15 +1,16 @@
-"""Pre-packed weights for fp32 matmuls on the CPU.
+"""Faster CPU matmuls for inference: pre-packed weights for a few rows, a GEMV for one.
 
 PyTorch's `nn.Linear` on the CPU multiplies through MKL with the weight in its plain
 row-major layout. oneDNN can first reorder a weight into its own blocked layout, once,
 and then multiply a few rows at a time faster: on a 2-core AVX2 machine, with a whole
 model's weights cold in cache as in a real step, 1.7x for 8 rows, 1.4x for 32 and 1.1x
 for 512. That is the engine's decode step: one row per running sequence (the engine
-benchmark's `pack_weights=False` row shows about 1.1x end to end). For a single row MKL's
-matrix-vector product stays faster, so single rows keep the plain path.
+benchmark's `pack_weights=False` row shows about 1.1x end to end). A single row (batch-1
+decoding) goes instead through `ember.gemv`, which streams the plain weight at the memory's
+read bandwidth; it reads the live weight, so it needs no copy and never goes stale.
 
-`packed_linears(model)` switches a model's plain `nn.Linear` layers to packed weights
-inside a `with` block only, so training, copying and saving the model never see them.
+`packed_linears(model)` switches a model's plain `nn.Linear` layers to these paths inside
+a `with` block only, so training, copying and saving the model never see them.
 A packed copy costs a second copy of the linear weights in memory. It is rebuilt when its
 weight is replaced or changed in place as PyTorch counts changes (the tensor's version),
 but a fused optimizer step changes weights without counting: the engine therefore packs
@@ -27,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ember import gemv
+
 # layer -> ((its weight's data pointer, version), packed weight); entries go with their layer.
 _packed: weakref.WeakKeyDictionary[nn.Linear, tuple[tuple[int, int], Tensor]] = weakref.WeakKeyDictionary()
 
@@ -42,7 +45,7 @@ def available() -> bool:
 def _eligible(module: nn.Module) -> bool:
     # Exactly nn.Linear: quantized and LoRA layers replace it with their own modules.
     w = getattr(module, "weight", None)
-    return type(module) is nn.Linear and w is not None and w.device.type == "cpu" and w.dtype == torch.float32
+    return type(module) is nn.Linear and w is not None and w.device.type == "cpu" and w.is_floating_point()
 
 
 def _weight(module: nn.Linear) -> Tensor:
@@ -55,35 +58,43 @@ def _weight(module: nn.Linear) -> Tensor:
     return entry[1]
 
 
-def _packed_forward(module: nn.Linear, x: Tensor) -> Tensor:
+def _fast_forward(module: nn.Linear, pack: bool, one_row: bool, x: Tensor) -> Tensor:
+    w = module.weight
+    if one_row and gemv.applies(x, w):
+        return gemv.gemv(x, w, bias=module.bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if rows < 2 or x.dtype != torch.float32 or not _eligible(module):
-        return F.linear(x, module.weight, module.bias)
+    if not pack or rows < 2 or x.dtype != torch.float32 or w.dtype != torch.float32 or not _eligible(module):
+        return F.linear(x, w, module.bias)
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]).contiguous(), _weight(module),
                                              module.bias, "none", [], "")
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-# model -> its eligible layers with their packed forwards, found once: scanning the module
-# tree and binding closures every step costs more than the dictionary writes below.
-_layers: weakref.WeakKeyDictionary[nn.Module, list[tuple[nn.Linear, functools.partial]]] = weakref.WeakKeyDictionary()
+# model -> {(pack, one_row): its eligible layers with their forwards}, found once: scanning the
+# module tree and binding closures every step costs more than the dictionary writes below.
+_layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], list[tuple[nn.Linear, functools.partial]]]] = (
+    weakref.WeakKeyDictionary())
 
 
 @contextmanager
-def packed_linears(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Within the block, the model's fp32 CPU `nn.Linear` layers multiply through packed weights.
+def packed_linears(model: nn.Module, pack: bool = True, one_row: bool = True) -> Iterator[None]:
+    """Within the block, the model's CPU `nn.Linear` layers take the faster paths: fp32 ones
+    multiply several rows through packed weights (`pack`), and fp32/bf16/fp16 ones a
+    single row through `ember.gemv` (`one_row`).
 
-    Use it around inference only (under `torch.inference_mode()`): the packed path has no
-    backward. Does nothing when disabled, when oneDNN is missing or off the CPU. Layers
-    are found on the first call; a layer swapped in later (quantization, adapters) keeps
-    its own forward, and one moved off fp32 CPU falls back to the plain path."""
-    if not (enabled and available()):
+    Use it around inference only: the packed path has no backward, and the one-row path
+    steps aside whenever autograd is on. Does nothing off the CPU or where neither path is
+    available. Layers are found on the first call; a layer swapped in later (quantization,
+    adapters) keeps its own forward, and one moved off the CPU falls back to the plain path."""
+    pack, one_row = pack and available(), one_row and gemv.available()
+    if not (pack or one_row):
         yield
         return
-    layers = _layers.get(model)
+    by_mode = _layers.setdefault(model, {})
+    layers = by_mode.get((pack, one_row))
     if layers is None:
-        layers = _layers[model] = [(m, functools.partial(_packed_forward, m)) for m in model.modules()
-                                   if _eligible(m)]
+        layers = by_mode[pack, one_row] = [(m, functools.partial(_fast_forward, m, pack, one_row))
+                                           for m in model.modules() if _eligible(m)]
     for layer, forward in layers:
         layer.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward
     try:

@@ -3,8 +3,9 @@
 Each row of W [out, in] gets scale s = max|row| / 127 and int8 values round(W / s), so
 W ≈ q * s[:, None]. The matmul keeps activations in float: y = (x @ qᵀ) * s. On CPU that is
 PyTorch's fused `aten._weight_int8pack_mm` (reads 1 byte/weight instead of 2 or 4), fed
-bf16 activations even in an fp32 model (its fp32 path is far slower); elsewhere the weight
-is dequantized into the activation dtype first.
+bf16 activations even in an fp32 model (its fp32 path is far slower); a single row (batch-1
+decoding) goes through `ember.gemv`, which is faster still; elsewhere the weight is
+dequantized into the activation dtype first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ember import gemv
 from ember.quant.base import QuantLinear
 from ember.quant.kernels import kernel_works
 
@@ -49,6 +51,8 @@ class Int8Linear(QuantLinear):
         return (self.qweight.float() * self.scales[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if kernel_works("gemv", x.device) and gemv.applies(x, self.qweight):
+            return gemv.gemv(x, self.qweight, self.scales, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # The CPU kernel's fp32-activation path is ~5x slower than its bf16 one (benchmarks/quant.py),

@@ -1,7 +1,8 @@
 """Which of PyTorch's low-bit kernels run here: probed once per (kernel, device, dtype).
 
 The ops are private (`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
-`torch._int_mm`) and their device/dtype support differs between builds, so instead of
+`torch._int_mm`; and Ember's own one-row `ember.gemv`, which needs a compiler) and their
+device/dtype support differs between builds, so instead of
 guessing from the version we call each once on a tiny input and remember the answer.
 A kernel that does not run means the caller's dequantize-then-matmul fallback.
 """
@@ -28,6 +29,11 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> None:
             raise RuntimeError("CPU kernel")
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.ones(n, k, dtype=torch.int32), 1)
         torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32, torch.ones(k // 32, n, 2, dtype=dtype))
+    elif name == "gemv":
+        from ember import gemv
+
+        if device.type != "cpu" or not gemv.available():
+            raise RuntimeError("no CPU GEMV kernel here")
     elif name == "int_mm":
         a = torch.ones(32, k, dtype=torch.int8, device=device)
         torch._int_mm(a, torch.ones(k, n, dtype=torch.int8, device=device))

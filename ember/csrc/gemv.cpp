@@ -1,0 +1,119 @@
+// Matrix-vector products for batch-1 decoding on x86 CPUs with AVX2 (see ember/gemv.py).
+//
+// Decoding one token multiplies one activation row by every weight matrix, so its speed is
+// how fast the weights stream from memory. PyTorch's CPU kernels for a single row reach about
+// half of this machine's read bandwidth (MKL's fp32 GEMV runs on one thread; the bf16 and
+// int8 paths are bound by their conversions). This file reads each weight row once, as one
+// sequential stream with a software prefetch ahead of it, widens it to fp32 in registers
+// (bf16: a 16-bit shift; fp16: F16C; int8: sign-extend and convert) and accumulates in fp32
+// with four independent FMA chains. Rows are split across PyTorch's intra-op threads.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+
+// Eight weights, widened to fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {  // bf16 is the top half of an fp32
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const int8_t* p) {
+  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+}
+
+// y[n] = scale[n] * sum_k w[n, k] x[k] for rows [n0, n1); K is a multiple of 8.
+template <typename T>
+void rows_dot(const T* w, const float* x, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
+  constexpr int64_t kPrefetch = 1024 / sizeof(T);  // elements ahead: ~1 KiB of the stream
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* row = w + n * K;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch) + 64, _MM_HINT_T0);
+      a0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), a0);
+      a1 = _mm256_fmadd_ps(load8(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+      a2 = _mm256_fmadd_ps(load8(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+      a3 = _mm256_fmadd_ps(load8(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+    }
+    for (; k < K; k += 8) a0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), a0);
+    float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+    y[n] = scale ? s * scale[n] : s;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void rows_dot_threaded(const T* w, const float* x, const float* scale, float* y, int64_t N, int64_t K) {
+  // One contiguous slice of rows per thread: each thread reads one long sequential stream.
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(N / 64)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < threads; ++t) rows_dot(w, x, scale, y, K, N * t / threads, N * (t + 1) / threads);
+}
+
+// x [..., K] holding one row (fp32, bf16 or fp16), w [N, K] contiguous (fp32, bf16, fp16 or
+// int8), scale [N] or None (per-row factors of int8 weights), bias [N] or None.
+// Returns [..., N] in x's dtype.
+torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
+                   const c10::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 8 == 0, "gemv: weight must be [N, K], K % 8 == 0");
+  TORCH_CHECK(x.numel() == w.size(1), "gemv: x has ", x.numel(), " elements, weight has ", w.size(1), " columns");
+  const int64_t N = w.size(0), K = w.size(1);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  torch::Tensor out = torch::empty(shape, x.options());
+  // fp32 copies of the activation row and the per-row factors: small, and read from cache.
+  std::vector<float> xf(K), sf, yf(N);
+  torch::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_x", [&] {
+    const scalar_t* p = xc.data_ptr<scalar_t>();
+    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(p[k]);
+  });
+  const float* sp = nullptr;
+  if (scale.has_value()) {
+    torch::Tensor s = scale->to(torch::kFloat).contiguous();
+    sf.assign(s.data_ptr<float>(), s.data_ptr<float>() + N);
+    sp = sf.data();
+  }
+  switch (w.scalar_type()) {
+    case at::kFloat: rows_dot_threaded(w.data_ptr<float>(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kBFloat16: rows_dot_threaded(w.data_ptr<at::BFloat16>(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kHalf: rows_dot_threaded(w.data_ptr<at::Half>(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kChar: rows_dot_threaded(w.data_ptr<int8_t>(), xf.data(), sp, yf.data(), N, K); break;
+    default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());
+  }
+  if (bias.has_value()) {
+    torch::Tensor b = bias->to(torch::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t n = 0; n < N; ++n) yf[n] += bp[n];
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t n = 0; n < N; ++n) o[n] = static_cast<scalar_t>(yf[n]);
+  });
+  return out;
+}
+
+TORCH_LIBRARY(ember_gemv, m) { m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) { m.impl("gemv", gemv); }

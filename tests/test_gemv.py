@@ -1,0 +1,92 @@
+"""The CPU decode kernel (ember/gemv.py): same products as PyTorch, used only where it applies."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ember import gemv
+from ember.config import ModelConfig
+from ember.generation import generate_ids
+from ember.model import CausalLM
+from ember.packed_linear import packed_linears
+
+pytestmark = pytest.mark.skipif(not gemv.available(),
+                                reason="the GEMV kernel needs an x86 CPU with AVX2 and a C++ compiler")
+
+# Rounding of the output row into its dtype bounds the error: bf16 keeps 8 bits, fp16 11.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", [(2048, 768), (7, 40), (130, 8), (3, 1000)])
+def test_gemv_matches_linear_in_float64(dtype, n, k):
+    torch.manual_seed(n + k)
+    w, x, b = torch.randn(n, k).to(dtype), torch.randn(1, 1, k).to(dtype), torch.randn(n).to(dtype)
+    with torch.inference_mode():
+        y = gemv.gemv(x, w, bias=b)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    scale = ref.abs().max().item()
+    assert (y.double() - ref).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_int8_weights_times_row_scales():
+    torch.manual_seed(0)
+    q = torch.randint(-127, 128, (300, 64), dtype=torch.int8)
+    s, x = torch.rand(300), torch.randn(64)
+    with torch.inference_mode():
+        y = gemv.gemv(x, q, s)
+    ref = (q.double() * s.double()[:, None]) @ x.double()
+    assert torch.allclose(y.double(), ref, atol=1e-4, rtol=1e-5)
+
+
+def test_applies_only_to_one_row_without_autograd():
+    w = torch.randn(16, 32)
+    with torch.inference_mode():
+        assert gemv.applies(torch.randn(1, 1, 32), w)
+        assert not gemv.applies(torch.randn(2, 32), w)  # two rows: a matrix product
+        assert not gemv.applies(torch.randn(1, 32), torch.randn(16, 30))  # K not a multiple of 8
+        assert not gemv.applies(torch.randn(1, 32), w.t().contiguous().t())  # not row-major
+    assert not gemv.applies(torch.randn(1, 32), w)  # autograd on: no backward through the kernel
+
+
+def tiny_model(dtype=torch.float32) -> CausalLM:
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128)
+    return CausalLM(cfg).eval().to(dtype)
+
+
+def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
+    model = tiny_model()
+    prompt = list(range(3, 20))
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
+    assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
+    monkeypatch.setattr(gemv, "available", lambda: False)
+    assert list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)) == with_kernel
+
+
+def test_packed_linears_leave_training_untouched():
+    model = tiny_model()
+    x = torch.randint(0, 96, (1, 1))
+    with packed_linears(model):
+        loss = model(x).float().logsumexp(-1).sum()
+        loss.backward()  # one row with autograd on: PyTorch's kernels, with their backward
+    assert model.lm_head.weight.grad is not None
+    assert "forward" not in model.lm_head.__dict__
+
+
+def test_int8_layer_single_row_matches_its_dequantized_weight():
+    from ember.quant.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48))
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        y = layer(x)
+    ref = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
+    assert torch.allclose(y.double(), ref, atol=1e-4)
