@@ -10,7 +10,10 @@
 2. Decode: tokens/s at batch 1 (128-token prompt, --new-tokens new ones, greedy, Ember's
    KV-cached generator) on a random-weight Llama-shaped model (default: the issue's 153M
    reference shape), fp32/bf16 vs each method, with `transformers` fp32/bf16 as the peer.
-3. GEMV: one token through one linear layer, each kernel vs fp32 and bf16 `F.linear`.
+   Also: the same with the step `torch.compile`d (`generate(..., compile=True)`), and the
+   ablation with PyTorch's one-row kernels instead of `ember.gemv`.
+3. GEMV: one token through one linear layer (its weight warm in cache), each kernel vs fp32
+   and bf16 `F.linear`.
 Ratios are what to read: the machine is shared and noisy.
 """
 
@@ -137,11 +140,12 @@ def quality(model, tokenizer, args) -> list[dict]:
 
 # --- decode speed ----------------------------------------------------------------------------------
 @torch.inference_mode()
-def ember_decode(model, prompt, n) -> float:
-    """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded)."""
-    list(generate_ids(model, prompt[:16], max_new_tokens=4, temperature=0.0))  # warm-up
+def ember_decode(model, prompt, n, compile: bool = False) -> float:
+    """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded).
+    The warm-up compiles the step when `compile` (its cache size rounds to the same 256 slots)."""
+    list(generate_ids(model, prompt[:16], max_new_tokens=4, temperature=0.0, compile=compile))  # warm-up
     stamps = []
-    for _ in generate_ids(model, prompt, max_new_tokens=n, temperature=0.0):
+    for _ in generate_ids(model, prompt, max_new_tokens=n, temperature=0.0, compile=compile):
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -199,6 +203,9 @@ def speed(args) -> list[dict]:
     add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model))
     bf = copy.deepcopy(model).to(torch.bfloat16)
     add("bf16", "bf16", ember_decode(bf, prompt, n), weight_bytes(bf))
+    if args.compile:  # gpt-fast's way: the whole one-token step as one compiled graph
+        add("fp32", "fp32", ember_decode(model, prompt, n, compile=True), weight_bytes(model), impl="ember, compiled")
+        add("bf16", "bf16", ember_decode(bf, prompt, n, compile=True), weight_bytes(bf), impl="ember, compiled")
     if ember_gemv.available():  # the ablation: what the one-row kernel (ember/gemv.py) buys
         with ember_gemv.disabled():
             add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model), impl="ember, PyTorch GEMV")
@@ -212,6 +219,9 @@ def speed(args) -> list[dict]:
         for act in acts:
             q = q.to(torch.bfloat16 if act == "bf16" else torch.float32)
             add(name, act, ember_decode(q, prompt, tokens), weight_bytes(q), tokens)
+            if args.compile and act == "bf16" and name in ("int8", "int4 g128"):
+                add(name, act, ember_decode(q, prompt, tokens, compile=True), weight_bytes(q), tokens,
+                    impl="ember, compiled")
         del q
     if not args.no_peers:
         try:
@@ -318,6 +328,14 @@ def markdown(result) -> str:
             out.append(f"| {r['impl']} | {r['method']} | {r['activations']} | {r['weight_bytes'] / mib:.1f} | "
                        f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp:.2f}x | {r['tokens_per_s'] / bf:.2f}x | "
                        f"{achieved / 1e9:.1f} | {roof} |")
+        hf_bf = [r["tokens_per_s"] for r in result["decode"] if r["impl"] == "transformers" and r["method"] == "bf16"]
+        if hf_bf:
+            line = f"Ember bf16 / `transformers` bf16: **{bf / hf_bf[0]:.2f}x**"
+            compiled = [r["tokens_per_s"] for r in result["decode"]
+                        if r["impl"] == "ember, compiled" and r["method"] == "bf16"]
+            if compiled:
+                line += f" eager, **{compiled[0] / hf_bf[0]:.2f}x** compiled"
+            out += ["", line + "."]
     if result.get("gemv"):
         out += ["", "## GEMV: one token through one linear layer", "",
                 "| shape (in->out) | kernel | µs | vs fp32 | vs bf16 |", "|---|---|---:|---:|---:|"]
@@ -339,6 +357,8 @@ def main() -> None:
     ap.add_argument("--outlier-factor", type=float, default=50.0)
     ap.add_argument("--skip", nargs="*", default=[], choices=["quality", "decode", "gemv"])
     ap.add_argument("--no-peers", action="store_true", help="skip the transformers decode rows")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="skip the torch.compile'd decode rows (each compiles for ~30 s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--tmp", default="/tmp/ember_quant_bench")
     ap.add_argument("--out", default=str(RESULTS / "quant"), help="results path without extension")

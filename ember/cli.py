@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--compile", action="store_true",
+                   help="run each decode step as one torch.compile'd graph over a static KV cache (gpt-fast's "
+                        "way): the first step compiles for about half a minute, then batch-1 decoding runs "
+                        "with far less per-operation overhead (1.5x on a 153M model on 2 CPU cores)")
     _add_sampling(p)
     _add_device(p)
 
@@ -298,7 +302,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
     else:
         ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
         print(a.prompt, end="", flush=True)
-    for piece in stream_text(model, tok, ids, stop=a.stop, **_sampling_kwargs(a)):
+    for piece in stream_text(model, tok, ids, stop=a.stop, compile=a.compile, **_sampling_kwargs(a)):
         print(piece, end="", flush=True)
     print()
 

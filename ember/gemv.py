@@ -18,7 +18,6 @@ False and callers keep PyTorch's kernels: the results agree to float rounding ei
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import sys
@@ -33,9 +32,18 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 _switched_off = False  # see `disabled`
 
 
-@functools.cache
+_built: bool | None = None  # None until the first call; a plain global so torch.compile can read it
+
+
 def available() -> bool:
     """Build (once) and load the kernel; False where it cannot run here."""
+    global _built
+    if _built is None:
+        _built = _build()
+    return _built
+
+
+def _build() -> bool:
     if os.environ.get("EMBER_GEMV", "1") == "0" or not SOURCE.exists():
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
@@ -56,6 +64,9 @@ def available() -> bool:
         print(f"ember: the CPU decode kernel is not available ({type(e).__name__}); "
               "using PyTorch's kernels", file=sys.stderr, flush=True)
         return False
+    # torch.compile traces the op through this: the output's shape and dtype, without running it.
+    torch.library.register_fake("ember_gemv::gemv")(
+        lambda x, w, scale, bias: x.new_empty(*x.shape[:-1], w.shape[0]))
     return True
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import torch
+from torch import Tensor
 
 from ember.errors import EmberError
-from ember.kv_cache import KVCache
+from ember.kv_cache import KVCache, StaticKVCache
 from ember.model import CausalLM
 from ember.packed_linear import packed_linears
 from ember.sampling import PenaltyTracker, SamplingParams, draw, process_logits
@@ -51,8 +52,12 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, presence_penalty: float = 0.0,
                  frequency_penalty: float = 0.0, seed: int | None = None,
-                 stop_ids: Sequence[int] = ()) -> Iterator[int]:
-    """Yield new token ids one by one; stops after `max_new_tokens` or a token in `stop_ids`."""
+                 stop_ids: Sequence[int] = (), compile: bool = False) -> Iterator[int]:
+    """Yield new token ids one by one; stops after `max_new_tokens` or a token in `stop_ids`.
+
+    `compile=True` runs each one-token step as one `torch.compile`d graph over a static cache
+    (see `compiled_decode_step`): the first call compiles for about half a minute, later
+    steps skip most of PyTorch's per-operation overhead."""
     params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                             frequency_penalty=frequency_penalty, seed=seed, max_tokens=max_new_tokens)
@@ -64,7 +69,13 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
-    cache = KVCache(model.config, 1, len(prompt_ids) + max_new_tokens, device, dtype)
+    length = len(prompt_ids) + max_new_tokens
+    if compile:
+        # One compiled graph per cache size: round sizes up so that nearby lengths share one.
+        cache: KVCache = StaticKVCache(model.config, min(ctx, -(-length // 256) * 256), device, dtype)
+        step = compiled_decode_step()
+    else:
+        cache = KVCache(model.config, 1, length, device, dtype)
     stop = set(stop_ids)
 
     penalties = PenaltyTracker(params, prompt_ids, model.config.vocab_size, device)
@@ -79,7 +90,29 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
             return
         penalties.add(tok)
         with packed_linears(model, pack=False):
-            logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
+            if compile:
+                logits = step(model, cache, token.view(1, 1), torch.tensor([cache.length], device=device))
+                cache.length += 1
+            else:
+                logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
+
+
+def decode_step(model: CausalLM, cache: StaticKVCache, token: Tensor, pos: Tensor) -> Tensor:
+    """Logits [1, V] of one token at position `pos` (a [1] tensor): static shapes throughout."""
+    cache.decode_at(pos)
+    return model(token, cache=cache, last_only=True)[:, -1]
+
+
+_compiled_step = None
+
+
+def compiled_decode_step():
+    """`decode_step` under `torch.compile` (one per process; it recompiles per model and cache size)."""
+    global _compiled_step
+    if _compiled_step is None:
+        # Not fullgraph: a mixture of experts routes by data (`nonzero`) and breaks the graph there.
+        _compiled_step = torch.compile(decode_step, dynamic=False)
+    return _compiled_step
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:
@@ -125,11 +158,12 @@ def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], stop
 def generate(model: CausalLM, tokenizer: Any, prompt: str, max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              min_p: float | None = None, repetition_penalty: float = 1.0, seed: int | None = None,
-             stop: Sequence[str] | str | None = None) -> str:
+             stop: Sequence[str] | str | None = None, compile: bool = False) -> str:
     """Complete `prompt` and return the new text (temperature 0 = greedy)."""
     if isinstance(stop, str):
         stop = [stop]
     prompt_ids = tokenizer.encode(prompt, add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
     return "".join(stream_text(model, tokenizer, prompt_ids, stop=stop or (), max_new_tokens=max_new_tokens,
                                temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0,
-                               min_p=min_p or 0.0, repetition_penalty=repetition_penalty, seed=seed))
+                               min_p=min_p or 0.0, repetition_penalty=repetition_penalty, seed=seed,
+                               compile=compile))

@@ -47,3 +47,38 @@ class KVCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+
+class StaticKVCache(KVCache):
+    """The contiguous cache with static shapes for a compiled one-token decode step.
+
+    The prompt fills it like `KVCache`. Then `decode_at(pos)` switches it to what
+    `torch.compile` needs (gpt-fast's way): the position is a tensor, the step writes its key
+    and value there and attends over the whole buffer under a mask, so every step has the
+    same shapes and one compiled graph serves them all."""
+
+    def __init__(self, cfg: ModelConfig, max_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(cfg, 1, max_len, device, dtype)
+        self.slots = torch.arange(max_len, device=device)
+        self.pos: Tensor | None = None  # [1]: the decoding position, once decoding
+
+    def decode_at(self, pos: Tensor) -> None:
+        self.pos = pos
+
+    def positions(self, num_tokens: int, device: torch.device) -> Tensor:
+        return super().positions(num_tokens, device) if self.pos is None else self.pos
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.pos is None:
+            return super().attend(layer, q, k, v)
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        visible = self.slots <= self.pos
+        if self.sliding_window is not None:
+            visible = visible & (self.slots > self.pos - self.sliding_window)
+        return attention(q, self.k[layer], self.v[layer], mask=visible[None, :])
+
+    def advance(self, num_tokens: int) -> None:
+        if self.pos is None:
+            super().advance(num_tokens)

@@ -66,7 +66,7 @@ def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
     monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     with_kernel = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
     assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
-    monkeypatch.setattr(gemv, "available", lambda: False)
+    monkeypatch.setattr(gemv, "_built", False)
     assert list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)) == with_kernel
 
 

@@ -82,6 +82,19 @@ def test_greedy_generation_token_identical_to_transformers(hf_and_ember):
     assert got == expected.tolist()
 
 
+@pytest.mark.slow  # torch.compile takes ~15 s a model on 2 cores
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2", "mixtral-moe"])
+def test_compiled_decode_token_identical_to_transformers(name, tmp_path):
+    hf = hf_model(HF_CONFIGS[name])
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    ember_model = load_model(tmp_path, device="cpu", dtype=torch.float32)
+    prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, 7:]
+    got = list(generate_ids(ember_model, prompt[0].tolist(), max_new_tokens=40, temperature=0.0, compile=True))
+    assert got == expected.tolist()
+
+
 @pytest.mark.parametrize("name", ["tiny", "gpt2-mini", "moe-tiny"])
 def test_ember_checkpoint_opens_in_transformers_with_same_logits(name, tmp_path):
     torch.manual_seed(0)
