@@ -2,12 +2,12 @@
 
 A decode step with one sequence multiplies a single activation row by every weight matrix:
 its speed is the speed at which weights stream from memory. On the 2-core AVX2 machine
-these figures come from (`python benchmarks/quant.py --skip quality decode`), PyTorch's
+these figures come from (`python benchmarks/quant.py --skip quality batched`), PyTorch's
 kernels for one row reach about half the read bandwidth: MKL's fp32 GEMV runs on one
 thread, and the bf16 and int8 paths are bound by converting weights rather than by reading
-them. `ember/csrc/gemv.cpp` (one function, ~100 lines) streams each weight row once, widens
+them. `ember/csrc/gemv.cpp` (one function, ~130 lines) streams each weight row once, widens
 fp32/bf16/fp16/int8 weights to fp32 in registers and splits the rows over PyTorch's
-threads: about 2x PyTorch's bf16 row and 1.6x its fp32 one, at the read bandwidth.
+threads: 1.6-2.5x PyTorch's kernels per layer, at the read bandwidth with cold weights.
 
 The source is compiled once per machine with PyTorch's extension builder (the C++ compiler
 PyTorch's own `torch.compile` needs on a CPU) and cached under `~/.cache/torch_extensions`.
@@ -30,8 +30,6 @@ from torch import Tensor
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
 _switched_off = False  # see `disabled`
-
-
 _built: bool | None = None  # None until the first call; a plain global so torch.compile can read it
 
 
