@@ -90,3 +90,4 @@ def test_int8_layer_single_row_matches_its_dequantized_weight():
         y = layer(x)
     ref = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
     assert torch.allclose(y.double(), ref, atol=1e-4)
+
