@@ -120,6 +120,10 @@ class LLM:
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.pack_weights = cfg.pack_weights if cfg.pack_weights is not None else not isinstance(model, CausalLM)
         self.runner = ModelRunner(self.model, self.pool, self.pack_weights)
+        if weight.device.type == "cpu":
+            from ember import gemv
+
+            gemv.available()  # build the one-row kernel now (once per machine), not inside a request
         self.proposer = self._make_proposer(cfg, weight)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                    cfg.enable_chunked_prefill, lookahead=self._lookahead if self.proposer else None)
