@@ -50,15 +50,15 @@ def _build() -> bool:
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     name = f"ember_gemv_{digest}"  # a changed source gets a fresh build, never a stale one
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-    if not (build_dir / f"{name}.so").exists():
-        print(f"ember: compiling the CPU decode kernel {SOURCE.name} (once per machine, about a minute; "
-              f"cached in {build_dir})", file=sys.stderr, flush=True)
     try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if not (build_dir / f"{name}.so").exists():
+            print(f"ember: compiling the CPU decode kernel {SOURCE.name} (once per machine, about a minute; "
+                  f"cached in {build_dir})", file=sys.stderr, flush=True)
         cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=False,
                            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler, no headers: PyTorch's own kernels serve instead
+    except Exception as e:  # no compiler, no headers, a changed builder: PyTorch's kernels serve instead
         print(f"ember: the CPU decode kernel is not available ({type(e).__name__}); "
               "using PyTorch's kernels", file=sys.stderr, flush=True)
         return False
@@ -81,8 +81,8 @@ def disabled() -> Iterator[None]:
 
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether `gemv` serves this product: one row, CPU, no autograd, a supported layout."""
-    return (not _switched_off and x.numel() == x.shape[-1] and not torch.is_grad_enabled() and weight.device.type == "cpu"
-            and weight.dim() == 2 and weight.shape[1] % 8 == 0 and weight.dtype in WEIGHT_DTYPES
+    return (not _switched_off and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+            and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] % 8 == 0 and weight.dtype in WEIGHT_DTYPES
             and weight.is_contiguous() and x.device.type == "cpu" and available())
 
 

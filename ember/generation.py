@@ -8,6 +8,7 @@ API. The batched, paged path for serving lives in `ember.engine`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -91,8 +92,7 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
         penalties.add(tok)
         with packed_linears(model, pack=False):
             if compile:
-                logits = step(model, cache, token.view(1, 1), torch.tensor([cache.length], device=device))
-                cache.length += 1
+                logits = step(model, cache, token.view(1, 1), cache.next_position())
             else:
                 logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
 
@@ -103,16 +103,11 @@ def decode_step(model: CausalLM, cache: StaticKVCache, token: Tensor, pos: Tenso
     return model(token, cache=cache, last_only=True)[:, -1]
 
 
-_compiled_step = None
-
-
+@functools.cache
 def compiled_decode_step():
-    """`decode_step` under `torch.compile` (one per process; it recompiles per model and cache size)."""
-    global _compiled_step
-    if _compiled_step is None:
-        # Not fullgraph: a mixture of experts routes by data (`nonzero`) and breaks the graph there.
-        _compiled_step = torch.compile(decode_step, dynamic=False)
-    return _compiled_step
+    """`decode_step` under `torch.compile` (one per process; it recompiles per model and cache size).
+    Not fullgraph: a mixture of experts routes by data (`nonzero`) and breaks the graph there."""
+    return torch.compile(decode_step, dynamic=False)
 
 
 def find_stop(text: str, stops: Sequence[str]) -> int | None:

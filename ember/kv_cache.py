@@ -63,6 +63,12 @@ class StaticKVCache(KVCache):
         self.slots = torch.arange(max_len, device=device)
         self.pos: Tensor | None = None  # [1]: the decoding position, once decoding
 
+    def next_position(self) -> Tensor:
+        """The next decoded token's position as the compiled step takes it (a [1] tensor); the
+        token counts as cached from here, since the compiled step cannot count it."""
+        self.length += 1
+        return torch.tensor([self.length - 1], device=self.slots.device)
+
     def decode_at(self, pos: Tensor) -> None:
         self.pos = pos
 

@@ -26,6 +26,5 @@ def test_static_cache_steps_give_the_contiguous_cache_logits(window):
         for step in range(12):  # past the window: old keys must drop out in both
             token = torch.tensor([[step + 7]])
             expected = model(token, cache=plain, last_only=True)[:, -1]
-            got = decode_step(model, static, token, torch.tensor([static.length]))
-            static.length += 1
+            got = decode_step(model, static, token, static.next_position())
             assert torch.allclose(got, expected, atol=1e-5), step

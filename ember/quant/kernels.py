@@ -1,8 +1,7 @@
 """Which of PyTorch's low-bit kernels run here: probed once per (kernel, device, dtype).
 
 The ops are private (`torch.ops.aten._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
-`torch._int_mm`; and Ember's own one-row `ember.gemv`, which needs a compiler) and their
-device/dtype support differs between builds, so instead of
+`torch._int_mm`) and their device/dtype support differs between builds, so instead of
 guessing from the version we call each once on a tiny input and remember the answer.
 A kernel that does not run means the caller's dequantize-then-matmul fallback.
 """
@@ -13,6 +12,8 @@ import contextlib
 from typing import Iterator
 
 import torch
+
+from ember import gemv
 
 _disabled = False
 _cache: dict[tuple[str, str, torch.dtype], bool] = {}
@@ -29,11 +30,6 @@ def _probe(name: str, device: torch.device, dtype: torch.dtype) -> None:
             raise RuntimeError("CPU kernel")
         w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.ones(n, k, dtype=torch.int32), 1)
         torch.ops.aten._weight_int4pack_mm_for_cpu(x, w, 32, torch.ones(k // 32, n, 2, dtype=dtype))
-    elif name == "gemv":
-        from ember import gemv
-
-        if device.type != "cpu" or not gemv.available():
-            raise RuntimeError("no CPU GEMV kernel here")
     elif name == "int_mm":
         a = torch.ones(32, k, dtype=torch.int8, device=device)
         torch._int_mm(a, torch.ones(k, n, dtype=torch.int8, device=device))
@@ -58,10 +54,12 @@ def kernel_works(name: str, device: torch.device, dtype: torch.dtype = torch.flo
 
 @contextlib.contextmanager
 def fallback_only() -> Iterator[None]:
-    """Run without the fused kernels (dequantize-then-matmul everywhere): for tests and benchmarks."""
+    """Run without the fused kernels, Ember's one-row GEMV included (dequantize-then-matmul
+    everywhere): for tests and benchmarks."""
     global _disabled
     old, _disabled = _disabled, True
     try:
-        yield
+        with gemv.disabled():
+            yield
     finally:
         _disabled = old
