@@ -12,9 +12,12 @@ of greedy replies to held-out prompts that are concise (end their turn within
 checkpoint opened by `transformers`, the same pairs and hyperparameters; its trained model
 is loaded back into Ember and measured by the same code, so the columns compare like with like.
 
-PPO. Rule reward `char=0123456789` (share of digits in the reply) on raw-text code
-prompts; mean reward and KL to the reference on held-out prompts before and after, with the
-adaptive KL controller aiming at `--target-kl`. Curves: benchmarks/results/align.ppo.png.
+Reward model + PPO. A reward model (the SFT model with a scalar head, Bradley-Terry loss)
+learns the same preference from the DPO training pairs; PPO then optimises the SFT model
+against it on the training prompts, with the adaptive KL controller aiming at `--target-kl`
+and `--missing-eos-penalty` for replies cut off at `--max-new-tokens`. Reported on held-out
+prompts before and after: mean reward of sampled replies, the share that end their turn,
+the greedy concise rate, and the KL to the SFT model. Curves: benchmarks/results/align.ppo.png.
 
 Results: benchmarks/results/align.json and align.md.
 """
@@ -190,38 +193,65 @@ def dpo_section(a) -> dict:
     return result
 
 
-CODE_PROMPTS = ["def ", "import ", "class ", "for i in ", "if x ", "return ", "x = ", "# ", "while ", "print(",
-                "with open(", "try:\n    ", "from os import ", "self.", "assert ", "lambda ", "raise ", "yield ",
-                "except ", "elif ", "else:\n    ", "global ", "async def ", "await ", "del ", "pass\n",
-                "@property\ndef ", "args = ", "data = [", "result = {", "n = len(", "value = int("]
-
-
 def ppo_section(a) -> dict:
-    from ember.train.ppo import PPOConfig, rule_reward
+    """RLHF the classic way: a reward model learns the preference from pairs, then PPO
+    optimises the SFT policy against it under a KL bound to the SFT model."""
+    from ember.train.ppo import PPOConfig, reward_model_fn
+    from ember.train.reward import RewardModel, reward_train
     from ember.train.rlhf import ppo_train
 
-    base = getattr(a, "pretrained_base", a.base)  # PPO starts from the pretrained base, not DPO's SFT base
+    if getattr(a, "pretrained_base", None):  # the DPO section already made the SFT model
+        base = a.base
+    else:
+        base = str(sft_mixed_base(a)) if a.sft_minutes > 0 else a.base
     tok = load_tokenizer(base)
+    train_rows, held_rows = dpo_data(a.dpo_pairs, a.eval_pairs)
+    train_pairs, _ = render_pairs(tok, pairs_from_dicts(train_rows).pairs, 128)
+    held_pairs, _ = render_pairs(tok, pairs_from_dicts(held_rows).pairs, 128)
+
+    torch.manual_seed(0)
+    rm = RewardModel(load_model(base, device="cpu", dtype=torch.float32).config,
+                     backbone=load_model(base, device="cpu", dtype=torch.float32))
+    rm_run = Path(a.work) / "reward_model"
+    shutil.rmtree(rm_run, ignore_errors=True)
+    t0 = time.perf_counter()
+    rm_last = reward_train(rm, tok, train_pairs, held_pairs, rm_run,
+                           TrainConfig(max_steps=a.rm_steps, batch_size=a.batch_size, lr=a.rm_lr, warmup_steps=5,
+                                       weight_decay=0.0, eval_every=0, save_every=0, log_every=10), progress=False)
+    rm_seconds = time.perf_counter() - t0
+    rm.eval().requires_grad_(False)
+    print(f"Reward model: held-out pair accuracy {rm_last['eval/accuracy']:.1%}, {rm_seconds:.0f}s", flush=True)
+
     policy = load_model(base, device="cpu", dtype=torch.float32)
-    train_p, held_p = CODE_PROMPTS[:24], CODE_PROMPTS[24:]
+    prompts = [r["prompt"] for r in held_rows[:a.greedy_prompts]]
+    rate_before, samples_before = greedy_concise_rate(policy, tok, prompts, a.max_new_tokens, a.concise_tokens)
     cfg = PPOConfig(iterations=a.ppo_iterations, rollout_batch=16, minibatch=8, ppo_epochs=4,
-                    max_new_tokens=24, lr=a.ppo_lr, kl_coef=0.05, target_kl=a.target_kl, eval_every=10, seed=0)
+                    max_new_tokens=a.max_new_tokens, lr=a.ppo_lr, kl_coef=0.05, target_kl=a.target_kl,
+                    missing_eos_penalty=a.missing_eos_penalty, eval_every=5, seed=0)
     run = Path(a.work) / "ppo"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    last = ppo_train(policy, tok, train_p, run, cfg, reward_fn=rule_reward("char=0123456789"),
-                     eval_prompts=held_p, chat=False, progress=False)
+    last = ppo_train(policy, tok, [r["prompt"] for r in train_rows], run, cfg,
+                     reward_model=reward_model_fn(rm, tok, tok), eval_prompts=prompts, progress=False)
     seconds = time.perf_counter() - t0
+    rate_after, samples_after = greedy_concise_rate(policy, tok, prompts, a.max_new_tokens, a.concise_tokens)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     shutil.copy(run / "ppo.png", RESULTS / "align.ppo.png")
-    out = {"reward": "char=0123456789 (share of digits in the reply)", "iterations": a.ppo_iterations,
-           "target_kl": a.target_kl, "lr": a.ppo_lr, "held_out_prompts": len(held_p),
+    out = {"reward": "reward model trained on the DPO training pairs", "policy": base,
+           "reward_model": {"steps": a.rm_steps, "lr": a.rm_lr, "held_out_accuracy": rm_last["eval/accuracy"],
+                            "train_seconds": rm_seconds},
+           "iterations": a.ppo_iterations, "target_kl": a.target_kl, "lr": a.ppo_lr,
+           "missing_eos_penalty": a.missing_eos_penalty, "held_out_prompts": len(prompts),
            "held_out_reward_before": lines[0]["eval/reward"], "held_out_reward_after": last["eval/reward"],
+           "held_out_ended_before": lines[0]["eval/ended"], "held_out_ended_after": last["eval/ended"],
            "held_out_kl_after": last["eval/kl"], "rollout_kl_last": last["kl"], "kl_coef_last": last["kl_coef"],
+           "greedy_concise_before": rate_before, "greedy_concise_after": rate_after,
+           "samples_before": samples_before, "samples_after": samples_after,
            "train_seconds": seconds, "curves": "benchmarks/results/align.ppo.png"}
     print(f"PPO: held-out reward {out['held_out_reward_before']:.3f} -> {out['held_out_reward_after']:.3f}, "
-          f"KL {out['held_out_kl_after']:.2f} (target {a.target_kl}), {seconds:.0f}s", flush=True)
+          f"KL {out['held_out_kl_after']:.2f} (target {a.target_kl}), greedy concise {rate_before:.0%} -> "
+          f"{rate_after:.0%}, {seconds:.0f}s", flush=True)
     return out
 
 
@@ -260,9 +290,18 @@ def write_markdown(res: dict) -> str:
                   "(same machine, same run)."]
     elif "trl" in d:
         lines += ["", f"TRL: {d['trl']['skipped']}"]
-    lines += ["", f"## PPO: reward {p['reward']}, {p['iterations']} iterations, target KL {p['target_kl']}", "",
-              "| held-out mean reward before | after | KL to reference after (nats/reply) |", "|---|---|---|",
-              f"| {p['held_out_reward_before']:.3f} | {p['held_out_reward_after']:.3f} | {p['held_out_kl_after']:.2f} |",
+    rm = p.get("reward_model", {})
+    lines += ["", f"## Reward model + PPO: {p['iterations']} iterations, target KL {p['target_kl']}, lr {p['lr']}", "",
+              f"Reward model: the SFT model with a scalar head, Bradley-Terry loss on the {d['train_pairs']} DPO "
+              f"training pairs, {rm.get('steps')} steps; held-out pair accuracy "
+              f"{rm.get('held_out_accuracy', float('nan')):.1%}. PPO starts from the same SFT model; its reward is "
+              f"the reward model's score minus {p.get('missing_eos_penalty', 0)} for a reply cut off at "
+              "--max-new-tokens.", "",
+              "| on held-out prompts | before PPO | after PPO |", "|---|---|---|",
+              f"| mean reward (sampled replies) | {p['held_out_reward_before']:.3f} | {p['held_out_reward_after']:.3f} |",
+              f"| replies that end their turn | {p['held_out_ended_before']:.1%} | {p['held_out_ended_after']:.1%} |",
+              f"| greedy replies concise | {p['greedy_concise_before']:.1%} | {p['greedy_concise_after']:.1%} |",
+              f"| KL to the SFT model (nats/reply) | 0 | {p['held_out_kl_after']:.2f} (bound {p['target_kl']}) |",
               "", "![PPO curves](align.ppo.png)", "", "Notes:",
               "- TRL's DPOTrainer (defaults) runs the reference model every step; Ember computes reference "
               "log-probs once and caches them, which is most of the time difference. TRL runs in fp32 here "
@@ -296,7 +335,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--concise-tokens", type=int, default=8)
     ap.add_argument("--ppo-iterations", type=int, default=40)
-    ap.add_argument("--ppo-lr", type=float, default=2e-5)
+    ap.add_argument("--ppo-lr", type=float, default=3e-5)
+    ap.add_argument("--missing-eos-penalty", type=float, default=1.0,
+                    help="subtracted from the reward of a reply cut off at --max-new-tokens")
+    ap.add_argument("--rm-steps", type=int, default=40, help="reward-model training steps")
+    ap.add_argument("--rm-lr", type=float, default=5e-5)
     ap.add_argument("--target-kl", type=float, default=3.0)
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip TRL's DPOTrainer")
     ap.add_argument("--threads", type=int, default=2)

@@ -309,6 +309,48 @@ def test_ppo_on_a_rule_reward_raises_mean_reward_with_bounded_kl(tok, tmp_path):
     assert (tmp_path / "checkpoint" / "value_head.safetensors").is_file()
 
 
+def test_missing_eos_penalty_hits_only_cut_off_replies():
+    from ember.train.ppo import PPOConfig, penalize_unfinished
+
+    scores = torch.tensor([0.5, 0.5, -1.0])
+    ended = torch.tensor([True, False, False])
+    assert penalize_unfinished(scores, ended, 1.0).tolist() == [0.5, -0.5, -2.0]
+    assert penalize_unfinished(scores, ended, 0.0).tolist() == scores.tolist()
+    with pytest.raises(EmberError, match="missing_eos_penalty"):
+        PPOConfig(missing_eos_penalty=-1.0)
+
+
+def test_chat_rollout_stops_at_end_of_turn_and_trains_on_it(tok):
+    """A chat reply ends at the template's end-of-turn token (EOS alone does not stop it); the
+    stop token is kept in the sequence so the policy learns to end, and `ended` says which
+    replies did before max_new_tokens."""
+    from ember.train.ppo import PPOConfig, rollout
+
+    seen = {}
+
+    def out(ids, reason):
+        return types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, finish_reason=reason)])
+
+    class FakeLLM:
+        model = types.SimpleNamespace(config=types.SimpleNamespace(eos_token_id=tok.eos_id))
+
+        def generate(self, prompts, params):
+            seen["params"] = params
+            return [out([7, 8], "stop"), out([9, 9, 9], "length")]
+
+    eot = 5
+    ro = rollout(FakeLLM(), tok, [[1, 2], [1, 2, 3]], PPOConfig(max_new_tokens=3), seed=0, stop_id=eot)
+    assert all(p.stop_token_ids == [eot] and p.ignore_eos for p in seen["params"])
+    assert ro.ended.tolist() == [True, False]
+    assert ro.input_ids[0, :5].tolist() == [1, 2, 7, 8, eot]  # the end-of-turn token is part of the reply
+    assert ro.input_ids[1].tolist() == [1, 2, 3, 9, 9, 9]  # cut off: nothing appended
+    assert ro.mask[0].tolist() == [False, True, True, True, False]
+    assert ro.last_index.tolist() == [4, 5]
+    plain = rollout(FakeLLM(), tok, [[1, 2], [1, 2, 3]], PPOConfig(max_new_tokens=3), seed=0)
+    assert seen["params"][0].stop_token_ids == [tok.eos_id] and not seen["params"][0].ignore_eos
+    assert plain.input_ids[0, 4].item() == tok.eos_id
+
+
 def test_rule_reward_names_and_errors():
     from ember.train.ppo import rule_reward
 
@@ -408,7 +450,8 @@ def test_cli_dpo_reward_model_and_ppo_end_to_end(tok, tmp_path, capsys):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"say {w}"} for w in WORDS[:8]])
     run_cli("ppo", "--policy", tmp_path / "base", "--reward-model", tmp_path / "rm" / "model", "--prompts", prompts,
             "--out", tmp_path / "ppo", "--iterations", 2, "--rollout-batch", 4, "--minibatch", 2, "--ppo-epochs", 1,
-            "--max-new-tokens", 4, "--no-progress", "--device", "cpu", "--eval-fraction", 0.25)
+            "--max-new-tokens", 4, "--no-progress", "--device", "cpu", "--eval-fraction", 0.25,
+            "--missing-eos-penalty", 1.0)
     assert (tmp_path / "ppo" / "ppo.png").is_file() and (tmp_path / "ppo" / "model" / "config.json").is_file()
 
 

@@ -90,6 +90,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--cliprange", type=float, default=0.2)
     p.add_argument("--cliprange-value", type=float, default=0.2)
     p.add_argument("--vf-coef", type=float, default=0.1)
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0,
+                   help="subtract this from the reward of a reply cut off at --max-new-tokens (a reward model "
+                   "never saw cut-off replies; 1.0 is a common choice)")
     p.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
     p.add_argument("--eval-every", type=int, default=0)
     p.add_argument("--save-every", type=int, default=0)
@@ -160,7 +163,8 @@ def cmd_ppo(a: argparse.Namespace) -> None:
     cfg = PPOConfig(iterations=a.iterations, rollout_batch=a.rollout_batch, minibatch=a.minibatch,
                     ppo_epochs=a.ppo_epochs, max_new_tokens=a.max_new_tokens, temperature=a.temperature, lr=a.lr,
                     kl_coef=a.kl_coef, target_kl=a.target_kl, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
-                    cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, save_every=a.save_every,
+                    cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, missing_eos_penalty=a.missing_eos_penalty,
+                    save_every=a.save_every,
                     eval_every=a.eval_every, seed=a.seed)
     last = run_ppo(a.policy, a.prompts, a.out, cfg, reward_model_dir=a.reward_model, reward_rule=rule,
                    eval_fraction=a.eval_fraction, chat=False if a.raw_prompts else None, device=a.device,

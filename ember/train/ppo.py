@@ -55,6 +55,10 @@ class PPOConfig:
     vf_coef: float = 0.1
     whiten_advantages: bool = True
     grad_clip: float = 1.0
+    # Subtracted from the score of a reply that hits max_new_tokens without ending its turn.
+    # A reward model never saw cut-off replies, so without this the policy can learn to ramble
+    # into the cut (TRL's `missing_eos_penalty`).
+    missing_eos_penalty: float = 0.0
     save_every: int = 0  # iterations between checkpoints (0 = only at the end)
     eval_every: int = 0  # iterations between held-out evaluations (0 = start and end only)
     seed: int = 1337
@@ -67,6 +71,8 @@ class PPOConfig:
             raise EmberError("kl_coef must be >= 0, and lr and temperature positive.")
         if self.target_kl is not None and self.target_kl <= 0:
             raise EmberError("target_kl must be positive.")
+        if self.missing_eos_penalty < 0:
+            raise EmberError("missing_eos_penalty must be >= 0 (it is subtracted from the score).")
 
 
 # --- pure functions ------------------------------------------------------------------------
@@ -247,22 +253,35 @@ class Rollout:
     mask: Tensor  # [B, L-1] True where position t predicts a reply token
     last_index: Tensor  # [B] index of each row's last real token
     replies: list[str]
+    ended: Tensor  # [B] True where the reply ended its turn (EOS or a stop token) before max_new_tokens
 
 
-def rollout(llm: Any, tok: Any, prompt_ids: Sequence[list[int]], cfg: PPOConfig, seed: int) -> Rollout:
-    """Sample one reply per prompt; a reply that ended on EOS keeps it (the policy learns to stop)."""
+def penalize_unfinished(scores: Tensor, ended: Tensor, penalty: float) -> Tensor:
+    """Scores minus `penalty` for each reply that was cut off instead of ending."""
+    return scores - penalty * (~ended).to(scores.dtype) if penalty else scores
+
+
+def rollout(llm: Any, tok: Any, prompt_ids: Sequence[list[int]], cfg: PPOConfig, seed: int,
+            stop_id: int | None = None) -> Rollout:
+    """Sample one reply per prompt; a reply that ended keeps its stop token (the policy learns to stop).
+
+    `stop_id` is the token that ends a reply: the chat template's end-of-turn for chat prompts
+    (then EOS alone does not stop), EOS by default."""
     from ember.sampling import SamplingParams
 
-    params = [SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed + i)
+    eos = tok.eos_id if tok.eos_id is not None else llm.model.config.eos_token_id
+    stop = eos if stop_id is None else stop_id
+    params = [SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed + i,
+                             stop_token_ids=[] if stop is None else [stop], ignore_eos=stop_id is not None)
               for i in range(len(prompt_ids))]
     outs = llm.generate(list(prompt_ids), params)
-    eos = tok.eos_id if tok.eos_id is not None else llm.model.config.eos_token_id
-    seqs, starts, replies = [], [], []
+    seqs, starts, replies, ended = [], [], [], []
     for p, out in zip(prompt_ids, outs):
         c = out.outputs[0]
-        reply = list(c.token_ids) + ([eos] if c.finish_reason == "stop" and eos is not None else [])
+        ended.append(c.finish_reason == "stop")
+        reply = list(c.token_ids) + ([stop] if c.finish_reason == "stop" and stop is not None else [])
         if not reply:  # an empty reply still needs one scored position
-            reply = [eos]
+            reply = [stop if stop is not None else 0]
         seqs.append(list(p) + reply)
         starts.append(len(p))
         replies.append(tok.decode(c.token_ids))
@@ -273,4 +292,4 @@ def rollout(llm: Any, tok: Any, prompt_ids: Sequence[list[int]], cfg: PPOConfig,
     for i, (s, st) in enumerate(zip(seqs, starts)):
         ids[i, :len(s)] = torch.tensor(s)
         mask[i, st - 1:len(s) - 1] = True
-    return Rollout(ids, mask, torch.tensor([len(s) - 1 for s in seqs]), replies)
+    return Rollout(ids, mask, torch.tensor([len(s) - 1 for s in seqs]), replies, torch.tensor(ended))

@@ -22,7 +22,9 @@ from torch import Tensor
 from ember.errors import EmberError
 from ember.model import CausalLM
 from ember.train.ppo import (AdaptiveKL, PolicyWithValue, PPOConfig, RewardFn, encode_prompt, entropy_from_logits,
-                             gae, kl_penalized_rewards, masked_mean, masked_whiten, policy_loss, rollout, value_loss)
+                             gae, kl_penalized_rewards, masked_mean, masked_whiten, penalize_unfinished, policy_loss,
+                             rollout, value_loss)
+from ember.train.examples import end_of_turn_id
 from ember.train.preference import token_logps
 
 VALUE_HEAD = "value_head.safetensors"
@@ -93,15 +95,17 @@ def ppo_update(model: PolicyWithValue, optimizer: torch.optim.Optimizer, data: d
 
 @torch.no_grad()
 def evaluate_policy(model: PolicyWithValue, ref: CausalLM, llm: Any, tok: Any, prompt_ids: Sequence[list[int]],
-                    scorer_for: Callable[[Sequence[int]], Scorer], cfg: PPOConfig, seed: int) -> dict[str, float]:
+                    scorer_for: Callable[[Sequence[int]], Scorer], cfg: PPOConfig, seed: int,
+                    stop_id: int | None = None) -> dict[str, float]:
     """Mean score and KL to the reference of sampled replies to held-out prompts (fixed seeds)."""
     idx = list(range(len(prompt_ids)))
-    ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed)
-    scores = scorer_for(idx)(ro, ro.input_ids, ro.last_index)
+    ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed, stop_id)
+    scores = penalize_unfinished(scorer_for(idx)(ro, ro.input_ids, ro.last_index), ro.ended, cfg.missing_eos_penalty)
     device = next(model.parameters()).device
     ids, mask = ro.input_ids.to(device), ro.mask.to(device)
     kl = ((token_logps(model.policy(ids), ids) - token_logps(ref(ids), ids)) * mask).sum(-1)
-    return {"eval/reward": float(scores.mean()), "eval/kl": float(kl.mean())}
+    return {"eval/reward": float(scores.mean()), "eval/kl": float(kl.mean()),
+            "eval/ended": float(ro.ended.float().mean())}
 
 
 def plot_ppo(out_dir: str | Path) -> Path:
@@ -151,6 +155,7 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     chat = tok.chat_template is not None if chat is None else chat
+    stop_id = end_of_turn_id(tok) if chat else None  # a chat reply ends at end-of-turn, not at EOS
     prompt_ids = [encode_prompt(tok, p, chat) for p in prompts]
     eval_ids = [encode_prompt(tok, p, chat) for p in eval_prompts]
     texts = [p if isinstance(p, str) else json.dumps(p) for p in prompts]
@@ -202,7 +207,8 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
 
     record: dict[str, Any] = {"step": start}
     if eval_ids and start == 0:
-        record.update(evaluate_policy(model, ref, llm, tok, eval_ids, scorer_for(eval_texts), cfg, seed=10 ** 9))
+        record.update(evaluate_policy(model, ref, llm, tok, eval_ids, scorer_for(eval_texts), cfg, seed=10 ** 9,
+                                      stop_id=stop_id))
         log(record)
     bar = tqdm(total=cfg.iterations, initial=start, disable=not progress, unit="it", dynamic_ncols=True)
     for it in range(start, cfg.iterations):
@@ -210,19 +216,23 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = batch_indices(len(prompt_ids), cfg.rollout_batch, it, cfg.seed)
-        ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed=cfg.seed * 7919 + it * cfg.rollout_batch)
-        scores = scorer_for(texts)(idx)(ro, ro.input_ids, ro.last_index)
+        ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed=cfg.seed * 7919 + it * cfg.rollout_batch,
+                     stop_id=stop_id)
+        scores = penalize_unfinished(scorer_for(texts)(idx)(ro, ro.input_ids, ro.last_index), ro.ended,
+                                     cfg.missing_eos_penalty)
         data = _score_rollout(model, ref, ro, scores, kl_ctl.coef, cfg)
         gen = torch.Generator().manual_seed(cfg.seed + it)
         stats = ppo_update(model, optimizer, {k: v for k, v in data.items() if k not in ("kl", "entropy")}, cfg, gen)
         kl = float(data["kl"].mean())
         record = {"step": it + 1, "reward": float(scores.mean()), "kl": kl, "entropy": float(data["entropy"]),
+                  "ended": float(ro.ended.float().mean()),
                   "kl_coef": kl_ctl.coef, "reply_tokens": float(data["mask"].sum(-1).float().mean()), "lr": lr,
                   **stats, "elapsed_s": elapsed_before + time.time() - t0}
         kl_ctl.update(kl, cfg.rollout_batch)
         final = it + 1 == cfg.iterations
         if eval_ids and (final or (cfg.eval_every and (it + 1) % cfg.eval_every == 0)):
-            record.update(evaluate_policy(model, ref, llm, tok, eval_ids, scorer_for(eval_texts), cfg, seed=10 ** 9))
+            record.update(evaluate_policy(model, ref, llm, tok, eval_ids, scorer_for(eval_texts), cfg, seed=10 ** 9,
+                                      stop_id=stop_id))
         log(record)
         bar.set_postfix({k: f"{record[k]:.3g}" for k in ("reward", "kl", "clipfrac")})
         bar.update(1)
