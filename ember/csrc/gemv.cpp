@@ -5,7 +5,7 @@
 // half of this machine's read bandwidth (MKL's fp32 GEMV runs on one thread; the bf16 and
 // int8 paths are bound by their conversions). This file reads each weight row once, as one
 // sequential stream with a software prefetch ahead of it, widens it to fp32 in registers
-// (bf16: a 16-bit shift; fp16: F16C; int8: sign-extend and convert) and accumulates in fp32
+// (bf16: a shift or a mask, no shuffle; fp16: F16C; int8: sign-extend and convert) and accumulates in fp32
 // with four independent FMA chains. Rows are split across PyTorch's intra-op threads.
 
 #include <torch/extension.h>
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -40,10 +41,21 @@ inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
 }
 
-// y[n] = scale[n] * sum_k w[n, k] x[k] for rows [n0, n1); K is a multiple of 8.
+// Sixteen bf16 weights as two fp32 vectors with no shuffle: in each 32-bit lane the even
+// element is the low half (shift it up) and the odd one the high half (mask the low half off).
+// The activations they multiply are stored in the same even/odd order (see pair_order).
+inline void load16_even_odd(const at::BFloat16* p, __m256& even, __m256& odd) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// y[n] = scale[n] * sum_k w[n, k] x[k] for rows [n0, n1); K is a multiple of 8. `xp` is x in
+// even/odd order per block of 16 (used for bf16 weights, whose widening it makes cheaper).
 template <typename T>
-void rows_dot(const T* w, const float* x, const float* scale, float* y, int64_t K, int64_t n0, int64_t n1) {
-  constexpr int64_t kPrefetch = 1024 / sizeof(T);  // elements ahead: ~1 KiB of the stream
+void rows_dot(const T* w, const float* x, const float* xp, const float* scale, float* y, int64_t K, int64_t n0,
+              int64_t n1) {
+  constexpr int64_t kPrefetch = 2048 / sizeof(T);  // elements ahead: 2 KiB of the stream
   for (int64_t n = n0; n < n1; ++n) {
     const T* row = w + n * K;
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -51,10 +63,20 @@ void rows_dot(const T* w, const float* x, const float* scale, float* y, int64_t 
     for (; k + 32 <= K; k += 32) {
       _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch) + 64, _MM_HINT_T0);
-      a0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), a0);
-      a1 = _mm256_fmadd_ps(load8(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
-      a2 = _mm256_fmadd_ps(load8(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
-      a3 = _mm256_fmadd_ps(load8(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        __m256 e0, o0, e1, o1;
+        load16_even_odd(row + k, e0, o0);
+        load16_even_odd(row + k + 16, e1, o1);
+        a0 = _mm256_fmadd_ps(e0, _mm256_loadu_ps(xp + k), a0);
+        a1 = _mm256_fmadd_ps(o0, _mm256_loadu_ps(xp + k + 8), a1);
+        a2 = _mm256_fmadd_ps(e1, _mm256_loadu_ps(xp + k + 16), a2);
+        a3 = _mm256_fmadd_ps(o1, _mm256_loadu_ps(xp + k + 24), a3);
+      } else {
+        a0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), a0);
+        a1 = _mm256_fmadd_ps(load8(row + k + 8), _mm256_loadu_ps(x + k + 8), a1);
+        a2 = _mm256_fmadd_ps(load8(row + k + 16), _mm256_loadu_ps(x + k + 16), a2);
+        a3 = _mm256_fmadd_ps(load8(row + k + 24), _mm256_loadu_ps(x + k + 24), a3);
+      }
     }
     for (; k < K; k += 8) a0 = _mm256_fmadd_ps(load8(row + k), _mm256_loadu_ps(x + k), a0);
     float s = horizontal_sum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
@@ -64,12 +86,24 @@ void rows_dot(const T* w, const float* x, const float* scale, float* y, int64_t 
 
 }  // namespace
 
+// x in the order load16_even_odd produces: per block of 16, the 8 even elements, then the 8 odd.
+std::vector<float> pair_order(const std::vector<float>& x) {
+  std::vector<float> xp(x);
+  for (size_t b = 0; b + 16 <= x.size(); b += 16)
+    for (int i = 0; i < 8; ++i) {
+      xp[b + i] = x[b + 2 * i];
+      xp[b + 8 + i] = x[b + 2 * i + 1];
+    }
+  return xp;
+}
+
 template <typename T>
-void rows_dot_threaded(const T* w, const float* x, const float* scale, float* y, int64_t N, int64_t K) {
+void rows_dot_threaded(const T* w, const float* x, const float* xp, const float* scale, float* y, int64_t N,
+                       int64_t K) {
   // One contiguous slice of rows per thread: each thread reads one long sequential stream.
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(N / 64)));
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < threads; ++t) rows_dot(w, x, scale, y, K, N * t / threads, N * (t + 1) / threads);
+  for (int t = 0; t < threads; ++t) rows_dot(w, x, xp, scale, y, K, N * t / threads, N * (t + 1) / threads);
 }
 
 // x [..., K] holding one row (fp32, bf16 or fp16), w [N, K] contiguous (fp32, bf16, fp16 or
@@ -97,10 +131,14 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
     sp = sf.data();
   }
   switch (w.scalar_type()) {
-    case at::kFloat: rows_dot_threaded(w.data_ptr<float>(), xf.data(), sp, yf.data(), N, K); break;
-    case at::kBFloat16: rows_dot_threaded(w.data_ptr<at::BFloat16>(), xf.data(), sp, yf.data(), N, K); break;
-    case at::kHalf: rows_dot_threaded(w.data_ptr<at::Half>(), xf.data(), sp, yf.data(), N, K); break;
-    case at::kChar: rows_dot_threaded(w.data_ptr<int8_t>(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kFloat: rows_dot_threaded(w.data_ptr<float>(), xf.data(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kBFloat16: {
+      const std::vector<float> xp = pair_order(xf);
+      rows_dot_threaded(w.data_ptr<at::BFloat16>(), xf.data(), xp.data(), sp, yf.data(), N, K);
+      break;
+    }
+    case at::kHalf: rows_dot_threaded(w.data_ptr<at::Half>(), xf.data(), xf.data(), sp, yf.data(), N, K); break;
+    case at::kChar: rows_dot_threaded(w.data_ptr<int8_t>(), xf.data(), xf.data(), sp, yf.data(), N, K); break;
     default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());
   }
   if (bias.has_value()) {
