@@ -4,7 +4,8 @@ Each row of W [out, in] gets scale s = max|row| / 127 and int8 values round(W / 
 W ≈ q * s[:, None]. The matmul keeps activations in float: y = (x @ qᵀ) * s. On CPU that is
 PyTorch's fused `aten._weight_int8pack_mm` (reads 1 byte/weight instead of 2 or 4), fed
 bf16 activations even in an fp32 model (its fp32 path is far slower); a single row (batch-1
-decoding) goes through `ember.gemv`, which is faster still; elsewhere the weight is
+decoding) goes through `ember.gemv`, which is faster still (it rounds that one row to int16,
+15 bits against its largest element, for integer multiply-adds); elsewhere the weight is
 dequantized into the activation dtype first.
 """
 
