@@ -12,6 +12,12 @@
    reference shape), fp32/bf16 vs each method, with `transformers` fp32/bf16 as the peer.
    Also: the same with the step `torch.compile`d (`generate(..., compile=True)`), and the
    ablation with PyTorch's one-row kernels instead of `ember.gemv`.
+   llama.cpp rows (F16, Q8_0, Q4_0 of the same weights) when `llama_cpp` is installed and
+   --llama-cpp-src points at a llama.cpp tree:
+       pip download llama-cpp-python --no-deps --no-binary :all: -d /tmp/llama
+       pip install /tmp/llama/llama_cpp_python-*.tar.gz diskcache sentencepiece   # ~5 min build
+       tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
+       python benchmarks/quant.py --llama-cpp-src /tmp/llama/llama_cpp_python-*/vendor/llama.cpp
 3. Batched: the engine at 16 and 64 concurrent sequences per method (does the speed-up survive
    many rows a step?).
 4. GEMV: one token through one linear layer (its weight warm in cache), each kernel vs fp32
@@ -25,7 +31,9 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -172,6 +180,63 @@ def hf_decode(path, dtype, prompt, n) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
+def llama_cpp_rows(model, prompt: list[int], n: int, args, add) -> None:
+    """llama.cpp on the same weights: GGUF F16 and Q8_0 from its own convert_hf_to_gguf.py, Q4_0
+    from its quantizer, timed like the Ember rows (greedy, first to last new token)."""
+    import ctypes
+    import subprocess
+
+    try:
+        import llama_cpp
+    except ImportError:
+        print("  llama-cpp-python not installed: no llama.cpp rows (pip install llama-cpp-python)")
+        return
+    src = Path(args.llama_cpp_src) if args.llama_cpp_src else None
+    if src is None or not (src / "convert_hf_to_gguf.py").is_file():
+        print("  no llama.cpp source tree (--llama-cpp-src, with convert_hf_to_gguf.py): no llama.cpp rows")
+        return
+    vocab = Path(args.data) / "tokenizers" / "hf" / "gpt2"
+    if not (vocab / "tokenizer.json").is_file():  # the converter writes the vocabulary into the GGUF
+        print(f"  no GPT-2 tokenizer at {vocab}: no llama.cpp rows")
+        return
+    hf_dir = Path(args.tmp) / "speed_model"
+    save_pretrained(model, None, hf_dir)
+    for f in vocab.iterdir():
+        shutil.copy(f, hf_dir / f.name)
+    gguf = {name: Path(args.tmp) / f"speed-{name}.gguf" for name in ("F16", "Q8_0", "Q4_0")}
+    for name in ("F16", "Q8_0"):
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf_dir), "--outtype", name.lower(),
+                        "--outfile", str(gguf[name])], check=True, capture_output=True)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0, torch.get_num_threads()
+    if llama_cpp.llama_model_quantize(str(gguf["F16"]).encode(), str(gguf["Q4_0"]).encode(), ctypes.byref(params)):
+        raise RuntimeError("llama.cpp could not quantize to Q4_0")
+    cfg = model.config
+    table = cfg.vocab_size * cfg.hidden_size / model.num_parameters()  # input embedding: one row per token
+    for name, path in gguf.items():
+        size = path.stat().st_size
+        add(name, "f32", llama_cpp_decode(path, prompt, n), size, impl="llama.cpp", read_bytes=int(size * (1 - table)))
+
+
+def llama_cpp_decode(path: Path, prompt: list[int], n: int) -> float:
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=len(prompt), n_threads=torch.get_num_threads(),
+                n_threads_batch=torch.get_num_threads(), verbose=False)
+    llm.eval(prompt[:16])  # warm-up
+    llm.reset()
+    llm.eval(prompt)
+    stamps = []
+    vocab = llm.n_vocab()
+    for _ in range(n):  # greedy on the last logits; end-of-text is just another token for a random model
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))
+        llm.eval([int(np.argmax(logits))])
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
 def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     """Read bandwidth in bytes/s: the best of `reps` sums over a `gib`-GiB float32 tensor
     (with the same threads as the decode runs), far bigger than any cache."""
@@ -194,12 +259,13 @@ def speed(args) -> list[dict]:
     n = args.new_tokens
     rows = []
 
-    def add(name, act, tps, nbytes, tokens=n, impl="ember"):
+    def add(name, act, tps, nbytes, tokens=n, impl="ember", read_bytes=None):
         # A token reads every weight once, except the input embedding table (one row) when the
         # head is untied; the table stays in the activation dtype under every method.
         table = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size * (2 if act == "bf16" else 4)
         rows.append({"impl": impl, "method": name, "activations": act, "tokens_per_s": tps,
-                     "weight_bytes": nbytes, "read_bytes_per_token": nbytes - table, "new_tokens": tokens})
+                     "weight_bytes": nbytes, "read_bytes_per_token": nbytes - table if read_bytes is None else read_bytes,
+                     "new_tokens": tokens})
         print(f"  {rows[-1]}", flush=True)
 
     add("fp32", "fp32", ember_decode(model, prompt, n), weight_bytes(model))
@@ -236,6 +302,7 @@ def speed(args) -> list[dict]:
             for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
                 add(name, name, hf_decode(path, dt, prompt, n), weight_bytes(model) // (1 if name == "fp32" else 2),
                     impl="transformers")
+        llama_cpp_rows(model, prompt, n, args, add)
     return rows
 
 
@@ -372,6 +439,16 @@ def markdown(result) -> str:
             if compiled:
                 line += f" eager, **{compiled[0] / hf_bf[0]:.2f}x** compiled"
             out += ["", line + "."]
+        best = {}  # the fastest Ember row per format (bf16, int8, int4 at any group size), eager or compiled
+        for r in result["decode"]:
+            kind = r["method"].split()[0]
+            if r["impl"].startswith("ember") and "PyTorch" not in r["impl"] and kind in ("bf16", "int8", "int4"):
+                best[kind] = max(best.get(kind, 0.0), r["tokens_per_s"])
+        cpp = {r["method"]: r["tokens_per_s"] for r in result["decode"] if r["impl"] == "llama.cpp"}
+        pairs = [("bf16", "F16"), ("int8", "Q8_0"), ("int4", "Q4_0")]
+        if cpp:
+            out += ["", "Ember (fastest row) / llama.cpp, same run: " + ", ".join(
+                f"{e} / {c}: **{best[e] / cpp[c]:.2f}x**" for e, c in pairs if e in best and c in cpp) + "."]
     if result.get("batched"):
         out += ["", f"## Batched decode in the engine ({result['batch_model']}, 16-token prompts, "
                 f"{result['batch_tokens']} new tokens each, greedy)", "",
@@ -405,7 +482,12 @@ def main() -> None:
     ap.add_argument("--batch-preset", default="llama-20m", help="random-weight model for the batched engine rows")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
     ap.add_argument("--batch-tokens", type=int, default=64, help="new tokens per sequence in the batched rows")
-    ap.add_argument("--no-peers", action="store_true", help="skip the transformers decode rows")
+    ap.add_argument("--no-peers", action="store_true", help="skip the transformers and llama.cpp decode rows")
+    ap.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"),
+                    help="a llama.cpp source tree (for convert_hf_to_gguf.py), e.g. the vendor/llama.cpp of the "
+                    "llama-cpp-python sdist; with llama-cpp-python installed, adds llama.cpp F16/Q8_0/Q4_0 rows")
+    ap.add_argument("--data", default=os.environ.get("EMBER_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
+                    help="shared data directory (the GPT-2 tokenizer the GGUF conversion needs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile'd decode rows (each compiles for ~30 s)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
