@@ -210,8 +210,8 @@ def ppo_section(a) -> dict:
     held_pairs, _ = render_pairs(tok, pairs_from_dicts(held_rows).pairs, 128)
 
     torch.manual_seed(0)
-    rm = RewardModel(load_model(base, device="cpu", dtype=torch.float32).config,
-                     backbone=load_model(base, device="cpu", dtype=torch.float32))
+    backbone = load_model(base, device="cpu", dtype=torch.float32)
+    rm = RewardModel(backbone.config, backbone=backbone)
     rm_run = Path(a.work) / "reward_model"
     shutil.rmtree(rm_run, ignore_errors=True)
     t0 = time.perf_counter()

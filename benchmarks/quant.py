@@ -180,9 +180,10 @@ def hf_decode(path, dtype, prompt, n) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def llama_cpp_rows(model, prompt: list[int], n: int, args, add) -> None:
-    """llama.cpp on the same weights: GGUF F16 and Q8_0 from its own convert_hf_to_gguf.py, Q4_0
-    from its quantizer, timed like the Ember rows (greedy, first to last new token)."""
+def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) -> None:
+    """llama.cpp on the same weights (`hf_dir`, the HF checkpoint the transformers rows read):
+    GGUF F16 and Q8_0 from its own convert_hf_to_gguf.py, Q4_0 from its quantizer, timed like
+    the Ember rows (greedy, first to last new token)."""
     import ctypes
     import subprocess
 
@@ -199,8 +200,6 @@ def llama_cpp_rows(model, prompt: list[int], n: int, args, add) -> None:
     if not (vocab / "tokenizer.json").is_file():  # the converter writes the vocabulary into the GGUF
         print(f"  no GPT-2 tokenizer at {vocab}: no llama.cpp rows")
         return
-    hf_dir = Path(args.tmp) / "speed_model"
-    save_pretrained(model, None, hf_dir)
     for f in vocab.iterdir():
         shutil.copy(f, hf_dir / f.name)
     gguf = {name: Path(args.tmp) / f"speed-{name}.gguf" for name in ("F16", "Q8_0", "Q4_0")}
@@ -302,7 +301,7 @@ def speed(args) -> list[dict]:
             for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
                 add(name, name, hf_decode(path, dt, prompt, n), weight_bytes(model) // (1 if name == "fp32" else 2),
                     impl="transformers")
-        llama_cpp_rows(model, prompt, n, args, add)
+        llama_cpp_rows(model, path, prompt, n, args, add)
     return rows
 
 

@@ -45,7 +45,7 @@ inline __m256 load8(const int8_t* p) {
 
 // Sixteen bf16 weights as two fp32 vectors with no shuffle: in each 32-bit lane the even
 // element is the low half (shift it up) and the odd one the high half (mask the low half off).
-// The activations they multiply are stored in the same even/odd order (see pair_order).
+// The activations they multiply are stored in the same even/odd order (see even_odd_order).
 inline void load16_even_odd(const at::BFloat16* p, __m256& even, __m256& odd) {
   const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
@@ -122,24 +122,31 @@ void rows_dot_i8(const int8_t* w, const int16_t* xq, const int16_t* xqp, float x
 
 }  // namespace
 
-// x in the order load16_even_odd produces: per block of 16, the 8 even elements, then the 8 odd.
-std::vector<float> pair_order(const std::vector<float>& x) {
-  std::vector<float> xp(x);
-  for (size_t b = 0; b + 16 <= x.size(); b += 16)
-    for (int i = 0; i < 8; ++i) {
+// x in the order the even/odd loads produce: per block of `block` elements, the even ones,
+// then the odd ones (bf16: blocks of 16 floats; int8: blocks of 32 int16).
+template <typename T>
+std::vector<T> even_odd_order(const std::vector<T>& x, size_t block) {
+  std::vector<T> xp(x);
+  for (size_t b = 0; b + block <= x.size(); b += block)
+    for (size_t i = 0; i < block / 2; ++i) {
       xp[b + i] = x[b + 2 * i];
-      xp[b + 8 + i] = x[b + 2 * i + 1];
+      xp[b + block / 2 + i] = x[b + 2 * i + 1];
     }
   return xp;
+}
+
+// One contiguous slice of rows per thread: each thread reads one long sequential stream.
+template <typename F>
+void split_rows(int64_t N, F&& rows) {
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(N / 64)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int t = 0; t < threads; ++t) rows(N * t / threads, N * (t + 1) / threads);
 }
 
 template <typename T>
 void rows_dot_threaded(const T* w, const float* x, const float* xp, const float* scale, float* y, int64_t N,
                        int64_t K) {
-  // One contiguous slice of rows per thread: each thread reads one long sequential stream.
-  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(N / 64)));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int t = 0; t < threads; ++t) rows_dot(w, x, xp, scale, y, K, N * t / threads, N * (t + 1) / threads);
+  split_rows(N, [&](int64_t n0, int64_t n1) { rows_dot(w, x, xp, scale, y, K, n0, n1); });
 }
 
 // x [..., K] holding one row (fp32, bf16 or fp16), w [N, K] contiguous (fp32, bf16, fp16 or
@@ -169,7 +176,7 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   switch (w.scalar_type()) {
     case at::kFloat: rows_dot_threaded(w.data_ptr<float>(), xf.data(), xf.data(), sp, yf.data(), N, K); break;
     case at::kBFloat16: {
-      const std::vector<float> xp = pair_order(xf);
+      const std::vector<float> xp = even_odd_order(xf, 16);
       rows_dot_threaded(w.data_ptr<at::BFloat16>(), xf.data(), xp.data(), sp, yf.data(), N, K);
       break;
     }
@@ -180,19 +187,13 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
       float amax = 0.f;
       for (float v : xf) amax = std::max(amax, std::abs(v));
       const float xscale = amax > 0.f ? amax / 16383.f : 1.f;
-      std::vector<int16_t> xq(K), xqp(K);
+      std::vector<int16_t> xq(K);
       for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(xf[k] / xscale));
-      xqp = xq;
-      for (int64_t b = 0; b + 32 <= K; b += 32)
-        for (int i = 0; i < 16; ++i) {
-          xqp[b + i] = xq[b + 2 * i];
-          xqp[b + 16 + i] = xq[b + 2 * i + 1];
-        }
+      const std::vector<int16_t> xqp = even_odd_order(xq, 32);
       const int8_t* wp = w.data_ptr<int8_t>();
-      const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(N / 64)));
-#pragma omp parallel for num_threads(threads) schedule(static)
-      for (int t = 0; t < threads; ++t)
-        rows_dot_i8(wp, xq.data(), xqp.data(), xscale, sp, yf.data(), K, N * t / threads, N * (t + 1) / threads);
+      split_rows(N, [&](int64_t n0, int64_t n1) {
+        rows_dot_i8(wp, xq.data(), xqp.data(), xscale, sp, yf.data(), K, n0, n1);
+      });
       break;
     }
     default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());

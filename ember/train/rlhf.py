@@ -100,7 +100,7 @@ def evaluate_policy(model: PolicyWithValue, ref: CausalLM, llm: Any, tok: Any, p
     """Mean score and KL to the reference of sampled replies to held-out prompts (fixed seeds)."""
     idx = list(range(len(prompt_ids)))
     ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed, stop_id)
-    scores = penalize_unfinished(scorer_for(idx)(ro, ro.input_ids, ro.last_index), ro.ended, cfg.missing_eos_penalty)
+    scores = scorer_for(idx)(ro, ro.input_ids, ro.last_index)
     device = next(model.parameters()).device
     ids, mask = ro.input_ids.to(device), ro.mask.to(device)
     kl = ((token_logps(model.policy(ids), ids) - token_logps(ref(ids), ids)) * mask).sum(-1)
@@ -164,8 +164,11 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
     def scorer_for(pool: Sequence[str]) -> Callable[[Sequence[int]], Scorer]:
         def make(idx: Sequence[int]) -> Scorer:
             if reward_fn is not None:
-                return text_scorer(reward_fn, [pool[i] for i in idx])
-            return lambda ro, ids, last: reward_model(ids, last)
+                base = text_scorer(reward_fn, [pool[i] for i in idx])
+            else:
+                base = lambda ro, ids, last: reward_model(ids, last)  # noqa: E731
+            # Every score, training and held-out, pays the same penalty for a cut-off reply.
+            return lambda ro, ids, last: penalize_unfinished(base(ro, ids, last), ro.ended, cfg.missing_eos_penalty)
         return make
 
     torch.manual_seed(cfg.seed)
@@ -218,8 +221,7 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
         idx = batch_indices(len(prompt_ids), cfg.rollout_batch, it, cfg.seed)
         ro = rollout(llm, tok, [prompt_ids[i] for i in idx], cfg, seed=cfg.seed * 7919 + it * cfg.rollout_batch,
                      stop_id=stop_id)
-        scores = penalize_unfinished(scorer_for(texts)(idx)(ro, ro.input_ids, ro.last_index), ro.ended,
-                                     cfg.missing_eos_penalty)
+        scores = scorer_for(texts)(idx)(ro, ro.input_ids, ro.last_index)
         data = _score_rollout(model, ref, ro, scores, kl_ctl.coef, cfg)
         gen = torch.Generator().manual_seed(cfg.seed + it)
         stats = ppo_update(model, optimizer, {k: v for k, v in data.items() if k not in ("kl", "entropy")}, cfg, gen)
