@@ -68,6 +68,8 @@ def _build() -> bool:
     # torch.compile traces the op through this: the output's shape and dtype, without running it.
     torch.library.register_fake("ember_gemv::gemv")(
         lambda x, w, scale, bias: x.new_empty(*x.shape[:-1], w.shape[0]))
+    torch.library.register_fake("ember_gemv::gemv_int4")(
+        lambda x, qweight, scale, offset, group, bias: x.new_empty(*x.shape[:-1], qweight.shape[0]))
     return True
 
 
@@ -82,14 +84,26 @@ def disabled() -> Iterator[None]:
         _switched_off = old
 
 
+def serves(x: Tensor) -> bool:
+    """Whether the kernels here take this input: CPU, no autograd (they have no backward), built."""
+    return not _switched_off and not torch.is_grad_enabled() and x.device.type == "cpu" and available()
+
+
 def applies(x: Tensor, weight: Tensor) -> bool:
     """Whether `gemv` serves this product: one row, CPU, no autograd, a supported layout."""
-    return (not _switched_off and x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-            and weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[1] % 8 == 0 and weight.dtype in WEIGHT_DTYPES
-            and weight.is_contiguous() and x.device.type == "cpu" and available())
+    return (x.numel() == x.shape[-1] and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.shape[1] % 8 == 0 and weight.dtype in WEIGHT_DTYPES and weight.is_contiguous() and serves(x))
 
 
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """`F.linear` for one row: x [..., K] (one row in all) times weight [N, K] (times a per-row
     `scale` for int8 weights), plus `bias`; returns [..., N] in x's dtype."""
     return torch.ops.ember_gemv.gemv(x, weight, scale, bias)
+
+
+def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: int,
+              bias: Tensor | None = None) -> Tensor:
+    """`F.linear` with group-wise int4 weights (ember/quant/int4.py's portable layout): x [..., K]
+    (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
+    `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
+    return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)

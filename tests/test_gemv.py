@@ -102,3 +102,42 @@ def test_int8_layer_single_row_matches_its_dequantized_weight():
     ref = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
     assert torch.allclose(y.double(), ref, atol=1e-4)
 
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
+    """int4 products run in integers against each row rounded to int16 (step max|x| / 16383)
+    and take the group's scale and zero point in fp32, so the only error beyond float rounding
+    is half a step per element times the weight's nibble: |y - exact| <= (q s) @ (step / 2)."""
+    from ember.quant.int4 import Int4Linear, unpack_nibbles
+
+    torch.manual_seed(group + rows)
+    k = 512
+    w = torch.randn(96, k) * 2 + torch.randn(96, 1) * 3  # offset rows: the zero point matters
+    lin = torch.nn.Linear(k, 96)
+    lin.weight.data = w
+    layer = Int4Linear.from_linear(lin, group)
+    layer.qweight[0] = 0xFF  # the largest nibbles everywhere in one row
+    x = torch.randn(rows, k)
+    x[:, ::3] = x.abs().max()
+    sz = layer.scales_and_zeros.double()
+    s = sz[..., 0].t().repeat_interleave(group, 1)
+    exact = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
+    with torch.inference_mode():
+        y = gemv.gemv_int4(x, layer.qweight, *layer._kernel_scales(), group, layer.bias)
+        assert torch.equal(layer(x), y)  # the layer takes this path for any number of rows
+    step = x.abs().amax(1, keepdim=True).double() / 16383
+    bound = step / 2 * (unpack_nibbles(layer.qweight).double() * s).sum(1)
+    err = (y.double() - exact).abs()
+    assert (err <= bound + 1e-5 * exact.abs() + 1e-4).all(), (err - bound).max()
+    assert err.max() > 0  # really the integer path
+
+
+def test_int4_layer_keeps_pytorch_kernels_with_autograd():
+    from ember.quant.int4 import Int4Linear
+
+    layer = Int4Linear.from_linear(torch.nn.Linear(128, 32), 64)
+    assert layer._ember_kernel_applies(torch.randn(1, 128)) is False  # grad mode on: no backward here
+    with torch.inference_mode():
+        assert layer._ember_kernel_applies(torch.randn(1, 128))

@@ -230,6 +230,26 @@ def test_quantized_model_decodes_greedily_in_the_engine(method, tmp_path):
         assert out.outputs[0].token_ids == greedy_full_recompute(q, p, 8)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4", "nf4"])
+def test_lm_head_quantizes_on_request_in_int8_under_the_4bit_methods(method, tmp_path):
+    model = small_model(tie_word_embeddings=False)
+    kw = {"group_size": 32} if method == "int4" else {}
+    q = quantize_model(copy.deepcopy(model), method, include_lm_head=True, **kw)
+    assert type(q.lm_head) is Int8Linear and q.quantization_config["lm_head_method"] == "int8"
+    ids = calib(2, 30)
+    assert rel_err(q(ids), model(ids)) < (0.01 if method == "int8" else 0.15)
+    save_quantized(q, None, tmp_path / "q")
+    loaded = ember.load_model(tmp_path / "q", device="cpu")
+    assert type(loaded.lm_head) is Int8Linear and torch.equal(loaded(ids), q(ids))
+    prompts = [calib(1, n, seed=n)[0].tolist() for n in (5, 17)]
+    outs = ember.LLM(loaded, num_kv_blocks=64, block_size=8).generate(
+        prompts, ember.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    for p, out in zip(prompts, outs):
+        assert out.outputs[0].token_ids == greedy_full_recompute(q, p, 8)
+    tied = quantize_model(small_model(tie_word_embeddings=True), method, include_lm_head=True, **kw)
+    assert type(tied.lm_head) is nn.Linear and "lm_head_method" not in tied.quantization_config
+
+
 # --- SmoothQuant's point -------------------------------------------------------------------------------
 def test_smoothquant_recovers_what_activation_outliers_cost_naive_w8a8():
     model = small_model()

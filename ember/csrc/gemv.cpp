@@ -120,6 +120,66 @@ void rows_dot_i8(const int8_t* w, const int16_t* xq, const int16_t* xqp, float x
   }
 }
 
+
+// int4 weights, group-wise asymmetric (ember/quant/int4.py): w = (q - 8) s + z over each group
+// of `group` columns, q in 0..15 packed two to a byte (column 2j in the low nibble, 2j + 1 in
+// the high one). So sum_k w_k x_k = sum_g [s_g sum_{k in g} q_k x_k + (z_g - 8 s_g) X_g] with
+// X_g = sum_{k in g} x_k: integer multiply-adds inside a group (x rounded to int16 as for int8),
+// one fp32 multiply-add per group. A 32-byte load holds 64 columns' nibbles; a mask and shifts
+// turn them into four vectors of 16 int16 values, with no shuffle: columns c + 4i and c + 4i + 2
+// (low nibbles of even and odd bytes), c + 4i + 1 and c + 4i + 3 (high nibbles). The activations
+// are stored in that order (int4_order). The lower 128-bit half of every product vector holds
+// columns c..c+31 and the upper half c+32..c+63, which is how a group of 32 gets its own scale.
+inline __m256i block_dot_i4(const uint8_t* p, const int16_t* xqp) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i nib = _mm256_set1_epi8(0x0F), low_byte = _mm256_set1_epi16(0x00FF);
+  const __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+  auto x = [&](int i) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xqp + 16 * i)); };
+  const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(lo, low_byte), x(0)),
+                                     _mm256_madd_epi16(_mm256_srli_epi16(lo, 8), x(1)));
+  const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(_mm256_and_si256(hi, low_byte), x(2)),
+                                     _mm256_madd_epi16(_mm256_srli_epi16(hi, 8), x(3)));
+  return _mm256_add_epi32(a, b);
+}
+
+// y[m, n] for rows [n0, n1) of w and every activation row m (M of them): each weight row is
+// read from memory once and from L1 for the other M - 1 activation rows. scale and offset are
+// [N, G] (s and z - 8 s); xqp [M, K] in int4_order, xsum [M, G], xscale [M].
+void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const float* xscale,
+                 const float* scale, const float* offset, float* y, int64_t M, int64_t N, int64_t K,
+                 int64_t group, int64_t n0, int64_t n1) {
+  constexpr int64_t kPrefetch = 2048;
+  const int64_t G = K / group;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * (K / 2);
+    const float* s = scale + n * G;
+    const float* off = offset + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const int16_t* xm = xqp + m * K;
+      __m256 acc = _mm256_setzero_ps();
+      if (group == 32) {  // two groups per 64-column block: one scale per 128-bit half
+        for (int64_t c = 0; c < K; c += 64) {
+          if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(row + c / 2 + kPrefetch), _MM_HINT_T0);
+          const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[c / 32 + 1]), _mm_set1_ps(s[c / 32]));
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_i4(row + c / 2, xm + c)), sv, acc);
+        }
+      } else {  // group is a multiple of 64
+        for (int64_t g = 0; g < G; ++g) {
+          __m256i ai = _mm256_setzero_si256();
+          for (int64_t c = g * group; c < (g + 1) * group; c += 64) {
+            if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(row + c / 2 + kPrefetch), _MM_HINT_T0);
+            ai = _mm256_add_epi32(ai, block_dot_i4(row + c / 2, xm + c));
+          }
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(s[g]), acc);
+        }
+      }
+      float zero_part = 0.f;
+      for (int64_t g = 0; g < G; ++g) zero_part += off[g] * xsum[m * G + g];
+      y[m * N + n] = horizontal_sum(acc) * xscale[m] + zero_part;
+    }
+  }
+}
+
 }  // namespace
 
 // x in the order the even/odd loads produce: per block of `block` elements, the even ones,
@@ -133,6 +193,23 @@ std::vector<T> even_odd_order(const std::vector<T>& x, size_t block) {
       xp[b + block / 2 + i] = x[b + 2 * i + 1];
     }
   return xp;
+}
+
+// Round an activation row to int16 against its largest magnitude; returns the step. 16383
+// keeps a pair's sum of products (2 * 127 * 16383) and 8192 / 32 of them inside int32.
+float round_row_int16(const float* x, int64_t K, int16_t* xq) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x[k]));
+  const float step = amax > 0.f ? amax / 16383.f : 1.f;
+  for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(x[k] / step));
+  return step;
+}
+
+// The order block_dot_i4 reads a 64-column block in: columns 4i, then 4i + 2, 4i + 1, 4i + 3.
+void int4_order(const int16_t* xq, int64_t K, int16_t* out) {
+  for (int64_t c = 0; c < K; c += 64)
+    for (int j = 0; j < 4; ++j)
+      for (int i = 0; i < 16; ++i) out[c + 16 * j + i] = xq[c + 4 * i + (j == 1 ? 2 : j == 2 ? 1 : j)];
 }
 
 // One contiguous slice of rows per thread: each thread reads one long sequential stream.
@@ -182,13 +259,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
     }
     case at::kHalf: rows_dot_threaded(w.data_ptr<at::Half>(), xf.data(), xf.data(), sp, yf.data(), N, K); break;
     case at::kChar: {
-      // Round the row to int16 against its largest magnitude: 16383 keeps a pair's sum of
-      // products (2 * 127 * 16383) and 8192 / 32 of them inside int32.
-      float amax = 0.f;
-      for (float v : xf) amax = std::max(amax, std::abs(v));
-      const float xscale = amax > 0.f ? amax / 16383.f : 1.f;
       std::vector<int16_t> xq(K);
-      for (int64_t k = 0; k < K; ++k) xq[k] = static_cast<int16_t>(std::nearbyint(xf[k] / xscale));
+      const float xscale = round_row_int16(xf.data(), K, xq.data());
       const std::vector<int16_t> xqp = even_odd_order(xq, 32);
       const int8_t* wp = w.data_ptr<int8_t>();
       split_rows(N, [&](int64_t n0, int64_t n1) {
@@ -210,5 +282,59 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   return out;
 }
 
-TORCH_LIBRARY(ember_gemv, m) { m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor"); }
-TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) { m.impl("gemv", gemv); }
+// x [..., K] (M rows in all; fp32, bf16 or fp16), qweight uint8 [N, K / 2] (two columns a byte,
+// the even one low), scale and offset fp32 [N, K / group] (s and z - 8 s of every group; group 32
+// or a multiple of 64, K a multiple of 64), bias [N] or None. Returns [..., N] in x's dtype.
+torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scale,
+                        const torch::Tensor& offset, int64_t group, const c10::optional<torch::Tensor>& bias) {
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2, G = K / std::max<int64_t>(group, 1);
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kByte && K % 64 == 0,
+              "gemv_int4: qweight must be contiguous uint8 [N, K / 2] with K % 64 == 0");
+  TORCH_CHECK((group == 32 || group % 64 == 0) && group > 0 && K % group == 0, "gemv_int4: group ", group,
+              " must be 32 or a multiple of 64 that divides K = ", K);
+  TORCH_CHECK(x.size(-1) == K, "gemv_int4: x has ", x.size(-1), " columns, the weight ", K);
+  TORCH_CHECK(scale.sizes() == offset.sizes() && scale.size(0) == N && scale.size(1) == G &&
+              scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat,
+              scale.is_contiguous() && offset.is_contiguous(), "gemv_int4: scale and offset must be contiguous fp32 [N, K / group]");
+  const int64_t M = x.numel() / K;
+  std::vector<float> xf(M * K), xsum(M * G, 0.f), xscale(M), yf(M * N);
+  std::vector<int16_t> xq(K), xqp(M * K);
+  torch::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_int4_x", [&] {
+    const scalar_t* p = xc.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(p[i]);
+  });
+  for (int64_t m = 0; m < M; ++m) {
+    xscale[m] = round_row_int16(xf.data() + m * K, K, xq.data());
+    int4_order(xq.data(), K, xqp.data() + m * K);
+    for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group] += xf[m * K + k];
+  }
+  const uint8_t* wp = qweight.data_ptr<uint8_t>();
+  const float *sp = scale.data_ptr<float>(), *op = offset.data_ptr<float>();
+  split_rows(N, [&](int64_t n0, int64_t n1) {
+    rows_dot_i4(wp, xqp.data(), xsum.data(), xscale.data(), sp, op, yf.data(), M, N, K, group, n0, n1);
+  });
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  torch::Tensor out = torch::empty(shape, x.options());
+  std::vector<float> bf(N, 0.f);
+  if (bias.has_value()) {
+    torch::Tensor b = bias->to(torch::kFloat).contiguous();
+    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + N, bf.begin());
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_int4_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) o[m * N + n] = static_cast<scalar_t>(yf[m * N + n] + bf[n]);
+  });
+  return out;
+}
+
+TORCH_LIBRARY(ember_gemv, m) {
+  m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
+  m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scale, Tensor offset, int group, Tensor? bias) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) {
+  m.impl("gemv", gemv);
+  m.impl("gemv_int4", gemv_int4);
+}

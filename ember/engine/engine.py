@@ -109,7 +109,7 @@ class LLM:
             has_tokenizer = (Path(model) / "tokenizer.json").exists()
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
         mcfg = self.model.config
-        weight = self.model.lm_head.weight
+        weight = self.model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
         if cfg.block_size < 1:
             raise EmberError("block_size must be at least 1.")

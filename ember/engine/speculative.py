@@ -100,7 +100,7 @@ class DraftProposer:
     def __init__(self, model: CausalLM, target_pool: KVPool, pack_weights: bool = False) -> None:
         self.model = model.eval()
         self.pack_weights = pack_weights
-        w = model.lm_head.weight
+        w = model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
 
     @torch.inference_mode()

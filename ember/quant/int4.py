@@ -1,17 +1,20 @@
 """int4 weight-only, group-wise asymmetric (gpt-fast / tinygemm convention).
 
-Each row of W [out, in] is cut into groups of `group_size` (32, 64 or 128) input columns.
+Each row of W [out, in] is cut into groups of `group_size` (32, 64, 128 or 256) input columns.
 A group with range [lo, hi] gets scale s = (hi - lo) / 15 and values q = round((w - lo) / s)
 in 0..15; the zero point is stored as z = lo + 8 s, so w ≈ (q - 8) s + z, which is the
 formula PyTorch's int4 kernels evaluate.
 
 Stored (checkpoint, portable): `qweight` uint8 [out, in/2] (column 2j in the low nibble,
-2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2]. On CPU the weight is
-repacked in memory into the layout of `aten._weight_int4pack_mm_for_cpu` (which depends on
-the CPU's vector width) and unpacked again when a state dict is taken; elsewhere the
-forward dequantizes into the activation dtype and matmuls. On CPU the kernel runs with bf16
-activations even for an fp32 model (its fp32 path is much slower; the int4 weight error
-dwarfs bf16 rounding of the activations).
+2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2]. On an AVX2 CPU the
+products run in Ember's own kernel (`ember.gemv.gemv_int4`) straight from that layout, any
+number of rows, 1.2-2x PyTorch's int4 kernel (2x for one row, see benchmarks/quant.py). Where
+it is not built, the weight is repacked in memory into the layout of
+`aten._weight_int4pack_mm_for_cpu` (which depends on the CPU's vector width; unpacked again
+when a state dict is taken) and that kernel runs with bf16 activations even for an fp32 model
+(its fp32 path is much slower; the int4 weight error dwarfs bf16 rounding of the
+activations). Elsewhere (GPU, autograd) the forward dequantizes into the activation dtype and
+matmuls.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ember import gemv
 from ember.errors import EmberError
 from ember.quant.base import QuantLinear
 from ember.quant.kernels import kernel_works
@@ -91,6 +95,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_and_zeros", torch.zeros(self.in_padded // group_size, out_features, 2,
                                                              dtype=torch.bfloat16, device=device))
         self._sz_cache: tuple[torch.dtype, Tensor] | None = None
+        self._kernel_sz: tuple[Tensor, Tensor] | None = None  # fp32 [out, groups]: s and z - 8s
         self._register_state_dict_hook(Int4Linear._portable_state)
 
     @classmethod
@@ -120,7 +125,7 @@ class Int4Linear(QuantLinear):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.cpu_layout = False  # what arrives is portable
-        self._sz_cache = None
+        self._sz_cache = self._kernel_sz = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _use_layout_for(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -151,11 +156,28 @@ class Int4Linear(QuantLinear):
             self._sz_cache = (dtype, self.scales_and_zeros.to(dtype).contiguous())
         return self._sz_cache[1]
 
+    def _ember_kernel_applies(self, x: Tensor) -> bool:
+        """Ember's int4 kernel serves this product: CPU, no autograd, a group it handles."""
+        return (gemv.serves(x) and self.qweight.device.type == "cpu" and self.in_padded % 64 == 0
+                and (self.group_size == 32 or self.group_size % 64 == 0))
+
+    def _kernel_scales(self) -> tuple[Tensor, Tensor]:
+        if self._kernel_sz is None or self._kernel_sz[0].device != self.qweight.device:
+            sz = self.scales_and_zeros.float()
+            self._kernel_sz = (sz[..., 0].t().contiguous(), (sz[..., 1] - 8 * sz[..., 0]).t().contiguous())
+        return self._kernel_sz
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
+        if self._ember_kernel_applies(x2):
+            if self.cpu_layout:  # back from PyTorch's layout (a switch of kernels, e.g. in a test)
+                self.qweight, self.cpu_layout = self._portable_qweight(), False
+            scale, offset = self._kernel_scales()
+            y = gemv.gemv_int4(x2, self.qweight, scale, offset, self.group_size, self.bias)
+            return y.view(*shape[:-1], self.out_features)
         # The CPU kernel's fp32-activation path is far slower than its bf16 one (~25x at 30 rows
         # here; see benchmarks/quant.py), so fp32 inputs run in bf16 and come back as fp32.
         act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
