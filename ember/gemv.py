@@ -70,6 +70,7 @@ def _build() -> bool:
         lambda x, w, scale, bias: x.new_empty(*x.shape[:-1], w.shape[0]))
     torch.library.register_fake("ember_gemv::gemv_int4")(
         lambda x, qweight, scale, offset, group, bias: x.new_empty(*x.shape[:-1], qweight.shape[0]))
+    torch.library.register_fake("ember_gemv::decode_attention")(lambda q, k, v, visible: torch.empty_like(q))
     return True
 
 
@@ -107,3 +108,22 @@ def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: 
     (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
     `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """Softmax attention of one query per sequence over its cache: q [B, H, 1, D], k and v
+    [B, Hkv, T, D] (H / Hkv <= 8 query heads share a KV head; rows of D contiguous), visible
+    [T] or [B, T] bool (the positions each query may see). fp32 arithmetic, like PyTorch's."""
+    return torch.ops.ember_gemv.decode_attention(q, k, v, visible)
+
+
+def decode_attention_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether `decode_attention` serves `model.attention(q, k, v, mask)`: one query a sequence, a
+    boolean mask that only says which positions each sequence sees (or none), supported shapes."""
+    B, H, tq, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    return (tq == 1 and q.dtype in WEIGHT_DTYPES[:3] and k.dtype == q.dtype and v.dtype == q.dtype
+            and H % Hkv == 0 and H // Hkv <= 8 and D % 8 == 0 and D <= 256
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and k.device.type == "cpu"
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == T and mask.numel() in (T, B * T)))
+            and serves(q))

@@ -8,6 +8,7 @@ from ember import gemv
 from ember.config import ModelConfig
 from ember.generation import generate_ids
 from ember.model import CausalLM
+from ember.model import attention as ember_attention
 from ember.packed_linear import packed_linears
 
 pytestmark = pytest.mark.skipif(not gemv.available(),
@@ -141,3 +142,35 @@ def test_int4_layer_keeps_pytorch_kernels_with_autograd():
     assert layer._ember_kernel_applies(torch.randn(1, 128)) is False  # grad mode on: no backward here
     with torch.inference_mode():
         assert layer._ember_kernel_applies(torch.randn(1, 128))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,hkv,d,t", [(1, 12, 4, 64, 256), (3, 8, 8, 32, 40), (2, 6, 2, 128, 17), (1, 8, 1, 64, 9)])
+def test_decode_attention_matches_sdpa_in_float64(dtype, b, h, hkv, d, t):
+    """One query per sequence over its cache, each sequence seeing its own positions (a sliding
+    window, a short context, everything): the softmax in fp32, so only the output's rounding
+    into its dtype is left."""
+    torch.manual_seed(b * t + d)
+    q, k, v = torch.randn(b, h, 1, d).to(dtype), torch.randn(b, hkv, t, d).to(dtype), torch.randn(b, hkv, t, d).to(dtype)
+    pos = torch.arange(t)
+    visible = torch.stack([(pos < t - 3 * i) & (pos >= i) for i in range(b)])  # [B, T], per sequence
+    for mask in (visible, visible[:1].clone(), None):
+        with torch.inference_mode():
+            out = gemv.decode_attention(q, k, v, mask if mask is not None else torch.ones(t, dtype=torch.bool))
+            via_model = ember_attention(q, k, v, None if mask is None else mask.view(-1, 1, 1, t) if mask.shape[0] > 1
+                                        else mask)
+        full = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.expand(b, t)
+        ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full[:, None, None, :],
+                                             enable_gqa=h != hkv)
+        assert out.shape == q.shape and out.dtype == dtype
+        assert (out.double() - ref).abs().max().item() <= TOLERANCE[dtype] * 4
+        assert torch.equal(via_model, out)  # model.attention takes this path for one decoding query
+
+
+def test_decode_attention_leaves_training_and_long_queries_to_pytorch():
+    q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
+    with torch.inference_mode():
+        assert gemv.decode_attention_applies(q, k, k, None)
+        assert not gemv.decode_attention_applies(torch.randn(1, 4, 2, 16), k, k, None)  # two queries
+        assert not gemv.decode_attention_applies(q, k, k, torch.zeros(1, 1, 1, 8))  # an additive float mask
+    assert not gemv.decode_attention_applies(q, k, k, None)  # autograd on

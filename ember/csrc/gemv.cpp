@@ -180,6 +180,89 @@ void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const 
   }
 }
 
+
+// exp of eight floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor polynomial to r^6
+// (relative error below 2e-7), 2^n built in the exponent bits. Inputs below -87 give ~1e-38.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);  // ln2 in two parts: exact n * hi
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
+  __m256 p = _mm256_set1_ps(1.f / 720);
+  for (float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+}
+
+// One decoding query per sequence against its cached keys and values (grouped-query attention):
+// each KV head's keys and values are read once for all the query heads it serves, and the
+// softmax runs in fp32 over the visible positions only. PyTorch's kernel for this shape spends
+// most of its time outside the arithmetic (widening the whole cache to fp32, blocking for long
+// queries). For one sequence and one KV head: q [G, D] (its query heads), k and v [T, D] rows
+// (strides given), visible [T] (1 = attend), out [G, D]; D a multiple of 8, at most 256.
+template <typename T>
+void decode_attention_head(const T* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride,
+                           const uint8_t* visible, float* out, int64_t G, int64_t Tk, int64_t D, float scale,
+                           std::vector<float>& scores) {
+  float qf[8][256];
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qf[g][d] = static_cast<float>(q[g * D + d]) * scale;
+  scores.resize(G * Tk);
+  std::fill(scores.begin(), scores.end(), -INFINITY);
+  float mx[8];
+  std::fill(mx, mx + G, -INFINITY);
+  for (int64_t t = 0; t < Tk; ++t) {
+    if (!visible[t]) continue;
+    const T* kr = k + t * k_stride;
+    __m256 acc[8];
+    for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < D; d += 8) {
+      const __m256 kv = load8(kr + d);
+      for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(qf[g] + d), acc[g]);
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const float sc = horizontal_sum(acc[g]);
+      scores[g * Tk + t] = sc;
+      mx[g] = std::max(mx[g], sc);
+    }
+  }
+  float total[8] = {0.f};
+  for (int64_t g = 0; g < G; ++g) {  // hidden positions hold -inf: exp gives (next to) nothing
+    float* sg = scores.data() + g * Tk;
+    __m256 sum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= Tk; t += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + t), _mm256_set1_ps(mx[g])));
+      _mm256_storeu_ps(sg + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    total[g] = horizontal_sum(sum);
+    for (; t < Tk; ++t) {
+      sg[t] = visible[t] ? std::exp(sg[t] - mx[g]) : 0.f;
+      total[g] += sg[t];
+    }
+  }
+  __m256 o[8][4];  // up to 8 query heads x 32 of D at a time
+  for (int64_t d0 = 0; d0 < D; d0 += 32) {
+    const int64_t nd = std::min<int64_t>(32, D - d0) / 8;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < nd; ++j) o[g][j] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < Tk; ++t) {
+      if (!visible[t]) continue;
+      const T* vr = v + t * v_stride + d0;
+      for (int64_t j = 0; j < nd; ++j) {
+        const __m256 vv = load8(vr + 8 * j);
+        for (int64_t g = 0; g < G; ++g) o[g][j] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * Tk + t]), vv, o[g][j]);
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const __m256 inv = _mm256_set1_ps(total[g] > 0.f ? 1.f / total[g] : 0.f);
+      for (int64_t j = 0; j < nd; ++j) _mm256_storeu_ps(out + g * D + d0 + 8 * j, _mm256_mul_ps(o[g][j], inv));
+    }
+  }
+}
+
 }  // namespace
 
 // x in the order the even/odd loads produce: per block of `block` elements, the even ones,
@@ -330,11 +413,65 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
   return out;
 }
 
+// Every (sequence, KV head) pair of decode_attention, split across threads.
+template <typename T>
+void decode_attention_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                          const uint8_t* visible, bool visible_per_row, float* out, int64_t G, float scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const int64_t jobs = B * Hkv;
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(jobs * Tk / 256)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t b = j / Hkv, h = j % Hkv;
+      decode_attention_head(qp + (b * H + h * G) * D, kp + b * k.stride(0) + h * k.stride(1),
+                            vp + b * v.stride(0) + h * v.stride(1), k.stride(2), v.stride(2),
+                            visible + (visible_per_row ? b * Tk : 0),
+                            out + (b * H + h * G) * D, G, Tk, D, scale, scores);
+    }
+  }
+}
+
+// Attention of one query per sequence: q [B, H, 1, D], k and v [B, Hkv, T, D] (any strides with
+// the last dimension contiguous), visible [T] or [B, T] bool (1 = attend). H a multiple of Hkv
+// with H / Hkv <= 8.
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                               const torch::Tensor& visible) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "decode_attention: 4-d q, k, v, one query");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && H % Hkv == 0 && H / Hkv <= 8 &&
+              D % 8 == 0 && D <= 256, "decode_attention: unsupported shapes");
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == q.scalar_type() &&
+              v.scalar_type() == q.scalar_type(), "decode_attention: k and v rows must be contiguous, dtypes equal");
+  TORCH_CHECK(visible.numel() == Tk || visible.numel() == B * Tk,
+              "decode_attention: visible must have one entry per cached position (per sequence or shared)");
+  const bool per_row = B > 1 && visible.numel() == B * Tk;
+  const int64_t G = H / Hkv;
+  torch::Tensor qc = q.contiguous(), vis = visible.to(torch::kBool).contiguous();
+  const uint8_t* vp = reinterpret_cast<const uint8_t*>(vis.data_ptr<bool>());
+  std::vector<float> out(B * H * D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  switch (q.scalar_type()) {
+    case at::kFloat: decode_attention_all<float>(qc, k, v, vp, per_row, out.data(), G, scale); break;
+    case at::kBFloat16: decode_attention_all<at::BFloat16>(qc, k, v, vp, per_row, out.data(), G, scale); break;
+    case at::kHalf: decode_attention_all<at::Half>(qc, k, v, vp, per_row, out.data(), G, scale); break;
+    default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
+  }
+  torch::Tensor result = torch::empty({B, H, 1, D}, q.options());
+  result.copy_(torch::from_blob(out.data(), {B, H, 1, D}, torch::kFloat));
+  return result;
+}
+
 TORCH_LIBRARY(ember_gemv, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scale, Tensor offset, int group, Tensor? bias) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("gemv_int4", gemv_int4);
+  m.impl("decode_attention", decode_attention);
 }
