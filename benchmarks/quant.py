@@ -192,7 +192,7 @@ def hf_decode(path, dtype, prompt, n) -> float:
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) -> None:
+def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) -> dict[str, Path]:
     """llama.cpp on the same weights (`hf_dir`, the HF checkpoint the transformers rows read):
     GGUF F16 and Q8_0 from its own convert_hf_to_gguf.py, Q4_0 from its quantizer, timed like
     the Ember rows (greedy, first to last new token)."""
@@ -203,15 +203,15 @@ def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) ->
         import llama_cpp
     except ImportError:
         print("  llama-cpp-python not installed: no llama.cpp rows (pip install llama-cpp-python)")
-        return
+        return {}
     src = Path(args.llama_cpp_src) if args.llama_cpp_src else None
     if src is None or not (src / "convert_hf_to_gguf.py").is_file():
         print("  no llama.cpp source tree (--llama-cpp-src, with convert_hf_to_gguf.py): no llama.cpp rows")
-        return
+        return {}
     vocab = Path(args.data) / "tokenizers" / "hf" / "gpt2"
     if not (vocab / "tokenizer.json").is_file():  # the converter writes the vocabulary into the GGUF
         print(f"  no GPT-2 tokenizer at {vocab}: no llama.cpp rows")
-        return
+        return {}
     for f in vocab.iterdir():
         shutil.copy(f, hf_dir / f.name)
     gguf = {name: Path(args.tmp) / f"speed-{name}.gguf" for name in ("F16", "Q8_0", "Q4_0")}
@@ -227,6 +227,32 @@ def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) ->
     for name, path in gguf.items():
         size = path.stat().st_size
         add(name, "f32", llama_cpp_decode(path, prompt, n), size, impl="llama.cpp", read_bytes=int(size * (1 - table)))
+    return gguf
+
+
+def head_to_head(model, hf_dir: Path, gguf: dict[str, Path], prompt: list[int], n: int, calib, rounds: int) -> list[dict]:
+    """Ember's fastest row per format against its peer, alternating A, B, A, B, ...: this machine's
+    speed drifts by 10-30% over minutes, so a ratio of two runs taken minutes apart can be off
+    by that much, while each round's pair runs seconds apart. Ratio: the median over rounds."""
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    contenders = [("bf16", bf, "transformers bf16", lambda: hf_decode(hf_dir, torch.bfloat16, prompt, n))]
+    if gguf:
+        int8 = quantized(model, "int8", {"include_lm_head": True}, calib).to(torch.bfloat16)
+        int4 = quantized(model, "int4", {"group_size": 128, "include_lm_head": True}, calib).to(torch.bfloat16)
+        contenders = [("bf16", bf, "llama.cpp F16", lambda: llama_cpp_decode(gguf["F16"], prompt, n)),
+                      ("int8 +head", int8, "llama.cpp Q8_0", lambda: llama_cpp_decode(gguf["Q8_0"], prompt, n)),
+                      ("int4 g128 +head", int4, "llama.cpp Q4_0", lambda: llama_cpp_decode(gguf["Q4_0"], prompt, n))
+                      ] + contenders
+    rows = []
+    for name, m, peer, peer_decode in contenders:
+        row = {"ember": f"{name}, compiled", "peer": peer, "ember_tokens_per_s": [], "peer_tokens_per_s": []}
+        for _ in range(rounds):
+            row["ember_tokens_per_s"].append(ember_decode(m, prompt, n, compile=True))
+            row["peer_tokens_per_s"].append(peer_decode())
+        row["ratio"] = statistics.median(e / p for e, p in zip(row["ember_tokens_per_s"], row["peer_tokens_per_s"]))
+        rows.append(row)
+        print(f"  {row}", flush=True)
+    return rows
 
 
 def llama_cpp_decode(path: Path, prompt: list[int], n: int) -> float:
@@ -260,7 +286,7 @@ def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def speed(args) -> list[dict]:
+def speed(args, rows_h2h: list[dict]) -> list[dict]:
     torch.manual_seed(0)
     cfg = preset(args.speed_preset)
     model = CausalLM(cfg).eval()
@@ -322,7 +348,10 @@ def speed(args) -> list[dict]:
             for dt, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
                 add(name, name, hf_decode(path, dt, prompt, n), weight_bytes(model) // (1 if name == "fp32" else 2),
                     impl="transformers")
-        llama_cpp_rows(model, path, prompt, n, args, add)
+        gguf = llama_cpp_rows(model, path, prompt, n, args, add)
+        if args.rounds:
+            print("head to head ...", flush=True)
+            rows_h2h.extend(head_to_head(model, path, gguf, prompt, n, calib, args.rounds))
     return rows
 
 
@@ -472,6 +501,16 @@ def markdown(result) -> str:
                 f"{e} / {c}: **{best[e]['tokens_per_s'] / cpp[c]:.2f}x** ({best[e]['method']}, {best[e]['impl']})"
                 for e, c in pairs if e in best and c in cpp) + ". '+head': the LM head quantized too (int8 under "
                 "int4); llama.cpp's Q8_0 and Q4_0 files store their output matrix at 8 and 6 bits."]
+    if result.get("head_to_head"):
+        out += ["", "### Head to head: Ember's fastest row per format against its peer, alternating", "",
+                "Each round runs Ember, then the peer, seconds apart; the ratio is the median over rounds "
+                "(this machine's speed drifts by 10-30% over minutes, so rows measured minutes apart in "
+                "the table above compare less well).", "",
+                "| Ember | peer | Ember tokens/s | peer tokens/s | Ember / peer |", "|---|---|---|---|---:|"]
+        for r in result["head_to_head"]:
+            fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
+            out.append(f"| {r['ember']} | {r['peer']} | {fmt(r['ember_tokens_per_s'])} | {fmt(r['peer_tokens_per_s'])} "
+                       f"| **{r['ratio']:.2f}x** |")
     if result.get("batched"):
         out += ["", f"## Batched decode in the engine ({result['batch_model']}, 16-token prompts, "
                 f"{result['batch_tokens']} new tokens each, greedy)", "",
@@ -513,6 +552,8 @@ def main() -> None:
                     help="shared data directory (the GPT-2 tokenizer the GGUF conversion needs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile'd decode rows (each compiles for ~30 s)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="head-to-head rounds, Ember and its peer alternating (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--tmp", default="/tmp/ember_quant_bench")
     ap.add_argument("--out", default=str(RESULTS / "quant"), help="results path without extension")
@@ -541,7 +582,8 @@ def main() -> None:
         print("decode ...", flush=True)
         result["memory_bandwidth"] = memory_bandwidth()
         print(f"  memory read bandwidth {result['memory_bandwidth'] / 1e9:.1f} GB/s", flush=True)
-        result["decode"] = speed(args)
+        result["head_to_head"] = []
+        result["decode"] = speed(args, result["head_to_head"])
     if "batched" not in args.skip:
         print("batched ...", flush=True)
         result["batch_model"] = f"random {args.batch_preset}"

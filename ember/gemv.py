@@ -1,16 +1,23 @@
-"""Batch-1 decoding's matrix-vector product, hand-written for x86 CPUs with AVX2.
+"""Batch-1 decoding's kernels, hand-written for x86 CPUs with AVX2.
 
 A decode step with one sequence multiplies a single activation row by every weight matrix:
 its speed is the speed at which weights stream from memory. On the 2-core AVX2 machine
 these figures come from (`python benchmarks/quant.py --skip quality batched`), PyTorch's
 kernels for one row reach about half the read bandwidth: MKL's fp32 GEMV runs on one
 thread, and the bf16 and int8 paths are bound by converting weights rather than by reading
-them. `ember/csrc/gemv.cpp` (~200 lines) streams each weight row once and splits the rows
-over PyTorch's threads. fp32/bf16/fp16 weights are widened to fp32 in registers (bf16 with
-a shift or a mask, no shuffle). For int8 weights the activation row is rounded once to
-int16 (15 bits against its largest element, finer than bf16) and the products are integer
-multiply-adds, about 1.4x the rate of widening int8 to fp32. 1.6-2.5x PyTorch's kernels
-per layer, at the read bandwidth with cold weights.
+them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
+- `gemv`: one row times fp32/bf16/fp16/int8 weights; each weight row streams once, rows split
+  over PyTorch's threads. Float weights are widened to fp32 in registers (bf16 with a shift or
+  a mask, no shuffle). For int8 weights the activation row is rounded once to int16 (15 bits
+  against its largest element, finer than bf16) and the products are integer multiply-adds,
+  about 1.4x the rate of widening int8 to fp32. 1.6-2.5x PyTorch's kernels per layer, at the
+  read bandwidth with cold weights.
+- `gemv_int4`: group-wise int4 weights in `ember.quant.int4`'s portable layout, the same
+  integer multiply-adds, for any number of rows (each weight row is read once for all of
+  them): 2x PyTorch's int4 kernel for one row, 1.2x for 4 to 128 rows.
+- `decode_attention`: one query per sequence against its cached keys and values, each KV
+  head read once for its group of query heads, hidden positions skipped, the softmax in fp32:
+  ~4x PyTorch's SDPA for this shape at 256 cached tokens.
 
 The source is compiled once per machine with PyTorch's extension builder (the C++ compiler
 PyTorch's own `torch.compile` needs on a CPU) and cached under `~/.cache/torch_extensions`.

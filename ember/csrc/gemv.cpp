@@ -1,4 +1,4 @@
-// Matrix-vector products for batch-1 decoding on x86 CPUs with AVX2 (see ember/gemv.py).
+// Kernels for batch-1 decoding on x86 CPUs with AVX2 (see ember/gemv.py).
 //
 // Decoding one token multiplies one activation row by every weight matrix, so its speed is
 // how fast the weights stream from memory. PyTorch's CPU kernels for a single row reach about
@@ -7,7 +7,9 @@
 // sequential stream with a software prefetch ahead of it, widens it to fp32 in registers
 // (bf16: a shift or a mask, no shuffle; fp16: F16C) and accumulates in fp32 with four
 // independent FMA chains. int8 weights instead meet the activation row rounded to int16, in
-// integer multiply-adds (rows_dot_i8). Rows are split across PyTorch's intra-op threads.
+// integer multiply-adds (rows_dot_i8), and so do group-wise int4 weights, for one row or a
+// few (rows_dot_i4). Rows are split across PyTorch's intra-op threads. The same step's
+// attention, one query against the cache, has its own kernel (decode_attention_head).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
