@@ -551,7 +551,7 @@ def main() -> None:
     ap.add_argument("--data", default=os.environ.get("EMBER_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
                     help="shared data directory (the GPT-2 tokenizer the GGUF conversion needs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
-                    help="skip the torch.compile'd decode rows (each compiles for ~30 s)")
+                    help="skip the torch.compile'd decode rows (each compiles for up to a minute)")
     ap.add_argument("--rounds", type=int, default=3,
                     help="head-to-head rounds, Ember and its peer alternating (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -57,7 +57,7 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     """Yield new token ids one by one; stops after `max_new_tokens` or a token in `stop_ids`.
 
     `compile=True` runs each one-token step as one `torch.compile`d graph over a static cache
-    (see `compiled_decode_step`): the first call compiles for about half a minute, later
+    (see `compiled_decode_step`): the first call compiles for about a minute (cached on disk after), later
     steps skip most of PyTorch's per-operation overhead."""
     params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=top_p, min_p=min_p,
                             repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
