@@ -92,9 +92,11 @@ def disabled() -> Iterator[None]:
         _switched_off = old
 
 
-def serves(x: Tensor) -> bool:
-    """Whether the kernels here take this input: CPU, no autograd (they have no backward), built."""
-    return not _switched_off and not torch.is_grad_enabled() and x.device.type == "cpu" and available()
+def serves(x: Tensor, frozen_weights: bool = False) -> bool:
+    """Whether the kernels here take this input: CPU, built, and no autograd (they have no
+    backward). With `frozen_weights` (quantized layers) grad mode is fine while x needs no grad."""
+    no_grad = not torch.is_grad_enabled() or (frozen_weights and not x.requires_grad)
+    return not _switched_off and no_grad and x.device.type == "cpu" and available()
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:

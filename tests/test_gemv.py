@@ -135,11 +135,15 @@ def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
     assert err.max() > 0  # really the integer path
 
 
-def test_int4_layer_keeps_pytorch_kernels_with_autograd():
+def test_int4_layer_leaves_inputs_that_need_a_gradient_to_pytorch():
     from ember.quant.int4 import Int4Linear
 
     layer = Int4Linear.from_linear(torch.nn.Linear(128, 32), 64)
-    assert layer._ember_kernel_applies(torch.randn(1, 128)) is False  # grad mode on: no backward here
+    x = torch.randn(2, 128, requires_grad=True)
+    assert not layer._ember_kernel_applies(x)  # the kernel has no backward
+    layer(x).sum().backward()  # the dequantizing path carries the gradient
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert layer._ember_kernel_applies(torch.randn(2, 128))  # grad mode, but nothing to differentiate
     with torch.inference_mode():
         assert layer._ember_kernel_applies(torch.randn(1, 128))
 

@@ -105,6 +105,19 @@ def test_nf4_linear_is_frozen_and_passes_gradients_to_its_input():
     assert layer.dequantize().shape == lin.weight.shape
 
 
+@pytest.mark.parametrize("method,kw", [m for m in METHODS if m[0] in ("int8", "int4", "nf4")])
+def test_weight_only_layers_pass_gradients_to_their_input(method, kw):
+    """Frozen weight-only quantized layers still let a gradient through to x (e.g. a LoRA adapter
+    on a quantized base, or input attributions): the fused kernels have no backward, so such
+    inputs take the dequantizing path. (W8A8 rounds x itself, so its gradient is another matter.)"""
+    q = quantize(small_model(), method, kw)
+    layer = q.model.layers[0].mlp.down_proj
+    x = torch.randn(3, layer.in_features, requires_grad=True)
+    layer(x).sum().backward()
+    ref = torch.autograd.grad(nn.functional.linear(x, layer.dequantize(), layer.bias).sum(), x)[0]
+    torch.testing.assert_close(x.grad, ref, rtol=0.02, atol=0.02)
+
+
 # --- error bounds per method ------------------------------------------------------------------------
 def test_int8_error_is_at_most_half_a_step_per_row():
     w = torch.randn(48, 96) * torch.rand(48, 1) * 3

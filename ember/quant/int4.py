@@ -157,8 +157,9 @@ class Int4Linear(QuantLinear):
         return self._sz_cache[1]
 
     def _ember_kernel_applies(self, x: Tensor) -> bool:
-        """Ember's int4 kernel serves this product: CPU, no autograd, a group it handles."""
-        return (gemv.serves(x) and self.qweight.device.type == "cpu" and self.in_padded % 64 == 0
+        """Ember's int4 kernel serves this product: CPU, no gradient to carry (the weights are
+        frozen buffers, so only x can need one), a group it handles."""
+        return (gemv.serves(x, frozen_weights=True) and self.qweight.device.type == "cpu" and self.in_padded % 64 == 0
                 and (self.group_size == 32 or self.group_size % 64 == 0))
 
     def _kernel_scales(self) -> tuple[Tensor, Tensor]:
@@ -181,7 +182,8 @@ class Int4Linear(QuantLinear):
         # The CPU kernel's fp32-activation path is far slower than its bf16 one (~25x at 30 rows
         # here; see benchmarks/quant.py), so fp32 inputs run in bf16 and come back as fp32.
         act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
-        if self._use_layout_for(x.device, act):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int4 kernel has no backward
+        if not needs_grad and self._use_layout_for(x.device, act):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(act).contiguous(), self.qweight, self.group_size,
                                                            self._sz(act)).to(x.dtype)
         else:

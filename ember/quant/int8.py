@@ -59,7 +59,8 @@ class Int8Linear(QuantLinear):
         # The CPU kernel's fp32-activation path is ~5x slower than its bf16 one (benchmarks/quant.py),
         # so fp32 inputs run in bf16 and come back as fp32.
         act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
-        if kernel_works("int8pack", x2.device, act):
+        needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int8 kernel has no backward
+        if not needs_grad and kernel_works("int8pack", x2.device, act):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(act).contiguous(), self.qweight,
                                                    self.scales.to(act)).to(x.dtype)
         else:
