@@ -311,6 +311,37 @@ void rows_dot_threaded(const T* w, const float* x, const float* xp, const float*
   split_rows(N, [&](int64_t n0, int64_t n1) { rows_dot(w, x, xp, scale, y, K, n0, n1); });
 }
 
+// fp32 copy of x's elements (the activation rows: small, and read from cache).
+std::vector<float> float_copy(const torch::Tensor& x) {
+  std::vector<float> xf(x.numel());
+  torch::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "float_copy", [&] {
+    const scalar_t* p = xc.data_ptr<scalar_t>();
+    for (size_t i = 0; i < xf.size(); ++i) xf[i] = static_cast<float>(p[i]);
+  });
+  return xf;
+}
+
+// The products y [M, N] (fp32) plus bias, as x's leading shape with N last, in x's dtype.
+torch::Tensor output_rows(const torch::Tensor& x, int64_t N, std::vector<float>& y,
+                          const c10::optional<torch::Tensor>& bias) {
+  const int64_t M = static_cast<int64_t>(y.size()) / N;
+  if (bias.has_value()) {
+    torch::Tensor b = bias->to(torch::kFloat).contiguous();
+    const float* bp = b.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * N + n] += bp[n];
+  }
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  torch::Tensor out = torch::empty(shape, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "output_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (size_t i = 0; i < y.size(); ++i) o[i] = static_cast<scalar_t>(y[i]);
+  });
+  return out;
+}
+
 // x [..., K] holding one row (fp32, bf16 or fp16), w [N, K] contiguous (fp32, bf16, fp16 or
 // int8), scale [N] or None (per-row factors of int8 weights), bias [N] or None.
 // Returns [..., N] in x's dtype.
@@ -319,16 +350,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 8 == 0, "gemv: weight must be [N, K], K % 8 == 0");
   TORCH_CHECK(x.numel() == w.size(1), "gemv: x has ", x.numel(), " elements, weight has ", w.size(1), " columns");
   const int64_t N = w.size(0), K = w.size(1);
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  torch::Tensor out = torch::empty(shape, x.options());
   // fp32 copies of the activation row and the per-row factors: small, and read from cache.
-  std::vector<float> xf(K), sf, yf(N);
-  torch::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_x", [&] {
-    const scalar_t* p = xc.data_ptr<scalar_t>();
-    for (int64_t k = 0; k < K; ++k) xf[k] = static_cast<float>(p[k]);
-  });
+  std::vector<float> xf = float_copy(x), sf, yf(N);
   const float* sp = nullptr;
   if (scale.has_value()) {
     torch::Tensor s = scale->to(torch::kFloat).contiguous();
@@ -355,16 +378,7 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
     }
     default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());
   }
-  if (bias.has_value()) {
-    torch::Tensor b = bias->to(torch::kFloat).contiguous();
-    const float* bp = b.data_ptr<float>();
-    for (int64_t n = 0; n < N; ++n) yf[n] += bp[n];
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_out", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t n = 0; n < N; ++n) o[n] = static_cast<scalar_t>(yf[n]);
-  });
-  return out;
+  return output_rows(x, N, yf, bias);
 }
 
 // x [..., K] (M rows in all; fp32, bf16 or fp16), qweight uint8 [N, K / 2] (two columns a byte,
@@ -379,16 +393,12 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
               " must be 32 or a multiple of 64 that divides K = ", K);
   TORCH_CHECK(x.size(-1) == K, "gemv_int4: x has ", x.size(-1), " columns, the weight ", K);
   TORCH_CHECK(scale.sizes() == offset.sizes() && scale.size(0) == N && scale.size(1) == G &&
-              scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat,
-              scale.is_contiguous() && offset.is_contiguous(), "gemv_int4: scale and offset must be contiguous fp32 [N, K / group]");
+              scale.scalar_type() == at::kFloat && offset.scalar_type() == at::kFloat && scale.is_contiguous() &&
+              offset.is_contiguous(), "gemv_int4: scale and offset must be contiguous fp32 [N, K / group]");
   const int64_t M = x.numel() / K;
-  std::vector<float> xf(M * K), xsum(M * G, 0.f), xscale(M), yf(M * N);
+  const std::vector<float> xf = float_copy(x);
+  std::vector<float> xsum(M * G, 0.f), xscale(M), yf(M * N);
   std::vector<int16_t> xq(K), xqp(M * K);
-  torch::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_int4_x", [&] {
-    const scalar_t* p = xc.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * K; ++i) xf[i] = static_cast<float>(p[i]);
-  });
   for (int64_t m = 0; m < M; ++m) {
     xscale[m] = round_row_int16(xf.data() + m * K, K, xq.data());
     int4_order(xq.data(), K, xqp.data() + m * K);
@@ -399,20 +409,7 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
   split_rows(N, [&](int64_t n0, int64_t n1) {
     rows_dot_i4(wp, xqp.data(), xsum.data(), xscale.data(), sp, op, yf.data(), M, N, K, group, n0, n1);
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  torch::Tensor out = torch::empty(shape, x.options());
-  std::vector<float> bf(N, 0.f);
-  if (bias.has_value()) {
-    torch::Tensor b = bias->to(torch::kFloat).contiguous();
-    std::copy(b.data_ptr<float>(), b.data_ptr<float>() + N, bf.begin());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "gemv_int4_out", [&] {
-    scalar_t* o = out.data_ptr<scalar_t>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) o[m * N + n] = static_cast<scalar_t>(yf[m * N + n] + bf[n]);
-  });
-  return out;
+  return output_rows(x, N, yf, bias);
 }
 
 // Every (sequence, KV head) pair of decode_attention, split across threads.
