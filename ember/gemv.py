@@ -7,7 +7,8 @@ kernels for one row reach about half the read bandwidth: MKL's fp32 GEMV runs on
 thread, and the bf16 and int8 paths are bound by converting weights rather than by reading
 them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
 - `gemv`: one row times fp32/bf16/fp16/int8 weights; each weight row streams once, rows split
-  over PyTorch's threads. Float weights are widened to fp32 in registers (bf16 with a shift or
+  over PyTorch's threads. Float weights also take 2 to 8 rows (a speculative step's
+  verification, a small batch), each weight vector loaded once for all of them. Float weights are widened to fp32 in registers (bf16 with a shift or
   a mask, no shuffle). For int8 weights the activation row is rounded once to int16 (15 bits
   against its largest element, finer than bf16) and the products are integer multiply-adds,
   about 1.4x the rate of widening int8 to fp32. 1.6-2.5x PyTorch's kernels per layer, at the
@@ -99,14 +100,21 @@ def serves(x: Tensor, frozen_weights: bool = False) -> bool:
     return not _switched_off and no_grad and x.device.type == "cpu" and available()
 
 
+MAX_ROWS = 8  # float weights: up to this many rows share one read of the weights
+
+
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether `gemv` serves this product: one row, CPU, no autograd, a supported layout."""
-    return (x.numel() == x.shape[-1] and weight.device.type == "cpu" and weight.dim() == 2
-            and weight.shape[1] % 8 == 0 and weight.dtype in WEIGHT_DTYPES and weight.is_contiguous() and serves(x))
+    """Whether `gemv` serves this product: one row (up to `MAX_ROWS` for float weights), CPU,
+    no autograd, a supported layout."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (1 <= rows <= (1 if weight.dtype == torch.int8 else MAX_ROWS) and weight.device.type == "cpu"
+            and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.shape[1] % 8 == 0
+            and weight.dtype in WEIGHT_DTYPES and weight.is_contiguous() and serves(x))
 
 
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` for one row: x [..., K] (one row in all) times weight [N, K] (times a per-row
+    """`F.linear` for a few rows: x [..., K] (one row in all, or up to `MAX_ROWS` with float
+    weights, each weight row read once for all of them) times weight [N, K] (times a per-row
     `scale` for int8 weights), plus `bias`; returns [..., N] in x's dtype."""
     return torch.ops.ember_gemv.gemv(x, weight, scale, bias)
 

@@ -1,4 +1,4 @@
-"""Faster CPU matmuls for inference: pre-packed weights for a few rows, a GEMV for one.
+"""Faster CPU matmuls for inference: pre-packed weights for many rows, a GEMV kernel for up to 8.
 
 PyTorch's `nn.Linear` on the CPU multiplies through MKL with the weight in its plain
 row-major layout. oneDNN can first reorder a weight into its own blocked layout, once,
@@ -7,7 +7,8 @@ model's weights cold in cache as in a real step, 1.7x for 8 rows, 1.4x for 32 an
 for 512. That is the engine's decode step: one row per running sequence (the engine
 benchmark's `pack_weights=False` row shows about 1.1x end to end). A single row (batch-1
 decoding) goes instead through `ember.gemv`, which streams the plain weight at the memory's
-read bandwidth; it reads the live weight, so it needs no copy and never goes stale.
+read bandwidth, and so do 2 to 8 rows (a speculative step's verification, a small batch), each
+weight read once for all of them; it reads the live weight, so it needs no copy and never goes stale.
 
 `packed_linears(model)` switches a model's plain `nn.Linear` layers to these paths inside
 a `with` block only, so training, copying and saving the model never see them.
@@ -58,9 +59,9 @@ def _weight(module: nn.Linear) -> Tensor:
     return entry[1]
 
 
-def _fast_forward(module: nn.Linear, pack: bool, one_row: bool, x: Tensor) -> Tensor:
+def _fast_forward(module: nn.Linear, pack: bool, few_rows: bool, x: Tensor) -> Tensor:
     w = module.weight
-    if one_row and gemv.applies(x, w):
+    if few_rows and gemv.applies(x, w):
         return gemv.gemv(x, w, bias=module.bias)
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if not pack or rows < 2 or x.dtype != torch.float32 or w.dtype != torch.float32 or not _eligible(module):
@@ -70,30 +71,30 @@ def _fast_forward(module: nn.Linear, pack: bool, one_row: bool, x: Tensor) -> Te
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-# model -> {(pack, one_row): its eligible layers with their forwards}, found once: scanning the
+# model -> {(pack, few_rows): its eligible layers with their forwards}, found once: scanning the
 # module tree and binding closures every step costs more than the dictionary writes below.
 _layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], list[tuple[nn.Linear, functools.partial]]]] = (
     weakref.WeakKeyDictionary())
 
 
 @contextmanager
-def packed_linears(model: nn.Module, pack: bool = True, one_row: bool = True) -> Iterator[None]:
+def packed_linears(model: nn.Module, pack: bool = True, few_rows: bool = True) -> Iterator[None]:
     """Within the block, the model's CPU `nn.Linear` layers take the faster paths: fp32 ones
-    multiply several rows through packed weights (`pack`), and fp32/bf16/fp16 ones a
-    single row through `ember.gemv` (`one_row`).
+    multiply many rows through packed weights (`pack`), and fp32/bf16/fp16 ones up to
+    `ember.gemv.MAX_ROWS` rows through `ember.gemv` (`few_rows`).
 
     Use it around inference only: the packed path has no backward, and the one-row path
     steps aside whenever autograd is on. Does nothing off the CPU or where neither path is
     available. Layers are found on the first call; a layer swapped in later (quantization,
     adapters) keeps its own forward, and one moved off the CPU falls back to the plain path."""
-    pack, one_row = pack and available(), one_row and gemv.available()
-    if not (pack or one_row):
+    pack, few_rows = pack and available(), few_rows and gemv.available()
+    if not (pack or few_rows):
         yield
         return
     by_mode = _layers.setdefault(model, {})
-    layers = by_mode.get((pack, one_row))
+    layers = by_mode.get((pack, few_rows))
     if layers is None:
-        layers = by_mode[pack, one_row] = [(m, functools.partial(_fast_forward, m, pack, one_row))
+        layers = by_mode[pack, few_rows] = [(m, functools.partial(_fast_forward, m, pack, few_rows))
                                            for m in model.modules() if _eligible(m)]
     for layer, forward in layers:
         layer.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward

@@ -20,15 +20,23 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k", [(2048, 768), (7, 40), (130, 8), (3, 1000)])
-def test_gemv_matches_linear_in_float64(dtype, n, k):
-    torch.manual_seed(n + k)
-    w, x, b = torch.randn(n, k).to(dtype), torch.randn(1, 1, k).to(dtype), torch.randn(n).to(dtype)
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])  # several rows share each weight load
+def test_gemv_matches_linear_in_float64(dtype, n, k, rows):
+    torch.manual_seed(n + k + rows)
+    w, x, b = torch.randn(n, k).to(dtype), torch.randn(1, rows, k).to(dtype), torch.randn(n).to(dtype)
     with torch.inference_mode():
         y = gemv.gemv(x, w, bias=b)
     ref = F.linear(x.double(), w.double(), b.double())
-    assert y.shape == (1, 1, n) and y.dtype == dtype
-    scale = ref.abs().max().item()
-    assert (y.double() - ref).abs().max().item() <= TOLERANCE[dtype] * scale
+    assert y.shape == (1, rows, n) and y.dtype == dtype
+    scale = ref.abs().amax(-1, keepdim=True)  # per row: each row is rounded on its own scale
+    assert ((y.double() - ref).abs() <= TOLERANCE[dtype] * scale).all()
+
+
+def test_gemv_refuses_what_it_cannot_multiply():
+    with pytest.raises(RuntimeError, match="1 to 8 rows"):
+        gemv.gemv(torch.randn(9, 32), torch.randn(16, 32))
+    with pytest.raises(RuntimeError, match="int8 weights take one row"):
+        gemv.gemv(torch.randn(2, 32), torch.randint(-127, 128, (16, 32), dtype=torch.int8), torch.rand(16))
 
 
 @pytest.mark.parametrize("k", [64, 40, 8200, 20000])  # a 32-block tail; sums past int32 without chunks
@@ -52,11 +60,14 @@ def test_int8_weights_times_row_scales(k):
     assert (err <= 1e-4 * (q.double().abs() * s.double()[:, None]).sum(1) * x.abs().max()).all()
 
 
-def test_applies_only_to_one_row_without_autograd():
+def test_applies_only_to_a_few_rows_without_autograd():
     w = torch.randn(16, 32)
     with torch.inference_mode():
         assert gemv.applies(torch.randn(1, 1, 32), w)
-        assert not gemv.applies(torch.randn(2, 32), w)  # two rows: a matrix product
+        assert gemv.applies(torch.randn(1, 8, 32), w)  # a verification step's few rows
+        assert not gemv.applies(torch.randn(9, 32), w)  # more rows: a matrix product
+        assert not gemv.applies(torch.randn(2, 32), w.to(torch.int8))  # int8 weights: one row only
+        assert not gemv.applies(torch.randn(1, 16), w)  # the shapes do not match
         assert not gemv.applies(torch.randn(1, 32), torch.randn(16, 30))  # K not a multiple of 8
         assert not gemv.applies(torch.randn(1, 32), w.t().contiguous().t())  # not row-major
     assert not gemv.applies(torch.randn(1, 32), w)  # autograd on: no backward through the kernel
@@ -80,6 +91,23 @@ def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
     assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
     monkeypatch.setattr(gemv, "_built", False)
     assert list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)) == with_kernel
+
+
+def test_verification_steps_multiply_their_few_rows_in_the_kernel(monkeypatch):
+    """A speculative step verifies k + 1 rows of one sequence: they share one read of each
+    weight through the kernel, and the greedy tokens stay those of plain decoding."""
+    from ember.engine import LLM, SamplingParams
+
+    model = tiny_model()
+    prompt = list(range(3, 20)) * 3  # repeats: prompt lookup has guesses to verify
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = LLM(model, num_kv_blocks=64, block_size=8).generate([prompt], params)[0].outputs[0].token_ids
+    rows = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, *a, **k: rows.append(x.numel() // x.shape[-1]) or real(x, *a, **k))
+    llm = LLM(model, num_kv_blocks=64, block_size=8, speculative="ngram", num_speculative_tokens=4)
+    assert llm.generate([prompt], params)[0].outputs[0].token_ids == plain
+    assert llm.stats["spec_verify_steps"] > 0 and max(rows) == 5  # the newest token + 4 guesses
 
 
 def test_packed_linears_leave_training_untouched():
