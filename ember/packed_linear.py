@@ -1,4 +1,4 @@
-"""Faster CPU matmuls for inference: pre-packed weights for many rows, a GEMV kernel for up to 8.
+"""Faster CPU matmuls for inference: pre-packed weights for many rows, a GEMV kernel for up to 16.
 
 PyTorch's `nn.Linear` on the CPU multiplies through MKL with the weight in its plain
 row-major layout. oneDNN can first reorder a weight into its own blocked layout, once,
@@ -7,7 +7,7 @@ model's weights cold in cache as in a real step, 1.7x for 8 rows, 1.4x for 32 an
 for 512. That is the engine's decode step: one row per running sequence (the engine
 benchmark's `pack_weights=False` row shows about 1.1x end to end). A single row (batch-1
 decoding) goes instead through `ember.gemv`, which streams the plain weight at the memory's
-read bandwidth, and so do 2 to 8 rows (a speculative step's verification, a small batch), each
+read bandwidth, and so do 2 to 16 rows (a speculative step's verification, a small batch), each
 weight read once for all of them; it reads the live weight, so it needs no copy and never goes stale.
 
 `packed_linears(model)` switches a model's plain `nn.Linear` layers to these paths inside

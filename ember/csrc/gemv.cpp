@@ -88,40 +88,61 @@ void rows_dot(const T* w, const float* x, const float* xp, const float* scale, f
   }
 }
 
-// A few activation rows (M of them, 2..8, row-major in x; for bf16 weights each row in even/odd
-// order, as for one row) against the same weight rows: each
-// weight vector is loaded and widened once and multiplies all M rows, so M rows cost about one
-// row's memory traffic. This is a speculative step's verification (k + 1 rows) and a small
-// batch's decode. M independent accumulators keep the FMA units busy.
+// One weight row against M activation rows (M <= 8, row-major in x; for bf16 weights each row in
+// even/odd order, as for one row): out[m] = row . x[m]. Each weight vector is loaded and widened
+// once and multiplies all M rows; M independent accumulators keep the FMA units busy.
 template <typename T, int M>
-void rows_dot_few(const T* w, const float* x, const float* scale, float* y, int64_t N, int64_t K, int64_t n0,
-                  int64_t n1) {
+inline void row_dot_few(const T* row, const float* x, int64_t K, float* out) {
   constexpr int64_t kPrefetch = 2048 / sizeof(T);
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch), _MM_HINT_T0);
+    __m256 w0, w1;
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      load16_even_odd(row + k, w0, w1);  // x is then in even/odd order (see even_odd_order)
+    } else {
+      w0 = load8(row + k);
+      w1 = load8(row + k + 8);
+    }
+    for (int m = 0; m < M; ++m) {
+      acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
+      acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m]);
+    }
+  }
+  if (k < K) {  // K % 16 == 8
+    const __m256 w0 = load8(row + k);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
+  }
+  for (int m = 0; m < M; ++m) out[m] = horizontal_sum(acc[m]);
+}
+
+// Weight rows [n0, n1) times `rows` activation rows (a speculative step's verification, a small
+// batch's decode), eight at a time: each weight row streams from memory once, and is read again
+// from L1 for every further group of eight, so a few rows cost about one row's memory traffic.
+template <typename T>
+void rows_dot_few(const T* w, const float* x, const float* scale, float* y, int64_t rows, int64_t N, int64_t K,
+                  int64_t n0, int64_t n1) {
+  float out[8];
   for (int64_t n = n0; n < n1; ++n) {
     const T* row = w + n * K;
-    __m256 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetch), _MM_HINT_T0);
-      __m256 w0, w1;
-      if constexpr (std::is_same_v<T, at::BFloat16>) {
-        load16_even_odd(row + k, w0, w1);  // x is then in even/odd order (see even_odd_order)
-      } else {
-        w0 = load8(row + k);
-        w1 = load8(row + k + 8);
-      }
-      for (int m = 0; m < M; ++m) {
-        acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
-        acc[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[m]);
-      }
-    }
-    if (k < K) {  // K % 16 == 8
-      const __m256 w0 = load8(row + k);
-      for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[m]);
-    }
     const float s = scale ? scale[n] : 1.f;
-    for (int m = 0; m < M; ++m) y[m * N + n] = horizontal_sum(acc[m]) * s;
+    for (int64_t c = 0; c < rows; c += 8) {
+      const float* xc = x + c * K;
+      const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
+      switch (m) {
+        case 1: row_dot_few<T, 1>(row, xc, K, out); break;
+        case 2: row_dot_few<T, 2>(row, xc, K, out); break;
+        case 3: row_dot_few<T, 3>(row, xc, K, out); break;
+        case 4: row_dot_few<T, 4>(row, xc, K, out); break;
+        case 5: row_dot_few<T, 5>(row, xc, K, out); break;
+        case 6: row_dot_few<T, 6>(row, xc, K, out); break;
+        case 7: row_dot_few<T, 7>(row, xc, K, out); break;
+        default: row_dot_few<T, 8>(row, xc, K, out); break;
+      }
+      for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
+    }
   }
 }
 
@@ -379,24 +400,20 @@ torch::Tensor output_rows(const torch::Tensor& x, int64_t N, std::vector<float>&
   return out;
 }
 
-template <typename T, int M = 2>
+template <typename T>
 void few_rows_threaded(const T* w, const float* x, const float* scale, float* y, int64_t rows, int64_t N,
                        int64_t K) {
-  if constexpr (M < 8) {
-    if (rows > M) return few_rows_threaded<T, M + 1>(w, x, scale, y, rows, N, K);
-  }
-  split_rows(N, [&](int64_t n0, int64_t n1) { rows_dot_few<T, M>(w, x, scale, y, N, K, n0, n1); });
+  split_rows(N, [&](int64_t n0, int64_t n1) { rows_dot_few<T>(w, x, scale, y, rows, N, K, n0, n1); });
 }
 
-// x [..., K] holding one row, or up to 8 rows for float weights (x fp32, bf16 or fp16), w [N, K]
+// x [..., K] holding one row, or several for float weights (x fp32, bf16 or fp16), w [N, K]
 // contiguous (fp32, bf16, fp16 or int8), scale [N] or None (per-row factors of int8 weights),
 // bias [N] or None. Returns [..., N] in x's dtype.
 torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& scale,
                    const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 8 == 0, "gemv: weight must be [N, K], K % 8 == 0");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
-  TORCH_CHECK(x.size(-1) == K && M >= 1 && M <= 8, "gemv: x must hold 1 to 8 rows of ", K, " columns, got shape ",
-              x.sizes());
+  TORCH_CHECK(x.size(-1) == K && M >= 1, "gemv: x must hold rows of ", K, " columns, got shape ", x.sizes());
   TORCH_CHECK(M == 1 || w.scalar_type() != at::kChar, "gemv: int8 weights take one row");
   // fp32 copies of the activation rows and the per-row factors: small, and read from cache.
   std::vector<float> xf = float_copy(x), sf, yf(M * N);
