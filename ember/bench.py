@@ -226,7 +226,7 @@ def cmd_throughput(a: argparse.Namespace) -> None:
     engine_args = dict(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
                        enable_prefix_caching=not a.no_prefix_caching, speculative=a.speculative,
-                       num_speculative_tokens=a.num_speculative_tokens)
+                       num_speculative_tokens=a.num_speculative_tokens, compile_draft=a.compile_draft)
     if a.model:
         llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args)
         source = a.model

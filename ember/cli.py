@@ -39,10 +39,14 @@ def add_speculative_flags(g: argparse._ActionsContainer) -> None:
     g.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
                    help="speculative decoding: prompt lookup (ngram) or a small draft model with the same tokenizer")
     g.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens guessed per step (default 4)")
+    g.add_argument("--compile-draft", action="store_true",
+                   help="a draft model's steps for a lone sequence run as one compiled graph: what makes a draft "
+                   "pay off at batch 1 on a CPU (the first use compiles for about half a minute, cached on disk)")
 
 
 def speculative_args(a: argparse.Namespace) -> dict:
-    return {"speculative": a.speculative, "num_speculative_tokens": a.num_speculative_tokens}
+    return {"speculative": a.speculative, "num_speculative_tokens": a.num_speculative_tokens,
+            "compile_draft": a.compile_draft}
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:

@@ -152,3 +152,56 @@ def test_bad_speculative_settings_are_refused(target):
         LLM(target, num_kv_blocks=16, speculative=CausalLM(preset("tiny", vocab_size=VOCAB * 2)))
     with pytest.raises(EmberError, match="num_speculative_tokens"):
         LLM(target, num_kv_blocks=16, speculative="ngram", num_speculative_tokens=0)
+
+
+@pytest.mark.slow  # compiles the draft's one-token step (about half a minute the first time)
+def test_compiled_draft_steps_guess_exactly_what_the_paged_draft_guesses(target, monkeypatch):
+    """A lone sequence drafts through the compiled step on its own static cache. Its guesses
+    (so the accepted counts, with rejections rolling its cache back) and its seeded samples must
+    be those of the paged draft, and greedy output that of plain decoding."""
+    import ember.generation as generation
+
+    draft = tiny(1, layers=1)
+    calls = []
+    real = generation.compiled_decode_step
+    monkeypatch.setattr(generation, "compiled_decode_step", lambda *a: calls.append(1) or real(*a))
+    prompt = [[5, 6, 7, 8] * 6]
+    runs = {}
+    for compiled in (False, True):
+        llm = LLM(target, num_kv_blocks=64, block_size=8, speculative=draft, num_speculative_tokens=3,
+                  compile_draft=compiled)
+        greedy_ids = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+        sampled = llm.generate(prompt, SamplingParams(temperature=0.8, max_tokens=24, seed=7, ignore_eos=True))
+        runs[compiled] = (greedy_ids[0].outputs[0].token_ids, sampled[0].outputs[0].token_ids,
+                          llm.stats["spec_proposed_tokens"], llm.stats["spec_accepted_tokens"])
+        llm.block_manager.check()
+    assert calls and runs[True] == runs[False]
+    assert 0 < runs[True][3] < runs[True][2]  # guesses were both accepted and rejected
+    plain = LLM(target, num_kv_blocks=64, block_size=8)
+    assert runs[True][0] == plain.generate(prompt, SamplingParams(temperature=0, max_tokens=24,
+                                                                 ignore_eos=True))[0].outputs[0].token_ids
+
+
+@pytest.mark.slow  # compiles the draft's one-token step (shares the compile with the test above)
+def test_compiled_draft_distributions_follow_the_context_through_rollbacks(target):
+    """The compiled draft's distributions equal a full forward over the context plus its guesses,
+    after every kind of verification: all guesses accepted, none, and some."""
+    from ember.engine.sequence import Sequence
+
+    draft = tiny(1, layers=1)
+    llm = LLM(target, num_kv_blocks=64, block_size=8, speculative=draft, num_speculative_tokens=3,
+              compile_draft=True)
+    seq = Sequence([5, 6, 7, 8] * 6, SamplingParams(temperature=1.0, seed=0, max_tokens=40))
+    for accepted in (3, 0, 1, 2):
+        (guesses,), (dist,) = llm.proposer.propose([seq], [3])
+        assert seq.draft_cache is not None and len(guesses) == 3
+        n = len(seq.token_ids)
+        with torch.no_grad():
+            logits = draft(torch.tensor([seq.token_ids + guesses]))[0, n - 1:n + 2].float()
+        torch.testing.assert_close(dist, torch.softmax(logits, dim=-1), atol=1e-5, rtol=1e-4)
+        # The target keeps `accepted` guesses and adds a token of its own; the draft forgets the rest,
+        # as the engine's settling does.
+        own = (guesses[accepted] + 1) % VOCAB if accepted < 3 else 9
+        for token in guesses[:accepted] + [own]:
+            seq.append(token)
+        seq.draft_computed = min(seq.draft_computed, n + accepted)

@@ -66,6 +66,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 3
     prompt_lookup_min: int = 1
+    # A draft model's guesses for a sequence running alone come from a compiled one-token step
+    # on a static cache (see DraftProposer): the first use compiles for about half a minute.
+    compile_draft: bool = False
     # CPU fp32: multiply through oneDNN-packed copies of the linear weights (faster for
     # batches of rows; costs a second copy of those weights in memory). None: on when the
     # engine loaded the model itself, off for a model object passed in, which its owner may
@@ -161,7 +164,7 @@ class LLM:
         if draft.config.vocab_size != self.model.config.vocab_size:
             raise EmberError(f"The draft model's vocabulary ({draft.config.vocab_size}) differs from the target's "
                              f"({self.model.config.vocab_size}); a draft must share the target's tokenizer.")
-        return DraftProposer(draft, self.pool, pack)
+        return DraftProposer(draft, self.pool, pack, compile_steps=cfg.compile_draft, max_len=self.max_model_len)
 
     def _lookahead(self, seq: Sequence) -> int:
         """Guessed tokens worth verifying for this sequence: within its budget of new tokens and the context."""

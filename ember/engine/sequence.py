@@ -52,6 +52,7 @@ class Sequence:
     spec_ids: list[int] = field(default_factory=list)
     spec_probs: Any = None
     draft_computed: int = 0
+    draft_cache: Any = None  # a compiled draft's own static cache (DraftProposer), when it has one
     speculate: bool = False
 
     def __post_init__(self) -> None:
@@ -89,5 +90,6 @@ class Sequence:
         self.block_hashes = []
         self.num_computed_tokens = 0
         self.draft_computed = 0
+        self.draft_cache = None
         self.spec_ids, self.spec_probs = [], None
         self.status = Status.WAITING

@@ -25,7 +25,9 @@ from torch import Tensor
 
 from ember.engine.paged_cache import KVPool
 from ember.engine.sequence import Sequence
+from ember.kv_cache import StaticKVCache
 from ember.model import CausalLM
+from ember.packed_linear import packed_linears
 from ember.sampling import SamplingParams, process_logits
 
 
@@ -95,21 +97,47 @@ class NgramProposer:
 
 
 class DraftProposer:
-    """A small model guesses k tokens one at a time, on its own KV pool (same block tables)."""
+    """A small model guesses k tokens one at a time, on its own KV pool (same block tables).
 
-    def __init__(self, model: CausalLM, target_pool: KVPool, pack_weights: bool = False) -> None:
+    A draft's k steps run one after another, and for a small model each is almost all
+    per-operation overhead, which can cost more than the target step it saves. With
+    `compile_steps`, a sequence that runs alone when it first drafts (batch-1 decoding, the
+    latency case) drafts instead through the compiled one-token step of `ember.generation`, on
+    a static cache of its own (first use compiles for about half a minute, cached on disk after);
+    batches keep the shared paged pool, whose one forward serves every sequence's step."""
+
+    def __init__(self, model: CausalLM, target_pool: KVPool, pack_weights: bool = False,
+                 compile_steps: bool = False, max_len: int | None = None) -> None:
         self.model = model.eval()
         self.pack_weights = pack_weights
+        self.compile_steps = compile_steps
+        # The longest sequence it drafts for (the target's context): like the paged pool, the
+        # static cache may run past the draft's own trained context.
+        self.max_len = max_len or model.config.max_position_embeddings
         w = model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
         """Up to ks[i] tokens for each sequence, and the distributions they were drawn from."""
-        from ember.engine.model_runner import forward_tokens
-
         drafts: list[list[int]] = [[] for _ in seqs]
         dists: list[list[Tensor]] = [[] for _ in seqs]
+        paged = []
+        for i, seq in enumerate(seqs):
+            if self._static_cache(seq, ks[i], alone=len(seqs) == 1) is not None:
+                drafts[i], dists[i] = self._propose_static(seq, ks[i])
+            else:
+                paged.append(i)
+        if paged:
+            self._propose_paged([seqs[i] for i in paged], [ks[i] for i in paged],
+                                [drafts[i] for i in paged], [dists[i] for i in paged])
+        return drafts, [torch.stack(d) if d else None for d in dists]
+
+    def _propose_paged(self, seqs: list[Sequence], ks: list[int], drafts: list[list[int]],
+                       dists: list[list[Tensor]]) -> None:
+        """All sequences step together: one forward over the shared pool per guessed token."""
+        from ember.engine.model_runner import forward_tokens
+
         # First pass: catch up on every token the draft has not seen yet (the whole prompt, the
         # first time), ending with the sequence's newest token.
         items = [(seq.token_ids[seq.draft_computed:], seq.draft_computed, seq.block_table) for seq in seqs]
@@ -119,13 +147,7 @@ class DraftProposer:
             next_items, next_active = [], []
             for row, i in enumerate(active):
                 seq = seqs[i]
-                params = seq.params
-                if params.greedy:
-                    token = int(logits[row].argmax())
-                else:
-                    q = probabilities(logits[row:row + 1], params)[0]
-                    token = int(torch.multinomial(q, 1, generator=seq.generator))
-                    dists[i].append(q)
+                token = self._draw(seq, logits[row:row + 1], dists[i])
                 drafts[i].append(token)
                 start = items[row][1] + len(items[row][0])
                 seq.draft_computed = start
@@ -135,4 +157,49 @@ class DraftProposer:
             items, active = next_items, next_active
             if not active:
                 break
-        return drafts, [torch.stack(d) if d else None for d in dists]
+
+    def _static_cache(self, seq: Sequence, k: int, alone: bool) -> StaticKVCache | None:
+        """The sequence's own static cache: kept once made; made for a sequence that is alone
+        at its first draft, when compiling is on."""
+        if seq.draft_cache is not None or not (self.compile_steps and alone and seq.draft_computed == 0):
+            return seq.draft_cache
+        need = min(len(seq.prompt_ids) + seq.params.max_tokens + k + 1, self.max_len + k)
+        size = -(-need // 256) * 256  # nearby lengths share one compiled graph
+        w = self.model.model.embed_tokens.weight
+        seq.draft_cache = StaticKVCache(self.model.config, size, w.device, w.dtype)
+        return seq.draft_cache
+
+    def _propose_static(self, seq: Sequence, k: int) -> tuple[list[int], list[Tensor]]:
+        """k guesses for one sequence: catch up (the prompt eagerly the first time), then one
+        compiled step per guess; rejected guesses are forgotten by moving the cache's length back."""
+        from ember.generation import compiled_decode_step
+
+        cache: StaticKVCache = seq.draft_cache
+        device = cache.slots.device
+        step = compiled_decode_step(device.type)
+        cache.length = seq.draft_computed
+        todo = seq.token_ids[seq.draft_computed:]
+        draft: list[int] = []
+        dist: list[Tensor] = []
+        with packed_linears(self.model, pack=False):
+            if cache.pos is None:  # nothing compiled has run on this cache yet: a prefill, eager
+                logits = self.model(torch.tensor([todo], device=device), cache=cache, last_only=True)[:, -1]
+            else:
+                for token in todo:
+                    logits = step(self.model, cache, torch.tensor([[token]], device=device), cache.next_position())
+            seq.draft_computed = len(seq.token_ids)
+            while True:
+                draft.append(self._draw(seq, logits.float(), dist))
+                if len(draft) == k:
+                    return draft, dist
+                logits = step(self.model, cache, torch.tensor([[draft[-1]]], device=device), cache.next_position())
+                seq.draft_computed += 1
+
+    @staticmethod
+    def _draw(seq: Sequence, logits: Tensor, dists: list[Tensor]) -> int:
+        """A guess from the draft's logits [1, V]: its argmax, or a draw whose distribution is kept."""
+        if seq.params.greedy:
+            return int(logits[0].argmax())
+        q = probabilities(logits, seq.params)[0]
+        dists.append(q)
+        return int(torch.multinomial(q, 1, generator=seq.generator))
