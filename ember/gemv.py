@@ -7,8 +7,8 @@ kernels for one row reach about half the read bandwidth: MKL's fp32 GEMV runs on
 thread, and the bf16 and int8 paths are bound by converting weights rather than by reading
 them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
 - `gemv`: one row times fp32/bf16/fp16/int8 weights; each weight row streams once, rows split
-  over PyTorch's threads. Float weights also take 2 to 16 rows (a speculative step's
-  verification, a small batch), each weight row loaded once for all of them: 3-7x MKL's
+  over PyTorch's threads. It also takes 2 to 16 rows (a speculative step's verification, a
+  small batch), each weight row loaded once for all of them: for float weights 3-7x MKL's
   kernels and 1.3-1.7x oneDNN's pre-packed weights at 2-8 rows, ~1.1x at 9-16, past which
   oneDNN's blocked GEMM is faster. Float weights are widened to fp32 in registers (bf16 with a shift or
   a mask, no shuffle). For int8 weights the activation row is rounded once to int16 (15 bits
@@ -102,22 +102,22 @@ def serves(x: Tensor, frozen_weights: bool = False) -> bool:
     return not _switched_off and no_grad and x.device.type == "cpu" and available()
 
 
-MAX_ROWS = 16  # float weights: up to this many rows go through the kernel (past ~16 oneDNN wins)
+MAX_ROWS = 16  # up to this many rows go through the kernel (past ~16 oneDNN's GEMM wins for floats)
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether `gemv` serves this product: one row (up to `MAX_ROWS` for float weights), CPU,
-    no autograd, a supported layout."""
+    """Whether `gemv` serves this product: up to `MAX_ROWS` rows, CPU, no autograd, a
+    supported layout."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (1 <= rows <= (1 if weight.dtype == torch.int8 else MAX_ROWS) and weight.device.type == "cpu"
+    return (1 <= rows <= MAX_ROWS and weight.device.type == "cpu"
             and weight.dim() == 2 and weight.shape[1] == x.shape[-1] and weight.shape[1] % 8 == 0
             and weight.dtype in WEIGHT_DTYPES and weight.is_contiguous() and serves(x))
 
 
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
-    """`F.linear` for a few rows: x [..., K] (one row in all, or up to `MAX_ROWS` with float
-    weights, each weight row read once for all of them) times weight [N, K] (times a per-row
-    `scale` for int8 weights), plus `bias`; returns [..., N] in x's dtype."""
+    """`F.linear` for a few rows: x [..., K] (up to `MAX_ROWS` rows in all, each weight row
+    read once for all of them) times weight [N, K] (times a per-row `scale` for int8 weights),
+    plus `bias`; returns [..., N] in x's dtype."""
     return torch.ops.ember_gemv.gemv(x, weight, scale, bias)
 
 

@@ -10,6 +10,7 @@ from torch import nn
 import ember
 from ember.config import preset
 from ember.errors import EmberError
+from ember.generation import generate_ids
 from ember.model import CausalLM
 from ember.quant import quantize_model, weight_bytes
 from ember.quant.int4 import Int4Linear
@@ -258,7 +259,9 @@ def test_lm_head_quantizes_on_request_in_int8_under_the_4bit_methods(method, tmp
     outs = ember.LLM(loaded, num_kv_blocks=64, block_size=8).generate(
         prompts, ember.SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     for p, out in zip(prompts, outs):
-        assert out.outputs[0].token_ids == greedy_full_recompute(q, p, 8)
+        # Against the KV-cached generator, which decodes one row at a time like the engine: a full
+        # recompute past 16 rows takes PyTorch's int8 kernel in bf16, whose logits tie now and then.
+        assert out.outputs[0].token_ids == list(generate_ids(q, p, max_new_tokens=8, temperature=0.0))
     tied = quantize_model(small_model(tie_word_embeddings=True), method, include_lm_head=True, **kw)
     assert type(tied.lm_head) is nn.Linear and "lm_head_method" not in tied.quantization_config
 

@@ -181,6 +181,68 @@ void rows_dot_i8(const int8_t* w, const int16_t* xq, const int16_t* xqp, float x
 }
 
 
+// int8 weights times M activation rows (M <= 8; each rounded to int16 with its own step, in the
+// even/odd order of rows_dot_i8): the weights are split into even and odd bytes once per load and
+// meet every row's activations, each row's integer sum moved to fp32 every kChunk weights.
+template <int M>
+inline void row_dot_i8_few(const int8_t* row, const int16_t* xqp, const int16_t* xq, const float* xscale, int64_t K,
+                           float* out) {
+  constexpr int64_t kChunk = 8192;
+  const int64_t K32 = K - K % 32;
+  __m256 total[M];
+  for (int m = 0; m < M; ++m) total[m] = _mm256_setzero_ps();
+  int64_t k = 0;
+  while (k < K32) {
+    const int64_t end = std::min(k + kChunk, K32);
+    __m256i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+    for (; k < end; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + 2048), _MM_HINT_T0);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+      const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8);
+      const __m256i odd = _mm256_srai_epi16(v, 8);
+      for (int m = 0; m < M; ++m) {
+        const int16_t* xm = xqp + m * K + k;
+        acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(
+            _mm256_madd_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm))),
+            _mm256_madd_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xm + 16)))));
+      }
+    }
+    for (int m = 0; m < M; ++m) total[m] = _mm256_add_ps(total[m], _mm256_cvtepi32_ps(acc[m]));
+  }
+  for (int m = 0; m < M; ++m) {
+    int32_t tail = 0;
+    for (int64_t t = K32; t < K; ++t) tail += static_cast<int32_t>(row[t]) * xq[m * K + t];
+    out[m] = (horizontal_sum(total[m]) + static_cast<float>(tail)) * xscale[m];
+  }
+}
+
+// int8 weight rows [n0, n1) times `rows` activation rows, eight at a time (see rows_dot_few).
+void rows_dot_i8_few(const int8_t* w, const int16_t* xqp, const int16_t* xq, const float* xscale, const float* scale,
+                     float* y, int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+  float out[8];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    const float s = scale ? scale[n] : 1.f;
+    for (int64_t c = 0; c < rows; c += 8) {
+      const int16_t *p = xqp + c * K, *q = xq + c * K;
+      const float* xs = xscale + c;
+      const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
+      switch (m) {
+        case 1: row_dot_i8_few<1>(row, p, q, xs, K, out); break;
+        case 2: row_dot_i8_few<2>(row, p, q, xs, K, out); break;
+        case 3: row_dot_i8_few<3>(row, p, q, xs, K, out); break;
+        case 4: row_dot_i8_few<4>(row, p, q, xs, K, out); break;
+        case 5: row_dot_i8_few<5>(row, p, q, xs, K, out); break;
+        case 6: row_dot_i8_few<6>(row, p, q, xs, K, out); break;
+        case 7: row_dot_i8_few<7>(row, p, q, xs, K, out); break;
+        default: row_dot_i8_few<8>(row, p, q, xs, K, out); break;
+      }
+      for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
+    }
+  }
+}
+
 // int4 weights, group-wise asymmetric (ember/quant/int4.py): w = (q - 8) s + z over each group
 // of `group` columns, q in 0..15 packed two to a byte (column 2j in the low nibble, 2j + 1 in
 // the high one). So sum_k w_k x_k = sum_g [s_g sum_{k in g} q_k x_k + (z_g - 8 s_g) X_g] with
@@ -414,7 +476,6 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) % 8 == 0, "gemv: weight must be [N, K], K % 8 == 0");
   const int64_t N = w.size(0), K = w.size(1), M = K ? x.numel() / K : 0;
   TORCH_CHECK(x.size(-1) == K && M >= 1, "gemv: x must hold rows of ", K, " columns, got shape ", x.sizes());
-  TORCH_CHECK(M == 1 || w.scalar_type() != at::kChar, "gemv: int8 weights take one row");
   // fp32 copies of the activation rows and the per-row factors: small, and read from cache.
   std::vector<float> xf = float_copy(x), sf, yf(M * N);
   const float* sp = nullptr;
@@ -436,6 +497,20 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
         break;
       }
       case at::kHalf: few_rows_threaded(w.data_ptr<at::Half>(), xf.data(), sp, yf.data(), M, N, K); break;
+      case at::kChar: {
+        std::vector<int16_t> xq(M * K), xqp(M * K);
+        std::vector<float> xscale(M);
+        for (int64_t m = 0; m < M; ++m) {
+          xscale[m] = round_row_int16(xf.data() + m * K, K, xq.data() + m * K);
+          const std::vector<int16_t> row(xq.begin() + m * K, xq.begin() + (m + 1) * K), p = even_odd_order(row, 32);
+          std::copy(p.begin(), p.end(), xqp.begin() + m * K);
+        }
+        const int8_t* wp = w.data_ptr<int8_t>();
+        split_rows(N, [&](int64_t n0, int64_t n1) {
+          rows_dot_i8_few(wp, xqp.data(), xq.data(), xscale.data(), sp, yf.data(), M, N, K, n0, n1);
+        });
+        break;
+      }
       default: TORCH_CHECK(false, "gemv: unsupported weight dtype ", w.scalar_type());
     }
     return output_rows(x, N, yf, bias);
