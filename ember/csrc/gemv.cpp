@@ -88,6 +88,22 @@ void rows_dot(const T* w, const float* x, const float* xp, const float* scale, f
   }
 }
 
+// Calls f(std::integral_constant<int, M>()) with M = m (1 to 8): the row count as a compile-time
+// constant, so that the per-row accumulators of the few-row kernels stay in registers.
+template <typename F>
+inline void with_row_count(int m, F&& f) {
+  switch (m) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 // One weight row against M activation rows (M <= 8, row-major in x; for bf16 weights each row in
 // even/odd order, as for one row): out[m] = row . x[m]. Each weight vector is loaded and widened
 // once and multiplies all M rows; M independent accumulators keep the FMA units busy.
@@ -131,16 +147,7 @@ void rows_dot_few(const T* w, const float* x, const float* scale, float* y, int6
     for (int64_t c = 0; c < rows; c += 8) {
       const float* xc = x + c * K;
       const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
-      switch (m) {
-        case 1: row_dot_few<T, 1>(row, xc, K, out); break;
-        case 2: row_dot_few<T, 2>(row, xc, K, out); break;
-        case 3: row_dot_few<T, 3>(row, xc, K, out); break;
-        case 4: row_dot_few<T, 4>(row, xc, K, out); break;
-        case 5: row_dot_few<T, 5>(row, xc, K, out); break;
-        case 6: row_dot_few<T, 6>(row, xc, K, out); break;
-        case 7: row_dot_few<T, 7>(row, xc, K, out); break;
-        default: row_dot_few<T, 8>(row, xc, K, out); break;
-      }
+      with_row_count(m, [&](auto M) { row_dot_few<T, decltype(M)::value>(row, xc, K, out); });
       for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
     }
   }
@@ -179,7 +186,6 @@ void rows_dot_i8(const int8_t* w, const int16_t* xq, const int16_t* xqp, float x
     y[n] = scale ? s * scale[n] : s;
   }
 }
-
 
 // int8 weights times M activation rows (M <= 8; each rounded to int16 with its own step, in the
 // even/odd order of rows_dot_i8): the weights are split into even and odd bytes once per load and
@@ -228,16 +234,7 @@ void rows_dot_i8_few(const int8_t* w, const int16_t* xqp, const int16_t* xq, con
       const int16_t *p = xqp + c * K, *q = xq + c * K;
       const float* xs = xscale + c;
       const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
-      switch (m) {
-        case 1: row_dot_i8_few<1>(row, p, q, xs, K, out); break;
-        case 2: row_dot_i8_few<2>(row, p, q, xs, K, out); break;
-        case 3: row_dot_i8_few<3>(row, p, q, xs, K, out); break;
-        case 4: row_dot_i8_few<4>(row, p, q, xs, K, out); break;
-        case 5: row_dot_i8_few<5>(row, p, q, xs, K, out); break;
-        case 6: row_dot_i8_few<6>(row, p, q, xs, K, out); break;
-        case 7: row_dot_i8_few<7>(row, p, q, xs, K, out); break;
-        default: row_dot_i8_few<8>(row, p, q, xs, K, out); break;
-      }
+      with_row_count(m, [&](auto M) { row_dot_i8_few<decltype(M)::value>(row, p, q, xs, K, out); });
       for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
     }
   }
