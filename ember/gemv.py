@@ -20,7 +20,8 @@ them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
   them): 2x PyTorch's int4 kernel for one row, 1.2x for 4 to 128 rows.
 - `decode_attention`: one query per sequence against its cached keys and values, each KV
   head read once for its group of query heads, hidden positions skipped, the softmax in fp32:
-  ~4x PyTorch's SDPA for this shape at 256 cached tokens.
+  ~4x PyTorch's SDPA for this shape at 256 cached tokens. `paged_decode_attention` is the same
+  over the engine's paged pool, reading each position where its slot lies (PagedAttention).
 
 The source is compiled once per machine with PyTorch's extension builder (the C++ compiler
 PyTorch's own `torch.compile` needs on a CPU) and cached under `~/.cache/torch_extensions`.
@@ -81,6 +82,8 @@ def _build() -> bool:
     torch.library.register_fake("ember_gemv::gemv_int4")(
         lambda x, qweight, scale, offset, group, bias: x.new_empty(*x.shape[:-1], qweight.shape[0]))
     torch.library.register_fake("ember_gemv::decode_attention")(lambda q, k, v, visible: torch.empty_like(q))
+    torch.library.register_fake("ember_gemv::paged_decode_attention")(
+        lambda q, pool, slots, visible: torch.empty_like(q))
     return True
 
 
@@ -134,6 +137,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor
     [B, Hkv, T, D] (H / Hkv <= 8 query heads share a KV head; rows of D contiguous), visible
     [T] or [B, T] bool (the positions each query may see). fp32 arithmetic, like PyTorch's."""
     return torch.ops.ember_gemv.decode_attention(q, k, v, visible)
+
+
+def paged_decode_attention(q: Tensor, pool: Tensor, slots: Tensor, visible: Tensor) -> Tensor:
+    """`decode_attention` reading a paged KV pool in place: q [B, H, 1, D], pool [S, 2 Hkv, D]
+    (each slot's keys, then its values), slots [B, T] (the pool slot of each sequence's position),
+    visible [T] or [B, T] bool. No gathered copy of the keys and values is made."""
+    return torch.ops.ember_gemv.paged_decode_attention(q, pool, slots, visible)
+
+
+def paged_decode_attention_applies(q: Tensor, pool: Tensor) -> bool:
+    """Whether `paged_decode_attention` serves these queries against this pool."""
+    H, D, Hkv = q.shape[1], q.shape[3], pool.shape[1] // 2
+    return (q.shape[2] == 1 and q.dtype in WEIGHT_DTYPES[:3] and pool.dtype == q.dtype and pool.device.type == "cpu"
+            and H % Hkv == 0 and H // Hkv <= 8 and D % 8 == 0 and D <= 256 and pool.shape[2] == D
+            and pool.stride(2) == 1 and pool.stride(1) == D and serves(q))
 
 
 def decode_attention_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:

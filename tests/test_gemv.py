@@ -199,6 +199,44 @@ def test_decode_attention_matches_sdpa_in_float64(dtype, b, h, hkv, d, t):
         assert torch.equal(via_model, out)  # model.attention takes this path for one decoding query
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("h,hkv,d", [(12, 4, 64), (8, 8, 32), (6, 1, 16)])
+def test_paged_decode_attention_reads_the_pool_through_the_slot_table(dtype, h, hkv, d):
+    """Sequences whose positions lie in scattered, shared and reused pool slots: attention read
+    in place through the slot table equals SDPA over the keys and values gathered first."""
+    torch.manual_seed(h + d)
+    b, t, slots_in_pool = 3, 37, 128
+    pool = torch.randn(slots_in_pool, 2 * hkv, d).to(dtype)
+    slots = torch.stack([torch.randperm(slots_in_pool)[:t] for _ in range(b)])
+    slots[1, :10] = slots[0, :10]  # a shared prefix: the same slots in two sequences
+    q = torch.randn(b, h, 1, d).to(dtype)
+    visible = torch.arange(t)[None, :] < torch.tensor([[t], [20], [5]])  # each sequence's own length
+    with torch.inference_mode():
+        out = gemv.paged_decode_attention(q, pool, slots, visible)
+    kv = pool[slots].double().transpose(1, 2)  # [B, 2 Hkv, T, D]
+    ref = F.scaled_dot_product_attention(q.double(), kv[:, :hkv], kv[:, hkv:], attn_mask=visible[:, None, None, :],
+                                         enable_gqa=h != hkv)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert (out.double() - ref).abs().max().item() <= TOLERANCE[dtype] * 4
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        gemv.paged_decode_attention(q, pool, slots + slots_in_pool, visible)
+
+
+def test_engine_decode_steps_read_the_paged_pool_in_place(monkeypatch):
+    from ember.engine import LLM, SamplingParams
+
+    model = tiny_model()
+    prompts = [list(range(3, 3 + n)) for n in (5, 17, 30)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    calls = []
+    real = gemv.paged_decode_attention
+    monkeypatch.setattr(gemv, "paged_decode_attention", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    outs = [o.outputs[0].token_ids for o in LLM(model, num_kv_blocks=64, block_size=4).generate(prompts, params)]
+    assert calls and max(calls) == 3  # the three sequences' decode steps, in one call a layer
+    monkeypatch.setattr(gemv, "paged_decode_attention_applies", lambda *a: False)  # the gathering path
+    assert [o.outputs[0].token_ids for o in LLM(model, num_kv_blocks=64, block_size=4).generate(prompts, params)] == outs
+
+
 def test_decode_attention_leaves_training_and_long_queries_to_pytorch():
     q, k = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 8, 16)
     with torch.inference_mode():

@@ -323,7 +323,8 @@ inline __m256 exp8(__m256 x) {
 template <typename T>
 void decode_attention_head(const T* q, const T* k, const T* v, int64_t k_stride, int64_t v_stride,
                            const uint8_t* visible, float* out, int64_t G, int64_t Tk, int64_t D, float scale,
-                           std::vector<float>& scores) {
+                           std::vector<float>& scores, const int64_t* offsets = nullptr) {
+  // Position t's key row is at k + offsets[t] (a paged cache: wherever its slot lies), else k + t * k_stride.
   float qf[8][256];
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qf[g][d] = static_cast<float>(q[g * D + d]) * scale;
@@ -333,7 +334,7 @@ void decode_attention_head(const T* q, const T* k, const T* v, int64_t k_stride,
   std::fill(mx, mx + G, -INFINITY);
   for (int64_t t = 0; t < Tk; ++t) {
     if (!visible[t]) continue;
-    const T* kr = k + t * k_stride;
+    const T* kr = k + (offsets ? offsets[t] : t * k_stride);
     __m256 acc[8];
     for (int64_t g = 0; g < G; ++g) acc[g] = _mm256_setzero_ps();
     for (int64_t d = 0; d < D; d += 8) {
@@ -369,7 +370,7 @@ void decode_attention_head(const T* q, const T* k, const T* v, int64_t k_stride,
       for (int64_t j = 0; j < nd; ++j) o[g][j] = _mm256_setzero_ps();
     for (int64_t t = 0; t < Tk; ++t) {
       if (!visible[t]) continue;
-      const T* vr = v + t * v_stride + d0;
+      const T* vr = v + (offsets ? offsets[t] : t * v_stride) + d0;
       for (int64_t j = 0; j < nd; ++j) {
         const __m256 vv = load8(vr + 8 * j);
         for (int64_t g = 0; g < G; ++g) o[g][j] = _mm256_fmadd_ps(_mm256_set1_ps(scores[g * Tk + t]), vv, o[g][j]);
@@ -618,13 +619,77 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, c
   return result;
 }
 
+// Every (sequence, KV head) pair of paged_decode_attention: keys and values read in the pool
+// through each sequence's slot offsets.
+template <typename T>
+void paged_attention_all(const torch::Tensor& q, const torch::Tensor& pool, const std::vector<int64_t>& offsets,
+                         const uint8_t* visible, bool visible_per_row, float* out, int64_t G, float scale) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = pool.size(1) / 2;
+  const int64_t Tk = static_cast<int64_t>(offsets.size()) / B;
+  const T *qp = q.data_ptr<T>(), *pp = pool.data_ptr<T>();
+  const int64_t jobs = B * Hkv;
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(jobs * Tk / 256)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> scores;
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < jobs; ++j) {
+      const int64_t b = j / Hkv, h = j % Hkv;
+      decode_attention_head(qp + (b * H + h * G) * D, pp + h * D, pp + (Hkv + h) * D, 0, 0,
+                            visible + (visible_per_row ? b * Tk : 0), out + (b * H + h * G) * D, G, Tk, D, scale,
+                            scores, offsets.data() + b * Tk);
+    }
+  }
+}
+
+// PagedAttention for one query per sequence: q [B, H, 1, D]; pool [S, 2 Hkv, D] with rows of D
+// contiguous (each slot's keys, then its values); slots [B, T] int64, the pool slot of each
+// sequence's position t; visible [T] or [B, T] bool. Keys and values are read where they lie in
+// the pool, through the slot table, instead of being gathered into a padded copy first.
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& pool, const torch::Tensor& slots,
+                                     const torch::Tensor& visible) {
+  TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && pool.dim() == 3 && slots.dim() == 2 && slots.size(0) == q.size(0),
+              "paged_decode_attention: q [B, H, 1, D], pool [S, 2 Hkv, D], slots [B, T]");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = pool.size(1) / 2, Tk = slots.size(1);
+  TORCH_CHECK(pool.size(1) % 2 == 0 && pool.size(2) == D && H % Hkv == 0 && H / Hkv <= 8 && D % 8 == 0 &&
+              D <= 256 && pool.stride(2) == 1 && pool.stride(1) == D && pool.scalar_type() == q.scalar_type(),
+              "paged_decode_attention: unsupported shapes, layout or dtypes");
+  TORCH_CHECK(visible.numel() == Tk || visible.numel() == B * Tk,
+              "paged_decode_attention: visible must have one entry per position (per sequence or shared)");
+  torch::Tensor sl = slots.to(torch::kLong).contiguous();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  std::vector<int64_t> offsets(B * Tk);
+  for (int64_t i = 0; i < B * Tk; ++i) {
+    TORCH_CHECK(sp[i] >= 0 && sp[i] < pool.size(0), "paged_decode_attention: slot ", sp[i], " outside the pool");
+    offsets[i] = sp[i] * pool.stride(0);
+  }
+  const bool per_row = B > 1 && visible.numel() == B * Tk;
+  torch::Tensor qc = q.contiguous(), vis = visible.to(torch::kBool).contiguous();
+  const uint8_t* vp = reinterpret_cast<const uint8_t*>(vis.data_ptr<bool>());
+  std::vector<float> out(B * H * D);
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  switch (q.scalar_type()) {
+    case at::kFloat: paged_attention_all<float>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale); break;
+    case at::kBFloat16:
+      paged_attention_all<at::BFloat16>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale);
+      break;
+    case at::kHalf: paged_attention_all<at::Half>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale); break;
+    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
+  }
+  torch::Tensor result = torch::empty({B, H, 1, D}, q.options());
+  result.copy_(torch::from_blob(out.data(), {B, H, 1, D}, torch::kFloat));
+  return result;
+}
+
 TORCH_LIBRARY(ember_gemv, m) {
   m.def("gemv(Tensor x, Tensor w, Tensor? scale, Tensor? bias) -> Tensor");
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scale, Tensor offset, int group, Tensor? bias) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor");
+  m.def("paged_decode_attention(Tensor q, Tensor pool, Tensor slots, Tensor visible) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) {
   m.impl("gemv", gemv);
   m.impl("gemv_int4", gemv_int4);
   m.impl("decode_attention", decode_attention);
+  m.impl("paged_decode_attention", paged_decode_attention);
 }

@@ -4,7 +4,9 @@ The pool holds, per layer, `num_blocks x block_size` token slots of keys and val
 step's flat batch (every scheduled token of every sequence, concatenated) writes its
 keys and values to their slots, then each sequence's queries attend over its own slots,
 gathered through its block table. All sequences go through one fused SDPA call, padded
-to the longest, with a mask that is causal within each sequence.
+to the longest, with a mask that is causal within each sequence. On the CPU, decoding
+sequences (one query each) instead go through `ember.gemv.paged_decode_attention`, which
+reads each position's keys and values where its slot lies, with no gathered copy.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ember import gemv
 from ember.config import ModelConfig
 from ember.model import attention
 
@@ -54,6 +57,7 @@ class _Group:
         self.decode = max_q == 1
         self.q_index, self.q_valid = q_index.to(device), q_valid.to(device)
         self.gather = gather.view(-1).to(device)
+        self.slots = self.gather.view(B, max_ctx)
         self.mask = None
         self.causal = False
         fresh_prompt = B == 1 and members[0][1] == members[0][2]  # a whole prompt: plain causal attention
@@ -68,6 +72,9 @@ class _Group:
                 mask &= diff < sliding_window
             mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite
             self.mask = mask[:, None].to(device)  # [B, 1, max_q, max_ctx]
+        # For the paged decode kernel: which of the positions each sequence sees.
+        self.visible = (self.mask.view(B, max_ctx) if self.mask is not None and self.decode
+                        else torch.ones(max_ctx, dtype=torch.bool, device=device))
 
 
 # What one more decode group costs (its gather, SDPA call and row indexing in every layer),
@@ -134,13 +141,17 @@ class PagedBatch:
         pool.index_copy_(0, self.slot_mapping, torch.cat((k[0], v[0]), dim=0).transpose(0, 1))
         out = None if self.single_ordered else torch.empty_like(q[0])  # [H, N, D]
         for g in self.groups:
-            kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)  # [B, 2Hkv, ctx, D]
             if g.decode:  # one query a sequence: pick the rows directly (in batch order: take them all)
                 rows = q[0] if self.single_ordered else q[0][:, g.rows]
                 queries = rows.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
-                o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=False)
+                if gemv.paged_decode_attention_applies(queries, pool):  # keys and values read in place
+                    o = gemv.paged_decode_attention(queries, pool, g.slots, g.visible)
+                else:
+                    kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)
+                    o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=False)
                 o = o.squeeze(2).transpose(0, 1)  # [H, B, D]
             else:
+                kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)  # [B, 2Hkv, ctx, D]
                 queries = q[0][:, g.q_index].transpose(0, 1)  # [B, H, max_q, D]
                 o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=g.causal)
                 o = o.transpose(0, 1)[:, g.q_valid]  # [H, rows, D]
