@@ -567,13 +567,23 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
   return output_rows(x, N, yf, bias);
 }
 
-// Every (sequence, KV head) pair of decode_attention, split across threads.
+// Where one (sequence, KV head) pair's keys and values are: position t's rows at k + offsets[t]
+// and v + offsets[t] (a paged pool), or, with no offsets, at k + t * k_stride and v + t * v_stride.
 template <typename T>
-void decode_attention_all(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                          const uint8_t* visible, bool visible_per_row, float* out, int64_t G, float scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
-  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
-  const int64_t jobs = B * Hkv;
+struct HeadCache {
+  const T* k;
+  const T* v;
+  int64_t k_stride, v_stride;
+  const int64_t* offsets;
+};
+
+// Every (sequence, KV head) pair of q [B, H, 1, D] against Tk cached positions, split across
+// threads; `cache_of(b, h)` says where the pair's keys and values are.
+template <typename T, typename CacheOf>
+void attention_jobs(const T* qp, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t Tk, const uint8_t* visible,
+                    bool visible_per_row, float* out, CacheOf&& cache_of) {
+  const int64_t G = H / Hkv, jobs = B * Hkv;
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(jobs * Tk / 256)));
 #pragma omp parallel num_threads(threads)
   {
@@ -581,12 +591,37 @@ void decode_attention_all(const torch::Tensor& q, const torch::Tensor& k, const 
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < jobs; ++j) {
       const int64_t b = j / Hkv, h = j % Hkv;
-      decode_attention_head(qp + (b * H + h * G) * D, kp + b * k.stride(0) + h * k.stride(1),
-                            vp + b * v.stride(0) + h * v.stride(1), k.stride(2), v.stride(2),
-                            visible + (visible_per_row ? b * Tk : 0),
-                            out + (b * H + h * G) * D, G, Tk, D, scale, scores);
+      const HeadCache<T> c = cache_of(b, h);
+      decode_attention_head(qp + (b * H + h * G) * D, c.k, c.v, c.k_stride, c.v_stride,
+                            visible + (visible_per_row ? b * Tk : 0), out + (b * H + h * G) * D, G, Tk, D, scale,
+                            scores, c.offsets);
     }
   }
+}
+
+// What both attention ops share: checks on the queries and the visibility mask, the dispatch on
+// q's dtype (`run(T{}, q, visible, per_row, out)`), and the output [B, H, 1, D] in q's dtype.
+template <typename Run>
+torch::Tensor one_query_attention(const char* name, const torch::Tensor& q, int64_t Hkv, int64_t Tk,
+                                  const torch::Tensor& visible, Run&& run) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3);
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0 && H / Hkv <= 8 && D % 8 == 0 && D <= 256, name,
+              ": H a multiple of Hkv with H / Hkv <= 8, D a multiple of 8 up to 256");
+  TORCH_CHECK(visible.numel() == Tk || visible.numel() == B * Tk, name,
+              ": visible must have one entry per cached position (per sequence or shared)");
+  const bool per_row = B > 1 && visible.numel() == B * Tk;
+  torch::Tensor qc = q.contiguous(), vis = visible.to(torch::kBool).contiguous();
+  const uint8_t* vp = reinterpret_cast<const uint8_t*>(vis.data_ptr<bool>());
+  std::vector<float> out(B * H * D);
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}, qc, vp, per_row, out.data()); break;
+    case at::kBFloat16: run(at::BFloat16{}, qc, vp, per_row, out.data()); break;
+    case at::kHalf: run(at::Half{}, qc, vp, per_row, out.data()); break;
+    default: TORCH_CHECK(false, name, ": unsupported dtype ", q.scalar_type());
+  }
+  torch::Tensor result = torch::empty({B, H, 1, D}, q.options());
+  result.copy_(torch::from_blob(out.data(), {B, H, 1, D}, torch::kFloat));
+  return result;
 }
 
 // Attention of one query per sequence: q [B, H, 1, D], k and v [B, Hkv, T, D] (any strides with
@@ -595,51 +630,21 @@ void decode_attention_all(const torch::Tensor& q, const torch::Tensor& k, const 
 torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const torch::Tensor& visible) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && q.size(2) == 1, "decode_attention: 4-d q, k, v, one query");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), Tk = k.size(2);
-  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && H % Hkv == 0 && H / Hkv <= 8 &&
-              D % 8 == 0 && D <= 256, "decode_attention: unsupported shapes");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == q.size(0) && k.size(3) == q.size(3),
+              "decode_attention: unsupported shapes");
   TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1 && k.scalar_type() == q.scalar_type() &&
               v.scalar_type() == q.scalar_type(), "decode_attention: k and v rows must be contiguous, dtypes equal");
-  TORCH_CHECK(visible.numel() == Tk || visible.numel() == B * Tk,
-              "decode_attention: visible must have one entry per cached position (per sequence or shared)");
-  const bool per_row = B > 1 && visible.numel() == B * Tk;
-  const int64_t G = H / Hkv;
-  torch::Tensor qc = q.contiguous(), vis = visible.to(torch::kBool).contiguous();
-  const uint8_t* vp = reinterpret_cast<const uint8_t*>(vis.data_ptr<bool>());
-  std::vector<float> out(B * H * D);
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  switch (q.scalar_type()) {
-    case at::kFloat: decode_attention_all<float>(qc, k, v, vp, per_row, out.data(), G, scale); break;
-    case at::kBFloat16: decode_attention_all<at::BFloat16>(qc, k, v, vp, per_row, out.data(), G, scale); break;
-    case at::kHalf: decode_attention_all<at::Half>(qc, k, v, vp, per_row, out.data(), G, scale); break;
-    default: TORCH_CHECK(false, "decode_attention: unsupported dtype ", q.scalar_type());
-  }
-  torch::Tensor result = torch::empty({B, H, 1, D}, q.options());
-  result.copy_(torch::from_blob(out.data(), {B, H, 1, D}, torch::kFloat));
-  return result;
-}
-
-// Every (sequence, KV head) pair of paged_decode_attention: keys and values read in the pool
-// through each sequence's slot offsets.
-template <typename T>
-void paged_attention_all(const torch::Tensor& q, const torch::Tensor& pool, const std::vector<int64_t>& offsets,
-                         const uint8_t* visible, bool visible_per_row, float* out, int64_t G, float scale) {
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = pool.size(1) / 2;
-  const int64_t Tk = static_cast<int64_t>(offsets.size()) / B;
-  const T *qp = q.data_ptr<T>(), *pp = pool.data_ptr<T>();
-  const int64_t jobs = B * Hkv;
-  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(jobs * Tk / 256)));
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> scores;
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < jobs; ++j) {
-      const int64_t b = j / Hkv, h = j % Hkv;
-      decode_attention_head(qp + (b * H + h * G) * D, pp + h * D, pp + (Hkv + h) * D, 0, 0,
-                            visible + (visible_per_row ? b * Tk : 0), out + (b * H + h * G) * D, G, Tk, D, scale,
-                            scores, offsets.data() + b * Tk);
-    }
-  }
+  const int64_t Hkv = k.size(1), Tk = k.size(2);
+  return one_query_attention("decode_attention", q, Hkv, Tk, visible,
+                             [&](auto tag, const torch::Tensor& qc, const uint8_t* vis, bool per_row, float* out) {
+    using T = decltype(tag);
+    const T *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+    attention_jobs<T>(qc.data_ptr<T>(), q.size(0), q.size(1), Hkv, q.size(3), Tk, vis, per_row, out,
+                      [&](int64_t b, int64_t h) {
+      return HeadCache<T>{kp + b * k.stride(0) + h * k.stride(1), vp + b * v.stride(0) + h * v.stride(1),
+                          k.stride(2), v.stride(2), nullptr};
+    });
+  });
 }
 
 // PagedAttention for one query per sequence: q [B, H, 1, D]; pool [S, 2 Hkv, D] with rows of D
@@ -650,35 +655,26 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
                                      const torch::Tensor& visible) {
   TORCH_CHECK(q.dim() == 4 && q.size(2) == 1 && pool.dim() == 3 && slots.dim() == 2 && slots.size(0) == q.size(0),
               "paged_decode_attention: q [B, H, 1, D], pool [S, 2 Hkv, D], slots [B, T]");
-  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = pool.size(1) / 2, Tk = slots.size(1);
-  TORCH_CHECK(pool.size(1) % 2 == 0 && pool.size(2) == D && H % Hkv == 0 && H / Hkv <= 8 && D % 8 == 0 &&
-              D <= 256 && pool.stride(2) == 1 && pool.stride(1) == D && pool.scalar_type() == q.scalar_type(),
+  TORCH_CHECK(pool.size(1) % 2 == 0 && pool.size(2) == q.size(3) && pool.stride(2) == 1 &&
+              pool.stride(1) == pool.size(2) && pool.scalar_type() == q.scalar_type(),
               "paged_decode_attention: unsupported shapes, layout or dtypes");
-  TORCH_CHECK(visible.numel() == Tk || visible.numel() == B * Tk,
-              "paged_decode_attention: visible must have one entry per position (per sequence or shared)");
+  const int64_t Hkv = pool.size(1) / 2, Tk = slots.size(1), D = q.size(3);
   torch::Tensor sl = slots.to(torch::kLong).contiguous();
   const int64_t* sp = sl.data_ptr<int64_t>();
-  std::vector<int64_t> offsets(B * Tk);
-  for (int64_t i = 0; i < B * Tk; ++i) {
+  std::vector<int64_t> offsets(sl.numel());
+  for (size_t i = 0; i < offsets.size(); ++i) {
     TORCH_CHECK(sp[i] >= 0 && sp[i] < pool.size(0), "paged_decode_attention: slot ", sp[i], " outside the pool");
     offsets[i] = sp[i] * pool.stride(0);
   }
-  const bool per_row = B > 1 && visible.numel() == B * Tk;
-  torch::Tensor qc = q.contiguous(), vis = visible.to(torch::kBool).contiguous();
-  const uint8_t* vp = reinterpret_cast<const uint8_t*>(vis.data_ptr<bool>());
-  std::vector<float> out(B * H * D);
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  switch (q.scalar_type()) {
-    case at::kFloat: paged_attention_all<float>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale); break;
-    case at::kBFloat16:
-      paged_attention_all<at::BFloat16>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale);
-      break;
-    case at::kHalf: paged_attention_all<at::Half>(qc, pool, offsets, vp, per_row, out.data(), H / Hkv, scale); break;
-    default: TORCH_CHECK(false, "paged_decode_attention: unsupported dtype ", q.scalar_type());
-  }
-  torch::Tensor result = torch::empty({B, H, 1, D}, q.options());
-  result.copy_(torch::from_blob(out.data(), {B, H, 1, D}, torch::kFloat));
-  return result;
+  return one_query_attention("paged_decode_attention", q, Hkv, Tk, visible,
+                             [&](auto tag, const torch::Tensor& qc, const uint8_t* vis, bool per_row, float* out) {
+    using T = decltype(tag);
+    const T* pp = pool.data_ptr<T>();
+    attention_jobs<T>(qc.data_ptr<T>(), q.size(0), q.size(1), Hkv, D, Tk, vis, per_row, out,
+                      [&](int64_t b, int64_t h) {
+      return HeadCache<T>{pp + h * D, pp + (Hkv + h) * D, 0, 0, offsets.data() + b * Tk};
+    });
+  });
 }
 
 TORCH_LIBRARY(ember_gemv, m) {

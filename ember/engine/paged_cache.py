@@ -73,8 +73,10 @@ class _Group:
             mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite
             self.mask = mask[:, None].to(device)  # [B, 1, max_q, max_ctx]
         # For the paged decode kernel: which of the positions each sequence sees.
-        self.visible = (self.mask.view(B, max_ctx) if self.mask is not None and self.decode
-                        else torch.ones(max_ctx, dtype=torch.bool, device=device))
+        self.visible = None
+        if self.decode:
+            self.visible = (self.mask.view(B, max_ctx) if self.mask is not None
+                            else torch.ones(max_ctx, dtype=torch.bool, device=device))
 
 
 # What one more decode group costs (its gather, SDPA call and row indexing in every layer),
