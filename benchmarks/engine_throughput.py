@@ -1,6 +1,6 @@
 """Offline generation throughput: Ember's engine vs `transformers` on the same requests.
 
-    python benchmarks/engine_throughput.py [--requests 32] [--preset llama-20m]
+    python benchmarks/engine_throughput.py [--requests 32,128] [--preset llama-20m]
 
 Three ways to serve the same random-length requests with the same random-weight model:
   1. Ember `LLM.generate` (paged KV cache, continuous batching, token budget);
@@ -81,14 +81,74 @@ def run_hf_one_by_one(hf, reqs) -> float:
     return time.perf_counter() - t
 
 
+def measure_workload(model, hf, n_requests: int, vocab: int, engine_args: dict, args) -> dict:
+    """Time the four ways of serving `n_requests` random requests; ratios per interleaved repeat."""
+    reqs = make_requests(n_requests, vocab, args.seed)
+    out_tokens = sum(m for _, m in reqs)
+    # Interleaved repeats, median time per system: the machine's speed drifts by several
+    # percent over a minute, and interleaving spreads that drift over every system alike.
+    times: dict[str, list[float]] = {"ember": [], "ember_unpacked": [], "static": [], "one": []}
+    sub = reqs[:args.one_by_one]
+    one_tokens = sum(m for _, m in sub)
+    info: dict = {}
+    for rep in range(args.repeats):
+        dt, info = run_ember(model, reqs, **engine_args)
+        times["ember"].append(dt)
+        times["ember_unpacked"].append(run_ember(model, reqs, **{**engine_args, "pack_weights": False})[0])
+        times["static"].append(run_hf_static(hf, reqs, args.static_batch))
+        times["one"].append(run_hf_one_by_one(hf, sub))
+        print(f"{n_requests} requests, repeat {rep + 1}/{args.repeats}: ember {out_tokens / times['ember'][-1]:.1f} "
+              f"tok/s, unpacked {out_tokens / times['ember_unpacked'][-1]:.1f}, "
+              f"static {out_tokens / times['static'][-1]:.1f}, 1-by-1 {one_tokens / times['one'][-1]:.1f}", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = {
+        "ember_engine": {"seconds": med["ember"], "tokens_per_s": out_tokens / med["ember"], **info},
+        "ember_engine_unpacked_weights": {"seconds": med["ember_unpacked"],
+                                          "tokens_per_s": out_tokens / med["ember_unpacked"]},
+        "hf_static_batches": {"seconds": med["static"], "tokens_per_s": out_tokens / med["static"],
+                              "batch_size": args.static_batch},
+        "hf_one_at_a_time": {"seconds_for_subset": med["one"], "tokens_per_s": one_tokens / med["one"],
+                             "requests_timed": len(sub)},
+        "all_seconds": times,
+    }
+
+    # Each ratio is the median of the repeats' own ratios: within a repeat the systems run a
+    # few seconds apart, so the machine's drift over the whole run cancels out.
+    def per_repeat(f) -> float:
+        return statistics.median(f(i) for i in range(args.repeats))
+
+    ratios = {
+        "engine_vs_hf_static": per_repeat(lambda i: times["static"][i] / times["ember"][i]),
+        "engine_vs_hf_one_at_a_time": per_repeat(
+            lambda i: (out_tokens / times["ember"][i]) / (one_tokens / times["one"][i])),
+        "packed_weights_speedup": per_repeat(lambda i: times["ember_unpacked"][i] / times["ember"][i]),
+    }
+    print(json.dumps({"requests": n_requests, **ratios}), flush=True)
+    return {"requests": n_requests, "output_tokens": out_tokens, "prompt_tokens": sum(len(p) for p, _ in reqs),
+            "results": rows, "ratios": ratios}
+
+
+def workload_table(w: dict, static_batch: int) -> list[str]:
+    rows, ratios = w["results"], w["ratios"]
+    return ["| system | output tok/s | Ember's ratio |", "|---|---:|---:|",
+            f"| Ember engine (paged KV, continuous batching) | {rows['ember_engine']['tokens_per_s']:.1f} | 1.00 |",
+            f"| Ember engine, weights not packed (`pack_weights=False`) | "
+            f"{rows['ember_engine_unpacked_weights']['tokens_per_s']:.1f} | {ratios['packed_weights_speedup']:.2f}x |",
+            f"| transformers generate, static batches of {static_batch} | "
+            f"{rows['hf_static_batches']['tokens_per_s']:.1f} | {ratios['engine_vs_hf_static']:.2f}x |",
+            f"| transformers generate, one request at a time | {rows['hf_one_at_a_time']['tokens_per_s']:.1f} | "
+            f"{ratios['engine_vs_hf_one_at_a_time']:.2f}x |"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-20m")
     ap.add_argument("--vocab-size", type=int, default=4096)
-    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--requests", type=lambda v: [int(x) for x in v.split(",")], default=[32, 128],
+                    help="comma-separated workload sizes, each timed on its own (default 32,128)")
     ap.add_argument("--one-by-one", type=int, default=8, help="requests timed one at a time (extrapolated)")
     ap.add_argument("--static-batch", type=int, default=16)
-    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=512)
     ap.add_argument("--prefix-requests", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
@@ -103,8 +163,6 @@ def main() -> None:
     tmp = Path("/tmp/ember-bench-model")
     save_pretrained(model, None, tmp)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
-    reqs = make_requests(args.requests, cfg.vocab_size, args.seed)
-    out_tokens = sum(m for _, m in reqs)
     # The model object is ours and never trained here, so its weights may be packed (the
     # engine's default when it loads a model directory itself).
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs,
@@ -112,35 +170,11 @@ def main() -> None:
 
     # Warm both systems up (first-call allocations, oneDNN weight packing) on a few requests,
     # so the timed runs measure steady-state serving.
-    run_ember(model, reqs[:4], **engine_args)
-    run_hf_static(hf, reqs[:4], 4)
+    warm = make_requests(4, cfg.vocab_size, args.seed)
+    run_ember(model, warm, **engine_args)
+    run_hf_static(hf, warm, 4)
 
-    # Interleaved repeats, median time per system: the machine's speed drifts by several
-    # percent over a minute, and interleaving spreads that drift over every system alike.
-    times: dict[str, list[float]] = {"ember": [], "ember_unpacked": [], "static": [], "one": []}
-    sub = reqs[:args.one_by_one]
-    for rep in range(args.repeats):
-        dt, info = run_ember(model, reqs, **engine_args)
-        times["ember"].append(dt)
-        times["ember_unpacked"].append(run_ember(model, reqs, **{**engine_args, "pack_weights": False})[0])
-        times["static"].append(run_hf_static(hf, reqs, args.static_batch))
-        times["one"].append(run_hf_one_by_one(hf, sub))
-        print(f"repeat {rep + 1}/{args.repeats}: ember {out_tokens / times['ember'][-1]:.1f} tok/s, "
-              f"unpacked {out_tokens / times['ember_unpacked'][-1]:.1f}, static {out_tokens / times['static'][-1]:.1f}, "
-              f"1-by-1 {sum(m for _, m in sub) / times['one'][-1]:.1f}", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    rows = {
-        "ember_engine": {"seconds": med["ember"], "tokens_per_s": out_tokens / med["ember"], **info},
-        "ember_engine_unpacked_weights": {"seconds": med["ember_unpacked"],
-                                          "tokens_per_s": out_tokens / med["ember_unpacked"]},
-        "hf_static_batches": {"seconds": med["static"], "tokens_per_s": out_tokens / med["static"],
-                              "batch_size": args.static_batch},
-        "hf_one_at_a_time": {"seconds_for_subset": med["one"], "tokens_per_s": sum(m for _, m in sub) / med["one"],
-                             "requests_timed": len(sub)},
-        "all_seconds": times,
-    }
-    for name in ("ember_engine", "ember_engine_unpacked_weights", "hf_static_batches", "hf_one_at_a_time"):
-        print(f"{name:32s} {rows[name]['tokens_per_s']:8.1f} tok/s (median of {args.repeats})", flush=True)
+    workloads = [measure_workload(model, hf, n, cfg.vocab_size, engine_args, args) for n in args.requests]
 
     # Shared 1,000-token prefix: prefix caching on vs off.
     rng = random.Random(args.seed + 1)
@@ -149,54 +183,41 @@ def main() -> None:
               for _ in range(args.prefix_requests)]
     on, info_on = run_ember(model, shared, enable_prefix_caching=True, **engine_args)
     off, _ = run_ember(model, shared, enable_prefix_caching=False, **engine_args)
-    rows["prefix_cache_on"] = {"seconds": on, **info_on}
-    rows["prefix_cache_off"] = {"seconds": off}
     print(f"shared 1000-token prefix: caching on {on:.1f}s, off {off:.1f}s -> {off / on:.2f}x", flush=True)
 
-    # Each ratio is the median of the repeats' own ratios: within a repeat the systems run a
-    # few seconds apart, so the machine's drift over the whole run cancels out.
-    def per_repeat(f) -> float:
-        return statistics.median(f(i) for i in range(args.repeats))
-
-    one_tokens = sum(m for _, m in sub)
-    ratios = {
-        "engine_vs_hf_static": per_repeat(lambda i: times["static"][i] / times["ember"][i]),
-        "engine_vs_hf_one_at_a_time": per_repeat(
-            lambda i: (out_tokens / times["ember"][i]) / (one_tokens / times["one"][i])),
-        "packed_weights_speedup": per_repeat(lambda i: times["ember_unpacked"][i] / times["ember"][i]),
-        "prefix_caching_speedup": off / on,
-    }
+    prefix = {"requests": args.prefix_requests, "prefix_tokens": 1000, "seconds_on": on, "seconds_off": off,
+              "speedup": off / on, **info_on}
     result = {
         "benchmark": "engine_throughput", "model": {"preset": args.preset, "parameters": model.num_parameters(),
                                                     "vocab_size": cfg.vocab_size},
-        "workload": {"requests": args.requests, "output_tokens": out_tokens, "prompt_tokens": sum(len(p) for p, _ in reqs),
-                     "prompt_range": [16, 256], "output_range": [16, 128]},
-        "engine_args": engine_args, "results": rows, "ratios": ratios,
+        "prompt_range": [16, 256], "output_range": [16, 128], "repeats": args.repeats,
+        "engine_args": engine_args, "workloads": workloads, "prefix_caching": prefix,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "engine_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    sizes = ",".join(str(n) for n in args.requests)
     md = ["# Offline generation throughput (CPU)", "",
-          f"Random-weight `{args.preset}` ({model.num_parameters() / 1e6:.1f}M parameters), {args.requests} requests, "
-          f"prompts 16–256 tokens, outputs 16–128 tokens (greedy, EOS ignored), "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {transformers.__version__}. "
-          f"{args.repeats} interleaved repeats: tok/s are medians, ratios the median of each repeat's own ratio. "
-          "Command: `python benchmarks/engine_throughput.py`.", "",
-          "| system | output tok/s | Ember's ratio |", "|---|---:|---:|",
-          f"| Ember engine (paged KV, continuous batching) | {rows['ember_engine']['tokens_per_s']:.1f} | 1.00 |",
-          f"| Ember engine, weights not packed (`pack_weights=False`) | "
-          f"{rows['ember_engine_unpacked_weights']['tokens_per_s']:.1f} | {ratios['packed_weights_speedup']:.2f}x |",
-          f"| transformers generate, static batches of {args.static_batch} | "
-          f"{rows['hf_static_batches']['tokens_per_s']:.1f} | {ratios['engine_vs_hf_static']:.2f}x |",
-          f"| transformers generate, one request at a time | {rows['hf_one_at_a_time']['tokens_per_s']:.1f} | "
-          f"{ratios['engine_vs_hf_one_at_a_time']:.2f}x |", "",
-          f"Shared 1,000-token prefix, {args.prefix_requests} requests of 16 new tokens: prefix caching on "
-          f"{on:.1f}s, off {off:.1f}s → **{ratios['prefix_caching_speedup']:.2f}x** "
-          f"(hit rate {info_on['prefix_hit_rate']:.2f}).", ""]
+          f"Random-weight `{args.preset}` ({model.num_parameters() / 1e6:.1f}M parameters), random requests with "
+          f"prompts of 16–256 tokens and outputs of 16–128 tokens (greedy, EOS ignored), {torch.get_num_threads()} "
+          f"threads, torch {torch.__version__}, transformers {transformers.__version__}. The engine runs up to "
+          f"{args.max_num_seqs} sequences at once with a budget of {args.max_num_batched_tokens} tokens a step. "
+          f"{args.repeats} interleaved repeats: tok/s are medians, ratios the median of each repeat's own ratio; "
+          f"one-at-a-time speed is timed on the first {args.one_by_one} requests. "
+          f"Command: `python benchmarks/engine_throughput.py --requests {sizes}`.", ""]
+    for w in workloads:
+        md += [f"## {w['requests']} requests ({w['output_tokens']:,} output tokens, {w['prompt_tokens']:,} prompt "
+               "tokens)", "", *workload_table(w, args.static_batch), ""]
+    md += ["A short workload ends in a tail where only the longest requests are left, so the engine's batches "
+           "shrink; a longer one keeps the batch full for most of its steps, which is what offline serving looks "
+           "like.", "",
+           f"Shared 1,000-token prefix, {args.prefix_requests} requests of 16 new tokens: prefix caching on "
+           f"{on:.1f}s, off {off:.1f}s → **{off / on:.2f}x** (hit rate {info_on['prefix_hit_rate']:.2f}).", ""]
     (RESULTS / "engine_throughput.md").write_text("\n".join(md))
-    print(json.dumps(ratios, indent=2))
+    print(json.dumps({"workloads": [{"requests": w["requests"], **w["ratios"]} for w in workloads],
+                      "prefix_caching_speedup": off / on}, indent=2))
 
 
 if __name__ == "__main__":

@@ -184,6 +184,25 @@ def test_sft_lowers_the_loss_and_resumes_exactly(base_dir, tmp_path, method):
         assert ckpt and all(".lora_" in k for k in ckpt)
 
 
+
+def test_a_qlora_run_loads_for_evaluation_as_its_nf4_model_at_float_speed(base_dir, tmp_path):
+    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
+    from ember.checkpoint import load_model
+    from ember.lora import LoraConfig, load_adapter, quantize_base
+    from ember.quant.nf4 import NF4Linear
+    from ember.train.sft import load_finetuned
+
+    data = write_synth("sort", tmp_path / "train.jsonl", n=16)
+    sft(base_dir, data, tmp_path / "q", method="qlora", lora=LoraConfig(r=4, alpha=8, target_modules="all-linear"),
+        train_config=_cfg(lr=5e-2, max_steps=2), progress=False, log=lambda s: None)
+    model, _ = load_finetuned(tmp_path / "q", device="cpu")
+    assert not [m for m in model.modules() if isinstance(m, NF4Linear)]  # decoded once, not per forward
+    trained = quantize_base(load_adapter(load_model(base_dir, device="cpu", dtype=torch.float32), tmp_path / "q" /
+                                         "adapter")).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), trained(x), atol=1e-5, rtol=0)
+
 def test_exact_match_scores_greedy_answers(base_dir, tok, monkeypatch):
     from ember import generation
     from ember.checkpoint import load_model

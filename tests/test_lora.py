@@ -7,7 +7,8 @@ from ember.checkpoint import load_model, save_pretrained
 from ember.config import preset
 from ember.errors import EmberError
 from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, disable_adapters, load_adapter, lora_layers,
-                        merge_and_unload, merge_lora, quantize_base, save_adapter, trainable_summary, unmerge_lora)
+                        merge_and_unload, merge_lora, quantize_base, save_adapter, trainable_summary, unmerge_lora,
+                        dequantize_base)
 from ember.model import CausalLM
 
 VOCAB = 128
@@ -214,6 +215,28 @@ def test_qlora_base_is_under_30_percent_of_bf16_and_only_adapters_get_gradients(
         err = (model(ids()) - ref).abs().mean() / ref.abs().mean()
     assert err < 0.2
 
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_dequantized_qlora_base_gives_the_nf4_models_outputs_and_merges(tied):
+    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
+    from ember.quant.nf4 import NF4Linear
+
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=VOCAB, tie_word_embeddings=tied))
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules="all-linear"))
+    randomize(model)
+    quantize_base(model).eval()
+    with torch.no_grad():
+        nf4_logits = model(ids())
+        dequantize_base(model)
+        assert not [m for m in model.modules() if isinstance(m, NF4Linear)]
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+        torch.testing.assert_close(model(ids()), nf4_logits, atol=1e-5, rtol=0)
+        # and the float base accepts the merge that an NF4 base refuses
+        merged = merge_and_unload(model)
+        assert not lora_layers(merged)
+        torch.testing.assert_close(merged(ids()), nf4_logits, atol=1e-4, rtol=0)
 
 def test_load_model_and_the_engine_apply_an_adapter(base_dir, tmp_path):
     from ember.engine import LLM, SamplingParams

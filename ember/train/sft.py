@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ember.checkpoint import load_model, read_json, save_pretrained, write_json
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.lora import LoraConfig, apply_lora, base_weight_bytes, describe_trainable, quantize_base, save_adapter
+from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, dequantize_base, describe_trainable, quantize_base,
+                        save_adapter)
 from ember.tokenizer import load_tokenizer
 from ember.train.examples import (Row, block_diagonal_mask, collate, example_row, load_sft_examples,
                                   pack_examples, render_messages)
@@ -203,6 +204,6 @@ def load_finetuned(out_dir: str | Path, device: str | None = None) -> tuple[nn.M
         return load_model(out_dir / "model", device=device, dtype=torch.float32), load_tokenizer(out_dir / "model")
     model = load_model(run["model"], device=device, dtype=torch.float32)
     load_adapter(model, out_dir / "adapter")
-    if run["method"] == "qlora":  # evaluate what was trained: the adapter over the NF4 base
-        quantize_base(model)
+    if run["method"] == "qlora":  # evaluate what was trained: the adapter over the NF4 base's values,
+        dequantize_base(quantize_base(model))  # decoded once rather than at every forward
     return model.eval(), load_tokenizer(run["model"])
