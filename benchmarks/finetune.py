@@ -2,8 +2,8 @@
 
     python benchmarks/finetune.py [--base DIR] [--task format] [--minutes 5]
 
-1. Takes a small pretrained Ember model (`--base`; default /tmp/ft_base/model, made with
-   `ember quickstart --minutes 4 --out /tmp/ft_base` when missing).
+1. Takes a small pretrained Ember model (`--base`; default /tmp/ember_ft_base/model, made with
+   `ember quickstart --minutes 12 --out /tmp/ember_ft_base` when missing).
 2. Writes a synthetic instruction set and a disjoint held-out set (`ember.synth`).
 3. Fine-tunes full / LoRA / QLoRA, each within the same time budget, and scores greedy
    exact match on the held-out prompts; reports the trainable-parameter share.
@@ -40,8 +40,8 @@ from ember.train.sft import load_finetuned, rows_for, sft  # noqa: E402
 def ensure_base(base: Path) -> Path:
     if not (base / "config.json").is_file():
         out = base.parent
-        print(f"no base model at {base}; running ember quickstart --minutes 4 --out {out}")
-        subprocess.run([sys.executable, "-m", "ember.cli", "quickstart", "--minutes", "4", "--out", str(out)],
+        print(f"no base model at {base}; running ember quickstart --minutes 12 --out {out}")
+        subprocess.run([sys.executable, "-m", "ember.cli", "quickstart", "--minutes", "12", "--out", str(out)],
                        check=True)
     return base
 
@@ -146,6 +146,21 @@ def copy_score(model_dir: Path, length: int = 40, rows: int = 8, seed: int = 0) 
             "repeat_loss": round(float(loss[:, length:].mean()), 3)}
 
 
+def pretraining_tokens(base: Path) -> dict | None:
+    """How much pretraining the base had, read from the run beside it (`ember pretrain`/`quickstart`),
+    and where Aoyama et al. (2025, arXiv:2511.16893) put induction-head formation for its batch and context:
+    about 10^5.7 * sqrt(batch * context) tokens."""
+    run, metrics = base.parent / "run.json", base.parent / "metrics.jsonl"
+    if not (run.is_file() and metrics.is_file()):
+        return None
+    cfg = json.loads(run.read_text())["train_config"]
+    steps = max((json.loads(line).get("step", 0) for line in metrics.read_text().splitlines() if line.strip()),
+                default=0)
+    batch, context = cfg["batch_size"] * cfg.get("grad_accum", 1), cfg["block_size"]
+    return {"steps": steps, "tokens": steps * batch * context, "batch": batch, "context": context,
+            "induction_heads_expected_at_tokens": round(10 ** 5.7 * (batch * context) ** 0.5)}
+
+
 def markdown(res: dict) -> str:
     lines = [f"# Fine-tuning: {res['task']} ({res['n_train']} train, {res['n_eval']} held-out prompts)", "",
              f"Base: `{res['base']}` ({res['base_params']:,} parameters). Each method gets {res['minutes']} min "
@@ -161,6 +176,12 @@ def markdown(res: dict) -> str:
                   f"{c['repeat_loss']} on their exact repeat (a base with induction heads drops to near 0 on the "
                   "repeat). The task copies names, cities and ages from the prompt into the reply; full fine-tuning "
                   "can build that circuit, low-rank adapters on a base without one mostly cannot."]
+    pre = res.get("base_pretraining")
+    if pre:
+        lines += ["", f"The base saw {pre['tokens']:,} pretraining tokens ({pre['steps']} steps of {pre['batch']} x "
+                  f"{pre['context']}). Aoyama et al. (2025, arXiv:2511.16893) find induction heads form after about "
+                  f"10^5.7 x sqrt(batch x context) tokens, {pre['induction_heads_expected_at_tokens']:,} here: "
+                  f"{pre['induction_heads_expected_at_tokens'] / max(pre['tokens'], 1):.0f}x more than this base had."]
     if res.get("qlora_memory"):
         m = res["qlora_memory"]
         lines += ["", f"QLoRA frozen base: {m['nf4_bytes']:,} bytes in NF4 vs {m['bf16_bytes']:,} in bf16 "
@@ -177,7 +198,8 @@ def markdown(res: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="/tmp/ft_base/model")
+    p.add_argument("--base", default="/tmp/ember_ft_base/model",
+                   help="a pretrained Ember model (made with a 12-minute ember quickstart when missing)")
     p.add_argument("--task", default="format")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=100)
@@ -224,6 +246,7 @@ def main() -> None:
         res = json.loads(out.with_suffix(".json").read_text())
         args.methods = ""
     if args.methods:
+        res["base_pretraining"] = pretraining_tokens(base)
         res["base_copy"] = copy_score(base)
         print("base in-context copying:", res["base_copy"])
     for method in [m for m in args.methods.split(",") if m]:
