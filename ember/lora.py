@@ -408,7 +408,6 @@ def quantize_base(model: nn.Module, embeddings: bool = True) -> nn.Module:
     return model
 
 
-
 def dequantize_base(model: nn.Module) -> nn.Module:
     """Undo `quantize_base` for inference: each NF4 weight becomes a plain float32 tensor holding
     exactly the values the NF4 forward multiplies by, so outputs stay the same (what QLoRA
@@ -420,18 +419,18 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     if isinstance(table, NF4Embedding):
         model.model.embed_tokens = nn.Embedding.from_pretrained(table.table.dequantize(torch.float32), freeze=True)
         if isinstance(model.lm_head, TiedNF4Head):
-            model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False,
-                                      device=model.model.embed_tokens.weight.device)
+            # a shell on the meta device (no weight allocated), then the table itself as its weight
+            model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
             model.lm_head.weight = model.model.embed_tokens.weight
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                               device=module.packed.device)
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
             linear.weight = nn.Parameter(module.dequantize(torch.float32), requires_grad=False)
             if module.bias is not None:
                 linear.bias = nn.Parameter(module.bias.detach().float(), requires_grad=False)
             _set_module(model, name, linear)
     return model
+
 
 def base_weight_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes the frozen base occupies now, bytes it would occupy in bf16)."""
