@@ -140,6 +140,17 @@ def workload_table(w: dict, static_batch: int) -> list[str]:
             f"{ratios['engine_vs_hf_one_at_a_time']:.2f}x |"]
 
 
+def cpu_name() -> str:
+    """The processor's model name (its native bf16/int8 instructions decide which dtype is fast)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama-20m")
@@ -154,7 +165,11 @@ def main() -> None:
     ap.add_argument("--prefix-requests", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median time counts")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights, activations and KV cache of both systems (bfloat16 pays where the CPU "
+                         "multiplies bf16 natively, e.g. AVX512-BF16 or AMX)")
     args = ap.parse_args()
+    dtype = getattr(torch, args.dtype)
 
     import transformers
 
@@ -163,7 +178,8 @@ def main() -> None:
     model = CausalLM(cfg).eval()
     tmp = Path("/tmp/ember-bench-model")
     save_pretrained(model, None, tmp)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+    model = model.to(dtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     # The model object is ours and never trained here, so its weights may be packed (the
     # engine's default when it loads a model directory itself).
     engine_args = dict(block_size=16, max_num_seqs=args.max_num_seqs,
@@ -193,21 +209,26 @@ def main() -> None:
                                                     "vocab_size": cfg.vocab_size},
         "prompt_range": [16, 256], "output_range": [16, 128], "repeats": args.repeats,
         "engine_args": engine_args, "workloads": workloads, "prefix_caching": prefix,
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "dtype": args.dtype,
+        "machine": {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "date": time.strftime("%Y-%m-%d"),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "engine_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    suffix = "" if args.dtype == "float32" else "_bf16"  # each dtype keeps its own results
+    (RESULTS / f"engine_throughput{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
     sizes = ",".join(str(n) for n in args.requests)
     md = ["# Offline generation throughput (CPU)", "",
           f"Random-weight `{args.preset}` ({model.num_parameters() / 1e6:.1f}M parameters), random requests with "
           f"prompts of 16–256 tokens and outputs of 16–128 tokens (greedy, EOS ignored), {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}, transformers {transformers.__version__}. The engine runs up to "
+          f"threads on {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {args.dtype} weights, activations "
+          f"and KV cache in both systems, torch {torch.__version__}, transformers {transformers.__version__}. "
+          "The engine runs up to "
           f"{args.max_num_seqs} sequences at once with a budget of {args.max_num_batched_tokens} tokens a step. "
           f"{args.repeats} interleaved repeats: tok/s are medians, ratios the median of each repeat's own ratio; "
           f"one-at-a-time speed is timed on the first {args.one_by_one} requests. "
-          f"Command: `python benchmarks/engine_throughput.py --requests {sizes}`.", ""]
+          f"Command: `python benchmarks/engine_throughput.py --requests {sizes} --dtype {args.dtype}`.", ""]
     for w in workloads:
         md += [f"## {w['requests']} requests ({w['output_tokens']:,} output tokens, {w['prompt_tokens']:,} prompt "
                "tokens)", "", *workload_table(w, args.static_batch), ""]
@@ -218,7 +239,7 @@ def main() -> None:
            f"{on:.1f}s, off {off:.1f}s → **{off / on:.2f}x** (hit rate {info_on['prefix_hit_rate']:.2f}). "
            "Requests that start prefilling in the same step cannot yet hit the blocks the first of them is "
            "writing, so a larger step budget lowers the hit rate (and speeds up the run without caching).", ""]
-    (RESULTS / "engine_throughput.md").write_text("\n".join(md))
+    (RESULTS / f"engine_throughput{suffix}.md").write_text("\n".join(md))
     print(json.dumps({"workloads": [{"requests": w["requests"], **w["ratios"]} for w in workloads],
                       "prefix_caching_speedup": off / on}, indent=2))
 

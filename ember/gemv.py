@@ -14,7 +14,10 @@ them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
   a mask, no shuffle). For int8 weights the activation row is rounded once to int16 (15 bits
   against its largest element, finer than bf16) and the products are integer multiply-adds,
   about 1.4x the rate of widening int8 to fp32. 1.6-2.5x PyTorch's kernels per layer, at the
-  read bandwidth with cold weights.
+  read bandwidth with cold weights. Where the CPU has AVX-512 VNNI (Intel since Ice Lake, AMD
+  since Zen 4), chosen at run time, 64 weights a load meet the activations in `vpdpwssd`, which
+  multiplies, adds pairs and accumulates in one instruction: 1.5-5x the AVX2 loop per layer
+  (`instruction_set()` says which path runs; EMBER_GEMV_AVX512=0 forces AVX2).
 - `gemv_int4`: group-wise int4 weights in `ember.quant.int4`'s portable layout, the same
   integer multiply-adds, for any number of rows (each weight row is read once for all of
   them): 2x PyTorch's int4 kernel for one row, 1.2x for 4 to 128 rows.
@@ -130,6 +133,12 @@ def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: 
     (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
     `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
+
+
+def instruction_set() -> str:
+    """The integer path the int8 kernels take here: "avx512_vnni" (AVX-512 VNNI, chosen at run
+    time where the CPU has it and EMBER_GEMV_AVX512 is not 0) or "avx2"."""
+    return torch.ops.ember_gemv.instruction_set()
 
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:

@@ -1,8 +1,13 @@
 """The CPU decode kernel (ember/gemv.py): same products as PyTorch, used only where it applies."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from ember import gemv
 from ember.config import ModelConfig
@@ -58,6 +63,44 @@ def test_int8_weights_times_row_scales(k, rows):
     assert err.max() > 0  # really rounded: this is not the float path
     # and far better than the int8 weights themselves: 1e-4 of the row's scale
     assert (err <= 1e-4 * row_mass[None, :] * x.abs().amax(1, keepdim=True).double()).all()
+
+
+@pytest.mark.parametrize("k", [24576, 24544])  # AVX-512 VNNI blocks of 64 where the CPU has them; AVX2's 32
+@pytest.mark.parametrize("rows", [1, 4])
+def test_int8_integer_sums_stay_inside_int32(k, rows):
+    """Every weight and activation at its largest: 127 * 16383 * k is 5e10, past int32, so the
+    kernels must move their integer sums to fp32 every chunk of weights."""
+    q = torch.full((5, k), 127, dtype=torch.int8)
+    q[1] = -127
+    x = torch.ones(rows, k)
+    with torch.inference_mode():
+        y = gemv.gemv(x, q, torch.ones(5))
+    assert torch.allclose(y.double(), x.double() @ q.double().t(), rtol=1e-5)
+
+
+@pytest.mark.skipif(gemv.available() and gemv.instruction_set() != "avx512_vnni",
+                    reason="this CPU has no AVX-512 VNNI: the AVX2 int8 path is the only one, tested above")
+def test_avx512_and_avx2_int8_paths_give_the_same_products(tmp_path):
+    """The run-time choice of instruction set changes the speed, not the result: both paths sum
+    the same integer products, so they differ only by the order of float additions."""
+    torch.manual_seed(0)
+    tensors = {"q": torch.randint(-127, 128, (257, 768), dtype=torch.int8), "s": torch.rand(257),
+               "x": torch.randn(6, 768) * 5}
+    save_file(tensors, str(tmp_path / "in.safetensors"))
+    script = (
+        "import sys, torch; from safetensors.torch import load_file, save_file; from ember import gemv\n"
+        "assert gemv.available() and gemv.instruction_set() == 'avx2', gemv.instruction_set()\n"
+        "t = load_file(sys.argv[1]); out = {}\n"
+        "with torch.inference_mode():\n"
+        "    for r in (1, 6): out[f'y{r}'] = gemv.gemv(t['x'][:r], t['q'], t['s'])\n"
+        "save_file(out, sys.argv[2])\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],
+                   env={**os.environ, "EMBER_GEMV_AVX512": "0"}, check=True, timeout=600)
+    avx2 = load_file(str(tmp_path / "out.safetensors"))
+    with torch.inference_mode():
+        for r in (1, 6):
+            y = gemv.gemv(tensors["x"][:r], tensors["q"], tensors["s"])
+            assert torch.allclose(y, avx2[f"y{r}"], rtol=1e-6, atol=1e-6 * float(y.abs().max()))
 
 
 def test_applies_only_to_a_few_rows_without_autograd():
