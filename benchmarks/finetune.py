@@ -82,7 +82,7 @@ def run_method(method: str, base: Path, train_file: Path, held: list[dict], work
                       schedule_by_time=True)
     t0 = time.time()
     last = sft(base, train_file, work / method, method=method, lora=lora, train_config=cfg, pack=args.pack,
-               progress=False)
+               progress=False, train_template_tokens=not args.no_token_rows)
     train_s = time.time() - t0
     model, tok = load_finetuned(work / method, device="cpu")
     if method == "full":
@@ -189,14 +189,20 @@ def markdown(res: dict) -> str:
     for r in res["methods"]:
         lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {r['trainable']:,} | "
                      f"{100 * r['trainable_share']:.2f}% | {r['steps']} | {r['train_s']} |")
+    a = res["args"]
+    lines += ["", f"LoRA and QLoRA: r={a['lora_r']}, alpha={a['lora_alpha']:g} on {a['lora_targets']}, lr "
+              f"{a['lr_lora']:g}, plus the rows of the chat template's special tokens (`<|im_start|>`, `<|im_end|>`; "
+              "PEFT's `trainable_token_indices`), which pretraining on plain text never trained and adapters "
+              f"cannot move; full SFT: lr {a['lr_full']:g}. Steps stop at {a['max_steps']} or the time budget."]
     if res.get("base_copy"):
         c = res["base_copy"]
-        copies = c["repeat_loss"] < 0.5 * c["first_pass_loss"]
         lines += ["", f"In-context copying of the base: loss {c['first_pass_loss']} on random tokens, "
-                  f"{c['repeat_loss']} on their exact repeat (a base with induction heads drops to near 0 on the "
-                  "repeat). The task copies names, cities and ages from the prompt into the reply: "
-                  + ("this base has that circuit for the adapters to reuse." if copies else
-                     "full fine-tuning can build that circuit, low-rank adapters on a base without one mostly cannot.")]
+                  f"{c['repeat_loss']} on their exact repeat (without induction heads the repeat is no easier; a "
+                  "strong copier drops near 0). The task copies names, cities and ages from the prompt into the "
+                  "reply: full fine-tuning can build that circuit, low-rank adapters have to reuse one."]
+    for r in res.get("without_token_rows", []):
+        lines += ["", f"Without the token rows (`--no-token-rows` here, `--trainable-tokens none` in `ember finetune`; same base and settings) {r['method']} "
+                  f"scored {100 * r['exact_match']:.1f}%: {r['note']}"]
     pre = res.get("base_pretraining")
     if pre:
         need = pre["induction_heads_expected_at_tokens"]
@@ -244,6 +250,10 @@ def main() -> None:
     p.add_argument("--no-speed", action="store_true")
     p.add_argument("--speed-only", action="store_true",
                    help="time LoRA steps only; keep the other results from the existing results file")
+    p.add_argument("--no-token-rows", action="store_true",
+                   help="LoRA/QLoRA without the chat template's token rows (the ablation)")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the results of methods (and LoRA speed, with --no-speed) not rerun from the existing file")
     p.add_argument("--work", default="/tmp/ft_bench")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -282,6 +292,15 @@ def main() -> None:
             res["qlora_memory"] = {"nf4_bytes": now, "bf16_bytes": bf16, "ratio": now / bf16}
     if not args.no_speed:
         res["speed"] = speed(base, train_file, args)
+    if args.keep and out.with_suffix(".json").is_file():
+        old = json.loads(out.with_suffix(".json").read_text())
+        rerun = {m["method"] for m in res["methods"]}
+        order = ["full", "lora", "qlora"]
+        res["methods"] = sorted(res["methods"] + [m for m in old.get("methods", []) if m["method"] not in rerun],
+                                key=lambda m: order.index(m["method"]) if m["method"] in order else len(order))
+        for key in ("speed", "qlora_memory"):
+            if key not in res and key in old:
+                res[key] = old[key]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(res))

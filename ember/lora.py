@@ -10,6 +10,9 @@ Ember's modules carry Hugging Face Llama names, so an adapter is PEFT's own layo
 `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`. `peft` opens Ember's
 adapters on the same base loaded by `transformers`, and Ember opens `peft`'s.
 
+A few rows of the token table can train beside the adapters (`trainable_token_indices`, PEFT's
+TrainableTokens): chat-template tokens a base never saw in pretraining need their own rows.
+
 QLoRA (Dettmers et al., 2023) is the same adapters over a base stored in NF4:
 `quantize_base` swaps every frozen weight for its 4-bit form (see `ember.quant.nf4`).
 """
@@ -35,6 +38,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 ALL_LINEAR = "all-linear"
+TOKEN_KEY = "token_adapter.trainable_tokens_delta"  # PEFT's key for trainable token rows
 
 
 @dataclass
@@ -46,6 +50,9 @@ class LoraConfig:
     # (every linear layer but the LM head), or a regex matched against the full path.
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r
+    # Rows of the token table that train too (PEFT's `trainable_token_indices`), e.g. chat-template
+    # tokens the base never saw; with tied embeddings the LM head reads the same rows.
+    trainable_token_indices: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.r < 1:
@@ -56,6 +63,8 @@ class LoraConfig:
             if not self.target_modules:
                 raise EmberError("Give at least one LoRA target module.")
             self.target_modules = list(self.target_modules)
+        if self.trainable_token_indices is not None:
+            self.trainable_token_indices = sorted({int(i) for i in self.trainable_token_indices}) or None
 
     @property
     def scaling(self) -> float:
@@ -94,6 +103,73 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class TrainableTokens(nn.Module):
+    """A few rows of the frozen token table that train (PEFT's TrainableTokens, which LoRA's
+    `trainable_token_indices` uses). Adapters on the linear layers cannot move a token's
+    embedding, and chat-template tokens such as `<|im_end|>` never occur in pretraining text: the
+    base leaves them untrained and, with a tied head, pushed below every other logit, so a LoRA
+    model learns to answer but not to end its turn. `trainable_tokens_delta` [n, hidden] starts
+    as a copy of those rows and replaces them (PEFT's name: the new values, not a difference)."""
+
+    def __init__(self, base_layer: nn.Embedding, indices: list[int]) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise EmberError("Trainable token rows wrap a plain embedding table; add them before quantizing the base.")
+        vocab = base_layer.weight.shape[0]
+        bad = [i for i in indices if not 0 <= i < vocab]
+        if bad:
+            raise EmberError(f"Trainable token index {bad[0]} is outside the vocabulary (0..{vocab - 1}).")
+        self.base_layer = base_layer
+        rows = base_layer.weight.detach()[indices].float()
+        self.register_buffer("token_indices", torch.tensor(indices, device=rows.device), persistent=False)
+        self.register_buffer("original", rows.clone(), persistent=False)  # what unmerging puts back
+        self.trainable_tokens_delta = nn.Parameter(rows.clone())  # float32, like LoRA's A and B
+        self.merged = False
+        self.disabled = False
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = self.base_layer(ids)
+        if self.merged or self.disabled:
+            return out
+        hit = ids.unsqueeze(-1) == self.token_indices  # [..., n]: which listed token each id is
+        new = hit.to(self.trainable_tokens_delta.dtype) @ self.trainable_tokens_delta
+        return torch.where(hit.any(-1, keepdim=True), new.to(out.dtype), out)
+
+    def write_rows(self, rows: Tensor) -> None:
+        w = self.base_layer.weight
+        w.data.index_copy_(0, self.token_indices, rows.to(w.dtype))
+
+
+class TiedTokensHead(nn.Module):
+    """The LM head of a tied model with trainable token rows: those tokens' logits come from the
+    new rows, as the embedding's inputs do."""
+
+    def __init__(self, base_layer: nn.Module, tokens: TrainableTokens) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._tokens = [tokens]  # a list: not a second submodule, so the rows are stored once
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        t = self._tokens[0]
+        if t.merged or t.disabled:
+            return out
+        new = F.linear(x.to(t.trainable_tokens_delta.dtype), t.trainable_tokens_delta)
+        return out.index_copy(-1, t.token_indices, new.to(out.dtype))
+
+
+def token_layers(model: nn.Module) -> list[TrainableTokens]:
+    return [m for m in model.modules() if isinstance(m, TrainableTokens)]
 
 
 def _weight_device(module: nn.Module) -> torch.device:
@@ -147,6 +223,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         p.requires_grad_(False)
     for name in target_names(model, cfg.target_modules):
         _set_module(model, name, LoraLinear(model.get_submodule(name), cfg))
+    if cfg.trainable_token_indices:
+        tokens = TrainableTokens(model.model.embed_tokens, cfg.trainable_token_indices)
+        model.model.embed_tokens = tokens
+        if getattr(model.config, "tie_word_embeddings", False):
+            model.lm_head = TiedTokensHead(model.lm_head, tokens)
     model.lora_config = cfg  # what save_adapter writes
     return model
 
@@ -199,6 +280,12 @@ def merge_lora(model: nn.Module) -> nn.Module:
             w = _untied_weight(model, layer)
             w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
             layer.merged = True
+    for tokens in token_layers(model):
+        if not tokens.merged:
+            if not isinstance(tokens.base_layer, nn.Embedding):
+                raise EmberError("Cannot merge trainable token rows into a quantized (e.g. NF4) table; dequantize it first.")
+            tokens.write_rows(tokens.trainable_tokens_delta)
+            tokens.merged = True
     return model
 
 
@@ -210,6 +297,10 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
             w = _base_weight(layer)
             w.copy_((w.float() - layer.delta_weight()).to(w.dtype))
             layer.merged = False
+    for tokens in token_layers(model):
+        if tokens.merged:
+            tokens.write_rows(tokens.original)
+            tokens.merged = False
     return model
 
 
@@ -218,6 +309,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge_lora(model)
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.base_layer)
+    if isinstance(getattr(model, "lm_head", None), TiedTokensHead):
+        model.lm_head = model.lm_head.base_layer
+    for tokens in token_layers(model):
+        model.model.embed_tokens = tokens.base_layer
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -226,8 +321,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes as its base (e.g. the DPO reference policy)."""
-    layers = list(lora_layers(model).values())
-    merged = [layer for layer in layers if layer.merged]
+    tokens = token_layers(model)
+    merged_tokens = [t for t in tokens if t.merged]
+    with torch.no_grad():
+        for t in merged_tokens:
+            t.write_rows(t.original)
+            t.merged = False
+    layers = list(lora_layers(model).values()) + tokens
+    merged = [layer for layer in layers if isinstance(layer, LoraLinear) and layer.merged]
     for layer in merged:
         w = _base_weight(layer)
         with torch.no_grad():
@@ -246,6 +347,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             with torch.no_grad():
                 w.copy_((w.float() + layer.delta_weight()).to(w.dtype))
             layer.merged = True
+        with torch.no_grad():
+            for t in merged_tokens:
+                t.write_rows(t.trainable_tokens_delta)
+                t.merged = True
 
 
 # --- the PEFT file format -----------------------------------------------------------------
@@ -255,6 +360,9 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     for name, layer in lora_layers(model).items():
         for part in ("lora_A", "lora_B"):
             out[f"{PEFT_PREFIX}{name}.{part}.weight"] = getattr(layer, part).weight.detach().cpu().contiguous()
+    for name, m in model.named_modules():
+        if isinstance(m, TrainableTokens):
+            out[f"{PEFT_PREFIX}{name}.{TOKEN_KEY}"] = m.trainable_tokens_delta.detach().cpu().contiguous()
     return out
 
 
@@ -272,7 +380,7 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
         "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
         "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
-        "revision": None, "auto_mapping": None,
+        "revision": None, "auto_mapping": None, "trainable_token_indices": cfg.trainable_token_indices,
     }
 
 
@@ -317,15 +425,28 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor]]:
     except SafetensorError as e:
         raise EmberError(f"The adapter weights in {path} are corrupt ({e}).") from None
     state = {}
+    indices = raw.get("trainable_token_indices")
+    if isinstance(indices, dict):  # {"embed_tokens": [...]}: the input embedding is the one Ember trains
+        if set(indices) - {"embed_tokens"}:
+            raise EmberError(f"The adapter in {path} trains token rows of {sorted(indices)}; Ember trains embed_tokens only.")
+        indices = indices.get("embed_tokens")
     for k, v in tensors.items():
+        if k.endswith("." + TOKEN_KEY) or k.endswith("." + TOKEN_KEY + ".default"):
+            if indices is None or tuple(v.shape[:1]) != (len(indices),):
+                raise EmberError(f"The adapter in {path} has trainable token rows {tuple(v.shape)} that its "
+                                 "config's trainable_token_indices do not describe.")
+            state[TOKEN_KEY] = v
+            continue
         m = re.fullmatch(r"base_model\.model\.(.+)\.(lora_[AB])(?:\.default)?\.weight", k)
         if m is None:
             raise EmberError(f"Adapter weight '{k}' in {path} is not a LoRA A/B matrix Ember understands.")
         state[f"{m.group(1)}.{m.group(2)}.weight"] = v
-    modules = sorted({k.rsplit(".", 2)[0] for k in state})
+    if indices and TOKEN_KEY not in state:
+        raise EmberError(f"The adapter in {path} lists trainable_token_indices but holds no token rows.")
+    modules = sorted({k.rsplit(".", 2)[0] for k in state if k != TOKEN_KEY})
     cfg = LoraConfig(r=int(raw["r"]), alpha=float(raw.get("lora_alpha", raw["r"])),
                      dropout=float(raw.get("lora_dropout", 0.0)), target_modules=modules or ["none"],
-                     use_rslora=bool(raw.get("use_rslora", False)))
+                     use_rslora=bool(raw.get("use_rslora", False)), trainable_token_indices=indices)
     return cfg, state
 
 
@@ -338,10 +459,12 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise EmberError(f"The adapter in {path} was made for a different base model: it adapts "
                          f"{missing[0]}, which this model does not have ({len(missing)} such layers).")
     apply_lora(model, LoraConfig(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, target_modules=
-                                 "|".join(re.escape(m) for m in cfg.target_modules), use_rslora=cfg.use_rslora))
+                                 "|".join(re.escape(m) for m in cfg.target_modules), use_rslora=cfg.use_rslora,
+                                 trainable_token_indices=cfg.trainable_token_indices))
     model.lora_config = cfg
     own = {f"{name}.{part}.weight": getattr(layer, part).weight
            for name, layer in lora_layers(model).items() for part in ("lora_A", "lora_B")}
+    own.update({TOKEN_KEY: t.trainable_tokens_delta for t in token_layers(model)})
     absent = sorted(own.keys() - state.keys())
     if absent:
         raise EmberError(f"The adapter in {path} lacks {absent[0]} ({len(absent)} tensors missing).")
@@ -397,15 +520,41 @@ def quantize_base(model: nn.Module, embeddings: bool = True) -> nn.Module:
 
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and ".lora_" not in name and not module.weight.requires_grad:
-            if name == "lm_head" and (not embeddings or getattr(model.config, "tie_word_embeddings", False)):
+            if name in ("lm_head", "lm_head.base_layer") and (
+                    not embeddings or getattr(model.config, "tie_word_embeddings", False)):
                 continue
             _set_module(model, name, NF4Linear.from_linear(module))
     if embeddings:
-        table = NF4Embedding(model.model.embed_tokens)
-        model.model.embed_tokens = table
+        tokens = model.model.embed_tokens if isinstance(model.model.embed_tokens, TrainableTokens) else None
+        table = NF4Embedding(tokens.base_layer if tokens else model.model.embed_tokens)
+        _set_table(model, table)
         if getattr(model.config, "tie_word_embeddings", False):
-            model.lm_head = TiedNF4Head(table)
+            _set_head(model, TiedNF4Head(table))
     return model
+
+
+def _table(model: nn.Module) -> nn.Module:
+    """The token table, under trainable token rows if the model has them."""
+    e = model.model.embed_tokens
+    return e.base_layer if isinstance(e, TrainableTokens) else e
+
+
+def _set_table(model: nn.Module, table: nn.Module) -> None:
+    if isinstance(model.model.embed_tokens, TrainableTokens):
+        model.model.embed_tokens.base_layer = table
+    else:
+        model.model.embed_tokens = table
+
+
+def _head(model: nn.Module) -> nn.Module:
+    return model.lm_head.base_layer if isinstance(model.lm_head, TiedTokensHead) else model.lm_head
+
+
+def _set_head(model: nn.Module, head: nn.Module) -> None:
+    if isinstance(model.lm_head, TiedTokensHead):
+        model.lm_head.base_layer = head
+    else:
+        model.lm_head = head
 
 
 def dequantize_base(model: nn.Module) -> nn.Module:
@@ -415,13 +564,15 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     be merged too. Costs the float weights' memory again."""
     from ember.quant.nf4 import NF4Linear
 
-    table = model.model.embed_tokens
+    table = _table(model)
     if isinstance(table, NF4Embedding):
-        model.model.embed_tokens = nn.Embedding.from_pretrained(table.table.dequantize(torch.float32), freeze=True)
-        if isinstance(model.lm_head, TiedNF4Head):
+        plain = nn.Embedding.from_pretrained(table.table.dequantize(torch.float32), freeze=True)
+        _set_table(model, plain)
+        if isinstance(_head(model), TiedNF4Head):
             # a shell on the meta device (no weight allocated), then the table itself as its weight
-            model.lm_head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
-            model.lm_head.weight = model.model.embed_tokens.weight
+            head = nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=False, device="meta")
+            head.weight = plain.weight
+            _set_head(model, head)
     for name, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")

@@ -8,7 +8,7 @@ from ember.config import preset
 from ember.errors import EmberError
 from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, disable_adapters, load_adapter, lora_layers,
                         merge_and_unload, merge_lora, quantize_base, save_adapter, trainable_summary, unmerge_lora,
-                        dequantize_base)
+                        dequantize_base, token_layers)
 from ember.model import CausalLM
 
 VOCAB = 128
@@ -256,3 +256,92 @@ def test_load_model_and_the_engine_apply_an_adapter(base_dir, tmp_path):
     assert served.generate([prompt], greedy)[0].outputs[0].token_ids == plain.generate([prompt], greedy)[0].outputs[0].token_ids
     quantized = LLM(base_dir, device="cpu", dtype="float32", adapter=tmp_path / "ad", quantization="int8", num_kv_blocks=16)
     assert len(quantized.generate([prompt], greedy)[0].outputs[0].token_ids) == 6
+
+
+def tied_base(path, tied):
+    torch.manual_seed(0)
+    save_pretrained(CausalLM(preset("tiny", vocab_size=VOCAB, tie_word_embeddings=tied)), None, path)
+    return path
+
+
+def with_tokens(model, rows=(2, 5), seed=3):
+    """LoRA with token rows 2 and 5 trainable, every tensor moved off its start."""
+    model = apply_lora(model, LoraConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"],
+                                         trainable_token_indices=list(rows)))
+    randomize(model)
+    g = torch.Generator().manual_seed(seed)
+    for t in token_layers(model):
+        t.trainable_tokens_delta.data += torch.randn(t.trainable_tokens_delta.shape, generator=g)
+    return model
+
+
+def token_ids():
+    x = ids()
+    x[:, ::3] = 2  # the trainable rows appear as inputs (and are scored as outputs)
+    x[:, 1::4] = 5
+    return x
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_token_rows_open_in_peft_both_ways_with_identical_logits(tmp_path, tied):
+    transformers = pytest.importorskip("transformers", reason="transformers is the parity peer")
+    peft = pytest.importorskip("peft", reason="peft is the parity peer")
+    path = tied_base(tmp_path / "base", tied)
+    model = with_tokens(base(path))
+    save_adapter(model, tmp_path / "ours", base_model=str(path))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "ours").eval()
+    with torch.no_grad():
+        plain = base(path)(token_ids())
+        ours = model(token_ids())
+        assert (ours - plain).abs().max() > 1e-2  # the rows changed something
+        torch.testing.assert_close(ours, theirs(token_ids()).logits, atol=1e-5, rtol=1e-5)
+    # and the other way: rows trained in peft load in Ember
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    theirs = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["v_proj"],
+                                                     trainable_token_indices=[1, 7], task_type="CAUSAL_LM"))
+    for n, p in theirs.named_parameters():
+        if "trainable_tokens_delta" in n:
+            p.data += torch.randn_like(p)
+    theirs.save_pretrained(tmp_path / "theirs")
+    model = load_adapter(base(path), tmp_path / "theirs")
+    x = token_ids()
+    x[:, ::5] = 7
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), theirs.eval()(x).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_trainable_token_rows_alone_train_and_merge_unmerge_disable_and_nf4_keep_them(tmp_path, tied):
+    path = tied_base(tmp_path / "base", tied)
+    model = with_tokens(base(path))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens.trainable_tokens_delta" in trainable
+    assert not any("embed_tokens.base_layer" in n or n.startswith("lm_head") for n in trainable)
+    x = token_ids()
+    model(x)[..., [2, 5]].sum().backward()
+    assert model.model.embed_tokens.trainable_tokens_delta.grad.abs().sum() > 0
+    table = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        adapted, plain = model(x), base(path)(x)
+        with disable_adapters(model):
+            torch.testing.assert_close(model(x), plain, atol=1e-6, rtol=0)
+        merge_lora(model)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+        unmerge_lora(model)
+        torch.testing.assert_close(model.model.embed_tokens.weight, table, atol=1e-6, rtol=0)
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+        # QLoRA: the rows sit over an NF4 table, and a dequantized base gives the NF4 model's outputs
+        quantize_base(model)
+        nf4 = model(x)
+        dequantize_base(model)
+        torch.testing.assert_close(model(x), nf4, atol=1e-5, rtol=1e-5)
+        merged = merge_and_unload(model)
+        assert not token_layers(merged) and isinstance(merged.model.embed_tokens, torch.nn.Embedding)
+        assert (merged.lm_head.weight is merged.model.embed_tokens.weight) == tied
+        torch.testing.assert_close(merged(x), nf4, atol=1e-4, rtol=0)
+
+
+def test_trainable_token_rows_outside_the_vocabulary_are_refused(base_dir):
+    with pytest.raises(EmberError, match="outside the vocabulary"):
+        apply_lora(base(base_dir), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[VOCAB]))

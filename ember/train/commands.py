@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ember.errors import EmberError
+
 LR_DEFAULTS = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3}
 
 
@@ -24,6 +26,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     g.add_argument("--lora-targets", default="all-linear",
                    help="comma-separated module names (q_proj,v_proj,...) or all-linear (default)")
     g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    g.add_argument("--trainable-tokens", default="template",
+                   help="token-table rows that train beside the adapters (PEFT's trainable_token_indices): "
+                        "'template' (default) = the chat template's special tokens, e.g. <|im_start|> and "
+                        "<|im_end|>, which a base pretrained on plain text never learned and adapters cannot "
+                        "move; 'none'; or comma-separated token ids")
     t = p.add_argument_group("training")
     t.add_argument("--max-steps", type=int, default=500)
     t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full, 2e-3 LoRA)")
@@ -68,13 +75,21 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     from ember.train.sft import sft
 
     targets = ALL_LINEAR if a.lora_targets == ALL_LINEAR else [t.strip() for t in a.lora_targets.split(",") if t]
+    tokens = a.trainable_tokens.strip().lower()
+    if tokens not in ("template", "none"):
+        try:
+            tokens = [int(t) for t in tokens.split(",") if t.strip()]
+        except ValueError:
+            raise EmberError(f"--trainable-tokens takes 'template', 'none' or comma-separated token ids, "
+                             f"not {a.trainable_tokens!r}.") from None
     lora = LoraConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets,
-                      use_rslora=a.rslora)
+                      use_rslora=a.rslora, trainable_token_indices=tokens if isinstance(tokens, list) else None)
     cfg = TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                       block_size=a.block_size, lr=a.lr or LR_DEFAULTS[a.method], warmup_steps=a.warmup_steps,
                       weight_decay=a.weight_decay, schedule=a.schedule, eval_every=a.eval_every,
                       save_every=a.save_every, log_every=a.log_every, seed=a.seed, time_budget_s=a.time_budget * 60 if a.time_budget else None)
     last = sft(a.model, a.data, a.out, method=a.method, lora=lora, train_config=cfg, pack=a.pack,
+               train_template_tokens=tokens == "template",
                train_on_prompt=a.train_on_prompt, val_file=a.val_data, device=a.device, resume=a.resume,
                progress=not a.no_progress)
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss") if k in last)

@@ -13,7 +13,7 @@ is the LoRA tensors, so a checkpoint is small and resume restores exactly those.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,11 +125,24 @@ def _load(model_dir: Path, method: str, lora: LoraConfig | None, device: torch.d
     return model
 
 
+def template_token_ids(tok: Any) -> list[int]:
+    """The special tokens a chat renders with (e.g. `<|im_start|>`, `<|im_end|>`): pretraining on
+    plain text never trains their rows, and LoRA adapters cannot move them."""
+    if not getattr(tok, "chat_template", None):
+        return []
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    special = set(tok.special_tokens.values())
+    return sorted({i for i in tok.apply_chat_template(chat, tokenize=True) if i in special})
+
+
 def sft(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, method: str = "full",
         lora: LoraConfig | None = None, train_config: TrainConfig | None = None, pack: bool = False,
         train_on_prompt: bool = False, val_file: str | Path | None = None, device: str | None = None,
-        resume: bool = False, progress: bool = True, log: Any = print) -> dict[str, Any]:
-    """Fine-tune `model_dir` on SFT JSONL `data_file`; returns the final metrics."""
+        resume: bool = False, progress: bool = True, log: Any = print,
+        train_template_tokens: bool = True) -> dict[str, Any]:
+    """Fine-tune `model_dir` on SFT JSONL `data_file`; returns the final metrics. LoRA and QLoRA
+    also train the chat template's special-token rows (`template_token_ids`) unless `lora` names
+    its own `trainable_token_indices` or `train_template_tokens` is False."""
     out_dir = Path(out_dir)
     run_file = out_dir / RUN_FILE
     if resume:
@@ -158,6 +171,12 @@ def sft(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, metho
     log(f"{len(examples)} examples -> {len(rows)} rows ({'packed' if pack else 'one example each'}), "
         f"{targets:,} target tokens")
 
+    if method != "full" and not resume:
+        lora = lora or LoraConfig()
+        if lora.trainable_token_indices is None and train_template_tokens and template_token_ids(tok):
+            lora = replace(lora, trainable_token_indices=template_token_ids(tok))
+            names = {i: t for t, i in tok.special_tokens.items()}
+            log("trainable token rows: " + ", ".join(names.get(i, str(i)) for i in lora.trainable_token_indices))
     if not resume:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, {"method": method, "model": str(model_dir.resolve()), "data": str(Path(data_file).resolve()),
