@@ -530,6 +530,17 @@ def markdown(result) -> str:
     return "\n".join(out) + "\n"
 
 
+def cpu_name() -> str:
+    """The processor's model name: which native int8/bf16 instructions it has decides the ratios."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or ""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="trained model dir for perplexity (default: random small model)")
@@ -560,7 +571,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = f"{platform.machine()} {platform.processor() or ''}".strip()
+    machine = f"{platform.machine()} {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}; int8 kernel: " \
+              f"{ember_gemv.instruction_set() if ember_gemv.available() else 'none'})"
     result = {"machine": f"{machine}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, "threads": torch.get_num_threads(),
               "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:]),

@@ -297,7 +297,8 @@ def test_concurrent_reads_see_whole_writes(tmp_path):
     def reader():
         r = Index(db, embedder=BowEmbedder())
         try:
-            while not stop.is_set():
+            while True:  # at least one snapshot, however fast the writer is
+                done = stop.is_set()
                 snap = r.snapshot()
                 per_source = {}
                 for s in snap.sources:
@@ -306,6 +307,8 @@ def test_concurrent_reads_see_whole_writes(tmp_path):
                 assert snap.vectors is not None and len(snap.vectors) == len(snap)
                 seen.append(len(snap))
                 r.search("pairword3", k=3, mode="hybrid")
+                if done:
+                    break
         except Exception as e:  # noqa: BLE001 - surfaced in the main thread
             errors.append(e)
             stop.set()
