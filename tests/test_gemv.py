@@ -79,28 +79,38 @@ def test_int8_integer_sums_stay_inside_int32(k, rows):
 
 
 @pytest.mark.skipif(gemv.available() and gemv.instruction_set() != "avx512_vnni",
-                    reason="this CPU has no AVX-512 VNNI: the AVX2 int8 path is the only one, tested above")
-def test_avx512_and_avx2_int8_paths_give_the_same_products(tmp_path):
+                    reason="this CPU has no AVX-512 VNNI: the AVX2 integer paths are the only ones, tested above")
+def test_avx512_and_avx2_integer_paths_give_the_same_products(tmp_path):
     """The run-time choice of instruction set changes the speed, not the result: both paths sum
-    the same integer products, so they differ only by the order of float additions."""
+    the same integer products (int8 weights, and int4 in groups of 128 and 256), so they differ
+    only by the order of float additions."""
     torch.manual_seed(0)
     tensors = {"q": torch.randint(-127, 128, (257, 768), dtype=torch.int8), "s": torch.rand(257),
-               "x": torch.randn(6, 768) * 5}
+               "x": torch.randn(6, 768) * 5, "q4": torch.randint(0, 256, (130, 384), dtype=torch.uint8)}
+    for g in (128, 256):
+        tensors[f"s4_{g}"], tensors[f"z4_{g}"] = torch.rand(130, 768 // g), torch.randn(130, 768 // g)
     save_file(tensors, str(tmp_path / "in.safetensors"))
     script = (
         "import sys, torch; from safetensors.torch import load_file, save_file; from ember import gemv\n"
-        "assert gemv.available() and gemv.instruction_set() == 'avx2', gemv.instruction_set()\n"
+        "assert gemv.instruction_set() == 'avx2', gemv.instruction_set()\n"
         "t = load_file(sys.argv[1]); out = {}\n"
         "with torch.inference_mode():\n"
-        "    for r in (1, 6): out[f'y{r}'] = gemv.gemv(t['x'][:r], t['q'], t['s'])\n"
+        "    for r in (1, 6):\n"
+        "        out[f'y{r}'] = gemv.gemv(t['x'][:r], t['q'], t['s'])\n"
+        "        for g in (128, 256):\n"
+        "            out[f'i4_{g}_{r}'] = gemv.gemv_int4(t['x'][:r], t['q4'], t[f's4_{g}'], t[f'z4_{g}'], g)\n"
         "save_file(out, sys.argv[2])\n")
     subprocess.run([sys.executable, "-c", script, str(tmp_path / "in.safetensors"), str(tmp_path / "out.safetensors")],
                    env={**os.environ, "EMBER_GEMV_AVX512": "0"}, check=True, timeout=600)
     avx2 = load_file(str(tmp_path / "out.safetensors"))
+    t = tensors
     with torch.inference_mode():
         for r in (1, 6):
-            y = gemv.gemv(tensors["x"][:r], tensors["q"], tensors["s"])
-            assert torch.allclose(y, avx2[f"y{r}"], rtol=1e-6, atol=1e-6 * float(y.abs().max()))
+            ours = {f"y{r}": gemv.gemv(t["x"][:r], t["q"], t["s"])}
+            for g in (128, 256):
+                ours[f"i4_{g}_{r}"] = gemv.gemv_int4(t["x"][:r], t["q4"], t[f"s4_{g}"], t[f"z4_{g}"], g)
+            for k, y in ours.items():
+                assert torch.allclose(y, avx2[k], rtol=1e-5, atol=1e-5 * float(y.abs().max())), k
 
 
 def test_applies_only_to_a_few_rows_without_autograd():
