@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import sys
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
+from ember.device import cpu_name  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
 
@@ -138,17 +138,6 @@ def workload_table(w: dict, static_batch: int) -> list[str]:
             f"{rows['hf_static_batches']['tokens_per_s']:.1f} | {ratios['engine_vs_hf_static']:.2f}x |",
             f"| transformers generate, one request at a time | {rows['hf_one_at_a_time']['tokens_per_s']:.1f} | "
             f"{ratios['engine_vs_hf_one_at_a_time']:.2f}x |"]
-
-
-def cpu_name() -> str:
-    """The processor's model name (its native bf16/int8 instructions decide which dtype is fast)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -190,10 +190,12 @@ def markdown(res: dict) -> str:
         lines.append(f"| {r['method']} | {100 * r['exact_match']:.1f}% | {r['trainable']:,} | "
                      f"{100 * r['trainable_share']:.2f}% | {r['steps']} | {r['train_s']} |")
     a = res["args"]
+    rows = ("" if a.get("no_token_rows") else ", plus the rows of the chat template's special tokens (`<|im_start|>`, "
+            "`<|im_end|>`; PEFT's `trainable_token_indices`), which pretraining on plain text never trained and "
+            "adapters cannot move")
     lines += ["", f"LoRA and QLoRA: r={a['lora_r']}, alpha={a['lora_alpha']:g} on {a['lora_targets']}, lr "
-              f"{a['lr_lora']:g}, plus the rows of the chat template's special tokens (`<|im_start|>`, `<|im_end|>`; "
-              "PEFT's `trainable_token_indices`), which pretraining on plain text never trained and adapters "
-              f"cannot move; full SFT: lr {a['lr_full']:g}. Steps stop at {a['max_steps']} or the time budget."]
+              f"{a['lr_lora']:g}{rows}; full SFT: lr {a['lr_full']:g}. Steps stop at {a['max_steps']} or the time "
+              "budget."]
     if res.get("base_copy"):
         c = res["base_copy"]
         lines += ["", f"In-context copying of the base: loss {c['first_pass_loss']} on random tokens, "
@@ -201,8 +203,8 @@ def markdown(res: dict) -> str:
                   "strong copier drops near 0). The task copies names, cities and ages from the prompt into the "
                   "reply: full fine-tuning can build that circuit, low-rank adapters have to reuse one."]
     for r in res.get("without_token_rows", []):
-        lines += ["", f"Without the token rows (`--no-token-rows` here, `--trainable-tokens none` in `ember finetune`; same base and settings) {r['method']} "
-                  f"scored {100 * r['exact_match']:.1f}%: {r['note']}"]
+        lines += ["", "Without the token rows (`--no-token-rows` here, `--trainable-tokens none` in `ember finetune`; "
+                  f"same base and settings) {r['method']} scored {100 * r['exact_match']:.1f}%: {r['note']}"]
     pre = res.get("base_pretraining")
     if pre:
         need = pre["induction_heads_expected_at_tokens"]

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ember.checkpoint import load_model, save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
 from ember import gemv as ember_gemv  # noqa: E402
+from ember.device import cpu_name  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
 from ember.quant import quantize_model, weight_bytes  # noqa: E402
@@ -528,17 +529,6 @@ def markdown(result) -> str:
             out.append(f"| {r['shape']} | {r['kernel']} | {r['us']:.1f} | {r['speedup_vs_fp32']:.2f}x | "
                        f"{r['speedup_vs_bf16']:.2f}x |")
     return "\n".join(out) + "\n"
-
-
-def cpu_name() -> str:
-    """The processor's model name: which native int8/bf16 instructions it has decides the ratios."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or ""
 
 
 def main() -> None:

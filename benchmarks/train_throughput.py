@@ -58,6 +58,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ember.data import TokenShards, stdlib_files  # noqa: E402
+from ember.device import cpu_name  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GET_NANOGPT = "git clone https://github.com/karpathy/nanoGPT /tmp/nanogpt"
@@ -66,14 +67,7 @@ SKIP_FIRST = 5  # steps to let the allocator and caches settle, as nanoGPT's MFU
 
 # --- machine -------------------------------------------------------------------------------
 def machine(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     return {"cpu": cpu, "cores_visible": os.cpu_count(), "threads": threads, "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
 

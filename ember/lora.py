@@ -309,10 +309,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     merge_lora(model)
     for name, layer in lora_layers(model).items():
         _set_module(model, name, layer.base_layer)
-    if isinstance(getattr(model, "lm_head", None), TiedTokensHead):
-        model.lm_head = model.lm_head.base_layer
-    for tokens in token_layers(model):
-        model.model.embed_tokens = tokens.base_layer
+    if token_layers(model):
+        model.lm_head, model.model.embed_tokens = _head(model), _table(model)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -328,7 +326,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             t.write_rows(t.original)
             t.merged = False
     layers = list(lora_layers(model).values()) + tokens
-    merged = [layer for layer in layers if isinstance(layer, LoraLinear) and layer.merged]
+    merged = [layer for layer in layers if layer.merged]  # adapters only: the rows were unmerged above
     for layer in merged:
         w = _base_weight(layer)
         with torch.no_grad():
@@ -525,8 +523,7 @@ def quantize_base(model: nn.Module, embeddings: bool = True) -> nn.Module:
                 continue
             _set_module(model, name, NF4Linear.from_linear(module))
     if embeddings:
-        tokens = model.model.embed_tokens if isinstance(model.model.embed_tokens, TrainableTokens) else None
-        table = NF4Embedding(tokens.base_layer if tokens else model.model.embed_tokens)
+        table = NF4Embedding(_table(model))
         _set_table(model, table)
         if getattr(model.config, "tie_word_embeddings", False):
             _set_head(model, TiedNF4Head(table))

@@ -266,23 +266,6 @@ inline void row_dot_i8_few(const int8_t* row, const int16_t* xqp, const int16_t*
   }
 }
 
-// int8 weight rows [n0, n1) times `rows` activation rows, eight at a time (see rows_dot_few).
-void rows_dot_i8_few(const int8_t* w, const int16_t* xqp, const int16_t* xq, const float* xscale, const float* scale,
-                     float* y, int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1) {
-  float out[8];
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = w + n * K;
-    const float s = scale ? scale[n] : 1.f;
-    for (int64_t c = 0; c < rows; c += 8) {
-      const int16_t *p = xqp + c * K, *q = xq + c * K;
-      const float* xs = xscale + c;
-      const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
-      with_row_count(m, [&](auto M) { row_dot_i8_few<decltype(M)::value>(row, p, q, xs, K, out); });
-      for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
-    }
-  }
-}
-
 // The few-row product with AVX-512 VNNI (see rows_dot_i8_vnni; activations even/odd per 64).
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
@@ -310,16 +293,21 @@ void row_dot_i8_few_vnni(const int8_t* row, const int16_t* xqp, const float* xsc
   for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(total[m]) * xscale[m];
 }
 
-void rows_dot_i8_few_vnni(const int8_t* w, const int16_t* xqp, const float* xscale, const float* scale, float* y,
-                          int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// int8 weight rows [n0, n1) times `rows` activation rows, eight at a time (see rows_dot_few), through
+// the AVX-512 VNNI kernel when `vnni` (activations then even/odd per 64, K % 64 == 0).
+void rows_dot_i8_few(const int8_t* w, const int16_t* xqp, const int16_t* xq, const float* xscale, const float* scale,
+                     float* y, int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, bool vnni) {
   float out[8];
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* row = w + n * K;
     const float s = scale ? scale[n] : 1.f;
     for (int64_t c = 0; c < rows; c += 8) {
+      const int16_t *p = xqp + c * K, *q = xq + c * K;
+      const float* xs = xscale + c;
       const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
       with_row_count(m, [&](auto M) {
-        row_dot_i8_few_vnni<decltype(M)::value>(row, xqp + c * K, xscale + c, K, out);
+        if (vnni) row_dot_i8_few_vnni<decltype(M)::value>(row, p, xs, K, out);
+        else row_dot_i8_few<decltype(M)::value>(row, p, q, xs, K, out);
       });
       for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * s;
     }
@@ -642,14 +630,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
           std::copy(p.begin(), p.end(), xqp.begin() + m * K);
         }
         const int8_t* wp = w.data_ptr<int8_t>();
-        if (vnni) {
-          split_rows(N, [&](int64_t n0, int64_t n1) {
-            rows_dot_i8_few_vnni(wp, xqp.data(), xscale.data(), sp, yf.data(), M, N, K, n0, n1);
-          });
-          break;
-        }
         split_rows(N, [&](int64_t n0, int64_t n1) {
-          rows_dot_i8_few(wp, xqp.data(), xq.data(), xscale.data(), sp, yf.data(), M, N, K, n0, n1);
+          rows_dot_i8_few(wp, xqp.data(), xq.data(), xscale.data(), sp, yf.data(), M, N, K, n0, n1, vnni);
         });
         break;
       }

@@ -173,8 +173,9 @@ def sft(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, metho
 
     if method != "full" and not resume:
         lora = lora or LoraConfig()
-        if lora.trainable_token_indices is None and train_template_tokens and template_token_ids(tok):
-            lora = replace(lora, trainable_token_indices=template_token_ids(tok))
+        token_rows = template_token_ids(tok) if lora.trainable_token_indices is None and train_template_tokens else []
+        if token_rows:
+            lora = replace(lora, trainable_token_indices=token_rows)
             names = {i: t for t, i in tok.special_tokens.items()}
             log("trainable token rows: " + ", ".join(names.get(i, str(i)) for i in lora.trainable_token_indices))
     if not resume:
