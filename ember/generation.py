@@ -12,7 +12,7 @@ import functools
 from typing import Any, Iterator, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ember.errors import EmberError
 from ember.kv_cache import KVCache, StaticKVCache
@@ -83,6 +83,8 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
     ids = torch.tensor([list(prompt_ids)], device=device)
     with packed_linears(model, pack=False):  # one-row decode steps through ember.gemv on the CPU
         logits = model(ids, cache=cache, last_only=True)[:, -1]
+        # After the prefill, which fills the layers' lazy caches (e.g. int4 kernel scales).
+        structure = structure_key(model) if compile else 0
     for _ in range(max_new_tokens):
         token = draw(process_logits(logits, params, penalties.seen, penalties.counts), params.greedy, generator)
         tok = int(token.item())
@@ -92,15 +94,51 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], max_new_tokens: int
         penalties.add(tok)
         with packed_linears(model, pack=False):
             if compile:
-                logits = step(model, cache, token.view(1, 1), cache.next_position())
+                logits = step(model, cache, token.view(1, 1), cache.next_position(), structure)
             else:
                 logits = model(token.view(1, 1), cache=cache, last_only=True)[:, -1]
 
 
-def decode_step(model: CausalLM, cache: StaticKVCache, token: Tensor, pos: Tensor) -> Tensor:
-    """Logits [1, V] of one token at position `pos` (a [1] tensor): static shapes throughout."""
+def decode_step(model: CausalLM, cache: StaticKVCache, token: Tensor, pos: Tensor, structure: int = 0) -> Tensor:
+    """Logits [1, V] of one token at position `pos` (a [1] tensor): static shapes throughout.
+    `structure` (`structure_key(model)`) only tells compiled graphs of different models apart:
+    dynamo guards a value only where the code reads it, hence the read below."""
+    cache.structure = structure
     cache.decode_at(pos)
     return model(token, cache=cache, last_only=True)[:, -1]
+
+
+def _layout(value: Any) -> Any:
+    """What a compiled graph depends on in one attribute: a tensor's dtype, shape and device,
+    a plain value itself, anything else its type."""
+    if isinstance(value, Tensor):
+        return (value.dtype, tuple(value.shape), value.device.type)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return tuple(_layout(v) for v in value)
+    return type(value).__qualname__
+
+
+def structure_key(model: nn.Module) -> int:
+    """A fingerprint of what a compiled step assumes about a model: every module's type, mode
+    and attributes, every weight's dtype, shape and device (not the values). Taken once a
+    generation, it stands in for dynamo's guards on the modules, which `compiled_decode_step`
+    drops: checking ~4,000 of them cost ~1 ms a token for a 153M model, a sixth of the step."""
+    parts = []
+    for name, module in model.named_modules():
+        attrs = tuple((k, _layout(v)) for k, v in sorted(module.__dict__.items())
+                      if k not in ("_parameters", "_buffers", "_modules") and not k.endswith("_hooks"))
+        tensors = tuple((k, _layout(t)) for k, t in [*module._parameters.items(), *module._buffers.items()])
+        parts.append((name, type(module).__qualname__, attrs, tensors))
+    return hash((id(model), tuple(parts)))
+
+
+def _skip_guards_under_model(entries: list) -> list[bool]:
+    """Keep every guard but those reached through `decode_step`'s `model` argument. Frames
+    that resume after a graph break (a mixture of experts' routing) keep all of theirs: there
+    the module is a local of its own, and its guards tell one layer from another."""
+    return [not (e.name == "model" or e.name.startswith(("model.", "model["))) for e in entries]
 
 
 @functools.cache
@@ -109,8 +147,12 @@ def compiled_decode_step(device_type: str = "cpu"):
     model and cache size). Not fullgraph: a mixture of experts routes by data (`nonzero`) and
     breaks the graph there. On the CPU the graph's wrapper is generated C++ (`cpp_wrapper`), not
     Python: a step launches ~150 kernels, and calling them from Python cost ~2 ms a token, a
-    fifth of the step for a 153M model (benchmarks/quant.py)."""
-    options = {"cpp_wrapper": True} if device_type == "cpu" else None
+    fifth of the step for a 153M model (benchmarks/quant.py). Dynamo's guards on the model are
+    dropped (callers pass `structure_key(model)` instead, which dynamo guards as one int); the
+    guards on the cache, token and position stay."""
+    options: dict[str, Any] = {"guard_filter_fn": _skip_guards_under_model}
+    if device_type == "cpu":
+        options["cpp_wrapper"] = True
     return torch.compile(decode_step, dynamic=False, options=options)
 
 

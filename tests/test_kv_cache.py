@@ -28,3 +28,37 @@ def test_static_cache_steps_give_the_contiguous_cache_logits(window):
             expected = model(token, cache=plain, last_only=True)[:, -1]
             got = decode_step(model, static, token, static.next_position())
             assert torch.allclose(got, expected, atol=1e-5), step
+
+
+@pytest.mark.slow  # three torch.compile runs of a tiny model, ~10 s each on 2 cores
+def test_compiled_steps_follow_the_model_they_are_given():
+    """The compiled step drops dynamo's guards on the modules and tells models apart by
+    `structure_key` instead: a second model of the same shapes but another structure (int8
+    layers), and the first one changed in place, each get their own graph and their own tokens."""
+    import copy
+
+    from ember.generation import generate_ids, structure_key
+    from ember.quant import quantize_model
+    from ember.quant.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128)
+    plain = CausalLM(cfg).eval()
+    int8 = quantize_model(copy.deepcopy(plain), "int8")
+    prompt = torch.randint(0, 96, (9,)).tolist()
+
+    def tokens(model, compile):
+        return list(generate_ids(model, prompt, max_new_tokens=24, temperature=0.0, compile=compile))
+
+    assert structure_key(plain) != structure_key(int8)
+    for model in (plain, int8, plain):
+        assert tokens(model, True) == tokens(model, False)
+    before = structure_key(plain)
+    with torch.no_grad():  # in place: the same object, other weights and another layer type
+        plain.model.layers[0].mlp.down_proj.weight.mul_(-3.0)
+    mlp = plain.model.layers[0].mlp
+    mlp.down_proj = Int8Linear.from_linear(mlp.down_proj)
+    assert structure_key(plain) != before
+    assert tokens(plain, True) == tokens(plain, False)

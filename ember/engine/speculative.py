@@ -116,6 +116,7 @@ class DraftProposer:
         self.max_len = max_len or model.config.max_position_embeddings
         w = model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
+        self._structure: int | None = None  # ember.generation.structure_key of the model, on first compiled step
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
@@ -172,7 +173,7 @@ class DraftProposer:
     def _propose_static(self, seq: Sequence, k: int) -> tuple[list[int], list[Tensor]]:
         """k guesses for one sequence: catch up (the prompt eagerly the first time), then one
         compiled step per guess; rejected guesses are forgotten by moving the cache's length back."""
-        from ember.generation import compiled_decode_step
+        from ember.generation import compiled_decode_step, structure_key
 
         cache: StaticKVCache = seq.draft_cache
         device = cache.slots.device
@@ -184,15 +185,19 @@ class DraftProposer:
         with packed_linears(self.model, pack=False):
             if cache.pos is None:  # nothing compiled has run on this cache yet: a prefill, eager
                 logits = self.model(torch.tensor([todo], device=device), cache=cache, last_only=True)[:, -1]
+                if self._structure is None:  # after a forward has filled the layers' lazy caches
+                    self._structure = structure_key(self.model)
             else:
                 for token in todo:
-                    logits = step(self.model, cache, torch.tensor([[token]], device=device), cache.next_position())
+                    logits = step(self.model, cache, torch.tensor([[token]], device=device), cache.next_position(),
+                                  self._structure)
             seq.draft_computed = len(seq.token_ids)
             while True:
                 draft.append(self._draw(seq, logits.float(), dist))
                 if len(draft) == k:
                     return draft, dist
-                logits = step(self.model, cache, torch.tensor([[draft[-1]]], device=device), cache.next_position())
+                logits = step(self.model, cache, torch.tensor([[draft[-1]]], device=device), cache.next_position(),
+                              self._structure)
                 seq.draft_computed += 1
 
     @staticmethod
