@@ -102,6 +102,11 @@ def perplexity(model: nn.Module, ids: list[int], ref: list[torch.Tensor] | None 
     return math.exp(nll / count), kl / count, logps
 
 
+# The LM head quantized too: int8 (under int4 as well, ember.quant.api's default) or int4.
+HEAD_VARIANTS = [("int8 +head", {}), ("int4 g128 +head", {"group_size": 128}),
+                 ("int4 g128 +int4 head", {"group_size": 128, "lm_head_method": "int4"})]
+
+
 def quantized(model, name, kw, calib):
     method = name.split()[0]
     if method == "smoothquant":
@@ -147,9 +152,9 @@ def quality(model, tokenizer, args) -> list[dict]:
     add("plain", "bf16", copy.deepcopy(model).to(torch.bfloat16))
     for name, kw in METHODS:
         add("plain", name, quantized(model, name, kw, calib))
-    # The LM head quantized too (int8 under int4, see ember.quant.api), on an untied copy.
-    for name, kw in (("int8", {}), ("int4 g128", {"group_size": 128})):
-        add("untied head", name + " +head", quantized(untied(model), name, dict(kw, include_lm_head=True), calib))
+    # The LM head quantized too (int8 under int4, see ember.quant.api, or int4), on an untied copy.
+    for label, kw in HEAD_VARIANTS:
+        add("untied head", label, quantized(untied(model), label, dict(kw, include_lm_head=True), calib))
     outlier = copy.deepcopy(model)
     inject_outliers(outlier, channels=args.outlier_channels, factor=args.outlier_factor)
     add("outliers", "fp32", outlier)
@@ -240,10 +245,13 @@ def head_to_head(model, hf_dir: Path, gguf: dict[str, Path], prompt: list[int], 
     if gguf:
         int8 = quantized(model, "int8", {"include_lm_head": True}, calib).to(torch.bfloat16)
         int4 = quantized(model, "int4", {"group_size": 128, "include_lm_head": True}, calib).to(torch.bfloat16)
+        int4_head = quantized(model, "int4", {"group_size": 128, "include_lm_head": True, "lm_head_method": "int4"},
+                              calib).to(torch.bfloat16)
+        q4 = lambda: llama_cpp_decode(gguf["Q4_0"], prompt, n)  # noqa: E731
         contenders = [("bf16", bf, "llama.cpp F16", lambda: llama_cpp_decode(gguf["F16"], prompt, n)),
                       ("int8 +head", int8, "llama.cpp Q8_0", lambda: llama_cpp_decode(gguf["Q8_0"], prompt, n)),
-                      ("int4 g128 +head", int4, "llama.cpp Q4_0", lambda: llama_cpp_decode(gguf["Q4_0"], prompt, n))
-                      ] + contenders
+                      ("int4 g128 +head", int4, "llama.cpp Q4_0", q4),
+                      ("int4 g128 +int4 head", int4_head, "llama.cpp Q4_0", q4)] + contenders
     rows = []
     for name, m, peer, peer_decode in contenders:
         row = {"ember": f"{name}, compiled", "peer": peer, "ember_tokens_per_s": [], "peer_tokens_per_s": []}
@@ -329,11 +337,10 @@ def speed(args, rows_h2h: list[dict]) -> list[dict]:
                 add(name, act, ember_decode(q, prompt, tokens, compile=True), weight_bytes(q), tokens,
                     impl="ember, compiled")
         del q
-    # The LM head quantized too (int8, also under int4): llama.cpp's Q8_0 and Q4_0 files store
-    # their output matrix at 8 and 6 bits, and on this model it is a third of the weights.
-    for name, kw in (("int8", {}), ("int4 g128", {"group_size": 128})):
-        q = quantized(model, name, dict(kw, include_lm_head=True), calib).to(torch.bfloat16)
-        label = name + " +head"
+    # The LM head quantized too (int8, also under int4; or int4): llama.cpp's Q8_0 and Q4_0 files
+    # store their output matrix at 8 and 6 bits, and on this model it is a third of the weights.
+    for label, kw in HEAD_VARIANTS:
+        q = quantized(model, label, dict(kw, include_lm_head=True), calib).to(torch.bfloat16)
         add(label, "bf16", ember_decode(q, prompt, n), weight_bytes(q))
         if args.compile:
             add(label, "bf16", ember_decode(q, prompt, n, compile=True), weight_bytes(q), impl="ember, compiled")
@@ -501,7 +508,8 @@ def markdown(result) -> str:
             out += ["", "Ember (fastest row) / llama.cpp, same run: " + ", ".join(
                 f"{e} / {c}: **{best[e]['tokens_per_s'] / cpp[c]:.2f}x** ({best[e]['method']}, {best[e]['impl']})"
                 for e, c in pairs if e in best and c in cpp) + ". '+head': the LM head quantized too (int8 under "
-                "int4); llama.cpp's Q8_0 and Q4_0 files store their output matrix at 8 and 6 bits."]
+                "int4; '+int4 head': int4 like the blocks); llama.cpp's Q8_0 and Q4_0 files store their output "
+                "matrix at 8 and 6 bits."]
     if result.get("head_to_head"):
         out += ["", "### Head to head: Ember's fastest row per format against its peer, alternating", "",
                 "Each round runs Ember, then the peer, seconds apart; the ratio is the median over rounds "

@@ -266,6 +266,20 @@ def test_lm_head_quantizes_on_request_in_int8_under_the_4bit_methods(method, tmp
     assert type(tied.lm_head) is nn.Linear and "lm_head_method" not in tied.quantization_config
 
 
+def test_lm_head_takes_the_method_itself_on_request_and_round_trips(tmp_path):
+    """int4 everywhere (the fewest bytes a token): the head as Int4Linear, saved and loaded as such."""
+    model = small_model(tie_word_embeddings=False)
+    q = quantize_model(copy.deepcopy(model), "int4", group_size=32, include_lm_head=True, lm_head_method="int4")
+    assert type(q.lm_head) is Int4Linear and q.quantization_config["lm_head_method"] == "int4"
+    ids = calib(2, 30)
+    assert rel_err(q(ids), model(ids)) < 0.15
+    save_quantized(q, None, tmp_path / "q")
+    loaded = ember.load_model(tmp_path / "q", device="cpu")
+    assert type(loaded.lm_head) is Int4Linear and torch.equal(loaded(ids), q(ids))
+    with pytest.raises(EmberError, match="int8 or int4"):
+        quantize_model(copy.deepcopy(model), "int4", include_lm_head=True, lm_head_method="nf4")
+
+
 # --- SmoothQuant's point -------------------------------------------------------------------------------
 def test_smoothquant_recovers_what_activation_outliers_cost_naive_w8a8():
     model = small_model()

@@ -6,7 +6,8 @@ decisions are sensitive), and the LM head unless `include_lm_head=True` (it is s
 anyway when tied to the embeddings). The head is the layer whose error costs most quality,
 and on a small model with a large vocabulary it is a third of the weights a decode step
 reads: under the 4-bit methods it gets int8 (`HEAD_METHOD`), as llama.cpp keeps its output
-matrix at 6 bits under Q4_0; the other methods give it their own format.
+matrix at 6 bits under Q4_0; the other methods give it their own format. `lm_head_method`
+chooses either (e.g. int4 everywhere: the fewest bytes a token, at some quality).
 
 Methods: int8 (weight-only, per channel), int4 (weight-only, group-wise), nf4 (QLoRA),
 smoothquant (W8A8 after SmoothQuant's migration, needs calibration data) and w8a8 (the
@@ -80,14 +81,18 @@ def calibration_batches(calibration: Tensor | Sequence[Sequence[int]] | Sequence
 def quantize_model(model: nn.Module, method: str, *, group_size: int | None = None, block_size: int | None = None,
                    double_quant: bool | None = None, alpha: float | None = None, padding: bool | None = None,
                    calibration: Tensor | Sequence | None = None, tokenizer: Any = None,
-                   include_lm_head: bool = False) -> nn.Module:
+                   include_lm_head: bool = False, lm_head_method: str | None = None) -> nn.Module:
     """Quantize `model` in place with `method` and return it; records `model.quantization_config`.
 
     Options (others raise): int4 `group_size` (32/64/128/256, default 128) and `padding` (default
     True: a layer whose width is no multiple of the group gets zero columns; False: that is an
     error); nf4 `block_size` (64) and `double_quant` (True); smoothquant `alpha` (0.5) and
-    `calibration` (token ids [n, T], lists of ids, or texts with `tokenizer`)."""
+    `calibration` (token ids [n, T], lists of ids, or texts with `tokenizer`). `lm_head_method`:
+    the included head's format, int8 or the method itself (default `HEAD_METHOD`'s choice)."""
     check_method(method)
+    head_method = lm_head_method or HEAD_METHOD.get(method, method)
+    if head_method not in ("int8", method):
+        raise EmberError(f"The LM head can be int8 or {method} under {method}, not {head_method!r}.")
     if getattr(model, "quantization_config", None):
         raise EmberError(f"The model is already quantized ({model.quantization_config['method']}).")
     opts = dict(DEFAULTS[method])
@@ -101,7 +106,7 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int | None = No
     names = target_linears(model, include_lm_head)
     if method == "int4":
         for n in names:
-            if n != "lm_head":  # the head is int8 (HEAD_METHOD)
+            if n != "lm_head" or head_method == "int4":
                 check_group_size(model.get_submodule(n).in_features, opts["group_size"], opts["padding"])
     explicit: dict[str, Tensor] = {}
     if method == "smoothquant":
@@ -114,7 +119,7 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int | None = No
         explicit = smooth_model(model, activation_absmax(model, batches), opts["alpha"])
     for n in names:
         lin = model.get_submodule(n)
-        kind = HEAD_METHOD.get(method, method) if n == "lm_head" else method
+        kind = head_method if n == "lm_head" else method
         if kind == "int8":
             new = Int8Linear.from_linear(lin)
         elif kind == "int4":
@@ -127,7 +132,7 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int | None = No
     model.quantization_config = {"method": method, **opts, "modules": names,
                                  "input_scaled": sorted(k for k in explicit if k in names)}
     if "lm_head" in names:
-        model.quantization_config["lm_head_method"] = HEAD_METHOD.get(method, method)
+        model.quantization_config["lm_head_method"] = head_method
     return model
 
 

@@ -25,10 +25,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--calibration", default="stdlib",
                    help="smoothquant calibration text: a file, directory, .jsonl/.parquet, or 'stdlib' (default)")
     p.add_argument("--calibration-samples", type=int, default=32, help="512-token windows to calibrate on")
-    p.add_argument("--lm-head", action="store_true",
+    p.add_argument("--lm-head", nargs="?", const="default", default=None, metavar="FORMAT",
                    help="also quantize an untied LM head (default: keep it): int8 under int4 and nf4, the method "
-                   "itself otherwise; a third of the weights a decode step reads on a small model with a large "
-                   "vocabulary, so it speeds decoding, at the cost of the most sensitive layer")
+                   "itself otherwise, or FORMAT (int8 or the method, e.g. `--lm-head int4` under int4: the fewest "
+                   "bytes). On a small model with a large vocabulary the head is a third of the weights a decode "
+                   "step reads, so it speeds decoding, at the cost of the most sensitive layer")
     return {"quantize": cmd_quantize}
 
 
@@ -61,12 +62,14 @@ def cmd_quantize(a: argparse.Namespace) -> None:
             calibration = stdlib_calibration(tokenizer, a.calibration_samples)
         else:
             calibration = file_calibration(a.calibration, tokenizer, a.calibration_samples)
-    names = target_linears(model, a.lm_head)
+    include_head = a.lm_head is not None
+    head_method = None if a.lm_head in (None, "default") else a.lm_head
+    names = target_linears(model, include_head)
     linear_before = sum(p.numel() * p.element_size() for n in names for p in model.get_submodule(n).parameters())
     before = weight_bytes(model)
     quantize_model(model, a.method, group_size=a.group_size, block_size=a.block_size,
                    double_quant=False if a.no_double_quant else None, alpha=a.alpha,
-                   calibration=calibration, include_lm_head=a.lm_head)
+                   calibration=calibration, include_lm_head=include_head, lm_head_method=head_method)
     after = weight_bytes(model)
     linear_after = sum(model.get_submodule(n).nbytes() for n in names)
     save_quantized(model, tokenizer, a.out)
