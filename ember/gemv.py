@@ -23,6 +23,10 @@ them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
   them): 2x PyTorch's int4 kernel for one row, 1.2x for 4 to 128 rows. With AVX-512 VNNI and groups
   of a multiple of 128, 128 columns a load go through `vpdpwssd` in four independent chains: 1.4x
   the AVX2 loop per layer.
+- `gemv_many`, `gemv_int4_many` (through `many`): several matrices that read the same input
+  (q, k and v; gate and up) in one call, the input prepared once and one thread split over all
+  their rows, the outputs side by side in one tensor: ~10 µs less per layer's q/k/v than three
+  calls (2 threads), which a 153M model's step pays 12 times over.
 - `decode_attention`: one query per sequence against its cached keys and values, each KV
   head read once for its group of query heads, hidden positions skipped, the softmax in fp32:
   ~4x PyTorch's SDPA for this shape at 256 cached tokens. `paged_decode_attention` is the same
@@ -41,10 +45,10 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -86,6 +90,11 @@ def _build() -> bool:
         lambda x, w, scale, bias: x.new_empty(*x.shape[:-1], w.shape[0]))
     torch.library.register_fake("ember_gemv::gemv_int4")(
         lambda x, qweight, scale, offset, group, bias: x.new_empty(*x.shape[:-1], qweight.shape[0]))
+    torch.library.register_fake("ember_gemv::gemv_many")(
+        lambda x, ws, scales, biases: x.new_empty(*x.shape[:-1], sum(w.shape[0] for w in ws)))
+    torch.library.register_fake("ember_gemv::gemv_int4_many")(
+        lambda x, qweights, scales, offsets, group, biases: x.new_empty(*x.shape[:-1],
+                                                                        sum(w.shape[0] for w in qweights)))
     torch.library.register_fake("ember_gemv::decode_attention")(lambda q, k, v, visible: torch.empty_like(q))
     torch.library.register_fake("ember_gemv::paged_decode_attention")(
         lambda q, pool, slots, visible: torch.empty_like(q))
@@ -135,6 +144,43 @@ def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: 
     (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
     `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
+
+
+class Operand(NamedTuple):
+    """What a linear layer hands `many` (through its `gemv_operand(x)`) to join a shared call:
+    kind "rows" (float or int8 weights, `gemv`'s arguments) or "int4" (`gemv_int4`'s)."""
+    kind: str
+    weight: Tensor
+    scale: Tensor | None = None
+    offset: Tensor | None = None
+    group: int = 0
+    bias: Tensor | None = None
+
+
+def many(x: Tensor, layers: Sequence[nn.Module]) -> tuple[Tensor, ...] | None:
+    """x through several linear layers that all read it (q, k and v; gate and up) in one kernel
+    call: the activations are prepared once and one thread split covers every matrix, where
+    separate calls would pay the kernel's fixed costs (~5-10 µs each) once per layer. Each layer
+    says through `gemv_operand(x)` whether its own forward would take these kernels; None (run
+    each layer) where one would not, or where they differ in weight format."""
+    operands = []
+    for layer in layers:
+        get = getattr(layer, "gemv_operand", None)
+        op = get(x) if get is not None else None
+        if op is None:
+            return None
+        operands.append(op)
+    first = operands[0]
+    if any(o.kind != first.kind or o.weight.dtype != first.weight.dtype or o.group != first.group
+           for o in operands[1:]):
+        return None
+    weights, biases = [o.weight for o in operands], [o.bias for o in operands]
+    if first.kind == "int4":
+        y = torch.ops.ember_gemv.gemv_int4_many(x, weights, [o.scale for o in operands],
+                                                [o.offset for o in operands], first.group, biases)
+    else:
+        y = torch.ops.ember_gemv.gemv_many(x, weights, [o.scale for o in operands], biases)
+    return y.split([w.shape[0] for w in weights], dim=-1)  # views, side by side in one output
 
 
 def instruction_set() -> str:

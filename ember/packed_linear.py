@@ -71,6 +71,11 @@ def _fast_forward(module: nn.Linear, pack: bool, few_rows: bool, x: Tensor) -> T
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def _gemv_operand(module: nn.Linear, x: Tensor) -> gemv.Operand | None:
+    """The layer's part in a shared `ember.gemv.many` call (see `_fast_forward`)."""
+    return gemv.Operand("rows", module.weight, bias=module.bias) if gemv.applies(x, module.weight) else None
+
+
 # model -> {(pack, few_rows): its eligible layers with their forwards}, found once: scanning the
 # module tree and binding closures every step costs more than the dictionary writes below.
 _layers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[bool, bool], list[tuple[nn.Linear, functools.partial]]]] = (
@@ -98,9 +103,12 @@ def packed_linears(model: nn.Module, pack: bool = True, few_rows: bool = True) -
                                            for m in model.modules() if _eligible(m)]
     for layer, forward in layers:
         layer.__dict__["forward"] = forward  # an instance attribute shadows nn.Linear.forward
+        if few_rows:  # and joins ember.gemv.many's shared calls (q, k, v; gate, up)
+            layer.__dict__["gemv_operand"] = functools.partial(_gemv_operand, layer)
     try:
         yield
     finally:
         for layer, _ in layers:
             layer.__dict__.pop("forward", None)
+            layer.__dict__.pop("gemv_operand", None)
 

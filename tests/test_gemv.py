@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from safetensors.torch import load_file, save_file
 
 from ember import gemv
@@ -139,9 +140,16 @@ def tiny_model(dtype=torch.float32) -> CausalLM:
 def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
     model = tiny_model()
     prompt = list(range(3, 20))
-    calls = []
-    real = gemv.gemv
+    calls = []  # one per linear layer the kernel served
+    real, real_many = gemv.gemv, gemv.many
+
+    def many(x, layers):  # q, k and v (gate and up) in one call: a call per layer served
+        out = real_many(x, layers)
+        calls.extend([1] * len(layers) if out is not None else [])
+        return out
+
     monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(gemv, "many", many)
     with_kernel = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
     assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
     monkeypatch.setattr(gemv, "_built", False)
@@ -299,3 +307,26 @@ def test_decode_attention_leaves_training_and_long_queries_to_pytorch():
         assert not gemv.decode_attention_applies(torch.randn(1, 4, 2, 16), k, k, None)  # two queries
         assert not gemv.decode_attention_applies(q, k, k, torch.zeros(1, 1, 1, 8))  # an additive float mask
     assert not gemv.decode_attention_applies(q, k, k, None)  # autograd on
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_layers_reading_the_same_input_share_one_call_with_their_own_results(kind, rows):
+    """q, k and v (or gate and up) in one kernel call (`gemv.many`): each output is exactly what
+    the layer's own forward gives, biases included; layers of different formats keep their own calls."""
+    from ember.packed_linear import packed_linears
+    from ember.quant.int4 import Int4Linear
+    from ember.quant.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
+    plain = [nn.Linear(128, n, bias=n == 64) for n in (128, 64, 64)]
+    convert = {"int8": Int8Linear.from_linear, "int4": lambda m: Int4Linear.from_linear(m, 64)}.get(kind)
+    layers = nn.ModuleList(convert(m) if convert else m for m in plain).to(dtype)
+    x = torch.randn(1, rows, 128, dtype=dtype)
+    with torch.inference_mode(), packed_linears(layers, pack=False):
+        shared = gemv.many(x, list(layers))
+        assert shared is not None and len(shared) == 3
+        for layer, y in zip(layers, shared):
+            assert torch.equal(y, layer(x))
+        assert gemv.many(x, [layers[0], nn.Linear(128, 8).to(dtype)]) is None  # a plain layer outside packed_linears

@@ -168,6 +168,14 @@ class Int4Linear(QuantLinear):
             self._kernel_sz = (sz[..., 0].t().contiguous(), (sz[..., 1] - 8 * sz[..., 0]).t().contiguous())
         return self._kernel_sz
 
+    def gemv_operand(self, x: Tensor) -> gemv.Operand | None:
+        """This layer's part in a shared `ember.gemv.many` call, where its forward takes Ember's
+        kernel as it stands (no padded columns, the portable layout)."""
+        if self.in_padded != self.in_features or self.cpu_layout or not self._ember_kernel_applies(x):
+            return None
+        scale, offset = self._kernel_scales()
+        return gemv.Operand("int4", self.qweight, scale, offset, self.group_size, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])

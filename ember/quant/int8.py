@@ -51,6 +51,10 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.qweight.float() * self.scales[:, None]).to(dtype)
 
+    def gemv_operand(self, x: Tensor) -> gemv.Operand | None:
+        """This layer's part in a shared `ember.gemv.many` call, where its forward takes the kernel."""
+        return gemv.Operand("rows", self.qweight, self.scales, bias=self.bias) if gemv.applies(x, self.qweight) else None
+
     def forward(self, x: Tensor) -> Tensor:
         if gemv.applies(x, self.qweight):
             return gemv.gemv(x, self.qweight, self.scales, self.bias)
