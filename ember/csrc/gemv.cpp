@@ -626,13 +626,12 @@ torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>
   std::vector<float> xf = float_copy(x);
   const int64_t N = stack.start.back();  // the output's row stride
   std::vector<float> yf(M * N);
-  std::vector<std::vector<float>> sf(count);
+  std::vector<torch::Tensor> sf(count);  // fp32 per-row factors (the scales themselves when fp32)
   std::vector<const float*> sp(count, nullptr);
   for (size_t i = 0; i < count; ++i) {
     if (scales[i].has_value()) {
-      torch::Tensor s = scales[i]->to(torch::kFloat).contiguous();
-      sf[i].assign(s.data_ptr<float>(), s.data_ptr<float>() + s.numel());
-      sp[i] = sf[i].data();
+      sf[i] = scales[i]->to(torch::kFloat).contiguous();
+      sp[i] = sf[i].data_ptr<float>();
     }
   }
   // Rows [n0, n1) of the stack, matrix by matrix: f(weights, scale, out, a, b), out being the
