@@ -33,9 +33,13 @@ def test_static_cache_steps_give_the_contiguous_cache_logits(window):
 @pytest.mark.slow  # three torch.compile runs of a tiny model, ~10 s each on 2 cores
 def test_compiled_steps_follow_the_model_they_are_given():
     """The compiled step drops dynamo's guards on the modules and tells models apart by
-    `structure_key` instead: a second model of the same shapes but another structure (int8
-    layers), and the first one changed in place, each get their own graph and their own tokens."""
+    `structure_key` instead: a model of the same shapes but another structure (int8 layers, an
+    untied head, another config value), and the first one changed in place, each get their own
+    graph and their own tokens; a model of the same structure shares the graph, with its own weights."""
     import copy
+    import dataclasses
+
+    from torch import nn
 
     from ember.generation import generate_ids, structure_key
     from ember.quant import quantize_model
@@ -44,7 +48,7 @@ def test_compiled_steps_follow_the_model_they_are_given():
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=128)
+                      max_position_embeddings=128, tie_word_embeddings=True)
     plain = CausalLM(cfg).eval()
     int8 = quantize_model(copy.deepcopy(plain), "int8")
     prompt = torch.randint(0, 96, (9,)).tolist()
@@ -52,8 +56,12 @@ def test_compiled_steps_follow_the_model_they_are_given():
     def tokens(model, compile):
         return list(generate_ids(model, prompt, max_new_tokens=24, temperature=0.0, compile=compile))
 
-    assert structure_key(plain) != structure_key(int8)
-    for model in (plain, int8, plain):
+    twin = CausalLM(cfg).eval()  # same structure, other weights
+    untied = copy.deepcopy(plain)  # the same config and shapes, but the head its own tensor
+    untied.lm_head.weight = nn.Parameter(plain.lm_head.weight.detach() * -2.0)
+    assert structure_key(twin) == structure_key(plain)
+    assert len({structure_key(m) for m in (plain, int8, untied, CausalLM(dataclasses.replace(cfg, rope_theta=99.0)))}) == 4
+    for model in (plain, int8, twin, untied, plain):
         assert tokens(model, True) == tokens(model, False)
     before = structure_key(plain)
     with torch.no_grad():  # in place: the same object, other weights and another layer type
