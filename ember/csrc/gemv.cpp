@@ -283,7 +283,7 @@ void row_dot_i8_few_vnni(const int8_t* row, const int16_t* xqp, const float* xsc
     __m512i acc[M];
     for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
     for (; k < end; k += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + 2048), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetchBytes), _MM_HINT_T0);
       const __m512i v = _mm512_loadu_si512(row + k);
       const __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8);
       const __m512i odd = _mm512_srai_epi16(v, 8);
