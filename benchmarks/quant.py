@@ -520,6 +520,8 @@ def markdown(result) -> str:
             fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
             out.append(f"| {r['ember']} | {r['peer']} | {fmt(r['ember_tokens_per_s'])} | {fmt(r['peer_tokens_per_s'])} "
                        f"| **{r['ratio']:.2f}x** |")
+        if result.get("earlier_runs"):  # added by hand: other runs' head-to-head figures, for the spread
+            out += ["", result["earlier_runs"]]
     if result.get("batched"):
         out += ["", f"## Batched decode in the engine ({result['batch_model']}, 16-token prompts, "
                 f"{result['batch_tokens']} new tokens each, greedy)", "",
