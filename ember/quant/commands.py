@@ -74,6 +74,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     linear_after = sum(model.get_submodule(n).nbytes() for n in names)
     save_quantized(model, tokenizer, a.out)
     print(f"quantized {len(names)} linear layers with {a.method}")
+    if include_head and "lm_head" not in names:
+        print("  the LM head is tied to the token embeddings, which stay in full precision: kept as it is")
     print(f"  linear weights: {_mib(linear_before)} -> {_mib(linear_after)} "
           f"({linear_before / max(linear_after, 1):.2f}x smaller)")
     print(f"  all weights:    {_mib(before)} -> {_mib(after)} ({before / max(after, 1):.2f}x smaller)")
