@@ -60,7 +60,8 @@ def test_compiled_steps_follow_the_model_they_are_given():
     untied = copy.deepcopy(plain)  # the same config and shapes, but the head its own tensor
     untied.lm_head.weight = nn.Parameter(plain.lm_head.weight.detach() * -2.0)
     assert structure_key(twin) == structure_key(plain)
-    assert len({structure_key(m) for m in (plain, int8, untied, CausalLM(dataclasses.replace(cfg, rope_theta=99.0)))}) == 4
+    other_theta = CausalLM(dataclasses.replace(cfg, rope_theta=99.0))
+    assert len({structure_key(m) for m in (plain, int8, untied, other_theta)}) == 4
     for model in (plain, int8, twin, untied, plain):
         assert tokens(model, True) == tokens(model, False)
     before = structure_key(plain)

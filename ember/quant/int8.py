@@ -53,7 +53,9 @@ class Int8Linear(QuantLinear):
 
     def gemv_operand(self, x: Tensor) -> gemv.Operand | None:
         """This layer's part in a shared `ember.gemv.many` call, where its forward takes the kernel."""
-        return gemv.Operand("rows", self.qweight, self.scales, bias=self.bias) if gemv.applies(x, self.qweight) else None
+        if not gemv.applies(x, self.qweight):
+            return None
+        return gemv.Operand("rows", self.qweight, self.scales, bias=self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if gemv.applies(x, self.qweight):
