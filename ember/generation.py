@@ -153,14 +153,16 @@ def _skip_guards_under_model(entries: list) -> list[bool]:
 
 @functools.cache
 def compiled_decode_step(device_type: str = "cpu"):
-    """`decode_step` under `torch.compile` (one per process and device type; it recompiles per
-    model and cache size). Not fullgraph: a mixture of experts routes by data (`nonzero`) and
+    """`decode_step` under `torch.compile` (one per process and device type; it compiles once per
+    model structure and cache size). Not fullgraph: a mixture of experts routes by data (`nonzero`) and
     breaks the graph there. On the CPU the graph's wrapper is generated C++ (`cpp_wrapper`), not
     Python: a step launches ~150 kernels, and calling them from Python cost ~2 ms a token, a
     fifth of the step for a 153M model (benchmarks/quant.py). Dynamo's guards on the model are
     dropped (callers pass `structure_key(model)` instead, which dynamo guards as one int); the
     guards on the cache, token and position stay."""
-    options: dict[str, Any] = {"guard_filter_fn": _skip_guards_under_model}
+    options: dict[str, Any] = {}
+    if hasattr(torch.compiler, "skip_guard_on_all_nn_modules_unsafe"):  # guard filters: torch >= 2.8
+        options["guard_filter_fn"] = _skip_guards_under_model
     if device_type == "cpu":
         options["cpp_wrapper"] = True
     return torch.compile(decode_step, dynamic=False, options=options)
