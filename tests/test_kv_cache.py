@@ -62,7 +62,9 @@ def test_compiled_steps_follow_the_model_they_are_given():
     assert structure_key(twin) == structure_key(plain)
     other_theta = CausalLM(dataclasses.replace(cfg, rope_theta=99.0))
     assert len({structure_key(m) for m in (plain, int8, untied, other_theta)}) == 4
-    for model in (plain, int8, twin, untied, plain):
+    int4_twins = [quantize_model(copy.deepcopy(m), "int4", group_size=32) for m in (plain, twin)]
+    assert structure_key(int4_twins[0]) == structure_key(int4_twins[1])  # kernel scales read per call too
+    for model in (plain, int8, twin, untied, *int4_twins, plain):
         assert tokens(model, True) == tokens(model, False)
     before = structure_key(plain)
     with torch.no_grad():  # in place: the same object, other weights and another layer type
