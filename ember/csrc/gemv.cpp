@@ -340,6 +340,13 @@ inline __m256i block_dot_i4(const uint8_t* p, const int16_t* xqp) {
   return _mm256_add_epi32(a, b);
 }
 
+// A row's zero-point term, sum_g (z_g - 8 s_g) X_g (see above), shared by both int4 kernels.
+inline float zero_points(const float* offset, const float* xsum, int64_t G) {
+  float total = 0.f;
+  for (int64_t g = 0; g < G; ++g) total += offset[g] * xsum[g];
+  return total;
+}
+
 // y[m, n] for rows [n0, n1) of w and every activation row m (M of them): each weight row is
 // read from memory once and from L1 for the other M - 1 activation rows. scale and offset are
 // [N, G] (s and z - 8 s); xqp [M, K] in int4_order, xsum [M, G], xscale [M].
@@ -371,9 +378,7 @@ void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const 
           acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(s[g]), acc);
         }
       }
-      float zero_part = 0.f;
-      for (int64_t g = 0; g < G; ++g) zero_part += off[g] * xsum[m * G + g];
-      y[m * N + n] = horizontal_sum(acc) * xscale[m] + zero_part;
+      y[m * N + n] = horizontal_sum(acc) * xscale[m] + zero_points(off, xsum + m * G, G);
     }
   }
 }
@@ -413,9 +418,7 @@ void rows_dot_i4_vnni(const uint8_t* w, const int16_t* xq, const float* xsum, co
         const __m512i ai = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_set1_ps(s[g]), acc);
       }
-      float zero_part = 0.f;
-      for (int64_t g = 0; g < G; ++g) zero_part += off[g] * xsum[m * G + g];
-      y[m * N + n] = _mm512_reduce_add_ps(acc) * xscale[m] + zero_part;
+      y[m * N + n] = _mm512_reduce_add_ps(acc) * xscale[m] + zero_points(off, xsum + m * G, G);
     }
   }
 }
@@ -595,13 +598,16 @@ struct Stack {
   explicit Stack(const std::vector<torch::Tensor>& ws) : start{0} {
     for (const auto& w : ws) start.push_back(start.back() + w.size(0));
   }
-  // f(i, a, b) for the rows [a, b) of matrix i that fall in the stack's rows [n0, n1).
+  // The stack's rows split over the threads: f(i, a, b) for each matrix i and its rows [a, b)
+  // in a thread's share.
   template <typename F>
-  void pieces(int64_t n0, int64_t n1, F&& f) const {
-    for (size_t i = 0; i + 1 < start.size(); ++i) {
-      const int64_t a = std::max(n0, start[i]), b = std::min(n1, start[i + 1]);
-      if (a < b) f(i, a - start[i], b - start[i]);
-    }
+  void split(F&& f) const {
+    split_rows(start.back(), [&](int64_t n0, int64_t n1) {
+      for (size_t i = 0; i + 1 < start.size(); ++i) {
+        const int64_t a = std::max(n0, start[i]), b = std::min(n1, start[i + 1]);
+        if (a < b) f(i, a - start[i], b - start[i]);
+      }
+    });
   }
 };
 
@@ -610,8 +616,8 @@ struct Stack {
 // one row, or up to 16 (each weight row is then read once for all of them). Returns
 // [..., sum of N_i] in x's dtype: matrix i's products at columns start[i]..start[i + 1].
 torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
-                                     const std::vector<c10::optional<torch::Tensor>>& scales,
-                                     const std::vector<c10::optional<torch::Tensor>>& biases) {
+                        const std::vector<c10::optional<torch::Tensor>>& scales,
+                        const std::vector<c10::optional<torch::Tensor>>& biases) {
   TORCH_CHECK(!ws.empty() && scales.size() == ws.size() && biases.size() == ws.size(),
               "gemv: one scale and one bias (or None) per weight");
   const int64_t K = ws[0].dim() == 2 ? ws[0].size(1) : 0, M = K ? x.numel() / K : 0;
@@ -634,14 +640,12 @@ torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>
       sp[i] = sf[i].data_ptr<float>();
     }
   }
-  // Rows [n0, n1) of the stack, matrix by matrix: f(weights, scale, out, a, b), out being the
-  // matrix's first output column (rows of N).
+  // Matrix i's rows [a, b) through `f(weights, scale, out, a, b)`, out being the matrix's first
+  // output column (rows of N).
   auto over_stack = [&](auto tag, auto&& f) {
     using T = decltype(tag);
-    split_rows(N, [&](int64_t n0, int64_t n1) {
-      stack.pieces(n0, n1, [&](size_t i, int64_t a, int64_t b) {
-        f(ws[i].data_ptr<T>(), sp[i], yf.data() + stack.start[i], a, b);
-      });
+    stack.split([&](size_t i, int64_t a, int64_t b) {
+      f(ws[i].data_ptr<T>(), sp[i], yf.data() + stack.start[i], a, b);
     });
   };
   const auto dtype = ws[0].scalar_type();
@@ -696,9 +700,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
 // of every group; group 32 or a multiple of 64, K a multiple of 64), biases[i] [N_i] or None.
 // Returns [..., sum of N_i] in x's dtype, the matrices' products side by side (see gemv_many).
 torch::Tensor gemv_int4_many(const torch::Tensor& x, const std::vector<torch::Tensor>& qweights,
-                                          const std::vector<torch::Tensor>& scales,
-                                          const std::vector<torch::Tensor>& offsets, int64_t group,
-                                          const std::vector<c10::optional<torch::Tensor>>& biases) {
+                             const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& offsets,
+                             int64_t group, const std::vector<c10::optional<torch::Tensor>>& biases) {
   TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() && offsets.size() == qweights.size() &&
               biases.size() == qweights.size(), "gemv_int4: one scale, offset and bias (or None) per weight");
   const int64_t K = qweights[0].dim() == 2 ? qweights[0].size(1) * 2 : 0, G = K / std::max<int64_t>(group, 1);
@@ -716,29 +719,28 @@ torch::Tensor gemv_int4_many(const torch::Tensor& x, const std::vector<torch::Te
   const Stack stack(qweights);
   const int64_t M = x.numel() / K;
   const std::vector<float> xf = float_copy(x);
+  const bool vnni = group % 128 == 0 && has_avx512_vnni();
   std::vector<float> xsum(M * G, 0.f), xscale(M);
-  std::vector<int16_t> xq(K), xqp(M * K);
+  std::vector<int16_t> xq(K), xo(vnni ? K : 0), xqp(M * K);
   for (int64_t m = 0; m < M; ++m) {
     xscale[m] = round_row_int16(xf.data() + m * K, K, xq.data());
-    int4_order(xq.data(), K, xqp.data() + m * K);
+    if (vnni) {  // each 128 columns also interleaved, as rows_dot_i4_vnni reads them
+      int4_order(xq.data(), K, xo.data());
+      int4_order_512(xo.data(), K, xqp.data() + m * K);
+    } else {
+      int4_order(xq.data(), K, xqp.data() + m * K);
+    }
     for (int64_t g = 0; g < G; ++g)
       for (int64_t k = g * group; k < (g + 1) * group; ++k) xsum[m * G + g] += xf[m * K + k];
   }
-  const bool vnni = group % 128 == 0 && has_avx512_vnni();
-  if (vnni) {  // each 128 columns interleaved as rows_dot_i4_vnni reads them
-    const std::vector<int16_t> xo = xqp;
-    for (int64_t m = 0; m < M; ++m) int4_order_512(xo.data() + m * K, K, xqp.data() + m * K);
-  }
   const int64_t N = stack.start.back();  // the output's row stride
   std::vector<float> yf(M * N);
-  split_rows(N, [&](int64_t n0, int64_t n1) {
-    stack.pieces(n0, n1, [&](size_t i, int64_t a, int64_t b) {
-      const uint8_t* w = qweights[i].data_ptr<uint8_t>();
-      const float *s = scales[i].data_ptr<float>(), *o = offsets[i].data_ptr<float>();
-      float* y = yf.data() + stack.start[i];
-      if (vnni) rows_dot_i4_vnni(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
-      else rows_dot_i4(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
-    });
+  stack.split([&](size_t i, int64_t a, int64_t b) {
+    const uint8_t* w = qweights[i].data_ptr<uint8_t>();
+    const float *s = scales[i].data_ptr<float>(), *o = offsets[i].data_ptr<float>();
+    float* y = yf.data() + stack.start[i];
+    if (vnni) rows_dot_i4_vnni(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
+    else rows_dot_i4(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
   });
   return output_rows(x, stack.start, yf, biases);
 }
