@@ -26,52 +26,12 @@ from torch import Tensor
 
 from ember.config import ModelConfig
 from ember.errors import EmberError
+from ember.files import atomic_dir, read_json, write_json  # noqa: F401  (re-exported until callers move)
 from ember.model import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bias)$")
-
-
-# --- atomic directories --------------------------------------------------------------------
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp dir; on success it replaces `path` whole, on error it vanishes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():  # data on disk before the rename makes it visible
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-
-
-def read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise EmberError(f"{what} {path} does not exist.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise EmberError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    except UnicodeDecodeError:
-        raise EmberError(f"{what} {path} is not UTF-8 text.") from None
 
 
 # --- name maps ---------------------------------------------------------------------------
