@@ -37,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ember.checkpoint import load_model  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.synth import synth_rows  # noqa: E402
 from ember.tokenizer import load_tokenizer  # noqa: E402
 from ember.train.dpo import DPOConfig, dpo_train, pair_logps, preference_accuracy  # noqa: E402

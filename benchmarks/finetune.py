@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
-from ember.checkpoint import load_model  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.lora import ALL_LINEAR, LoraConfig, apply_lora, trainable_summary  # noqa: E402
 from ember.synth import exact_match, synth_rows  # noqa: E402
 from ember.tokenizer import load_tokenizer  # noqa: E402

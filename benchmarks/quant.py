@@ -45,11 +45,12 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ember.checkpoint import load_model, save_pretrained  # noqa: E402
+from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
 from ember import gemv as ember_gemv  # noqa: E402
 from ember.device import cpu_name  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
 from ember.quant import quantize_model, weight_bytes  # noqa: E402
 from ember.quant.int4 import Int4Linear  # noqa: E402
@@ -76,7 +77,7 @@ def heldout_ids(tokenizer, n_tokens: int) -> list[int]:
 
 
 def calibration_ids(tokenizer, n: int = 16, seq: int = 256) -> torch.Tensor:
-    from ember.quant.io import stdlib_calibration
+    from ember.quant.calibration import stdlib_calibration
 
     return torch.tensor([r for r in stdlib_calibration(tokenizer, n, seq) if len(r) == seq])
 

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ember.checkpoint import load_model  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.data import stdlib_files  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
 from ember.tokenizer import load_tokenizer  # noqa: E402

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # Names resolve on first use, so `ember --help` does not wait for torch to import.
 _EXPORTS = {
-    "load_model": "ember.checkpoint", "save_pretrained": "ember.checkpoint",
+    "load_model": "ember.load", "save_pretrained": "ember.checkpoint",
     "ModelConfig": "ember.config", "preset": "ember.config", "EmberError": "ember.errors",
     "generate": "ember.generation", "CausalLM": "ember.model", "Tokenizer": "ember.tokenizer",
     "load_tokenizer": "ember.tokenizer", "LLM": "ember.engine", "SamplingParams": "ember.sampling",

@@ -10,14 +10,9 @@ so a run killed mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,7 +21,7 @@ from torch import Tensor
 
 from ember.config import ModelConfig
 from ember.errors import EmberError
-from ember.files import atomic_dir, read_json, write_json  # noqa: F401  (re-exported until callers move)
+from ember.files import atomic_dir, read_json, write_json
 from ember.model import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -179,39 +174,15 @@ def read_weights(path: Path, model: CausalLM) -> dict[str, Tensor]:
     return sd
 
 
-def load_model(path: str | Path, device: str | torch.device | None = None,
-               dtype: str | torch.dtype | None = None, quantization: str | None = None,
-               adapter: str | Path | None = None) -> CausalLM:
-    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode.
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu",
+                    dtype: torch.dtype = torch.float32) -> CausalLM:
+    """The plain (unquantized) model an Ember- or transformers-saved directory holds, in eval mode.
 
-    `adapter`: a LoRA adapter directory (PEFT format) merged into the base weights, so the
-    result runs at the base's speed everywhere (generation, engine, server).
-    `quantization` (int8, int4, nf4, smoothquant, w8a8) quantizes on load with that method's
-    defaults (see `ember.quant`), after any adapter is merged; a directory saved quantized
-    (config.json holds a `quantization_config`) loads quantized without it."""
-    from ember.device import pick_device, pick_dtype
-
+    Adapters and quantization are composed on top by `ember.load.load_model`, which is what callers use."""
     path = Path(path)
     cfg = load_config(path)
-    device = pick_device(device if device is None or isinstance(device, str) else str(device))
-    dtype = pick_dtype(device, dtype)
-    qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
-    if adapter is not None:
-        if qcfg is not None:
-            raise EmberError(f"{path} is saved quantized; an adapter merges into full-precision weights, so load "
-                             "the unquantized base with adapter= (and quantization= if wanted).")
-        from ember.lora import load_adapter, merge_and_unload
-
-        model = merge_and_unload(load_adapter(load_model(path, device, torch.float32), adapter)).eval()
-        if quantization is not None:
-            from ember.quant.io import quantize_loaded
-
-            return quantize_loaded(path, model, quantization, dtype)
-        return model.to(dtype)
-    if qcfg is not None or quantization is not None:
-        from ember.quant.io import load_or_quantize
-
-        return load_or_quantize(path, cfg, qcfg, quantization, device, dtype)
+    if read_json(path / "config.json", "Model config").get("quantization_config") is not None:
+        raise EmberError(f"{path} holds quantized weights; load it with ember.load_model.")
     with torch.device("meta"):
         model = CausalLM(cfg)
     sd = read_weights(path, model)

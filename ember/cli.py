@@ -291,7 +291,7 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from ember.checkpoint import load_model
+    from ember.load import load_model
     from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 
@@ -312,7 +312,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from ember.checkpoint import load_model
+    from ember.load import load_model
     from ember.generation import stream_text
     from ember.tokenizer import load_tokenizer
 

@@ -214,7 +214,7 @@ def prepare_shards(inputs: list[str], tokenizer: Any, out_dir: str | Path, val_f
     """
     from tqdm.auto import tqdm
 
-    from ember.checkpoint import atomic_dir
+    from ember.files import atomic_dir
 
     if not 0 <= val_fraction < 1:
         raise EmberError(f"val_fraction must be in [0, 1), got {val_fraction}.")

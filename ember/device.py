@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from ember.errors import EmberError
@@ -51,9 +54,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
 def cpu_name() -> str:
     """The processor's model name (benchmarks record it: which native bf16/int8 instructions a
     CPU has decides their ratios)."""
-    import platform
-    from pathlib import Path
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

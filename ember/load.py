@@ -1,8 +1,81 @@
-"""Loading a model for use: checkpoint → adapter → quantization, composed (to be filled in; today it
-forwards to `ember.checkpoint.load_model`). Import `load_model` from here, not from `ember.checkpoint`."""
+"""Loading a model for use: checkpoint → adapter → quantization, composed in that order.
+
+    model = load_model("runs/sft/model")                               # the weights as saved
+    model = load_model("base", adapter="runs/lora/adapter")             # a LoRA adapter merged in
+    model = load_model("base", quantization="int4")                     # quantized on load
+    model = load_model("base", quantization="smoothquant", calibration=texts)
+
+Each step is one module's job: `ember.checkpoint` reads the plain HF-layout directory, `ember.lora`
+merges the adapter into full-precision weights, `ember.quant` quantizes (or `ember.quant.io` rebuilds a
+directory that was saved quantized). Import `load_model` from here.
+"""
 
 from __future__ import annotations
 
-from ember.checkpoint import load_model  # noqa: F401
+from pathlib import Path
+from typing import Sequence
 
-__all__ = ["load_model"]
+import torch
+from torch import Tensor
+
+from ember.checkpoint import load_config, load_pretrained
+from ember.device import pick_device, pick_dtype
+from ember.errors import EmberError
+from ember.files import read_json
+from ember.lora import load_adapter, merge_and_unload
+from ember.model import CausalLM
+from ember.quant.api import check_method, quantize_model
+from ember.quant.calibration import stdlib_calibration
+from ember.quant.io import load_quantized
+from ember.tokenizer import load_tokenizer
+
+Calibration = Tensor | Sequence[Sequence[int]] | Sequence[str]
+
+
+def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               adapter: str | Path | None = None, quantization: str | None = None,
+               calibration: Calibration | None = None) -> CausalLM:
+    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode.
+
+    `adapter`: a LoRA adapter directory (PEFT format) merged into the base weights, so the result runs at
+    the base's speed everywhere (generation, engine, server). `quantization` (int8, int4, nf4, smoothquant,
+    w8a8) quantizes on load with that method's defaults (see `ember.quant`), after any adapter is merged; a
+    directory saved quantized (config.json holds a `quantization_config`) loads quantized without it.
+    `calibration`: SmoothQuant's sample (token ids [n, T], lists of ids, or texts, which the directory's
+    tokenizer encodes); without it SmoothQuant calibrates on the standard-library corpus."""
+    path = Path(path)
+    cfg = load_config(path)
+    device = pick_device(device if device is None or isinstance(device, str) else str(device))
+    dtype = pick_dtype(device, dtype)
+    if quantization is not None:
+        check_method(quantization)
+    if calibration is not None and quantization != "smoothquant":
+        raise EmberError("calibration= is SmoothQuant's sample; pass it with quantization='smoothquant'.")
+    qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
+    if qcfg is not None:
+        if adapter is not None:
+            raise EmberError(f"{path} is saved quantized; an adapter merges into full-precision weights, so load "
+                             "the unquantized base with adapter= (and quantization= if wanted).")
+        model = load_quantized(path, cfg, qcfg, device, dtype)
+        if quantization not in (None, model.quantization_config["method"]):
+            raise EmberError(f"{path} is already quantized with {model.quantization_config['method']}; "
+                             f"load it without quantization={quantization!r}, or quantize the original model.")
+        return model
+    if adapter is None and quantization is None:
+        return load_pretrained(path, device, dtype)
+    # Merging and quantizing both start from float32 weights; the result is cast to `dtype` at the end.
+    model = load_pretrained(path, device, torch.float32)
+    if adapter is not None:
+        model = merge_and_unload(load_adapter(model, adapter)).eval()
+    if quantization is not None:
+        tokenizer = None
+        if quantization == "smoothquant" and (calibration is None or _holds_text(calibration)):
+            tokenizer = load_tokenizer(path)
+            if calibration is None:
+                calibration = stdlib_calibration(tokenizer)
+        model = quantize_model(model, quantization, calibration=calibration, tokenizer=tokenizer)
+    return model.to(dtype)
+
+
+def _holds_text(calibration: Calibration) -> bool:
+    return not isinstance(calibration, Tensor) and len(calibration) > 0 and isinstance(calibration[0], str)

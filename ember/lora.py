@@ -384,7 +384,7 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
 
 def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Write `adapter_config.json` and `adapter_model.safetensors` (PEFT layout) atomically."""
-    from ember.checkpoint import atomic_dir, write_json
+    from ember.files import atomic_dir, write_json
 
     if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
         raise EmberError("PEFT-format adapters are written for Llama-family models only; GPT-2's fused "
@@ -399,7 +399,7 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str | None =
 
 def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, Tensor]]:
     """The config and tensors (keys without the PEFT prefix) of a PEFT LoRA directory."""
-    from ember.checkpoint import read_json
+    from ember.files import read_json
 
     path = Path(path)
     if not path.is_dir():

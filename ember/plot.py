@@ -27,6 +27,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write `loss.png` (or `out`) for a run and return its path."""
+    # Imported here: matplotlib takes a second to import, and the Agg backend must be chosen before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed

@@ -112,7 +112,7 @@ def quickstart(minutes: float = 10.0, out: str | Path = "runs/quickstart", prese
     last = pretrain(out / "data", out, model_cfg, cfg, device=str(dev), eval_batches=10)
 
     # 5. results and samples
-    from ember.checkpoint import load_model
+    from ember.load import load_model
     from ember.plot import plot_run
 
     png = plot_run(out)

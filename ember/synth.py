@@ -21,7 +21,11 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ember.errors import EmberError
+from ember.generation import generate_ids
+from ember.train.examples import end_of_turn_id
 
 WORDS = ("ada alan anna bob carl dora eve finn gus hana ivan jade kai lena max nora omar pia quinn rosa sam tara "
          "uma vera walt xena yuri zoe").split()
@@ -166,11 +170,6 @@ def row_prompt_answer(row: dict[str, Any]) -> tuple[str, str]:
 def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_tokens: int = 48,
                 keep: int = 5) -> dict[str, Any]:
     """Greedy answers to each row's prompt, compared to its answer after stripping whitespace."""
-    import torch
-
-    from ember.generation import generate_ids
-    from ember.train.examples import end_of_turn_id
-
     stop = {end_of_turn_id(tokenizer)} | ({tokenizer.eos_id} if tokenizer.eos_id is not None else set())
     was_training = model.training
     model.eval()

@@ -433,7 +433,8 @@ def run_cli(*argv):
 
 
 def test_cli_dpo_reward_model_and_ppo_end_to_end(tok, tmp_path, capsys):
-    from ember.checkpoint import load_model, save_pretrained
+    from ember.checkpoint import save_pretrained
+    from ember.load import load_model
 
     save_pretrained(tiny_model(tok), tok, tmp_path / "base")
     data = write_jsonl(tmp_path / "prefs.jsonl", good_bad_pairs(WORDS) + [{"prompt": "x", "chosen": "y", "rejected": "y"}])

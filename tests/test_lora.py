@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from ember.checkpoint import load_model, save_pretrained
+from ember.checkpoint import save_pretrained
 from ember.config import preset
 from ember.errors import EmberError
+from ember.load import load_model
 from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, disable_adapters, load_adapter, lora_layers,
                         merge_and_unload, merge_lora, quantize_base, save_adapter, trainable_summary, unmerge_lora,
                         dequantize_base, token_layers)

@@ -6,7 +6,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the parity peer (test extra)")
 
-from ember.checkpoint import load_model, save_pretrained  # noqa: E402
+from ember.checkpoint import save_pretrained  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.config import ModelConfig, preset  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
 from ember.model import CausalLM  # noqa: E402

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from ember.checkpoint import load_model, read_state_dict
+from ember.checkpoint import read_state_dict
 from ember.config import preset
 from ember.data import prepare_shards, stdlib_files
+from ember.load import load_model
 from ember.tokenizer import load_tokenizer, train_tokenizer
 from ember.train.loop import TrainConfig
 from ember.train.pretrain import pretrain

@@ -239,7 +239,7 @@ def test_chat_logprobs_have_the_chat_shape(client):
 # --- the evaluation contract (lm-eval's local-completions) -----------------------------------
 def reference_logprobs(model_dir, ids):
     """log p(ids[i] | ids[:i]) for i >= 1 from one plain forward of the checkpoint."""
-    from ember.checkpoint import load_model
+    from ember.load import load_model
 
     model = load_model(model_dir, dtype="float32")
     with torch.no_grad():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from ember.checkpoint import load_model
+from ember.load import load_model
 from ember.config import preset
 from ember.model import CausalLM
 from ember.train import loop

@@ -12,13 +12,16 @@ through its chat template, or any OpenAI-compatible endpoint (`ember serve` incl
 from __future__ import annotations
 
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tqdm.auto import tqdm
+
 from ember.errors import EmberError
+from ember.files import atomic_write_text
+from ember.generation import context_length, stream_text
 
 Messages = list[dict[str, str]]
 Chat = Callable[[Messages], str]  # a conversation in, the assistant's next reply out
@@ -84,8 +87,6 @@ class LocalChat:
         self.model, self.tok, self.max_tokens, self.temperature, self.seed = model, tokenizer, max_tokens, temperature, seed
 
     def __call__(self, messages: Messages) -> str:
-        from ember.generation import context_length, stream_text
-
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         room = context_length(self.model) - len(ids)
         if room < 1:
@@ -100,7 +101,7 @@ class EndpointChat:
 
     def __init__(self, url: str, model: str | None = None, api_key: str | None = None, max_tokens: int = 256,
                  temperature: float = 0.0, timeout: float = 120.0, client: Any = None) -> None:
-        import httpx
+        import httpx  # an optional extra: only a chat with a server needs it
 
         base = url.rstrip("/")
         self.url = (base if base.endswith("/v1") else base + "/v1") + "/chat/completions"
@@ -110,7 +111,7 @@ class EndpointChat:
         self.headers = headers
 
     def __call__(self, messages: Messages) -> str:
-        import httpx
+        import httpx  # an optional extra, as above
 
         body: dict[str, Any] = {"messages": messages, "max_tokens": self.max_tokens, "temperature": self.temperature}
         if self.model:
@@ -161,16 +162,12 @@ def critique_and_revise(chat: Chat, prompt: str | Messages, principles: Sequence
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def run_constitutional(chat: Chat, prompts: Sequence[str | Messages], principles: Sequence[Principle],
                        out_dir: str | Path, rounds: int = 1, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Critique and revise every prompt; write sft.jsonl, preferences.jsonl and trace.jsonl."""
-    from tqdm.auto import tqdm
-
     if rounds < 1:
         raise EmberError("rounds must be at least 1.")
     out = Path(out_dir)

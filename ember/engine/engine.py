@@ -91,7 +91,7 @@ class LLM:
     def __init__(self, model: str | Path | CausalLM, tokenizer: Any = None, device: str | None = None,
                  dtype: str | torch.dtype | None = None, quantization: str | None = None,
                  adapter: str | Path | None = None, **engine_args: Any) -> None:
-        from ember.checkpoint import load_model
+        from ember.load import load_model
         from ember.tokenizer import load_tokenizer
 
         known = EngineConfig.__dataclass_fields__
@@ -156,7 +156,7 @@ class LLM:
             draft = spec.to(device=weight.device, dtype=weight.dtype)
             pack = cfg.pack_weights is True  # the caller's own model, as above
         elif isinstance(spec, str) and spec.startswith("draft:"):
-            from ember.checkpoint import load_model
+            from ember.load import load_model
 
             draft = load_model(spec[len("draft:"):], device=weight.device, dtype=weight.dtype)
         else:

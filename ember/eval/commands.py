@@ -1,7 +1,7 @@
 """`ember eval perplexity|run|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
 
-Only argparse and the standard library are imported at module level, so `ember --help`
-stays fast; each handler imports what it needs.
+Only argparse, the standard library and Ember's torch-free leaves (errors, files) are imported at module
+level, so `ember --help` stays fast; each handler imports what it needs.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from ember.errors import EmberError
+from ember.files import read_jsonl
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
@@ -28,6 +31,11 @@ def _lm(args: argparse.Namespace) -> Any:
 
     return open_lm(args.model, args.endpoint, served_model=args.served_model, api_key=args.api_key,
                    device=args.device, dtype=args.dtype)
+
+
+def _rows(path: str) -> list[Any]:
+    """The objects of a JSONL file, one a non-blank line."""
+    return [row for _, row in read_jsonl(path)]
 
 
 def _dump(obj: Any, out: Path) -> None:
@@ -96,12 +104,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_judge(args: argparse.Namespace) -> None:
-    from ember.eval.compare import read_jsonl
     from ember.eval.judge import DEFAULT_RUBRIC, Judge, Rubric, agreement
     from ember.eval.metrics import bootstrap_stderr
 
     rubric = Rubric.load(args.rubric) if args.rubric else Rubric.from_dict(DEFAULT_RUBRIC)
-    items = read_jsonl(args.input)
+    items = _rows(args.input)
     judge = Judge(_lm(args), rubric, mode=args.mode)
     rows = [judge.score(it) for it in items]
     summary: dict[str, Any] = {"rubric": rubric.name, "n": len(rows), "criteria": {}}
@@ -129,17 +136,14 @@ def cmd_judge(args: argparse.Namespace) -> None:
 
 
 def cmd_groundedness(args: argparse.Namespace) -> None:
-    from ember.eval.compare import read_jsonl
     from ember.eval.groundedness import auroc, check, synthetic_set
 
     if not args.synthetic and not args.input:
-        from ember.errors import EmberError
         raise EmberError("Give --input FILE.jsonl or --synthetic N.")
-    items = synthetic_set(args.synthetic) if args.synthetic else read_jsonl(args.input)
+    items = synthetic_set(args.synthetic) if args.synthetic else _rows(args.input)
     rows = []
     for it in items:
         if "answer" not in it or "context" not in it:
-            from ember.errors import EmberError
             raise EmberError("Every line needs 'answer' and 'context' (a text or a list of passages).")
         rows.append(check(it["answer"], it["context"], args.threshold).as_dict())
     res: dict[str, Any] = {"n": len(rows), "mean_score": sum(r["score"] for r in rows) / max(len(rows), 1),
@@ -183,15 +187,13 @@ def cmd_safety(args: argparse.Namespace) -> None:
 
 
 def cmd_consistency(args: argparse.Namespace) -> None:
-    from ember.eval.compare import read_jsonl
     from ember.eval.consistency import maj_at_k, paraphrase_agreement
-    from ember.errors import EmberError
 
     if args.questions:
         return _consistency_sampled(args)
     if not args.input:
         raise EmberError("Give --input samples.jsonl, or --questions FILE with --model DIR or --endpoint URL.")
-    rows = read_jsonl(args.input)
+    rows = _rows(args.input)
     if not rows or not all(isinstance(r.get("samples"), list) and r["samples"] for r in rows):
         raise EmberError("Every line needs 'samples' (a non-empty list of answers) and, for maj@k, 'reference'.")
     res: dict[str, Any] = {}
@@ -211,11 +213,9 @@ def cmd_consistency(args: argparse.Namespace) -> None:
 
 def _consistency_sampled(args: argparse.Namespace) -> None:
     """Draw k answers per question with the model, then agreement, maj@k and token cost."""
-    from ember.eval.compare import read_jsonl
     from ember.eval.consistency import draw_samples, self_consistency
-    from ember.errors import EmberError
 
-    rows = read_jsonl(args.questions)
+    rows = _rows(args.questions)
     if not rows or not all(isinstance(r.get("question"), str) for r in rows):
         raise EmberError("Every line of --questions needs 'question' (text) and optionally 'answer'.")
     try:

@@ -25,6 +25,9 @@ from typing import Any
 import numpy as np
 
 from ember.errors import EmberError
+from ember.eval.lm import open_lm
+from ember.eval.tasks import encode_pair
+from ember.files import read_jsonl
 
 Battle = tuple[str, str, str]  # (model_a, model_b, winner in {"a", "b", "tie"})
 
@@ -165,24 +168,8 @@ def _win_matrix(names: list[str], ia: np.ndarray, ib: np.ndarray, wa: np.ndarray
 
 
 # --- files -----------------------------------------------------------------------------------
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise EmberError(f"No such file: {p}.")
-    rows = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise EmberError(f"{p}:{i} is not valid JSON ({e.msg}).") from None
-    return rows
-
-
 def lm_judge(lm: Any, margin: float = 0.0) -> Callable[[str, str, str], str]:
     """A pairwise judge from any evaluator LM: compares log p(" 1") with log p(" 2") after the question."""
-    from ember.eval.tasks import encode_pair
-
     def judge(instruction: str, first: str, second: str) -> str:
         prompt = (f"Which response answers the instruction better?\n\nInstruction: {instruction}\n\n"
                   f"Response 1: {first}\n\nResponse 2: {second}\n\nThe better response is Response")
@@ -208,7 +195,7 @@ def compare_files(files: Sequence[str], judge: str | None = None, bootstrap: int
                   seed: int = 0) -> dict[str, Any]:
     """Battles files ({model_a, model_b, winner}) are rated directly; outputs files
     ({instruction, output}, one file per system) are judged pairwise by `judge` (a model dir or URL)."""
-    per_file = {Path(f).stem: read_jsonl(f) for f in files}
+    per_file = {Path(f).stem: [row for _, row in read_jsonl(f)] for f in files}
     rows = [r for rs in per_file.values() for r in rs]
     if rows and all({"model_a", "model_b", "winner"} <= set(r) for r in rows):
         battles = [(str(r["model_a"]), str(r["model_b"]), _winner(r["winner"])) for r in rows]
@@ -219,8 +206,6 @@ def compare_files(files: Sequence[str], judge: str | None = None, bootstrap: int
         raise EmberError("These files hold outputs, not battles; pass --judge MODEL_DIR|URL to judge them pairwise.")
     if len(per_file) < 2:
         raise EmberError("Judging needs the outputs of at least two systems (one file each).")
-    from ember.eval.lm import open_lm
-
     lm = open_lm(endpoint=judge) if judge.startswith(("http://", "https://")) else open_lm(model=judge)
     return rate(judge_outputs(per_file, lm_judge(lm)), bootstrap, seed)
 

@@ -11,6 +11,7 @@ misattributed citation. The answer's score is its weakest claim's support.
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -154,8 +155,6 @@ _ORG = ["Veltro Labs", "Norsk Optics", "Amberline", "Kestrel Foods", "Orbis Frei
 def synthetic_set(n: int = 60, seed: int = 0) -> list[dict]:
     """Items {context: [3 passages], answer, supported: bool, kind}: one supported answer and
     three perturbations (swapped number, swapped entity, misattributed citation) per context."""
-    import random
-
     rng = random.Random(seed)
     items = []
     for _ in range(n):

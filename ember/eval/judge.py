@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+import yaml
+
 from ember.errors import EmberError
+from ember.eval.tasks import encode_pair
 
 
 @dataclass
@@ -43,8 +47,6 @@ class Rubric:
 
     @classmethod
     def load(cls, path: str | Path) -> Rubric:
-        import yaml
-
         p = Path(path)
         if not p.is_file():
             raise EmberError(f"No rubric file at {p}.")
@@ -110,8 +112,6 @@ class Judge:
         self.lm, self.rubric, self.mode, self.max_tokens = lm, rubric, mode, max_tokens
 
     def _constrained(self, prompt: str, c: Criterion) -> float | None:
-        from ember.eval.tasks import encode_pair
-
         try:
             reqs = [encode_pair(self.lm, f"{prompt}\n{c.name}:", f" {v}") for v in c.values]
             lls = [r.logprob for r in self.lm.loglikelihood(reqs)]
@@ -144,8 +144,6 @@ class Judge:
 
 def agreement(pred: Sequence[float], human: Sequence[float], low: int = 1, high: int = 5) -> dict[str, float]:
     """Judge vs human labels: Spearman, Pearson, exact and within-one agreement (rounded), quadratic kappa."""
-    import numpy as np
-
     p, h = np.asarray(pred, dtype=float), np.asarray(human, dtype=float)
     if len(p) != len(h) or len(p) < 2:
         raise EmberError("Agreement needs two or more items with both a judge score and a human label.")

@@ -11,11 +11,15 @@ server for the same numbers through `/v1/completions` with `echo` and `logprobs`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from ember.engine import LLM, SamplingParams
 from ember.errors import EmberError
+from ember.load import load_model
+from ember.tokenizer import load_tokenizer
 
 
 @dataclass
@@ -42,9 +46,6 @@ class LocalLM:
     def __init__(self, model: Any, tokenizer: Any = None, device: str | None = None, dtype: str | None = None,
                  max_batch_tokens: int = 4096) -> None:
         if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
-            from ember.checkpoint import load_model
-            from ember.tokenizer import load_tokenizer
-
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
             model = load_model(model, device=device, dtype=dtype or "float32")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -147,8 +148,6 @@ class LocalLM:
     # --- generation ------------------------------------------------------------------------
     def engine(self) -> Any:
         """The engine over this model, built on first use."""
-        from ember.engine import LLM
-
         if not hasattr(self, "_llm"):
             self._llm = LLM(self.model, self.tokenizer)
         return self._llm
@@ -156,8 +155,6 @@ class LocalLM:
     def sample(self, prompts: list[str], until: list[str], max_tokens: int = 256, temperature: float = 0.0,
                seeds: list[int | None] | None = None) -> list[Any]:
         """One engine request per (prompt, seed): `RequestOutput`s in that order, prompt-major."""
-        from ember.engine import SamplingParams
-
         L = self.engine().max_model_len
         budget = min(max_tokens, L // 2)  # lm-eval: the context keeps max_length - max_gen_toks tokens
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
@@ -179,7 +176,7 @@ class EndpointLM:
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
                  batch_size: int = 32, timeout: float = 300.0) -> None:
-        try:
+        try:  # httpx is needed only to evaluate a server, so a missing one fails here, not on import
             import httpx
         except ImportError:
             raise EmberError("--endpoint needs the httpx package (pip install httpx).") from None
@@ -253,8 +250,6 @@ def open_lm(model: str | None = None, endpoint: str | None = None, **kwargs: Any
         raise EmberError("Give exactly one of --model DIR or --endpoint URL.")
     if endpoint is not None:
         return EndpointLM(endpoint, model=kwargs.get("served_model"), api_key=kwargs.get("api_key"))
-    from pathlib import Path
-
     if not (Path(model) / "config.json").exists():
         raise EmberError(f"No model at {model} (config.json is missing).")
     return LocalLM(Path(model), device=kwargs.get("device"), dtype=kwargs.get("dtype"))

@@ -10,14 +10,18 @@ runs it reads `<task>.samples.jsonl` too and adds calibration (reliability diagr
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import io
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any, Sequence
 
 from ember.errors import EmberError
+from ember.eval.lm import LLResult
+from ember.eval.metrics import calibration, choice_confidence
 
 
 class CachedLM:
@@ -47,8 +51,6 @@ class CachedLM:
         self.db.commit()
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]]) -> list:
-        from ember.eval.lm import LLResult
-
         keys = [self._key("ll", list(c), list(t)) for c, t in requests]
         found = self._get(keys)
         missing = [i for i, k in enumerate(keys) if k not in found]
@@ -177,8 +179,6 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path) -> dict[str, P
 
 def task_calibration(samples_path: Path, bins: int = 10) -> dict[str, Any] | None:
     """Calibration of a multiple-choice run from its per-sample log: None when it is not one."""
-    from ember.eval.metrics import calibration, choice_confidence
-
     if not Path(samples_path).is_file():
         return None
     conf, hit, brier = [], [], []
@@ -198,15 +198,13 @@ def task_calibration(samples_path: Path, bins: int = 10) -> dict[str, Any] | Non
 
 def _reliability_png(cal: dict[str, Any], title: str) -> str:
     """The reliability diagram as an embedded PNG (matplotlib, headless); empty when matplotlib is missing."""
-    try:
+    try:  # matplotlib is slow to import and only this figure needs it; the report is whole without it
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "<p>(install matplotlib for the reliability diagram)</p>"
-    import base64
-    import io
 
     full = [b for b in cal["bins"] if b["count"]]
     width = 1.0 / len(cal["bins"])

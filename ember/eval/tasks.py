@@ -18,6 +18,7 @@ import ast
 import bz2
 import csv
 import json
+import math
 import os
 import random
 import re
@@ -25,8 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import yaml
+
 from ember.errors import EmberError
 from ember.eval import metrics as M
+from ember.eval.perplexity import text_perplexity
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 
@@ -55,8 +60,6 @@ class TaskConfig:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> TaskConfig:
-        import yaml
-
         path = Path(name_or_path)
         if not path.suffix and not path.exists():
             path = TASKS_DIR / f"{name_or_path}.yaml"
@@ -139,7 +142,6 @@ def render(spec: Any, doc: dict[str, Any]) -> Any:
     if "{{" not in spec and "{%" not in spec:
         return spec
     if _env is None:
-        import jinja2
         _env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     try:
         out = _env.from_string(spec).render(**doc)
@@ -241,8 +243,6 @@ def run_task(lm: Any, cfg: TaskConfig, limit: int | None = None, num_fewshot: in
                             "metrics": {"acc": float(r.is_greedy), "_nll": -r.logprob, "_tokens": r.num_tokens}})
 
     elif cfg.output_type == "loglikelihood_rolling":
-        from ember.eval.perplexity import text_perplexity
-
         for i, d in enumerate(docs):
             text = str(render(cfg.doc_to_target, d))
             r = text_perplexity(lm, text, window=lm.max_length - 1)
@@ -282,8 +282,6 @@ def run_task(lm: Any, cfg: TaskConfig, limit: int | None = None, num_fewshot: in
 
 
 def _aggregate(cfg: TaskConfig, samples: list[dict[str, Any]], iters: int) -> dict[str, Any]:
-    import math
-
     per_item = [{k: v for k, v in s["metrics"].items() if not k.startswith("_")} for s in samples]
     out = M.aggregate(per_item, iters) if any(per_item) else {}
     if cfg.output_type == "loglikelihood" and samples:  # perplexity: exp of the mean per-document NLL

@@ -38,10 +38,11 @@ def _mib(n: int) -> str:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from ember.checkpoint import load_model
+    from ember.load import load_model
     from ember.errors import EmberError
     from ember.quant.api import check_method, quantize_model, target_linears, weight_bytes
-    from ember.quant.io import file_calibration, save_quantized, stdlib_calibration
+    from ember.quant.calibration import file_calibration, stdlib_calibration
+    from ember.quant.io import save_quantized
     from ember.tokenizer import load_tokenizer
 
     check_method(a.method)

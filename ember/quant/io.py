@@ -9,7 +9,6 @@ any device; `ember.load_model` sees the config and rebuilds the quantized module
 
 from __future__ import annotations
 
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +16,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ember.checkpoint import WEIGHTS_NAME, atomic_dir, generation_config, read_state_dict, write_json
+from ember.checkpoint import WEIGHTS_NAME, generation_config, read_state_dict
+from ember.config import ModelConfig
 from ember.errors import EmberError
+from ember.files import atomic_dir, write_json
 from ember.model import CausalLM
 from ember.quant.api import build_empty, quantized_state_dict
 
@@ -46,9 +47,11 @@ def save_quantized(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
     return path
 
 
-def load_quantized(path: Path, cfg: Any, qcfg: dict[str, Any], device: torch.device,
+def load_quantized(path: Path, cfg: ModelConfig, qcfg: dict[str, Any], device: torch.device,
                    dtype: torch.dtype) -> CausalLM:
     """Rebuild the quantized modules `qcfg` names and load their tensors (the other weights in `dtype`)."""
+    if not isinstance(qcfg, dict):
+        raise EmberError(f"quantization_config in {path / 'config.json'} must be a JSON object.")
     if qcfg.get("quant_method") != "ember":
         raise EmberError(f"{path} was quantized by another tool (quant_method "
                          f"{qcfg.get('quant_method')!r}); Ember loads its own quantized checkpoints only.")
@@ -76,63 +79,3 @@ def load_quantized(path: Path, cfg: Any, qcfg: dict[str, Any], device: torch.dev
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
     return model.eval()
-
-
-def stdlib_calibration(tokenizer: Any, samples: int = 32, seq_len: int = 512) -> list[list[int]]:
-    """`samples` token windows from the default corpus (its training side, never the held-out split)."""
-    from ember.data import is_validation, iter_documents
-
-    rows: list[list[int]] = []
-    for _, text in iter_documents(["stdlib"]):
-        if is_validation(text, 0.005):
-            continue
-        ids = tokenizer.encode(text)
-        rows += [ids[i:i + seq_len] for i in range(0, len(ids) - seq_len // 4, seq_len)]
-        if len(rows) >= samples:
-            break
-    return list(islice(rows, samples))
-
-
-def file_calibration(path: str | Path, tokenizer: Any, samples: int = 32, seq_len: int = 512) -> list[list[int]]:
-    """Token windows from a text file, JSONL, Parquet or directory (anything `ember.data` reads)."""
-    from ember.data import iter_documents
-
-    ids: list[int] = []
-    for _, text in iter_documents([str(path)]):
-        ids += tokenizer.encode(text)
-        if len(ids) >= samples * seq_len:
-            break
-    return [ids[i:i + seq_len] for i in range(0, min(len(ids), samples * seq_len), seq_len)]
-
-
-def load_or_quantize(path: Path, cfg: Any, qcfg: Any, quantization: str | None, device: torch.device,
-                     dtype: torch.dtype) -> CausalLM:
-    """`ember.load_model`'s quantized branch: load a quantized directory, or quantize a plain one on load."""
-    from ember.checkpoint import load_model
-    from ember.quant.api import check_method, quantize_model
-
-    if quantization is not None:
-        check_method(quantization)
-    if qcfg is not None:
-        if not isinstance(qcfg, dict):
-            raise EmberError(f"quantization_config in {path / 'config.json'} must be a JSON object.")
-        model = load_quantized(path, cfg, qcfg, device, dtype)
-        if quantization not in (None, model.quantization_config["method"]):
-            raise EmberError(f"{path} is already quantized with {model.quantization_config['method']}; "
-                             f"load it without quantization={quantization!r}, or quantize the original model.")
-        return model
-    return quantize_loaded(path, load_model(path, device, torch.float32), quantization, dtype)
-
-
-def quantize_loaded(path: Path, model: CausalLM, quantization: str, dtype: torch.dtype) -> CausalLM:
-    """Quantize a full-precision model loaded from `path` (its tokenizer calibrates SmoothQuant), then cast."""
-    from ember.quant.api import check_method, quantize_model
-
-    check_method(quantization)
-    calibration, tokenizer = None, None
-    if quantization == "smoothquant":
-        from ember.tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(path)
-        calibration = stdlib_calibration(tokenizer)
-    return quantize_model(model, quantization, calibration=calibration, tokenizer=tokenizer).to(dtype)

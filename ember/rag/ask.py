@@ -23,9 +23,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ember.engine import LLM
 from ember.errors import EmberError
 from ember.rag.bm25 import Analyzer
 from ember.rag.prompt import approx_tokens, fit_context, get_template
+from ember.sampling import SamplingParams
 
 NOTHING_RELEVANT = "I could not find anything relevant to this question in the index, so I cannot answer it from the sources."
 _CITE = re.compile(r"\[(\d+)\]")
@@ -112,7 +114,7 @@ def complete_endpoint(url: str, messages: list[dict], prompt_text: str, max_toke
                       model: str | None = None, api_key: str | None = None, client: Any = None,
                       timeout: float = 120.0) -> str:
     """One greedy completion from an OpenAI-compatible server."""
-    import httpx
+    import httpx  # an optional extra: only answers from a server need it
 
     base = url.rstrip("/")
     base = base[: -len("/v1")] if base.endswith("/v1") else base
@@ -144,9 +146,6 @@ def complete_endpoint(url: str, messages: list[dict], prompt_text: str, max_toke
 
 def complete_local(model: Any, messages: list[dict], prompt_text: str, max_tokens: int) -> str:
     """Greedy completion with a local Ember checkpoint (a path or an `ember.LLM`)."""
-    from ember.engine import LLM
-    from ember.sampling import SamplingParams
-
     llm = model if isinstance(model, LLM) else LLM(str(model))
     tok = llm.tokenizer
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True) if getattr(
@@ -159,7 +158,6 @@ def _window(model: Any, endpoint: str | None, context_tokens: int | None) -> tup
     if context_tokens:
         return context_tokens, approx_tokens
     if model is not None and endpoint is None:
-        from ember.engine import LLM
         llm = model if isinstance(model, LLM) else LLM(str(model))
         return llm.max_model_len, lambda s: len(llm.tokenizer.encode(s))
     return 4096, approx_tokens
@@ -178,7 +176,6 @@ def ask(index: Any, question: str, model: Any = None, endpoint: str | None = Non
         return Answer(question, NOTHING_RELEVANT, answered=False)
     tpl = get_template(template, templates_file)
     if model is not None and endpoint is None:
-        from ember.engine import LLM
         model = model if isinstance(model, LLM) else LLM(str(model))
     window, count = _window(model, endpoint, context_tokens)
     overhead = tpl.text(question, "", [])

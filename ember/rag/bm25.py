@@ -45,7 +45,7 @@ class Analyzer:
         self.stopwords = frozenset(stopwords)
         self.stemmer = None
         if stem:
-            try:
+            try:  # imported here so that an index without stemming works where PyStemmer is not installed
                 import Stemmer
             except ImportError as e:
                 raise EmberError("BM25 stemming needs PyStemmer (pip install PyStemmer).") from e

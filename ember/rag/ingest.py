@@ -17,10 +17,12 @@ import hashlib
 import html.parser
 import json
 import os
+import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from ember.data import stdlib_files
 from ember.errors import EmberError
 
 KINDS = {".md": "markdown", ".markdown": "markdown", ".rst": "text", ".txt": "text", ".text": "text",
@@ -91,7 +93,7 @@ def html_to_text(source: str) -> tuple[str, str]:
 
 def pdf_to_text(path: Path) -> tuple[str, list[int]]:
     """Text of a PDF's pages joined by form feeds, and where each page starts."""
-    try:
+    try:  # an optional extra: only PDF files need it
         import pypdf
     except ImportError as e:
         raise EmberError("PDF files need the pypdf package (pip install pypdf).") from e
@@ -195,10 +197,6 @@ def module_doc(source: str, module: str) -> str:
 
 def stdlib_documents(max_modules: int | None = None) -> Iterator[Document]:
     """One Markdown document per public stdlib module that has docstrings."""
-    import sysconfig
-
-    from ember.data import stdlib_files
-
     root = Path(sysconfig.get_paths()["stdlib"])
     n = 0
     for f in stdlib_files():

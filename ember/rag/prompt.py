@@ -17,6 +17,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jinja2
+import yaml
+
 from ember.errors import EmberError
 
 GROUNDING = ("Answer only from the numbered sources below. Cite every claim with the number of the source "
@@ -44,7 +47,6 @@ class PromptTemplate:
 
     def user(self, question: str, context: str, sources: Sequence[dict[str, Any]]) -> str:
         if self.user_template:
-            import jinja2
             env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
             return env.from_string(self.user_template).render(question=question, context=context, sources=sources)
         return f"Sources:\n{context}\n\nQuestion: {question}"
@@ -92,7 +94,6 @@ def load_templates(path: str | Path) -> dict[str, PromptTemplate]:
         raise EmberError(f"Prompt template file {path} does not exist.")
     if path.suffix in (".j2", ".jinja", ".jinja2"):
         return {path.stem: PromptTemplate(path.stem, user_template=path.read_text(encoding="utf-8"))}
-    import yaml
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

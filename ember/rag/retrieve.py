@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Hashable, Sequence
 
 import numpy as np
+import torch
 
 RRF_K = 60
 
@@ -79,8 +80,6 @@ QUERY_LIKELIHOOD_PROMPT = "Passage: {passage}\nPlease write a question based on 
 def llm_scores(model: Any, tokenizer: Any, query: str, passages: Sequence[str], method: str = "query_likelihood",
                max_passage_tokens: int = 384) -> list[float]:
     """Relevance of each passage to `query` under a causal LM (higher is more relevant)."""
-    import torch
-
     ctx = getattr(model.config, "max_position_embeddings", 2048)
     dev = next(model.parameters()).device
     out = []

@@ -17,7 +17,7 @@ HNSW_THRESHOLD = 20_000
 
 
 def _faiss():
-    try:
+    try:  # imported on first dense search: BM25-only indexes work without faiss
         import faiss
     except ImportError as e:
         raise EmberError("Dense search needs faiss-cpu (pip install faiss-cpu).") from e

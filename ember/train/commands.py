@@ -99,7 +99,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 def cmd_synth(a: argparse.Namespace) -> None:
     from ember.synth import row_prompt_answer, write_synth
-    from ember.train.examples import read_jsonl
+    from ember.files import read_jsonl
 
     exclude = None
     if a.exclude:

@@ -27,10 +27,17 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from ember.checkpoint import save_pretrained
+from ember.device import pick_device
 from ember.errors import EmberError
-from ember.train.preference import RenderedPair, collate_pairs, sequence_logps
+from ember.load import load_model
+from ember.lora import apply_lora, describe_trainable, disable_adapters, lora_layers, save_adapter
+from ember.tokenizer import load_tokenizer
+from ember.train.loop import train
+from ember.train.preference import RenderedPair, collate_pairs, load_preferences, render_pairs, sequence_logps
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 REF_MODES = ("precompute", "live")
@@ -100,8 +107,6 @@ def pair_logps(model: nn.Module, pairs: Sequence[RenderedPair], pad_id: int, bat
 
 def reference_context(model: nn.Module):
     """The reference is the adapter-free base when LoRA is applied, else the model as it is now."""
-    from ember.lora import disable_adapters, lora_layers
-
     return disable_adapters(model) if lora_layers(model) else contextlib.nullcontext(model)
 
 
@@ -119,8 +124,6 @@ def cached_reference_logps(model: nn.Module, splits: dict[str, Sequence[Rendered
 
     A cache whose fingerprint (data + reference model + settings) differs is recomputed.
     """
-    from safetensors.torch import load_file, safe_open, save_file
-
     fp = _fingerprint(list(splits.values()), key)
     if cache is not None and cache.is_file():
         with safe_open(str(cache), "pt") as f:
@@ -191,8 +194,6 @@ def dpo_train(model: nn.Module, tokenizer: Any, train_pairs: Sequence[RenderedPa
               resume: bool = False, progress: bool = True, model_key: str = "",
               save_extra: Callable[[Path], None] | None = None) -> dict[str, Any]:
     """Run DPO on already-rendered pairs; `model` may carry LoRA adapters. Returns the last metrics."""
-    from ember.train.loop import train
-
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
@@ -208,8 +209,6 @@ def dpo_train(model: nn.Module, tokenizer: Any, train_pairs: Sequence[RenderedPa
         key = f"{model_key}|{cfg.max_length}|{next(model.parameters()).dtype}|{digest}"
         refs = cached_reference_logps(model, splits, pad_id, bs, device, out_dir / REF_CACHE, key)
     if cfg.reference == "live":
-        from ember.lora import lora_layers
-
         if not lora_layers(model):  # a full-model policy needs a frozen copy; LoRA disables its adapters instead
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
@@ -244,11 +243,6 @@ def run_dpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, train_
             lora_cfg: Any = None, eval_data: str | Path | None = None, eval_fraction: float = 0.1,
             device: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """`ember dpo`: load a model and preference JSONL, train, write OUT/model (or OUT/adapter)."""
-    from ember.checkpoint import load_model, save_pretrained
-    from ember.device import pick_device
-    from ember.tokenizer import load_tokenizer
-    from ember.train.preference import load_preferences, render_pairs
-
     out_dir = Path(out_dir)
     dev = pick_device(device)
     tok = load_tokenizer(model_dir)
@@ -268,8 +262,6 @@ def run_dpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, train_
           f"skipped {loaded.skipped_identical} with identical chosen and rejected, {too_long} too long.")
     save_extra = tok.save
     if lora_cfg is not None:
-        from ember.lora import apply_lora, describe_trainable, save_adapter
-
         apply_lora(model, lora_cfg)
         print(describe_trainable(model))
         save_extra = lambda d: (tok.save(d), save_adapter(model, d / "adapter", base_model=str(model_dir)))  # noqa: E731

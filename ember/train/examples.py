@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ember.errors import EmberError
+from ember.files import read_jsonl
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant", "tool")
@@ -86,20 +86,9 @@ def row_to_messages(row: Any, where: str) -> Messages:
                      "'instruction'/'output'.")
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
-    """(line number, parsed object) for each non-blank line; bad JSON names file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise EmberError(f"Data file {path} does not exist.")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+def read_rows(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed object) for each row of a training JSONL file; a file without rows is an error."""
+    rows = read_jsonl(path, "Data file")
     if not rows:
         raise EmberError(f"Data file {path} has no rows.")
     return rows
@@ -107,7 +96,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
 
 def load_sft_examples(path: str | Path) -> list[Messages]:
     """Every row of an SFT JSONL file as a chat."""
-    return [row_to_messages(row, f"{path} line {n}") for n, row in read_jsonl(path)]
+    return [row_to_messages(row, f"{path} line {n}") for n, row in read_rows(path)]
 
 
 # --- rendering ---------------------------------------------------------------------------

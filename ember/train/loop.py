@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ember.checkpoint import atomic_dir, read_json, read_weights, write_json, write_model_files
+from ember.checkpoint import read_weights, write_model_files
 from ember.device import autocast_dtype
 from ember.errors import EmberError
+from ember.files import atomic_dir, read_json, write_json
 
 SCHEDULES = ("cosine", "constant", "wsd")
 

@@ -22,6 +22,7 @@ token t+1, and `mask` marks the positions that predict reply tokens.
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 
 from ember.errors import EmberError
 from ember.model import CausalLM
+from ember.sampling import SamplingParams
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 
@@ -187,8 +189,6 @@ def rule_reward(spec: str) -> RewardFn:
     if name == "concise":
         return lambda prompts, replies: [1.0 / (1 + len(r.split())) for r in replies]
     if name == "python" and ":" in arg:
-        import importlib
-
         module, _, fn = arg.partition(":")
         try:
             return getattr(importlib.import_module(module), fn)
@@ -267,8 +267,6 @@ def rollout(llm: Any, tok: Any, prompt_ids: Sequence[list[int]], cfg: PPOConfig,
 
     `stop_id` is the token that ends a reply: the chat template's end-of-turn for chat prompts
     (then EOS alone does not stop), EOS by default."""
-    from ember.sampling import SamplingParams
-
     eos = tok.eos_id if tok.eos_id is not None else llm.model.config.eos_token_id
     stop = eos if stop_id is None else stop_id
     params = [SamplingParams(temperature=cfg.temperature, max_tokens=cfg.max_new_tokens, seed=seed + i,

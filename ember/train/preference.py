@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ember.errors import EmberError
-from ember.train.examples import read_jsonl, render_messages
+from ember.train.examples import read_rows, render_messages
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant", "tool")
@@ -82,7 +82,7 @@ def row_to_pair(row: Any, where: str) -> PreferencePair:
 def load_preferences(path: str | Path) -> PreferenceData:
     """Every usable pair of a preference JSONL file, plus how many identical pairs were skipped."""
     data = PreferenceData([])
-    for n, row in read_jsonl(path):
+    for n, row in read_rows(path):
         pair = row_to_pair(row, f"{path} line {n}")
         if pair.chosen == pair.rejected:
             data.skipped_identical += 1

@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 
-from ember.checkpoint import load_config, save_pretrained, write_json
+from ember.checkpoint import load_config, save_pretrained
 from ember.config import ModelConfig
 from ember.data import TokenShards
 from ember.device import pick_device
 from ember.errors import EmberError
+from ember.files import write_json
+from ember.load import load_model
 from ember.model import CausalLM
 from ember.tokenizer import load_tokenizer
 from ember.train.loop import CHECKPOINT, RUN_FILE, TrainConfig, lm_loss, read_run, train
@@ -84,7 +86,6 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
         data.check_split(split, train_config.block_size)
     torch.manual_seed(train_config.seed)
     if init_from is not None and not resume:
-        from ember.checkpoint import load_model
         model = load_model(init_from, device=str(dev), dtype=torch.float32)
     else:
         model = CausalLM(model_config).to(dev)

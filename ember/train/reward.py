@@ -19,10 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ember.checkpoint import load_config, read_weights, write_model_files
 from ember.config import ModelConfig
+from ember.device import pick_device, pick_dtype
 from ember.errors import EmberError
+from ember.files import atomic_dir, read_json, write_json
+from ember.load import load_model
 from ember.model import CausalLM
-from ember.train.preference import RenderedPair, collate_pairs
+from ember.tokenizer import load_tokenizer
+from ember.train.dpo import batch_indices, split_pairs
+from ember.train.loop import train
+from ember.train.preference import RenderedPair, collate_pairs, load_preferences, render_pairs
 
 REWARD_CONFIG = "reward_config.json"
 
@@ -86,8 +93,6 @@ def pair_accuracy(model: RewardModel, pairs: Sequence[RenderedPair], pad_id: int
 
 
 def save_reward_model(model: RewardModel, tokenizer: Any, path: str | Path) -> Path:
-    from ember.checkpoint import atomic_dir, read_json, write_json, write_model_files
-
     with atomic_dir(path) as tmp:
         write_model_files(model, tmp)  # decoder + score in one safetensors file
         # transformers' *ForSequenceClassification holds the same `model.*` + `score.weight`, so
@@ -105,9 +110,6 @@ def save_reward_model(model: RewardModel, tokenizer: Any, path: str | Path) -> P
 
 def load_reward_model(path: str | Path, device: str | None = None, dtype: Any = None) -> RewardModel:
     """Open a directory written by `save_reward_model`."""
-    from ember.checkpoint import load_config, read_weights
-    from ember.device import pick_device, pick_dtype
-
     path = Path(path)
     cfg = load_config(path)
     if not (path / REWARD_CONFIG).is_file():
@@ -122,9 +124,6 @@ def reward_train(model: RewardModel, tokenizer: Any, train_pairs: Sequence[Rende
                  eval_pairs: Sequence[RenderedPair], out_dir: str | Path, train_cfg: Any, resume: bool = False,
                  progress: bool = True) -> dict[str, Any]:
     """Bradley–Terry training on the shared loop; returns the last metrics (with held-out accuracy)."""
-    from ember.train.dpo import batch_indices
-    from ember.train.loop import train
-
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     bs = train_cfg.batch_size
@@ -154,12 +153,6 @@ def run_reward_model(model_dir: str | Path, data: str | Path, out_dir: str | Pat
                      max_length: int = 512, eval_data: str | Path | None = None, eval_fraction: float = 0.1,
                      device: str | None = None, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """`ember reward-model`: base model + preference JSONL -> OUT/model (a reward model directory)."""
-    from ember.checkpoint import load_model
-    from ember.device import pick_device
-    from ember.tokenizer import load_tokenizer
-    from ember.train.dpo import split_pairs
-    from ember.train.preference import load_preferences, render_pairs
-
     dev = pick_device(device)
     tok = load_tokenizer(model_dir)
     torch.manual_seed(train_cfg.seed)

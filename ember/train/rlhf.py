@@ -17,23 +17,32 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
+from ember.checkpoint import save_pretrained
+from ember.device import pick_device
+from ember.engine import LLM
 from ember.errors import EmberError
+from ember.load import load_model
 from ember.model import CausalLM
-from ember.train.ppo import (AdaptiveKL, PolicyWithValue, PPOConfig, RewardFn, encode_prompt, entropy_from_logits,
-                             gae, kl_penalized_rewards, masked_mean, masked_whiten, penalize_unfinished, policy_loss,
-                             rollout, value_loss)
+from ember.plot import read_metrics
+from ember.tokenizer import load_tokenizer
+from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
+from ember.train.loop import CHECKPOINT, TrainConfig, learning_rate, load_checkpoint, make_optimizer, save_checkpoint
+from ember.train.ppo import (AdaptiveKL, PolicyWithValue, PPOConfig, RewardFn, encode_prompt, entropy_from_logits,
+                             gae, kl_penalized_rewards, load_prompts, masked_mean, masked_whiten, penalize_unfinished,
+                             policy_loss, reward_model_fn, rollout, rule_reward, value_loss)
 from ember.train.preference import token_logps
+from ember.train.reward import load_reward_model
 
 VALUE_HEAD = "value_head.safetensors"
 Scorer = Callable[[Any, Tensor, Tensor], Tensor]  # (rollout, ids, last_index) -> scores [B]
 
 
 def _train_config(cfg: PPOConfig) -> Any:
-    from ember.train.loop import TrainConfig
-
     # Constant lr after no warmup; no weight decay (PPO fine-tunes from a good policy).
     return TrainConfig(max_steps=cfg.iterations, lr=cfg.lr, warmup_steps=0, schedule="constant",
                        weight_decay=0.0, beta2=0.999, grad_clip=cfg.grad_clip, seed=cfg.seed)
@@ -110,12 +119,11 @@ def evaluate_policy(model: PolicyWithValue, ref: CausalLM, llm: Any, tok: Any, p
 
 def plot_ppo(out_dir: str | Path) -> Path:
     """reward, KL, entropy and clip fraction per iteration, as `ppo.png`."""
+    # Imported here: matplotlib takes a second to import, and the Agg backend must be chosen before pyplot.
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from ember.plot import read_metrics
 
     everything = read_metrics(out_dir)
     records = [r for r in everything if "reward" in r]
@@ -143,13 +151,6 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
               eval_prompts: Sequence = (), chat: bool | None = None, resume: bool = False,
               progress: bool = True) -> dict[str, Any]:
     """Run PPO from `policy` (which is trained in place); returns the last iteration's metrics."""
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
-
-    from ember.engine import LLM
-    from ember.train.dpo import batch_indices
-    from ember.train.loop import CHECKPOINT, learning_rate, load_checkpoint, make_optimizer, save_checkpoint
-
     if (reward_fn is None) == (reward_model is None):
         raise EmberError("Give exactly one reward: a reward model or a rule.")
     out_dir = Path(out_dir)
@@ -251,12 +252,6 @@ def run_ppo(policy_dir: str | Path, prompts_file: str | Path, out_dir: str | Pat
             eval_fraction: float = 0.1, chat: bool | None = None, device: str | None = None,
             resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """`ember ppo`: policy dir + prompts + (reward model | rule) -> OUT/model and curves."""
-    from ember.checkpoint import load_model, save_pretrained
-    from ember.device import pick_device
-    from ember.tokenizer import load_tokenizer
-    from ember.train.dpo import split_pairs
-    from ember.train.ppo import load_prompts, reward_model_fn, rule_reward
-
     dev = pick_device(device)
     tok = load_tokenizer(policy_dir)
     policy = load_model(policy_dir, device=str(dev), dtype=torch.float32)
@@ -264,8 +259,6 @@ def run_ppo(policy_dir: str | Path, prompts_file: str | Path, out_dir: str | Pat
     train_p, eval_p = split_pairs(prompts, eval_fraction, cfg.seed)
     reward_fn, rm = None, None
     if reward_model_dir is not None:
-        from ember.train.reward import load_reward_model
-
         rm_model = load_reward_model(reward_model_dir, device=str(dev), dtype=torch.float32)
         rm = reward_model_fn(rm_model, tok, load_tokenizer(reward_model_dir))
     elif reward_rule is not None:

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ember.checkpoint import load_model, read_json, save_pretrained, write_json
+from ember.checkpoint import save_pretrained
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, dequantize_base, describe_trainable, quantize_base,
-                        save_adapter)
+from ember.files import read_json, write_json
+from ember.load import load_model
+from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, dequantize_base, describe_trainable, load_adapter,
+                        quantize_base, save_adapter)
 from ember.tokenizer import load_tokenizer
 from ember.train.examples import (Row, block_diagonal_mask, collate, example_row, load_sft_examples,
                                   pack_examples, render_messages)
@@ -216,8 +218,6 @@ def sft(model_dir: str | Path, data_file: str | Path, out_dir: str | Path, metho
 
 def load_finetuned(out_dir: str | Path, device: str | None = None) -> tuple[nn.Module, Any]:
     """The model a finished run produced (base + adapter for LoRA/QLoRA) and its tokenizer."""
-    from ember.lora import load_adapter
-
     out_dir = Path(out_dir)
     run = read_json(out_dir / RUN_FILE, "Run file")
     if run["method"] == "full":
