@@ -205,7 +205,7 @@ def test_a_qlora_run_loads_for_evaluation_as_its_nf4_model_at_float_speed(base_d
         torch.testing.assert_close(model(x), trained(x), atol=1e-5, rtol=0)
 
 def test_exact_match_scores_greedy_answers(base_dir, tok, monkeypatch):
-    from ember import generation
+    from ember import synth
     from ember.load import load_model
 
     model = load_model(base_dir, device="cpu", dtype=torch.float32)
@@ -214,6 +214,6 @@ def test_exact_match_scores_greedy_answers(base_dir, tok, monkeypatch):
     assert result["n"] == 4 and 0.0 <= result["exact_match"] <= 1.0 and len(result["samples"]) == 4
     # A decoder that answers three of four right (then ends its turn) scores 0.75.
     answers = iter([r["answer"] for r in rows[:3]] + ["9 9"])
-    monkeypatch.setattr(generation, "generate_ids",
+    monkeypatch.setattr(synth, "generate_ids",
                         lambda *a, **k: iter(tok.encode(" " + next(answers)) + [end_of_turn_id(tok)]))
     assert exact_match(model, tok, rows)["exact_match"] == 0.75
