@@ -54,8 +54,22 @@ def _resolve_relative(source: str, is_package: bool, level: int, module: str | N
     return ".".join(base + ([module] if module else []))
 
 
-def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool, known: set[str]) -> list[str]:
-    """The Ember modules one import statement loads (for `from m import x`: m.x when that is a module)."""
+def lazy_exports(modules: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """{package: {name: module}} from each `__init__.py`'s `_EXPORTS` table (names resolved on first use)."""
+    out = {}
+    for name, path in modules.items():
+        if path.name != "__init__.py":
+            continue
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "_EXPORTS" for t in node.targets):
+                out[name] = ast.literal_eval(node.value)
+    return out
+
+
+def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool, known: set[str],
+             exports: dict[str, dict[str, str]] | None = None) -> list[str]:
+    """The Ember modules one import statement loads: for `from m import x`, m.x when that is a module, the
+    module m's `_EXPORTS` names for x when m is a package that resolves it lazily, else m."""
     if isinstance(node, ast.Import):
         return [a.name for a in node.names if a.name == "ember" or a.name.startswith("ember.")]
     base = _resolve_relative(source, is_package, node.level, node.module) if node.level else (node.module or "")
@@ -64,7 +78,7 @@ def _targets(node: ast.Import | ast.ImportFrom, source: str, is_package: bool, k
     out = []
     for alias in node.names:
         sub = f"{base}.{alias.name}"
-        out.append(sub if sub in known else base)
+        out.append(sub if sub in known else (exports or {}).get(base, {}).get(alias.name, base))
     return out
 
 
@@ -82,12 +96,12 @@ def _walk(tree: ast.Module):
 
 def read_imports() -> list[Import]:
     modules = ember_modules()
-    known = set(modules)
+    known, exports = set(modules), lazy_exports(modules)
     found = []
     for name, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node, top in _walk(tree):
-            for target in _targets(node, name, path.name == "__init__.py", known):
+            for target in _targets(node, name, path.name == "__init__.py", known, exports):
                 if target != name:
                     found.append(Import(name, target, node.lineno, top))
     return found
@@ -188,9 +202,11 @@ def test_the_graph_reader_sees_lazy_relative_and_submodule_imports(tmp_path):
               "def f():\n    from .checkpoint import load_config\n    from ember.quant import api, METHODS\n")
     tree = ast.parse(source)
     known = set(ember_modules())
-    got = [(t, top) for node, top in _walk(tree) for t in _targets(node, "ember.load", False, known)]
+    exports = {"ember.quant": {"METHODS": "ember.quant.api"}}
+    got = [(t, top) for node, top in _walk(tree) for t in _targets(node, "ember.load", False, known, exports)]
     assert got == [("ember.errors", True), ("ember.files", True), ("ember.model", True),
-                   ("ember.checkpoint", False), ("ember.quant.api", False), ("ember.quant", False)]
+                   ("ember.checkpoint", False), ("ember.quant.api", False), ("ember.quant.api", False)]
+    assert lazy_exports(ember_modules())["ember"]["load_model"] == "ember.load"
     # `from .. import x` inside a subpackage's module climbs one package per extra dot.
     assert _resolve_relative("ember.quant.io", False, 2, "checkpoint") == "ember.checkpoint"
     assert _resolve_relative("ember.quant", True, 1, "api") == "ember.quant.api"
