@@ -5,7 +5,8 @@ A model directory holds `config.json`, `model.safetensors` (or shards plus
 Ember's module names follow HF Llama, so llama/mistral/qwen2/mixtral weights map by
 name; GPT-2 stores q, k, v in one `Conv1D` (weights transposed) and is translated here.
 Every directory is written to a temporary path beside the target and renamed into place,
-so a run killed mid-write leaves the previous checkpoint intact.
+so a run killed mid-write leaves the previous checkpoint intact. The weights here are plain ones:
+`ember.load.load_model` composes a LoRA adapter and quantization on top of `load_pretrained`.
 """
 
 from __future__ import annotations

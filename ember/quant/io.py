@@ -47,9 +47,10 @@ def save_quantized(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
     return path
 
 
-def load_quantized(path: Path, cfg: ModelConfig, qcfg: dict[str, Any], device: torch.device,
+def load_quantized(path: Path, cfg: ModelConfig, qcfg: Any, device: torch.device,
                    dtype: torch.dtype) -> CausalLM:
-    """Rebuild the quantized modules `qcfg` names and load their tensors (the other weights in `dtype`)."""
+    """Rebuild the quantized modules `qcfg` (config.json's `quantization_config`, as read) names and load their
+    tensors (the other weights in `dtype`)."""
     if not isinstance(qcfg, dict):
         raise EmberError(f"quantization_config in {path / 'config.json'} must be a JSON object.")
     if qcfg.get("quant_method") != "ember":
