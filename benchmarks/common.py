@@ -26,7 +26,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from ember.files import atomic_write_text, write_json
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the scripts run as `python benchmarks/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from ember.files import atomic_write_text, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # /proc/cpuinfo flag -> what it is called in a results file
@@ -80,7 +84,7 @@ def command(argv: Sequence[str] | None = None) -> str:
     argv = list(sys.argv if argv is None else argv)
     script = Path(argv[0])
     try:
-        script = script.resolve().relative_to(Path(__file__).resolve().parent.parent)
+        script = script.resolve().relative_to(REPO)
     except ValueError:
         pass  # a script outside the repository keeps its path
     return shlex.join(["python", str(script), *argv[1:]])
