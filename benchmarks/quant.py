@@ -247,7 +247,8 @@ def head_to_head(model, hf_dir: Path, gguf: dict[str, Path], prompt: list[int], 
     the median of the rounds' own ratios. Eager Ember meets eager `transformers`; llama.cpp
     (ahead-of-time compiled) meets both eager and compiled Ember, in separate rows."""
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    contenders = [("bf16, eager", bf, False, "transformers bf16, eager", lambda: hf_decode(hf_dir, torch.bfloat16, prompt, n))]
+    contenders = [("bf16, eager", bf, False, "transformers bf16, eager",
+                   lambda: hf_decode(hf_dir, torch.bfloat16, prompt, n))]
     if gguf:
         int8 = quantized(model, "int8", {"include_lm_head": True}, calib).to(torch.bfloat16)
         int4 = quantized(model, "int4", {"group_size": 128, "include_lm_head": True}, calib).to(torch.bfloat16)

@@ -157,7 +157,8 @@ def throughput(enc, st, texts: list[str], rounds: int) -> dict:
     per_doc = flops / len(texts) / 1e9
     e_rate, s_rate = per_doc * e["median"], per_doc * s["median"]
     return {"docs": len(texts), "order": "ABBA", "ember_docs_per_s": e, "st_docs_per_s": s,
-            "ratio": ratio_spread(speeds["ember"], speeds["sentence_transformers"]), "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 7),
+            "ratio": ratio_spread(speeds["ember"], speeds["sentence_transformers"]),
+            "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 7),
             "gflop_per_doc": round(flops / len(texts) / 1e9, 3), "matmul_peak_gflops": round(peak, 1),
             "ember_gflops": round(e_rate, 1), "st_gflops": round(s_rate, 1),
             "ember_share_of_peak": round(e_rate / peak, 3), "st_share_of_peak": round(s_rate / peak, 3),
@@ -336,7 +337,8 @@ def write(res: dict, out: Path) -> None:
               f"{res['bm25s']['queries_per_s_batched']}); ratio {res['ember_bm25_qps_vs_bm25s']}.", "",
               f"Embedding throughput on {t['docs']} NFCorpus documents (same model, same texts, median over "
               f"{t['ratio']['rounds']} rounds in ABBA order, min–max): Ember {fmt(t['ember_docs_per_s'], 2)} docs/s, "
-              f"sentence-transformers {fmt(t['st_docs_per_s'], 2)} docs/s, ratio {fmt(t['ratio'], 3, 'x')}; cosine between their vectors min {t['min_cosine']}, mean {t['mean_cosine']}."]
+              f"sentence-transformers {fmt(t['st_docs_per_s'], 2)} docs/s, ratio {fmt(t['ratio'], 3, 'x')}; "
+              f"cosine between their vectors min {t['min_cosine']}, mean {t['mean_cosine']}."]
     if "matmul_peak_gflops" in t:
         lines += ["", f"Compute roofline: one document costs {t['gflop_per_doc']} GFLOP (linear layers + attention at "
                   f"its truncated length). This machine's fp32 matmul peak on the encoder's FFN shape is "

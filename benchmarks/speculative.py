@@ -27,8 +27,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import RESULTS, abba, fmt, ratio_spread, spread, write_results  # noqa: E402
