@@ -169,6 +169,7 @@ def test_bm25_ranks_like_bm25s():
 
 def test_rrf_on_hand_made_ranks():
     fused = dict(rrf([["a", "b", "c"], ["c", "a"]], k=60))
+    # pytest.approx's 1e-6 relative: the same two float64 fractions, maybe added in another order.
     assert fused["a"] == pytest.approx(1 / 61 + 1 / 62)
     assert fused["c"] == pytest.approx(1 / 63 + 1 / 61)
     assert fused["b"] == pytest.approx(1 / 62)

@@ -156,6 +156,8 @@ def test_killed_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path, m
 def test_schedules_warm_up_then_end_at_their_floor(schedule):
     cfg = TrainConfig(max_steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule)
     lrs = [learning_rate(s, cfg) for s in range(101)]
+    # Float64 arithmetic of a closed formula: pytest.approx's 1e-6 relative (and 1e-9, 1e-12 below)
+    # is rounding only; a wrong schedule is off by percents.
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
     end = 1.0 if schedule == "constant" else 0.1
@@ -175,7 +177,7 @@ def test_training_lowers_the_loss_on_learnable_data(tmp_path):
     last = train(model, TrainConfig(max_steps=60, batch_size=4, block_size=16, lr=1e-2, warmup_steps=5,
                                     eval_every=0, save_every=0, log_every=60), get, loss_fn, tmp_path,
                  progress=False)
-    assert last["loss"] < 0.5 < math.log(VOCAB)
+    assert last["loss"] < 0.5 < math.log(VOCAB)  # chance is ln 64 = 4.16; a model that learns nothing stays near it
 
 
 def test_moe_router_loss_is_added_in_training(tmp_path):
