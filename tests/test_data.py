@@ -18,6 +18,8 @@ from ember.data import TokenShards, is_validation, iter_documents, prepare_shard
 from ember.errors import EmberError
 from ember.tokenizer import train_tokenizer
 
+from conftest import need_module
+
 EOS = 256
 
 
@@ -118,8 +120,8 @@ def test_files_and_directories_are_read_recursively_in_sorted_order(tmp_path):
 
 
 def test_jsonl_gzipped_jsonl_and_parquet_are_read(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow reads Parquet (test extra)")
-    import pyarrow as pa
+    pq = need_module("pyarrow.parquet", "what Ember reads Parquet corpora with (the extra 'parquet')")
+    pa = need_module("pyarrow", "what Ember reads Parquet corpora with (the extra 'parquet')")
 
     write(tmp_path, "c.jsonl", json.dumps({"text": "from jsonl", "id": 1}) + "\n\n" + json.dumps({"text": "second"}))
     with gzip.open(tmp_path / "g.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -149,8 +151,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_parquet_without_text_column_or_without_pyarrow(tmp_path, monkeypatch):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    pq = need_module("pyarrow.parquet", "what Ember reads Parquet corpora with (the extra 'parquet')")
+    pa = need_module("pyarrow", "what Ember reads Parquet corpora with (the extra 'parquet')")
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(EmberError, match="has no 'text' column"):
