@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -36,6 +35,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import stamp, write_results  # noqa: E402
 
 from ember.load import load_model  # noqa: E402
 from ember.synth import synth_rows  # noqa: E402
@@ -275,7 +277,7 @@ def write_markdown(res: dict) -> str:
     rows = [("held-out preference accuracy", "held_out_accuracy"), ("greedy replies concise", "greedy_concise_rate"),
             ("training time (s)", "train_seconds")]
     peer = "trl" in d and "skipped" not in d["trl"]
-    lines = [f"# Alignment benchmark ({res['machine']})", "",
+    lines = ["# Alignment benchmark", "",
              f"## DPO: {d['task']}, {d['train_pairs']} training pairs, {d['held_out_pairs']} held out, "
              f"beta {d['beta']}, lr {d['lr']}, {d['steps']} steps x {d['batch_pairs']} pairs", "",
              "| | before | Ember DPO |" + (" TRL DPOTrainer |" if peer else ""),
@@ -287,7 +289,7 @@ def write_markdown(res: dict) -> str:
         lines.append(f"| {label} | {f(d['before'])} | {f(d['ember'])} |" + (f" {f(d['trl'])} |" if peer else ""))
     if peer:
         lines += ["", f"Ember / TRL training time: {d['ember']['train_seconds'] / d['trl']['train_seconds']:.2f}x "
-                  "(same machine, same run)."]
+                  "(one training run each in this run: a rough figure, not a speed benchmark)."]
     elif "trl" in d:
         lines += ["", f"TRL: {d['trl']['skipped']}"]
     rm = p.get("reward_model", {})
@@ -343,27 +345,19 @@ def main() -> None:
     ap.add_argument("--target-kl", type=float, default=3.0)
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip TRL's DPOTrainer")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--only", default="all", choices=["all", "dpo", "ppo"], help="run one section, keep the other's "
-                    "results from benchmarks/results/align.json")
+    ap.add_argument("--out", default=str(RESULTS / "align"), help="results path without extension")
     a = ap.parse_args()
     if not Path(a.base, "config.json").is_file():
         sys.exit(f"No model in {a.base}; make one with: ember quickstart --minutes 4 --out /tmp/align_base")
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-                      f"torch {torch.__version__}", "base": str(a.base)}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    previous = RESULTS / "align.json"
-    if a.only != "all" and previous.is_file():  # refresh one section, keep the other
-        res = {**json.loads(previous.read_text()), **res}
-    if a.only in ("all", "dpo"):
-        res["dpo"] = dpo_section(a)
-        if getattr(a, "pretrained_base", None):
-            res["pretrained_base"] = a.pretrained_base
-    if a.only in ("all", "ppo"):
-        res["ppo"] = ppo_section(a)
-    (RESULTS / "align.json").write_text(json.dumps(res, indent=2) + "\n")
-    (RESULTS / "align.md").write_text(write_markdown(res))
+    res = stamp({"base": str(a.base)})
+    res["dpo"] = dpo_section(a)
+    if getattr(a, "pretrained_base", None):
+        res["pretrained_base"] = a.pretrained_base
+    res["ppo"] = ppo_section(a)
+    out = Path(a.out)
+    write_results(out.name, res, write_markdown(res), results_dir=out.parent)
     print(write_markdown(res))
 
 

@@ -6,20 +6,21 @@ Causal self-attention over one sequence of T tokens, fp32 on the CPU. Each measu
 in a fresh process, so its peak resident memory (ru_maxrss) is that attention call's alone,
 over the memory of the inputs. The naive version materialises the T x T score matrix per
 head (4 * H * T^2 bytes, twice: scores and probabilities); the fused kernel works in tiles.
+The two run in ABBA rounds (--rounds); times are the median over rounds with their spread.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import RESULTS, abba, fmt, ratio_spread, spread, write_results
 
 
 def measure(kind: str, T: int, H: int, D: int, repeats: int) -> dict:
@@ -47,7 +48,7 @@ def measure(kind: str, T: int, H: int, D: int, repeats: int) -> dict:
             out = fn()
             times.append(time.perf_counter() - t)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    return {"kind": kind, "T": T, "seconds": min(times), "peak_extra_mib": (peak - base) / 1024,
+    return {"kind": kind, "T": T, "seconds": statistics.median(times), "peak_extra_mib": (peak - base) / 1024,
             "checksum": float(out.double().sum())}
 
 
@@ -56,56 +57,59 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="timed calls per process (their median counts)")
+    ap.add_argument("--rounds", type=int, default=3, help="fresh-process rounds per length, ABBA order")
+    ap.add_argument("--out", default=str(RESULTS / "attention"), help="results path without extension")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.heads, args.head_dim, args.repeats)))
         return
 
-    import torch
-
     rows = []
     for T in args.lengths:
-        pair = {}
-        for kind in ("ember", "naive"):
-            cmd = [sys.executable, __file__, "--child", kind, str(T), "--heads", str(args.heads), "--head-dim",
-                   str(args.head_dim), "--repeats", str(args.repeats)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                pair[kind] = {"kind": kind, "T": T, "error": r.stderr.strip().splitlines()[-1:]}
-            else:
-                pair[kind] = json.loads(r.stdout)
-        e, n = pair["ember"], pair["naive"]
-        row = {"T": T, "ember": e, "naive": n}
-        if "error" not in e and "error" not in n:
-            row["speedup"] = n["seconds"] / e["seconds"]
-            row["memory_ratio"] = n["peak_extra_mib"] / max(e["peak_extra_mib"], 1e-9)
-            row["max_abs_checksum_diff"] = abs(e["checksum"] - n["checksum"])
-            print(f"T={T:6}  ember {e['seconds'] * 1e3:9.1f} ms {e['peak_extra_mib']:8.1f} MiB   naive "
-                  f"{n['seconds'] * 1e3:9.1f} ms {n['peak_extra_mib']:8.1f} MiB   -> {row['speedup']:.2f}x faster, "
-                  f"{row['memory_ratio']:.0f}x less memory", flush=True)
+        runs: dict[str, list[dict]] = {"ember": [], "naive": []}
+        for order in abba(["ember", "naive"], args.rounds):
+            for kind in order:
+                cmd = [sys.executable, __file__, "--child", kind, str(T), "--heads", str(args.heads), "--head-dim",
+                       str(args.head_dim), "--repeats", str(args.repeats)]
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                runs[kind].append({"kind": kind, "T": T, "error": r.stderr.strip().splitlines()[-1:]}
+                                  if r.returncode != 0 else json.loads(r.stdout))
+        row = {"T": T, "runs": runs}
+        errors = [x["error"] for kind in runs for x in runs[kind] if "error" in x]
+        if errors:
+            row["error"] = errors[0]
+        else:
+            secs = {kind: [x["seconds"] for x in runs[kind]] for kind in runs}
+            mib = {kind: [x["peak_extra_mib"] for x in runs[kind]] for kind in runs}
+            row.update({"ember_seconds": spread(secs["ember"]), "naive_seconds": spread(secs["naive"]),
+                        "ember_peak_mib": spread(mib["ember"]), "naive_peak_mib": spread(mib["naive"]),
+                        "speedup": ratio_spread(secs["naive"], secs["ember"]),
+                        "memory_ratio": statistics.median(n / max(e, 1e-9) for n, e in zip(mib["naive"], mib["ember"])),
+                        "max_abs_checksum_diff": max(abs(e["checksum"] - n["checksum"])
+                                                     for e, n in zip(runs["ember"], runs["naive"]))})
+            print(f"T={T:6}  ember {fmt(row['ember_seconds'], 4)} s   naive {fmt(row['naive_seconds'], 4)} s   "
+                  f"-> {fmt(row['speedup'], 2, 'x')} faster, {row['memory_ratio']:.0f}x less memory", flush=True)
         rows.append(row)
     result = {"benchmark": "attention", "heads": args.heads, "head_dim": args.head_dim, "dtype": "float32",
-              "rows": rows, "machine": {"cpu": platform.processor() or platform.machine(),
-                                        "threads": torch.get_num_threads(), "torch": torch.__version__},
-              "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "attention.json").write_text(json.dumps(result, indent=2) + "\n")
+              "rounds": args.rounds, "order": "ABBA", "rows": rows}
     md = ["# Causal attention: fused SDPA vs naive (CPU, fp32)", "",
           f"One sequence, {args.heads} heads of {args.head_dim}; peak memory is the growth of the process's "
-          "resident set during the call (fresh process each). Command: `python benchmarks/attention.py`.", "",
+          f"resident set during the call (a fresh process each run). {args.rounds} rounds in ABBA order; each "
+          f"figure is the median over rounds (min–max), a round's time the median of {args.repeats} calls.", "",
           "| tokens | Ember (SDPA) ms | Ember MiB | naive ms | naive MiB | speed-up | memory saved |",
-          "|---:|---:|---:|---:|---:|---:|---:|"]
+          "|---:|---|---:|---|---:|---|---:|"]
+    ms = lambda x: {k: v * 1e3 if k != "rounds" else v for k, v in x.items()}  # noqa: E731
     for r in rows:
-        if "speedup" in r:
-            md.append(f"| {r['T']} | {r['ember']['seconds'] * 1e3:.1f} | {r['ember']['peak_extra_mib']:.0f} | "
-                      f"{r['naive']['seconds'] * 1e3:.1f} | {r['naive']['peak_extra_mib']:.0f} | "
-                      f"{r['speedup']:.2f}x | {r['memory_ratio']:.0f}x |")
+        if "error" not in r:
+            md.append(f"| {r['T']} | {fmt(ms(r['ember_seconds']))} | {r['ember_peak_mib']['median']:.0f} | "
+                      f"{fmt(ms(r['naive_seconds']))} | {r['naive_peak_mib']['median']:.0f} | "
+                      f"{fmt(r['speedup'], 2, 'x')} | {r['memory_ratio']:.0f}x |")
         else:
-            md.append(f"| {r['T']} | failed: {r['ember'].get('error') or r['naive'].get('error')} | | | | | |")
-    (RESULTS / "attention.md").write_text("\n".join(md) + "\n")
-    print(f"Wrote {RESULTS / 'attention.json'} and .md")
+            md.append(f"| {r['T']} | failed: {r['error']} | | | | | |")
+    out = Path(args.out)
+    print(f"Wrote {write_results(out.name, result, chr(10).join(md), results_dir=out.parent)} and .json")
 
 
 if __name__ == "__main__":

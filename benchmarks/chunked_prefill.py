@@ -6,7 +6,8 @@ Eight requests are decoding; then a long prompt arrives. Without chunked prefill
 engine computes the whole prompt in one step and every running request waits for it;
 with chunked prefill the prompt is split over several steps that also carry the decodes,
 so the worst inter-token gaps shrink. Reports mean, median and p99 inter-token latency
-(vLLM's ITL) of the running requests, for both settings, from the same run.
+(vLLM's ITL) of the running requests, for both settings, from the same run: each figure the
+median over ABBA rounds (chunked, unchunked; unchunked, chunked; ...) with its spread.
 """
 
 from __future__ import annotations
@@ -16,18 +17,16 @@ import json
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import RESULTS, abba, fmt, ratio_spread, spread, write_results  # noqa: E402
 from ember.config import preset  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -65,35 +64,34 @@ def main() -> None:
     ap.add_argument("--long-prompt", type=int, default=1500)
     ap.add_argument("--arrive-after", type=int, default=20, help="engine steps before the long prompt arrives")
     ap.add_argument("--budget", type=int, default=128, help="max_num_batched_tokens (the chunk size)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="rounds, ABBA order")
+    ap.add_argument("--out", default=str(RESULTS / "chunked_prefill"), help="results path without extension")
     args = ap.parse_args()
 
     torch.manual_seed(0)
     model = CausalLM(preset(args.preset, vocab_size=4096, max_position_embeddings=2048)).eval()
     results: dict[str, list[dict]] = {"chunked": [], "unchunked": []}
-    for r in range(args.repeats):  # alternate, so machine drift hits both alike
-        for name, chunked in (("chunked", True), ("unchunked", False)):
-            results[name].append(run(model, chunked, args, seed=r))
+    for r, order in enumerate(abba(["chunked", "unchunked"], args.repeats)):
+        for name in order:  # a round's two runs see the same requests (seed r)
+            results[name].append(run(model, name == "chunked", args, seed=r))
             print(name, json.dumps(results[name][-1]), flush=True)
-    summary = {name: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for name, runs in results.items()}
-    ratio = summary["unchunked"]["p99_itl_ms"] / summary["chunked"]["p99_itl_ms"]
-    out = {"benchmark": "chunked_prefill", "args": vars(args), "summary": summary, "runs": results,
-           "p99_itl_unchunked_over_chunked": ratio, "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "chunked_prefill.json").write_text(json.dumps(out, indent=2) + "\n")
+    summary = {name: {k: spread([x[k] for x in runs]) for k in runs[0]} for name, runs in results.items()}
+    ratio = ratio_spread([x["p99_itl_ms"] for x in results["unchunked"]], [x["p99_itl_ms"] for x in results["chunked"]])
+    out = {"benchmark": "chunked_prefill", "args": vars(args), "order": "ABBA", "summary": summary, "runs": results,
+           "p99_itl_unchunked_over_chunked": ratio}
     rows = ["# Chunked prefill: inter-token latency of running requests (CPU)", "",
             f"`{args.preset}` random weights, {args.running} requests decoding when a {args.long_prompt}-token prompt "
-            f"arrives; token budget {args.budget}; median of {args.repeats} alternating runs. "
-            "Command: `python benchmarks/chunked_prefill.py`.", "",
-            "| prefill | mean ITL ms | median ITL ms | p99 ITL ms | max ITL ms |", "|---|---:|---:|---:|---:|"]
+            f"arrives; token budget {args.budget}; median over {args.repeats} rounds in ABBA order (min–max).", "",
+            "| prefill | mean ITL ms | median ITL ms | p99 ITL ms | max ITL ms |", "|---|---|---|---|---|"]
     for name in ("chunked", "unchunked"):
         s = summary[name]
-        rows.append(f"| {name} | {s['mean_itl_ms']:.1f} | {s['median_itl_ms']:.1f} | {s['p99_itl_ms']:.1f} | "
-                    f"{s['max_itl_ms']:.1f} |")
-    rows += ["", f"Chunking lowers the p99 inter-token latency by **{ratio:.2f}x**.", ""]
-    (RESULTS / "chunked_prefill.md").write_text("\n".join(rows))
-    print(f"p99 ITL unchunked / chunked = {ratio:.2f}x")
+        rows.append(f"| {name} | {fmt(s['mean_itl_ms'])} | {fmt(s['median_itl_ms'])} | {fmt(s['p99_itl_ms'])} | "
+                    f"{fmt(s['max_itl_ms'])} |")
+    rows += ["", f"Chunking lowers the p99 inter-token latency by **{fmt(ratio, 2, 'x')}** (the median of each "
+             "round's own ratio)."]
+    target = Path(args.out)
+    write_results(target.name, out, "\n".join(rows), results_dir=target.parent)
+    print(f"p99 ITL unchunked / chunked = {fmt(ratio, 2, 'x')}")
 
 
 if __name__ == "__main__":

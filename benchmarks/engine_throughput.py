@@ -8,7 +8,8 @@ Three ways to serve the same random-length requests with the same random-weight 
      request is done; only the tokens each request asked for count);
   3. `transformers` `generate()` one request at a time.
 A second workload measures prefix caching: every prompt shares a 1,000-token prefix.
-Figures are output tokens per second; ratios are what to read (the machines are noisy).
+Figures are output tokens per second, the median over rounds run in ABBA order with the spread
+(min–max); a ratio is the median of each round's own ratio. Both systems run eagerly.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,13 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import RESULTS, abba, fmt, ratio_spread, spread, write_results  # noqa: E402
 from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
-from ember.device import cpu_name  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_requests(n: int, vocab: int, seed: int, prompt_range=(16, 256), output_range=(16, 128)):
@@ -82,62 +80,58 @@ def run_hf_one_by_one(hf, reqs) -> float:
 
 
 def measure_workload(model, hf, n_requests: int, vocab: int, engine_args: dict, args) -> dict:
-    """Time the four ways of serving `n_requests` random requests; ratios per interleaved repeat."""
+    """Time the four ways of serving `n_requests` random requests in ABBA rounds; ratios per round."""
     reqs = make_requests(n_requests, vocab, args.seed)
     out_tokens = sum(m for _, m in reqs)
-    # Interleaved repeats, median time per system: the machine's speed drifts by several
-    # percent over a minute, and interleaving spreads that drift over every system alike.
+    # ABBA rounds (A B C D, D C B A, ...): the machine's speed drifts by several percent over a
+    # minute, and the alternating order spreads that drift over every system alike.
     times: dict[str, list[float]] = {"ember": [], "ember_unpacked": [], "static": [], "one": []}
     sub = reqs[:args.one_by_one]
     one_tokens = sum(m for _, m in sub)
     info: dict = {}
-    for rep in range(args.repeats):
-        dt, info = run_ember(model, reqs, **engine_args)
-        times["ember"].append(dt)
-        times["ember_unpacked"].append(run_ember(model, reqs, **{**engine_args, "pack_weights": False})[0])
-        times["static"].append(run_hf_static(hf, reqs, args.static_batch))
-        times["one"].append(run_hf_one_by_one(hf, sub))
-        print(f"{n_requests} requests, repeat {rep + 1}/{args.repeats}: ember {out_tokens / times['ember'][-1]:.1f} "
+    for rep, order in enumerate(abba(list(times), args.repeats)):
+        for system in order:
+            if system == "ember":
+                dt, info = run_ember(model, reqs, **engine_args)
+                times["ember"].append(dt)
+            elif system == "ember_unpacked":
+                times["ember_unpacked"].append(run_ember(model, reqs, **{**engine_args, "pack_weights": False})[0])
+            elif system == "static":
+                times["static"].append(run_hf_static(hf, reqs, args.static_batch))
+            else:
+                times["one"].append(run_hf_one_by_one(hf, sub))
+        print(f"{n_requests} requests, round {rep + 1}/{args.repeats}: ember {out_tokens / times['ember'][-1]:.1f} "
               f"tok/s, unpacked {out_tokens / times['ember_unpacked'][-1]:.1f}, "
               f"static {out_tokens / times['static'][-1]:.1f}, 1-by-1 {one_tokens / times['one'][-1]:.1f}", flush=True)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    speed = {k: [(one_tokens if k == "one" else out_tokens) / t for t in v] for k, v in times.items()}
     rows = {
-        "ember_engine": {"seconds": med["ember"], "tokens_per_s": out_tokens / med["ember"], **info},
-        "ember_engine_unpacked_weights": {"seconds": med["ember_unpacked"],
-                                          "tokens_per_s": out_tokens / med["ember_unpacked"]},
-        "hf_static_batches": {"seconds": med["static"], "tokens_per_s": out_tokens / med["static"],
-                              "batch_size": args.static_batch},
-        "hf_one_at_a_time": {"seconds_for_subset": med["one"], "tokens_per_s": one_tokens / med["one"],
-                             "requests_timed": len(sub)},
+        "ember_engine": {"tokens_per_s": spread(speed["ember"]), **info},
+        "ember_engine_unpacked_weights": {"tokens_per_s": spread(speed["ember_unpacked"])},
+        "hf_static_batches": {"tokens_per_s": spread(speed["static"]), "batch_size": args.static_batch},
+        "hf_one_at_a_time": {"tokens_per_s": spread(speed["one"]), "requests_timed": len(sub)},
         "all_seconds": times,
     }
-
-    # Each ratio is the median of the repeats' own ratios: within a repeat the systems run a
-    # few seconds apart, so the machine's drift over the whole run cancels out.
-    def per_repeat(f) -> float:
-        return statistics.median(f(i) for i in range(args.repeats))
-
     ratios = {
-        "engine_vs_hf_static": per_repeat(lambda i: times["static"][i] / times["ember"][i]),
-        "engine_vs_hf_one_at_a_time": per_repeat(
-            lambda i: (out_tokens / times["ember"][i]) / (one_tokens / times["one"][i])),
-        "packed_weights_speedup": per_repeat(lambda i: times["ember_unpacked"][i] / times["ember"][i]),
+        "engine_vs_hf_static": ratio_spread(speed["ember"], speed["static"]),
+        "engine_vs_hf_one_at_a_time": ratio_spread(speed["ember"], speed["one"]),
+        "packed_weights_speedup": ratio_spread(speed["ember"], speed["ember_unpacked"]),
     }
-    print(json.dumps({"requests": n_requests, **ratios}), flush=True)
+    print(json.dumps({"requests": n_requests, **{k: v["median"] for k, v in ratios.items()}}), flush=True)
     return {"requests": n_requests, "output_tokens": out_tokens, "prompt_tokens": sum(len(p) for p, _ in reqs),
-            "results": rows, "ratios": ratios}
+            "order": "ABBA", "results": rows, "ratios": ratios}
 
 
 def workload_table(w: dict, static_batch: int) -> list[str]:
     rows, ratios = w["results"], w["ratios"]
-    return ["| system | output tok/s | Ember's ratio |", "|---|---:|---:|",
-            f"| Ember engine (paged KV, continuous batching) | {rows['ember_engine']['tokens_per_s']:.1f} | 1.00 |",
+    return ["| system | output tok/s | Ember's ratio |", "|---|---|---|",
+            f"| Ember engine (paged KV, continuous batching) | {fmt(rows['ember_engine']['tokens_per_s'])} | 1.00 |",
             f"| Ember engine, weights not packed (`pack_weights=False`) | "
-            f"{rows['ember_engine_unpacked_weights']['tokens_per_s']:.1f} | {ratios['packed_weights_speedup']:.2f}x |",
+            f"{fmt(rows['ember_engine_unpacked_weights']['tokens_per_s'])} | "
+            f"{fmt(ratios['packed_weights_speedup'], 2, 'x')} |",
             f"| transformers generate, static batches of {static_batch} | "
-            f"{rows['hf_static_batches']['tokens_per_s']:.1f} | {ratios['engine_vs_hf_static']:.2f}x |",
-            f"| transformers generate, one request at a time | {rows['hf_one_at_a_time']['tokens_per_s']:.1f} | "
-            f"{ratios['engine_vs_hf_one_at_a_time']:.2f}x |"]
+            f"{fmt(rows['hf_static_batches']['tokens_per_s'])} | {fmt(ratios['engine_vs_hf_static'], 2, 'x')} |",
+            f"| transformers generate, one request at a time | {fmt(rows['hf_one_at_a_time']['tokens_per_s'])} | "
+            f"{fmt(ratios['engine_vs_hf_one_at_a_time'], 2, 'x')} |"]
 
 
 def main() -> None:
@@ -153,7 +147,9 @@ def main() -> None:
                     help="token budget a step (offline throughput: larger than the engine's serving default, 512)")
     ap.add_argument("--prefix-requests", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median time counts")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds in ABBA order; the median counts")
+    ap.add_argument("--out", default=None, help="results path without extension "
+                    "(default results/engine_throughput, or engine_throughput_bf16 with --dtype bfloat16)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights, activations and KV cache of both systems (bfloat16 pays where the CPU "
                          "multiplies bf16 natively, e.g. AVX512-BF16 or AMX)")
@@ -187,37 +183,33 @@ def main() -> None:
     prefix = [rng.randrange(1, cfg.vocab_size) for _ in range(1000)]
     shared = [(prefix + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randint(8, 32))], 16)
               for _ in range(args.prefix_requests)]
-    on, info_on = run_ember(model, shared, enable_prefix_caching=True, **engine_args)
-    off, _ = run_ember(model, shared, enable_prefix_caching=False, **engine_args)
-    print(f"shared 1000-token prefix: caching on {on:.1f}s, off {off:.1f}s -> {off / on:.2f}x", flush=True)
+    caching: dict[str, list[float]] = {"on": [], "off": []}
+    info_on: dict = {}
+    for order in abba(["on", "off"], args.repeats):
+        for mode in order:
+            dt, info = run_ember(model, shared, enable_prefix_caching=mode == "on", **engine_args)
+            caching[mode].append(dt)
+            info_on = info if mode == "on" else info_on
+    speedup = ratio_spread(caching["off"], caching["on"])
+    print(f"shared 1000-token prefix: caching on / off -> {fmt(speedup, 2, 'x')}", flush=True)
 
-    prefix = {"requests": args.prefix_requests, "prefix_tokens": 1000, "seconds_on": on, "seconds_off": off,
-              "speedup": off / on, **info_on}
+    prefix = {"requests": args.prefix_requests, "prefix_tokens": 1000, "seconds_on": spread(caching["on"]),
+              "seconds_off": spread(caching["off"]), "speedup": speedup, **info_on}
     result = {
         "benchmark": "engine_throughput", "model": {"preset": args.preset, "parameters": model.num_parameters(),
                                                     "vocab_size": cfg.vocab_size},
-        "prompt_range": [16, 256], "output_range": [16, 128], "repeats": args.repeats,
+        "prompt_range": [16, 256], "output_range": [16, 128], "repeats": args.repeats, "order": "ABBA",
         "engine_args": engine_args, "workloads": workloads, "prefix_caching": prefix,
-        "dtype": args.dtype,
-        "machine": {"cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                    "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "transformers": transformers.__version__},
-        "date": time.strftime("%Y-%m-%d"),
+        "dtype": args.dtype, "transformers": transformers.__version__,
     }
-    RESULTS.mkdir(exist_ok=True)
-    suffix = "" if args.dtype == "float32" else "_bf16"  # each dtype keeps its own results
-    (RESULTS / f"engine_throughput{suffix}.json").write_text(json.dumps(result, indent=2) + "\n")
-    sizes = ",".join(str(n) for n in args.requests)
     md = ["# Offline generation throughput (CPU)", "",
           f"Random-weight `{args.preset}` ({model.num_parameters() / 1e6:.1f}M parameters), random requests with "
-          f"prompts of 16–256 tokens and outputs of 16–128 tokens (greedy, EOS ignored), {torch.get_num_threads()} "
-          f"threads on {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}), {args.dtype} weights, activations "
-          f"and KV cache in both systems, torch {torch.__version__}, transformers {transformers.__version__}. "
+          f"prompts of 16–256 tokens and outputs of 16–128 tokens (greedy, EOS ignored), {args.dtype} weights, "
+          f"activations and KV cache in both systems, both eager, transformers {transformers.__version__}. "
           "The engine runs up to "
           f"{args.max_num_seqs} sequences at once with a budget of {args.max_num_batched_tokens} tokens a step. "
-          f"{args.repeats} interleaved repeats: tok/s are medians, ratios the median of each repeat's own ratio; "
-          f"one-at-a-time speed is timed on the first {args.one_by_one} requests. "
-          f"Command: `python benchmarks/engine_throughput.py --requests {sizes} --dtype {args.dtype}`.", ""]
+          f"{args.repeats} rounds in ABBA order: tok/s are medians (min–max), ratios the median of each round's "
+          f"own ratio; one-at-a-time speed is timed on the first {args.one_by_one} requests.", ""]
     for w in workloads:
         md += [f"## {w['requests']} requests ({w['output_tokens']:,} output tokens, {w['prompt_tokens']:,} prompt "
                "tokens)", "", *workload_table(w, args.static_batch), ""]
@@ -225,12 +217,15 @@ def main() -> None:
            "shrink; a longer one keeps the batch full for most of its steps, which is what offline serving looks "
            "like.", "",
            f"Shared 1,000-token prefix, {args.prefix_requests} requests of 16 new tokens: prefix caching on "
-           f"{on:.1f}s, off {off:.1f}s → **{off / on:.2f}x** (hit rate {info_on['prefix_hit_rate']:.2f}). "
+           f"{fmt(prefix['seconds_on'])}s, off {fmt(prefix['seconds_off'])}s → **{fmt(speedup, 2, 'x')}** "
+           f"(hit rate {info_on['prefix_hit_rate']:.2f}). "
            "Requests that start prefilling in the same step cannot yet hit the blocks the first of them is "
-           "writing, so a larger step budget lowers the hit rate (and speeds up the run without caching).", ""]
-    (RESULTS / f"engine_throughput{suffix}.md").write_text("\n".join(md))
-    print(json.dumps({"workloads": [{"requests": w["requests"], **w["ratios"]} for w in workloads],
-                      "prefix_caching_speedup": off / on}, indent=2))
+           "writing, so a larger step budget lowers the hit rate (and speeds up the run without caching)."]
+    suffix = "" if args.dtype == "float32" else "_bf16"  # each dtype keeps its own results
+    out = Path(args.out) if args.out else RESULTS / f"engine_throughput{suffix}"
+    write_results(out.name, result, "\n".join(md), results_dir=out.parent)
+    print(json.dumps({"workloads": [{"requests": w["requests"], **{k: v["median"] for k, v in w["ratios"].items()}}
+                                    for w in workloads], "prefix_caching_speedup": speedup["median"]}, indent=2))
 
 
 if __name__ == "__main__":

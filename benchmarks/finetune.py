@@ -7,17 +7,19 @@
 2. Writes a synthetic instruction set and a disjoint held-out set (`ember.synth`).
 3. Fine-tunes full / LoRA / QLoRA, each within the same time budget, and scores greedy
    exact match on the held-out prompts; reports the trainable-parameter share.
-4. Times LoRA training steps (forward, backward, AdamW) in Ember and in peft + transformers on
-   the same base, LoRA config and batches, alternating the two, and reports tokens/s.
+4. With --token-rows-ablation, LoRA and QLoRA once more without the chat template's token rows.
+5. Times LoRA training steps (forward, backward, AdamW) in Ember and in peft + transformers on
+   the same base, LoRA config and batches, in ABBA rounds, and reports tokens/s: the median over
+   rounds with the spread.
 
-Writes benchmarks/results/finetune.json and .md.
+Writes benchmarks/results/finetune.json and .md; every number in them comes from this one command
+(`--methods none` times the LoRA steps alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -27,6 +29,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
+
+from common import fmt, ratio_spread, run_rounds, spread, stamp, write_results  # noqa: E402
 
 from ember.load import load_model  # noqa: E402
 from ember.lora import ALL_LINEAR, LoraConfig, apply_lora, trainable_summary  # noqa: E402
@@ -74,17 +78,19 @@ def targets(args) -> list[str] | str:
     return ALL_LINEAR if args.lora_targets == ALL_LINEAR else args.lora_targets.split(",")
 
 
-def run_method(method: str, base: Path, train_file: Path, held: list[dict], work: Path, args) -> dict:
+def run_method(method: str, base: Path, train_file: Path, held: list[dict], work: Path, args,
+               token_rows: bool = True) -> dict:
     lora = LoraConfig(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets(args))
     cfg = TrainConfig(max_steps=args.max_steps, batch_size=args.batch_size, block_size=args.block_size,
                       lr=args.lr_full if method == "full" else args.lr_lora, warmup_steps=20, weight_decay=0.0,
                       save_every=0, eval_every=0, log_every=10, seed=args.seed, time_budget_s=args.minutes * 60,
                       schedule_by_time=True)
     t0 = time.time()
-    last = sft(base, train_file, work / method, method=method, lora=lora, train_config=cfg, pack=args.pack,
-               progress=False, train_template_tokens=not args.no_token_rows)
+    run = work / (method if token_rows else f"{method}-no-token-rows")
+    last = sft(base, train_file, run, method=method, lora=lora, train_config=cfg, pack=args.pack,
+               progress=False, train_template_tokens=token_rows)
     train_s = time.time() - t0
-    model, tok = load_finetuned(work / method, device="cpu")
+    model, tok = load_finetuned(run, device="cpu")
     if method == "full":
         trainable, total = trainable_summary(model)
         share = 1.0
@@ -135,15 +141,12 @@ def speed(base: Path, train_file: Path, args) -> dict:
     run_ours = step_fn(ours, lambda m, x: m(x))
     run_theirs = step_fn(theirs, lambda m, x: m(input_ids=x).logits)
     run_ours(), run_theirs()  # warm-up
-    a, b = [], []
-    for _ in range(args.speed_rounds):
-        a.append(run_ours())
-        b.append(run_theirs())
-    result = {"ember_tokens_per_s": statistics.median(a), "peft_tokens_per_s": statistics.median(b),
-              "rounds": args.speed_rounds, "steps_per_round": len(batches), "tokens_per_round": tokens,
+    speeds = run_rounds({"ember": run_ours, "peft": run_theirs}, args.speed_rounds)
+    result = {"ember_tokens_per_s": spread(speeds["ember"]), "peft_tokens_per_s": spread(speeds["peft"]),
+              "ratio": ratio_spread(speeds["ember"], speeds["peft"]), "order": "ABBA", "rounds": speeds,
+              "steps_per_round": len(batches), "tokens_per_round": tokens,
               "ember_trainable": trainable_summary(ours)[0],
               "peft_trainable": sum(p.numel() for p in theirs.parameters() if p.requires_grad)}
-    result["ratio"] = result["ember_tokens_per_s"] / result["peft_tokens_per_s"]
     print(json.dumps(result))
     return result
 
@@ -183,7 +186,7 @@ def pretraining_tokens(base: Path) -> dict | None:
 def markdown(res: dict) -> str:
     lines = [f"# Fine-tuning: {res['task']} ({res['n_train']} train, {res['n_eval']} held-out prompts)", "",
              f"Base: `{res['base']}` ({res['base_params']:,} parameters). Each method gets {res['minutes']} min "
-             f"of training on {res['machine']}.", "",
+             "of training.", "",
              "| method | held-out exact match | trainable params | share | steps | train s |",
              "|---|---:|---:|---:|---:|---:|"]
     for r in res["methods"]:
@@ -203,8 +206,11 @@ def markdown(res: dict) -> str:
                   "strong copier drops near 0). The task copies names, cities and ages from the prompt into the "
                   "reply: full fine-tuning can build that circuit, low-rank adapters have to reuse one."]
     for r in res.get("without_token_rows", []):
-        lines += ["", "Without the token rows (`--no-token-rows` here, `--trainable-tokens none` in `ember finetune`; "
-                  f"same base and settings) {r['method']} scored {100 * r['exact_match']:.1f}%: {r['note']}"]
+        sample = r["samples"][0]["output"] if r.get("samples") and "output" in r["samples"][0] else None
+        lines += ["", "Without the token rows (`--token-rows-ablation`; `--trainable-tokens none` in `ember finetune`; "
+                  f"same base and settings) {r['method']} scored {100 * r['exact_match']:.1f}% exact match after "
+                  f"{r['steps']} steps (final loss {r['final_loss']:.4f})"
+                  + (f"; a held-out reply: `{sample[:120]}`" if sample else "") + "."]
     pre = res.get("base_pretraining")
     if pre:
         need = pre["induction_heads_expected_at_tokens"]
@@ -219,11 +225,13 @@ def markdown(res: dict) -> str:
                   f"({100 * m['ratio']:.1f}%)."]
     s = res.get("speed")
     if s:
-        lines += ["", "| LoRA training (fwd+bwd+AdamW) | tokens/s |", "|---|---:|",
-                  f"| Ember | {s['ember_tokens_per_s']:.0f} |", f"| peft + transformers | {s['peft_tokens_per_s']:.0f} |",
-                  f"| ratio Ember / peft | {s['ratio']:.2f} |", "",
-                  f"Median of {s['rounds']} alternating rounds of {s['steps_per_round']} steps "
-                  f"({s['tokens_per_round']:,} tokens each); same batches, r and targets ({res['args']['lora_targets']})."]
+        lines += ["", "| LoRA training (fwd+bwd+AdamW) | tokens/s, median (min–max) |", "|---|---|",
+                  f"| Ember | {fmt(s['ember_tokens_per_s'], 0)} |",
+                  f"| peft + transformers | {fmt(s['peft_tokens_per_s'], 0)} |",
+                  f"| ratio Ember / peft | **{fmt(s['ratio'], 2)}** |", "",
+                  f"Median over {s['ratio']['rounds']} rounds in ABBA order (Ember, peft; peft, Ember; ...) of "
+                  f"{s['steps_per_round']} steps ({s['tokens_per_round']:,} tokens each), the ratio the median of "
+                  f"each round's own; same batches, r and targets ({res['args']['lora_targets']})."]
     return "\n".join(lines) + "\n"
 
 
@@ -234,7 +242,7 @@ def main() -> None:
     p.add_argument("--task", default="format")
     p.add_argument("--n-train", type=int, default=3000)
     p.add_argument("--n-eval", type=int, default=100)
-    p.add_argument("--methods", default="full,lora,qlora")
+    p.add_argument("--methods", default="full,lora,qlora", help="comma-separated, or none (LoRA speed only)")
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per method")
     p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=16)
@@ -250,12 +258,10 @@ def main() -> None:
     p.add_argument("--speed-steps", type=int, default=8)
     p.add_argument("--speed-rounds", type=int, default=5)
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--speed-only", action="store_true",
-                   help="time LoRA steps only; keep the other results from the existing results file")
     p.add_argument("--no-token-rows", action="store_true",
-                   help="LoRA/QLoRA without the chat template's token rows (the ablation)")
-    p.add_argument("--keep", action="store_true",
-                   help="keep the results of methods (and LoRA speed, with --no-speed) not rerun from the existing file")
+                   help="LoRA/QLoRA without the chat template's token rows in the main rows")
+    p.add_argument("--token-rows-ablation", action="store_true",
+                   help="also train LoRA/QLoRA without the chat template's token rows, in the same results")
     p.add_argument("--work", default="/tmp/ft_bench")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
@@ -271,41 +277,29 @@ def main() -> None:
     held = synth_rows(args.task, args.n_eval, seed=1, exclude={r["messages"][0]["content"] for r in train_rows})
     train_file = write_rows(work / "train.jsonl", train_rows)
 
-    import platform
-    res = {"task": args.task, "n_train": args.n_train, "n_eval": args.n_eval, "base": str(base),
-           "base_params": load_model(base, device="cpu").num_parameters(), "minutes": args.minutes,
-           "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-           "methods": [], "args": vars(args)}
-    out = Path(args.out)
-    if args.speed_only and out.with_suffix(".json").is_file():
-        res = json.loads(out.with_suffix(".json").read_text())
-        args.methods = ""
-    if args.methods:
+    methods = [m for m in args.methods.split(",") if m and m != "none"]
+    res = stamp({"task": args.task, "n_train": args.n_train, "n_eval": args.n_eval, "base": str(base),
+                 "base_params": load_model(base, device="cpu").num_parameters(), "minutes": args.minutes,
+                 "methods": [], "args": vars(args)})
+    if methods:
         res["base_pretraining"] = pretraining_tokens(base)
         res["base_copy"] = copy_score(base)
         print("base in-context copying:", res["base_copy"])
-    for method in [m for m in args.methods.split(",") if m]:
-        res["methods"].append(run_method(method, base, train_file, held, work, args))
+    for method in methods:
+        res["methods"].append(run_method(method, base, train_file, held, work, args, not args.no_token_rows))
         if method == "qlora":
             from ember.lora import base_weight_bytes, quantize_base
             m = apply_lora(load_model(base, device="cpu", dtype=torch.float32), LoraConfig(target_modules=ALL_LINEAR))
             bf16 = base_weight_bytes(m)[1]
             now = base_weight_bytes(quantize_base(m))[0]
             res["qlora_memory"] = {"nf4_bytes": now, "bf16_bytes": bf16, "ratio": now / bf16}
+    if args.token_rows_ablation and not args.no_token_rows:
+        res["without_token_rows"] = [run_method(m, base, train_file, held, work, args, token_rows=False)
+                                     for m in methods if m in ("lora", "qlora")]
     if not args.no_speed:
         res["speed"] = speed(base, train_file, args)
-    if args.keep and out.with_suffix(".json").is_file():
-        old = json.loads(out.with_suffix(".json").read_text())
-        rerun = {m["method"] for m in res["methods"]}
-        order = ["full", "lora", "qlora"]
-        res["methods"] = sorted(res["methods"] + [m for m in old.get("methods", []) if m["method"] not in rerun],
-                                key=lambda m: order.index(m["method"]) if m["method"] in order else len(order))
-        for key in ("speed", "qlora_memory"):
-            if key not in res and key in old:
-                res[key] = old[key]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(res))
+    out = Path(args.out)
+    write_results(out.name, res, markdown(res), results_dir=out.parent)
     print(markdown(res))
 
 

@@ -18,11 +18,17 @@
        pip install /tmp/llama/llama_cpp_python-*.tar.gz diskcache sentencepiece   # ~5 min build
        tar xzf /tmp/llama/llama_cpp_python-*.tar.gz -C /tmp/llama
        python benchmarks/quant.py --llama-cpp-src /tmp/llama/llama_cpp_python-*/vendor/llama.cpp
+   Beside those Python-binding timings, llama.cpp's own `llama-bench` (pp512 and tg128, the same
+   threads, one repetition a round) when --llama-bench names the binary (built in that tree:
+   cmake -B build && cmake --build build --target llama-bench).
+   Head to head: Ember against each peer in ABBA rounds, eager against eager and compiled
+   against compiled (llama.cpp, ahead-of-time compiled C++, against both, as separate rows).
 3. Batched: the engine at 16 and 64 concurrent sequences per method (does the speed-up survive
    many rows a step?).
 4. GEMV: one token through one linear layer (its weight warm in cache), each kernel vs fp32
    and bf16 `F.linear`.
-Ratios are what to read: the machine is shared and noisy.
+Headlines are medians over ABBA rounds with their spread (benchmarks/common.py); the tables
+of single runs are there to show every method, not to rank them.
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ import copy
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,10 +51,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import RESULTS, fmt, ratio_spread, run_rounds, spread, stamp, write_results  # noqa: E402
 from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
 from ember import gemv as ember_gemv  # noqa: E402
-from ember.device import cpu_name  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
 from ember.load import load_model  # noqa: E402
 from ember.model import CausalLM  # noqa: E402
@@ -59,7 +65,6 @@ from ember.quant.nf4 import NF4Linear  # noqa: E402
 from ember.quant.outliers import inject_outliers  # noqa: E402
 from ember.quant.smoothquant import W8A8Linear  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = [("int8", {}), ("int4 g32", {"group_size": 32}), ("int4 g64", {"group_size": 64}),
            ("int4 g128", {"group_size": 128}), ("nf4", {}), ("w8a8", {}), ("smoothquant", {})]
 
@@ -238,30 +243,52 @@ def llama_cpp_rows(model, hf_dir: Path, prompt: list[int], n: int, args, add) ->
 
 
 def head_to_head(model, hf_dir: Path, gguf: dict[str, Path], prompt: list[int], n: int, calib, rounds: int) -> list[dict]:
-    """Ember's fastest row per format against its peer, alternating A, B, A, B, ...: this machine's
-    speed drifts by 10-30% over minutes, so a ratio of two runs taken minutes apart can be off
-    by that much, while each round's pair runs seconds apart. Ratio: the median over rounds."""
+    """Ember per format against its peer in ABBA rounds (Ember, peer; peer, Ember; ...): this
+    machine's speed drifts over minutes, so each round's pair runs seconds apart and the ratio is
+    the median of the rounds' own ratios. Eager Ember meets eager `transformers`; llama.cpp
+    (ahead-of-time compiled) meets both eager and compiled Ember, in separate rows."""
     bf = copy.deepcopy(model).to(torch.bfloat16)
-    contenders = [("bf16", bf, "transformers bf16", lambda: hf_decode(hf_dir, torch.bfloat16, prompt, n))]
+    contenders = [("bf16, eager", bf, False, "transformers bf16, eager",
+                   lambda: hf_decode(hf_dir, torch.bfloat16, prompt, n))]
     if gguf:
         int8 = quantized(model, "int8", {"include_lm_head": True}, calib).to(torch.bfloat16)
         int4 = quantized(model, "int4", {"group_size": 128, "include_lm_head": True}, calib).to(torch.bfloat16)
         int4_head = quantized(model, "int4", {"group_size": 128, "include_lm_head": True, "lm_head_method": "int4"},
                               calib).to(torch.bfloat16)
-        q4 = lambda: llama_cpp_decode(gguf["Q4_0"], prompt, n)  # noqa: E731
-        contenders = [("bf16", bf, "llama.cpp F16", lambda: llama_cpp_decode(gguf["F16"], prompt, n)),
-                      ("int8 +head", int8, "llama.cpp Q8_0", lambda: llama_cpp_decode(gguf["Q8_0"], prompt, n)),
-                      ("int4 g128 +head", int4, "llama.cpp Q4_0", q4),
-                      ("int4 g128 +int4 head", int4_head, "llama.cpp Q4_0", q4)] + contenders
+        peers = [("bf16", bf, "llama.cpp F16", "F16"), ("int8 +head", int8, "llama.cpp Q8_0", "Q8_0"),
+                 ("int4 g128 +head", int4, "llama.cpp Q4_0", "Q4_0"),
+                 ("int4 g128 +int4 head", int4_head, "llama.cpp Q4_0", "Q4_0")]
+        contenders = [(f"{name}, {mode}", m, mode == "compiled", peer,
+                       lambda f=fmt_name: llama_cpp_decode(gguf[f], prompt, n))
+                      for name, m, peer, fmt_name in peers for mode in ("compiled", "eager")] + contenders
     rows = []
-    for name, m, peer, peer_decode in contenders:
-        row = {"ember": f"{name}, compiled", "peer": peer, "ember_tokens_per_s": [], "peer_tokens_per_s": []}
-        for _ in range(rounds):
-            row["ember_tokens_per_s"].append(ember_decode(m, prompt, n, compile=True))
-            row["peer_tokens_per_s"].append(peer_decode())
-        row["ratio"] = statistics.median(e / p for e, p in zip(row["ember_tokens_per_s"], row["peer_tokens_per_s"]))
+    for name, m, compiled, peer, peer_decode in contenders:
+        speeds = run_rounds({"ember": lambda: ember_decode(m, prompt, n, compile=compiled), "peer": peer_decode},
+                            rounds)
+        row = {"ember": name, "peer": peer, "order": "ABBA", "ember_tokens_per_s": speeds["ember"],
+               "peer_tokens_per_s": speeds["peer"], "ember_spread": spread(speeds["ember"]),
+               "peer_spread": spread(speeds["peer"]), "ratio": ratio_spread(speeds["ember"], speeds["peer"])}
         rows.append(row)
-        print(f"  {row}", flush=True)
+        print(f"  {name} / {peer}: {fmt(row['ratio'], 2, 'x')}", flush=True)
+    return rows
+
+
+def llama_bench(binary: str, gguf: dict[str, Path], rounds: int) -> list[dict]:
+    """llama.cpp's own benchmark on each GGUF: pp512 (prompt of 512) and tg128 (128 generated), with
+    the threads the other rows use, `rounds` repetitions; llama-bench reports tokens/s per repetition."""
+    rows = []
+    for name, path in gguf.items():
+        argv = [binary, "-m", str(path), "-p", "512", "-n", "128", "-t", str(torch.get_num_threads()),
+                "-r", str(rounds), "-o", "json"]
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"llama-bench failed on {path}: {r.stderr.strip()[-500:]}")
+        for test in json.loads(r.stdout):
+            kind = f"pp{test['n_prompt']}" if test["n_prompt"] else f"tg{test['n_gen']}"
+            samples = test.get("samples_ts") or [test["avg_ts"]]  # older builds report only the mean
+            rows.append({"gguf": name, "test": kind, "threads": test.get("n_threads"),
+                         "tokens_per_s": spread(samples), "command": " ".join(argv[1:])})
+            print(f"  llama-bench {name} {kind}: {fmt(rows[-1]['tokens_per_s'])} tokens/s", flush=True)
     return rows
 
 
@@ -296,7 +323,7 @@ def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def speed(args, rows_h2h: list[dict]) -> list[dict]:
+def speed(args, rows_h2h: list[dict], rows_bench: list[dict]) -> list[dict]:
     torch.manual_seed(0)
     cfg = preset(args.speed_preset)
     model = CausalLM(cfg).eval()
@@ -358,6 +385,11 @@ def speed(args, rows_h2h: list[dict]) -> list[dict]:
                 add(name, name, hf_decode(path, dt, prompt, n), weight_bytes(model) // (1 if name == "fp32" else 2),
                     impl="transformers")
         gguf = llama_cpp_rows(model, path, prompt, n, args, add)
+        if gguf and args.llama_bench:
+            print("llama-bench ...", flush=True)
+            rows_bench.extend(llama_bench(args.llama_bench, gguf, max(1, args.rounds)))
+        elif gguf:
+            print("  no llama-bench binary (--llama-bench): llama.cpp is timed through its Python binding only")
         if args.rounds:
             print("head to head ...", flush=True)
             rows_h2h.extend(head_to_head(model, path, gguf, prompt, n, calib, args.rounds))
@@ -461,8 +493,7 @@ def gemv(args) -> list[dict]:
 # --- report --------------------------------------------------------------------------------------------
 def markdown(result) -> str:
     mib = 2 ** 20
-    out = ["# Quantization", "", f"Machine: {result['machine']}; torch {result['torch']}.",
-           f"Command: `{result['command']}`"]
+    out = ["# Quantization"]
     if result.get("quality"):
         out += ["", f"## Perplexity and weight memory ({result['quality_model']})", "",
                 "| model | method | all weights (MiB) | block linears (MiB) | perplexity | vs fp32 "
@@ -477,7 +508,8 @@ def markdown(result) -> str:
         bw = result.get("memory_bandwidth")
         out += ["", f"## Batch-1 decode ({result['speed_model']}, {result['prompt_tokens']}-token prompt, greedy)", ""]
         if bw:
-            out += [f"Memory read bandwidth measured in the same run: {bw / 1e9:.1f} GB/s. 'Roofline' is "
+            out += [f"Memory read bandwidth measured in the same run (the fastest of 5 reads: the ceiling): "
+                    f"{bw / 1e9:.1f} GB/s. 'Roofline' is "
                     "bytes read per token (every weight but the rows of an untied input embedding table) × "
                     "tokens/s ÷ that bandwidth (gpt-fast's 'bandwidth achieved'): the share of the speed "
                     "that reading every weight once per token allows.", ""]
@@ -489,40 +521,26 @@ def markdown(result) -> str:
             out.append(f"| {r['impl']} | {r['method']} | {r['activations']} | {r['weight_bytes'] / mib:.1f} | "
                        f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / fp:.2f}x | {r['tokens_per_s'] / bf:.2f}x | "
                        f"{achieved / 1e9:.1f} | {roof} |")
-        hf_bf = [r["tokens_per_s"] for r in result["decode"] if r["impl"] == "transformers" and r["method"] == "bf16"]
-        if hf_bf:
-            line = f"Ember bf16 / `transformers` bf16: **{bf / hf_bf[0]:.2f}x**"
-            compiled = [r["tokens_per_s"] for r in result["decode"]
-                        if r["impl"] == "ember, compiled" and r["method"] == "bf16"]
-            if compiled:
-                line += f" eager, **{compiled[0] / hf_bf[0]:.2f}x** compiled"
-            out += ["", line + "."]
-        best = {}  # the fastest Ember row per format (bf16, int8, int4 at any group size, head or not)
-        for r in result["decode"]:
-            kind = r["method"].split()[0]
-            if (r["impl"].startswith("ember") and "PyTorch" not in r["impl"] and kind in ("bf16", "int8", "int4")
-                    and r["tokens_per_s"] > best.get(kind, {}).get("tokens_per_s", 0.0)):
-                best[kind] = r
-        cpp = {r["method"]: r["tokens_per_s"] for r in result["decode"] if r["impl"] == "llama.cpp"}
-        pairs = [("bf16", "F16"), ("int8", "Q8_0"), ("int4", "Q4_0")]
-        if cpp:
-            out += ["", "Ember (fastest row) / llama.cpp, same run: " + ", ".join(
-                f"{e} / {c}: **{best[e]['tokens_per_s'] / cpp[c]:.2f}x** ({best[e]['method']}, {best[e]['impl']})"
-                for e, c in pairs if e in best and c in cpp) + ". '+head': the LM head quantized too (int8 under "
-                "int4; '+int4 head': int4 like the blocks); llama.cpp's Q8_0 and Q4_0 files store their output "
-                "matrix at 8 and 6 bits."]
+        if any(r["impl"] == "llama.cpp" for r in result["decode"]):
+            out += ["", "'+head': the LM head quantized too (int8 under int4; '+int4 head': int4 like the blocks); "
+                    "llama.cpp's Q8_0 and Q4_0 files store their output matrix at 8 and 6 bits. Each row of this "
+                    "table is one run; the head-to-head rounds below are the figures to compare."]
     if result.get("head_to_head"):
-        out += ["", "### Head to head: Ember's fastest row per format against its peer, alternating", "",
-                "Each round runs Ember, then the peer, seconds apart; the ratio is the median over rounds "
-                "(this machine's speed drifts by 10-30% over minutes, so rows measured minutes apart in "
-                "the table above compare less well).", "",
-                "| Ember | peer | Ember tokens/s | peer tokens/s | Ember / peer |", "|---|---|---|---|---:|"]
+        out += ["", "### Head to head: Ember against its peer in ABBA rounds", "",
+                "Rounds run Ember, peer; peer, Ember; ... seconds apart. Figures are the median over all rounds "
+                "with the spread (min–max); the ratio is the median of each round's own ratio. Eager meets eager "
+                "and compiled meets compiled; llama.cpp (compiled ahead of time) is shown against both.", "",
+                "| Ember | peer | rounds | Ember tokens/s | peer tokens/s | Ember / peer |", "|---|---|---:|---|---|---|"]
         for r in result["head_to_head"]:
-            fmt = lambda xs: ", ".join(f"{x:.1f}" for x in xs)  # noqa: E731
-            out.append(f"| {r['ember']} | {r['peer']} | {fmt(r['ember_tokens_per_s'])} | {fmt(r['peer_tokens_per_s'])} "
-                       f"| **{r['ratio']:.2f}x** |")
-        if result.get("earlier_runs"):  # added by hand: other runs' head-to-head figures, for the spread
-            out += ["", result["earlier_runs"]]
+            out.append(f"| {r['ember']} | {r['peer']} | {r['ratio']['rounds']} | {fmt(r['ember_spread'])} | "
+                       f"{fmt(r['peer_spread'])} | **{fmt(r['ratio'], 2, 'x')}** |")
+    if result.get("llama_bench"):
+        out += ["", "### llama.cpp's own `llama-bench` on the same GGUF files", "",
+                "pp512: a 512-token prompt; tg128: 128 generated tokens; the same threads as every row above. "
+                "Tokens/s: the median over its repetitions (min–max).", "",
+                "| GGUF | test | threads | tokens/s |", "|---|---|---:|---|"]
+        for r in result["llama_bench"]:
+            out.append(f"| {r['gguf']} | {r['test']} | {r['threads']} | {fmt(r['tokens_per_s'])} |")
     if result.get("batched"):
         out += ["", f"## Batched decode in the engine ({result['batch_model']}, 16-token prompts, "
                 f"{result['batch_tokens']} new tokens each, greedy)", "",
@@ -560,24 +578,22 @@ def main() -> None:
     ap.add_argument("--llama-cpp-src", default=os.environ.get("LLAMA_CPP_SRC"),
                     help="a llama.cpp source tree (for convert_hf_to_gguf.py), e.g. the vendor/llama.cpp of the "
                     "llama-cpp-python sdist; with llama-cpp-python installed, adds llama.cpp F16/Q8_0/Q4_0 rows")
+    ap.add_argument("--llama-bench", default=shutil.which("llama-bench"),
+                    help="llama.cpp's llama-bench binary (default: on PATH): pp512 and tg128 on each GGUF")
     ap.add_argument("--data", default=os.environ.get("EMBER_SHARED_DATA", str(Path(__file__).resolve().parents[2] / "shared" / "data")),
                     help="shared data directory (the GPT-2 tokenizer the GGUF conversion needs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the torch.compile'd decode rows (each compiles for up to a minute)")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="head-to-head rounds, Ember and its peer alternating (0: skip)")
+                    help="head-to-head rounds in ABBA order (0: skip)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--tmp", default="/tmp/ember_quant_bench")
     ap.add_argument("--out", default=str(RESULTS / "quant"), help="results path without extension")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = f"{platform.machine()} {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}; int8 kernel: " \
-              f"{ember_gemv.instruction_set() if ember_gemv.available() else 'none'})"
-    result = {"machine": f"{machine}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "command": "python benchmarks/quant.py " + " ".join(sys.argv[1:]),
-              "speed_model": f"random {args.speed_preset}", "prompt_tokens": args.prompt_tokens}
+    result = stamp({"gemv_kernel": ember_gemv.instruction_set() if ember_gemv.available() else None,
+                    "speed_model": f"random {args.speed_preset}", "prompt_tokens": args.prompt_tokens})
     t0 = time.time()
     if "quality" not in args.skip:
         print("perplexity ...", flush=True)
@@ -595,8 +611,8 @@ def main() -> None:
         print("decode ...", flush=True)
         result["memory_bandwidth"] = memory_bandwidth()
         print(f"  memory read bandwidth {result['memory_bandwidth'] / 1e9:.1f} GB/s", flush=True)
-        result["head_to_head"] = []
-        result["decode"] = speed(args, result["head_to_head"])
+        result["head_to_head"], result["llama_bench"] = [], []
+        result["decode"] = speed(args, result["head_to_head"], result["llama_bench"])
     if "batched" not in args.skip:
         print("batched ...", flush=True)
         result["batch_model"] = f"random {args.batch_preset}"
@@ -607,9 +623,7 @@ def main() -> None:
         result["gemv"] = gemv(args)
     result["seconds"] = time.time() - t0
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
+    write_results(out.name, result, markdown(result), results_dir=out.parent)
     print(markdown(result))
 
 

@@ -7,13 +7,14 @@
   averaging (min-max and raw), beside bm25s (English stopwords + Snowball stemmer),
   SQLite FTS5 bm25() (Porter stemmer) and sentence-transformers dense.
 - Speed: query latency p50/p95 per mode, BM25 queries/s (Ember vs bm25s), embedding
-  throughput Ember vs sentence-transformers on the same texts (alternating runs, best of
-  two each), and the cosine between the two models' vectors.
+  throughput Ember vs sentence-transformers on the same texts (ABBA rounds, the median with
+  its spread), and the cosine between the two models' vectors.
 - Chunking: token-level recall@5 on the chunking-evaluation corpora (Chroma's protocol:
   characters of the reference excerpts covered by the 5 chunks nearest the question).
 
-Corpus embeddings are cached under /tmp/ember_rag_cache (keyed by content) because
-encoding 3.6k abstracts takes minutes on 2 cores; throughput is always measured fresh.
+Corpus embeddings are cached under /tmp/ember_rag_cache because encoding 3.6k abstracts takes
+minutes on 2 cores; the key covers the texts, the encoder's code and the torch version, so a
+changed encoder encodes afresh. Throughput is always measured in the run.
 Writes benchmarks/results/rag_beir.json and .md.
 """
 
@@ -35,6 +36,9 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import fmt, ratio_spread, run_rounds, spread, stamp, write_results  # noqa: E402
 
 from ember.rag.bm25 import ENGLISH_STOPWORDS  # noqa: E402
 from ember.rag.chunk import recursive_chunks, token_chunks  # noqa: E402
@@ -73,7 +77,10 @@ def evaluate(run: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dic
 
 
 def cached(name: str, texts: list[str], fn) -> np.ndarray:
-    key = hashlib.sha256(("\x00".join(texts)).encode()).hexdigest()[:16]
+    import torch
+
+    code = (ROOT / "ember" / "rag" / "encoder.py").read_bytes()
+    key = hashlib.sha256(("\x00".join(texts)).encode() + code + torch.__version__.encode()).hexdigest()[:16]
     path = CACHE / f"{name}-{key}.npy"
     if path.exists():
         return np.load(path)
@@ -113,7 +120,8 @@ def encoder_flops(enc, texts: list[str]) -> float:
 
 
 def matmul_peak_gflops(enc, rows: int = 4096, repeats: int = 5) -> float:
-    """The machine's fp32 matmul rate on the encoder's own FFN shape: the compute roofline."""
+    """The machine's fp32 matmul rate on the encoder's own FFN shape, the fastest of `repeats`: the
+    compute roofline (a ceiling, so the fastest run is the right figure here)."""
     import torch
     import torch.nn.functional as F
     c = enc.model.config
@@ -127,21 +135,30 @@ def matmul_peak_gflops(enc, rows: int = 4096, repeats: int = 5) -> float:
     return 2 * rows * c.hidden_size * c.intermediate_size / best / 1e9
 
 
-def throughput(enc, st, texts: list[str]) -> dict:
-    """Alternate the two encoders (best of two each), so machine noise hits both alike; report
-    each one's FLOP rate against the machine's fp32 matmul peak (the compute roofline)."""
+def throughput(enc, st, texts: list[str], rounds: int) -> dict:
+    """Docs/s of the two encoders in ABBA rounds, so machine noise hits both alike (the median with
+    its spread); each one's FLOP rate against the machine's fp32 matmul peak (the compute roofline)."""
     enc.encode(texts[:8]), st.encode(texts[:8])
-    times = {"ember": [], "sentence_transformers": []}
-    for _ in range(2):
-        t = time.perf_counter(); a = enc.encode(texts); times["ember"].append(time.perf_counter() - t)
-        t = time.perf_counter(); b = st.encode(texts, normalize_embeddings=True)
-        times["sentence_transformers"].append(time.perf_counter() - t)
-    cos = (a * b).sum(1)
-    e, s = len(texts) / min(times["ember"]), len(texts) / min(times["sentence_transformers"])
+    vectors = {}
+
+    def timed(name, fn):
+        def run() -> float:
+            t = time.perf_counter()
+            vectors[name] = fn()
+            return len(texts) / (time.perf_counter() - t)
+        return run
+
+    speeds = run_rounds({"ember": timed("ember", lambda: enc.encode(texts)),
+                         "sentence_transformers": timed("st", lambda: st.encode(texts, normalize_embeddings=True))},
+                        rounds)
+    cos = (vectors["ember"] * vectors["st"]).sum(1)
+    e, s = spread(speeds["ember"]), spread(speeds["sentence_transformers"])
     flops, peak = encoder_flops(enc, texts), matmul_peak_gflops(enc)
-    e_rate, s_rate = flops / min(times["ember"]) / 1e9, flops / min(times["sentence_transformers"]) / 1e9
-    return {"docs": len(texts), "ember_docs_per_s": round(e, 2), "st_docs_per_s": round(s, 2),
-            "ratio": round(e / s, 3), "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 7),
+    per_doc = flops / len(texts) / 1e9
+    e_rate, s_rate = per_doc * e["median"], per_doc * s["median"]
+    return {"docs": len(texts), "order": "ABBA", "ember_docs_per_s": e, "st_docs_per_s": s,
+            "ratio": ratio_spread(speeds["ember"], speeds["sentence_transformers"]),
+            "min_cosine": round(float(cos.min()), 6), "mean_cosine": round(float(cos.mean()), 7),
             "gflop_per_doc": round(flops / len(texts) / 1e9, 3), "matmul_peak_gflops": round(peak, 1),
             "ember_gflops": round(e_rate, 1), "st_gflops": round(s_rate, 1),
             "ember_share_of_peak": round(e_rate / peak, 3), "st_share_of_peak": round(s_rate / peak, 3),
@@ -214,31 +231,24 @@ def main() -> None:
                     help="skip encoding the whole corpus with sentence-transformers (minutes on 2 cores)")
     ap.add_argument("--no-dense", action="store_true",
                     help="BM25 only on NFCorpus (skip encoding the corpus; throughput and chunking still run)")
-    ap.add_argument("--fresh-throughput", action="store_true",
-                    help="re-measure throughput even if a cached measurement for the same texts exists")
+    ap.add_argument("--throughput-rounds", type=int, default=4, help="embedding throughput rounds, ABBA order")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rag_beir"),
+                    help="results path without extension")
     a = ap.parse_args()
     data = Path(a.data)
     docs, queries, qrels = load_beir(data / "nfcorpus")
     texts = [f"{d.get('title', '')}\n{d['text']}" if d.get("title") else d["text"] for d in docs]
     ids = [d["_id"] for d in docs]
-    res: dict = {"machine": f"{os.cpu_count()} CPU cores", "corpus_docs": len(docs), "test_queries": len(qrels)}
+    res: dict = stamp({"corpus_docs": len(docs), "test_queries": len(qrels)})
     print(f"NFCorpus: {len(docs)} documents, {len(qrels)} test queries")
 
-    import torch
     from sentence_transformers import SentenceTransformer
     enc = load_encoder()
     st = SentenceTransformer(str(default_encoder_path()), device="cpu")
     rng = np.random.default_rng(0)
     sub = [texts[i] for i in rng.choice(len(texts), min(a.throughput_docs, len(texts)), replace=False)]
-    tp_file = CACHE / f"throughput-{hashlib.sha256(''.join(sub).encode()).hexdigest()[:16]}.json"
-    if tp_file.exists() and not a.fresh_throughput:
-        res["embedding_throughput"] = {**json.loads(tp_file.read_text()), "cached_measurement": True}
-    else:
-        res["embedding_throughput"] = throughput(enc, st, sub)
-        CACHE.mkdir(parents=True, exist_ok=True)
-        tp_file.write_text(json.dumps(res["embedding_throughput"]))
+    res["embedding_throughput"] = throughput(enc, st, sub, a.throughput_rounds)
     print("  throughput", res["embedding_throughput"])
-    res["torch_threads"] = torch.get_num_threads()
 
     ember_vecs = None if a.no_dense else cached("ember-nfcorpus", texts, enc.encode)
     st_vecs = None if a.no_peer_dense or a.no_dense else cached(
@@ -302,17 +312,13 @@ def main() -> None:
     res["ember_bm25_qps_vs_bm25s"] = round(res["ember"]["bm25"]["queries_per_s"] / bm25s_qps, 2)
     if not a.skip_chunking:
         res["chunking_recall@5"] = chunking_eval(data, enc, a.chunking_corpora)
-    write(res)
+    write(res, Path(a.out))
 
 
-def write(res: dict) -> None:
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rag_beir.json").write_text(json.dumps(res, indent=2) + "\n")
+def write(res: dict, out: Path) -> None:
     e = res["ember"]
     lines = ["# RAG retrieval on BEIR NFCorpus", "",
-             f"{res['corpus_docs']} documents, {res['test_queries']} test queries; {res['machine']}, "
-             f"torch threads {res['torch_threads']}. Command: `python benchmarks/rag_beir.py`.", "",
+             f"{res['corpus_docs']} documents, {res['test_queries']} test queries.", "",
              "| system | nDCG@10 | Recall@100 | p50 ms | p95 ms |", "|---|---|---|---|---|"]
     for m in ("bm25", "dense", "hybrid", "average", "raw_average"):
         r = e.get(m, {"ndcg@10": "not run", "recall@100": "not run"})
@@ -329,9 +335,10 @@ def write(res: dict) -> None:
               f"BM25 queries/s (index only, one at a time): Ember {e['bm25']['queries_per_s']}, bm25s "
               f"{res['bm25s']['queries_per_s_one_by_one']} (tokenize + retrieve per query; batched "
               f"{res['bm25s']['queries_per_s_batched']}); ratio {res['ember_bm25_qps_vs_bm25s']}.", "",
-              f"Embedding throughput on {t['docs']} NFCorpus documents (same model, same texts, alternating runs): "
-              f"Ember {t['ember_docs_per_s']} docs/s, sentence-transformers {t['st_docs_per_s']} docs/s, "
-              f"ratio {t['ratio']}x; cosine between their vectors min {t['min_cosine']}, mean {t['mean_cosine']}."]
+              f"Embedding throughput on {t['docs']} NFCorpus documents (same model, same texts, median over "
+              f"{t['ratio']['rounds']} rounds in ABBA order, min–max): Ember {fmt(t['ember_docs_per_s'], 2)} docs/s, "
+              f"sentence-transformers {fmt(t['st_docs_per_s'], 2)} docs/s, ratio {fmt(t['ratio'], 3, 'x')}; "
+              f"cosine between their vectors min {t['min_cosine']}, mean {t['mean_cosine']}."]
     if "matmul_peak_gflops" in t:
         lines += ["", f"Compute roofline: one document costs {t['gflop_per_doc']} GFLOP (linear layers + attention at "
                   f"its truncated length). This machine's fp32 matmul peak on the encoder's FFN shape is "
@@ -344,7 +351,7 @@ def write(res: dict) -> None:
         lines += ["", "Chunking (token-level recall@5 over the chunking-evaluation corpora, MiniLM retrieval):", "",
                   "| chunker | recall@5 |", "|---|---|"]
         lines += [f"| {n} | {r['recall@5']} |" for n, r in res["chunking_recall@5"].items()]
-    (out / "rag_beir.md").write_text("\n".join(lines) + "\n")
+    write_results(out.name, res, "\n".join(lines), results_dir=out.parent)
     print("\n".join(lines))
 
 

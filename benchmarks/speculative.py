@@ -11,33 +11,29 @@ Two workloads, each decoded greedily by the same engine with and without specula
      its first lines again, so a good continuation copies the rest;
   2. free continuation of held-out source code (what a draft model is for).
 Each runs at batch size 1 (single stream, the latency case) and with 16 concurrent requests,
-plain and speculative alternating over a few rounds (the median ratio counts).
-The figures are output tokens/s; the ratios are what to read (the machines are noisy), and
-every speculative run must give exactly the plain run's tokens.
+plain and speculative in ABBA rounds (plain, ngram, draft; draft, ngram, plain; ...). The
+figures are output tokens/s, the median over rounds with the spread (min–max); a speed-up is
+the median of each round's own ratio; every speculative run must give exactly the plain run's
+tokens. The target runs eagerly throughout; the draft model runs eager and, in a separate row,
+with its lone-sequence steps compiled.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
-import statistics
 import sys
 import sysconfig
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ember.load import load_model  # noqa: E402
+from common import RESULTS, abba, fmt, ratio_spread, spread, write_results  # noqa: E402
 from ember.data import stdlib_files  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
+from ember.load import load_model  # noqa: E402
 from ember.tokenizer import load_tokenizer  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def held_out_sources(n: int, seed: int) -> list[str]:
@@ -90,8 +86,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--k", type=int, default=4, help="tokens guessed per step")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating plain/speculative rounds; the median counts")
-    ap.add_argument("--eager-draft", action="store_true", help="draft without compiling its steps (the ablation)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds in ABBA order; the median counts")
+    ap.add_argument("--eager-draft", action="store_true", help="only the eager draft row (no compiled draft steps)")
+    ap.add_argument("--out", default=str(RESULTS / "speculative"), help="results path without extension")
     args = ap.parse_args()
 
     tok = load_tokenizer(args.target)
@@ -100,11 +97,13 @@ def main() -> None:
     context = target.config.max_position_embeddings
     workloads = {"copy": copy_prompts(tok, args.prompts, args.seed, context - args.max_tokens - 64),
                  "free": free_prompts(tok, args.prompts, args.seed)}
-    # name -> engine arguments. The draft's steps for a lone sequence run compiled (its k
-    # one-token steps are otherwise mostly PyTorch's per-operation overhead).
+    # name -> engine arguments. Eager and compiled draft steps are separate rows: the target is
+    # eager in every row, so only the eager draft compares like with like.
     methods = {"ngram": {"speculative": "ngram"}}
     if draft is not None:
-        methods["draft"] = {"speculative": draft, "compile_draft": not args.eager_draft}
+        methods["draft, eager"] = {"speculative": draft, "compile_draft": False}
+        if not args.eager_draft:
+            methods["draft, compiled draft steps"] = {"speculative": draft, "compile_draft": True}
     engine = dict(block_size=16, num_kv_blocks=2048, max_num_batched_tokens=1024)
     for name, spec in methods.items():  # warm up: the compiled draft step compiles on first use
         for prompts in workloads.values():
@@ -113,56 +112,47 @@ def main() -> None:
     for workload, prompts in workloads.items():
         for concurrent in (1, 16):
             n = len(prompts) if concurrent > 1 else min(4, len(prompts))
-            # Plain and speculative runs alternate, round after round, and the median of each
-            # round's ratio counts: the machine's speed drifts by 10-30% within minutes.
-            plain_speeds, found = [], {name: {"speeds": [], "ratios": [], "identical": True} for name in methods}
-            for _ in range(args.rounds):
-                base_tps, base_out = run(LLM(target, tok, **engine), prompts[:n], args.max_tokens, concurrent)
-                plain_speeds.append(base_tps)
-                print(f"{workload:5} c={concurrent:<3} plain      {base_tps:7.1f} tok/s", flush=True)
-                for name, spec in methods.items():
-                    llm = LLM(target, tok, num_speculative_tokens=args.k, **spec, **engine)
-                    tps, out = run(llm, prompts[:n], args.max_tokens, concurrent)
-                    f = found[name]
-                    f["speeds"].append(tps)
-                    f["ratios"].append(tps / base_tps)
-                    f["identical"] &= out == base_out
-                    f["acceptance_rate"] = llm.spec_acceptance_rate
-                    f["mean_accepted_length"] = llm.spec_mean_accepted_length
-                    print(f"{workload:5} c={concurrent:<3} {name:10} {tps:7.1f} tok/s  {tps / base_tps:5.2f}x  "
-                          f"accept {f['acceptance_rate']:.2f}  len {f['mean_accepted_length']:.2f}  "
-                          f"identical={out == base_out}", flush=True)
+            # ABBA rounds, and the median of each round's ratio counts: the machine's speed drifts
+            # by 10-30% within minutes.
+            speeds: dict[str, list[float]] = {name: [] for name in ["plain", *methods]}
+            found = {name: {"identical": True} for name in methods}
+            for order in abba(list(speeds), args.rounds):
+                outputs = {}
+                for name in order:
+                    spec = {} if name == "plain" else {"num_speculative_tokens": args.k, **methods[name]}
+                    llm = LLM(target, tok, **spec, **engine)
+                    tps, outputs[name] = run(llm, prompts[:n], args.max_tokens, concurrent)
+                    speeds[name].append(tps)
+                    if name != "plain":
+                        found[name]["acceptance_rate"] = llm.spec_acceptance_rate
+                        found[name]["mean_accepted_length"] = llm.spec_mean_accepted_length
+                    print(f"{workload:5} c={concurrent:<3} {name:28} {tps:7.1f} tok/s", flush=True)
+                for name in methods:
+                    found[name]["identical"] &= outputs[name] == outputs["plain"]
             for name, f in found.items():
                 rows.append({"workload": workload, "concurrent": concurrent, "method": name,
-                             "plain_tok_s": statistics.median(plain_speeds),
-                             "spec_tok_s": statistics.median(f["speeds"]), "speedup": statistics.median(f["ratios"]),
-                             "round_speedups": f["ratios"], "identical": f["identical"],
+                             "plain_tok_s": spread(speeds["plain"]), "spec_tok_s": spread(speeds[name]),
+                             "speedup": ratio_spread(speeds[name], speeds["plain"]), "identical": f["identical"],
                              "acceptance_rate": f["acceptance_rate"],
                              "mean_accepted_length": f["mean_accepted_length"]})
     result = {"benchmark": "speculative", "target": {"path": args.target, "parameters": target.num_parameters()},
               "draft": {"path": args.draft, "parameters": draft.num_parameters()} if draft else None,
-              "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds,
-              "compile_draft": not args.eager_draft, "rows": rows,
-              "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__}, "date": time.strftime("%Y-%m-%d")}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "speculative.json").write_text(json.dumps(result, indent=2) + "\n")
+              "k": args.k, "max_tokens": args.max_tokens, "rounds": args.rounds, "order": "ABBA", "rows": rows}
     size = (f"target {target.num_parameters() / 1e6:.1f}M parameters"
             + (f", draft {draft.num_parameters() / 1e6:.2f}M ({target.num_parameters() / draft.num_parameters():.0f}x "
                "smaller)" if draft else ""))
     md = ["# Speculative decoding (CPU)", "",
-          f"{size}; greedy, {args.max_tokens} new tokens, k = {args.k}; {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}. Speed-up: median of {args.rounds} rounds, plain and speculative "
-          "alternating (tok/s: medians too); the draft's steps for a lone sequence "
-          f"{'eager' if args.eager_draft else 'compiled'}. Command: `python benchmarks/speculative.py --target ... --draft ...`.", "",
+          f"{size}; greedy, {args.max_tokens} new tokens, k = {args.k}. {args.rounds} rounds in ABBA order; tok/s "
+          "are medians (min–max), a speed-up the median of each round's own ratio. The target runs eagerly in "
+          "every row; 'compiled draft steps' compiles the draft's steps for a lone sequence.", "",
           "| workload | concurrent | method | plain tok/s | speculative tok/s | speed-up | acceptance | "
-          "tokens/step | identical |", "|---|---:|---|---:|---:|---:|---:|---:|---|"]
+          "tokens/step | identical |", "|---|---:|---|---|---|---|---:|---:|---|"]
     for r in rows:
-        md.append(f"| {r['workload']} | {r['concurrent']} | {r['method']} | {r['plain_tok_s']:.1f} | "
-                  f"{r['spec_tok_s']:.1f} | **{r['speedup']:.2f}x** | {r['acceptance_rate']:.2f} | "
+        md.append(f"| {r['workload']} | {r['concurrent']} | {r['method']} | {fmt(r['plain_tok_s'])} | "
+                  f"{fmt(r['spec_tok_s'])} | **{fmt(r['speedup'], 2, 'x')}** | {r['acceptance_rate']:.2f} | "
                   f"{r['mean_accepted_length']:.2f} | {'yes' if r['identical'] else 'NO'} |")
-    (RESULTS / "speculative.md").write_text("\n".join(md) + "\n")
-    print(f"Wrote {RESULTS / 'speculative.json'} and .md")
+    out = Path(args.out)
+    print(f"Wrote {write_results(out.name, result, chr(10).join(md), results_dir=out.parent)} and .json")
 
 
 if __name__ == "__main__":

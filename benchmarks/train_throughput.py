@@ -42,7 +42,6 @@ import argparse
 import json
 import os
 import pickle
-import platform
 import re
 import shutil
 import statistics
@@ -57,19 +56,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import abba, ratio_spread, spread, write_results  # noqa: E402
+from common import RESULTS  # noqa: E402
 from ember.data import TokenShards, stdlib_files  # noqa: E402
-from ember.device import cpu_name  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 GET_NANOGPT = "git clone https://github.com/karpathy/nanoGPT /tmp/nanogpt"
 SKIP_FIRST = 5  # steps to let the allocator and caches settle, as nanoGPT's MFU does
-
-
-# --- machine -------------------------------------------------------------------------------
-def machine(threads: int) -> dict:
-    cpu = cpu_name()
-    return {"cpu": cpu, "cores_visible": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -258,35 +250,38 @@ def same_window_loss(loss_of, a) -> float:
 
 # --- report ------------------------------------------------------------------------------------
 def summarize(runs: list[dict]) -> dict:
+    """Each figure's median over the tool's runs, with its spread (min–max)."""
     keys = ["tokens_per_s_median", "tokens_per_s_end_to_end", "steps", "train_loss_last10",
             "val_loss_same_windows", "val_loss_own_estimate", "val_step"]
     out = {}
     for k in keys:
         vals = [r[k] for r in runs if r.get(k) is not None]
-        out[k] = (statistics.mean(vals) if k != "val_step" else min(vals)) if vals else None
+        out[k] = spread(vals) if vals else None
     return out
 
 
-def per_round(runs: dict) -> tuple[str, list[float]]:
+def per_round(runs: dict) -> tuple[str, dict]:
     """One row per run and the Ember/nanoGPT tokens/s ratio of each round (neighbouring runs)."""
     lines = ["| round | tool | load avg before | tok/s, median step | tok/s, end to end | steps | val loss (step) |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    ratios = []
     for r, (e, n) in enumerate(zip(runs["ember"], runs["nanogpt"]), 1):
         for tool, x in (("nanoGPT", n), ("Ember", e)):
             lines.append(f"| {r} | {tool} | {x.get('load_average_before', float('nan')):.2f} | "
                          f"{fmt(x['tokens_per_s_median'])} | {fmt(x['tokens_per_s_end_to_end'])} | {x['steps']} | "
                          f"{fmt(x['val_loss_same_windows'], 3)} ({x['val_step']}) |")
-        ratios.append(e["tokens_per_s_median"] / n["tokens_per_s_median"])
+    ratio = ratio_spread([e["tokens_per_s_median"] for e in runs["ember"]],
+                         [n["tokens_per_s_median"] for n in runs["nanogpt"]])
     lines.append("")
-    lines.append("Ember / nanoGPT tokens/s (median step), per round: " + ", ".join(f"{x:.3f}" for x in ratios)
-                 + f"; median **{statistics.median(ratios):.3f}**.")
-    return "\n".join(lines), ratios
+    lines.append(f"Ember / nanoGPT tokens/s (median step): the median of {ratio['rounds']} rounds' own ratios "
+                 f"**{ratio['median']:.3f}** ({ratio['min']:.3f}–{ratio['max']:.3f}).")
+    return "\n".join(lines), ratio
 
 
 def fmt(v, nd=0):
     if v is None:
         return "—"
+    if isinstance(v, dict):  # a spread
+        return f"{v['median']:,.{nd}f} ({v['min']:,.{nd}f}–{v['max']:,.{nd}f})"
     return f"{v:,.{nd}f}"
 
 
@@ -299,10 +294,10 @@ def table(summary: dict, has_peer: bool) -> str:
             ("val loss, same windows (last checkpoint in budget)", "val_loss_same_windows", 3),
             ("val loss, the tool's own estimate", "val_loss_own_estimate", 3),
             ("step of that checkpoint", "val_step", 0)]
-    lines = ["| metric | nanoGPT | Ember | Ember / nanoGPT |", "|---|---:|---:|---:|"]
+    lines = ["| metric | nanoGPT | Ember | Ember / nanoGPT (medians) |", "|---|---|---|---:|"]
     for label, k, nd in rows:
         ev, nv = e.get(k), n.get(k)
-        ratio = f"{ev / nv:.3f}" if has_peer and ev is not None and nv else "—"
+        ratio = f"{ev['median'] / nv['median']:.3f}" if has_peer and ev is not None and nv else "—"
         lines.append(f"| {label} | {fmt(nv, nd)} | {fmt(ev, nd)} | {ratio} |")
     return "\n".join(lines)
 
@@ -330,6 +325,7 @@ def main() -> None:
     p.add_argument("--vocab-size", type=int, default=4096)
     p.add_argument("--workdir", default="/tmp/ember_train_bench")
     p.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/")
+    p.add_argument("--out", default=str(RESULTS / "train_throughput"), help="results path without extension")
     a = p.parse_args()
 
     work = Path(a.workdir)
@@ -355,10 +351,7 @@ def main() -> None:
     print(f"Model: GPT-2, {a.n_layer} layers, {a.n_head} heads, {a.n_embd} wide, block {a.block_size}; "
           f"batch {a.batch_size}; {a.minutes} min per run, {a.rounds} round(s), float32, {a.threads} threads")
 
-    order = []
-    for r in range(a.rounds):
-        pair = ["nanogpt", "ember"] if r % 2 == 0 else ["ember", "nanogpt"]
-        order += [t for t in pair if t == "ember" or ndir is not None]
+    order = [t for pair in abba(["ember", "nanogpt"], a.rounds) for t in pair if t == "ember" or ndir is not None]
     runs = {"ember": [], "nanogpt": []}
     for i, tool in enumerate(order):
         run = work / f"run_{i}_{tool}"
@@ -375,14 +368,13 @@ def main() -> None:
     if ndir is not None:
         summary["nanogpt"] = summarize(runs["nanogpt"])
     md = table(summary, ndir is not None)
-    rounds_md, ratios = per_round(runs) if ndir is not None else ("", [])
-    if ratios:
-        md = rounds_md + "\n\nMeans over all runs (read the per-round ratios above first):\n\n" + md
+    rounds_md, ratio = per_round(runs) if ndir is not None else ("", None)
+    if ratio:
+        md = rounds_md + "\n\nMedians over all runs, min–max (read the per-round ratios above first):\n\n" + md
     print()
     print(md)
-    mach = machine(a.threads)
     result = {
-        "benchmark": "train_throughput", "date": time.strftime("%Y-%m-%d %H:%M"), "machine": mach,
+        "benchmark": "train_throughput",
         "nanogpt": {"dir": str(ndir) if ndir else None, "commit": git_commit(ndir) or (a.nanogpt_rev if ndir else None)},
         "setup": {k: getattr(a, k) for k in ("minutes", "rounds", "steps", "warmup", "lr", "n_layer", "n_head",
                                              "n_embd", "block_size", "batch_size", "eval_every",
@@ -390,19 +382,14 @@ def main() -> None:
         "data": {"train_tokens": meta["num_tokens"]["train"], "val_tokens": meta["num_tokens"]["val"],
                  "tokenizer_vocab": meta["vocab_size"], "model_vocab": vocab},
         "order": order, "runs": runs, "summary": summary,
-        "per_round_tokens_per_s_ratio": ratios,
-        "median_tokens_per_s_ratio": statistics.median(ratios) if ratios else None,
+        "tokens_per_s_ratio": ratio,
     }
     if a.no_save:
         return
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "train_throughput.md").write_text(
+    out = Path(a.out)
+    write_results(out.name, result,
         "# Training throughput: Ember vs nanoGPT (CPU)\n\n"
-        f"`python benchmarks/train_throughput.py --minutes {a.minutes} --rounds {a.rounds} --nanogpt DIR`"
-        f" — {result['date']}\n\n"
-        f"Machine: {mach['cpu']}, {a.threads} threads, torch {mach['torch']}, Python {mach['python']}. "
-        f"nanoGPT {result['nanogpt']['commit'] or '(not run)'}.\n\n"
+        f"nanoGPT {result['nanogpt']['commit'] or '(not run)'}; {a.threads} threads for both.\n\n"
         f"GPT-2 architecture, {a.n_layer} layers × {a.n_head} heads × {a.n_embd} wide, block {a.block_size}, "
         f"batch {a.batch_size}, vocab {vocab} (Ember BPE on {a.corpus_mb:g} MB of the Python stdlib, "
         f"{meta['num_tokens']['train']:,} train tokens), float32, no compile, AdamW lr {a.lr:g}, "
@@ -415,8 +402,9 @@ def main() -> None:
         "(nanoGPT's ckpt.pt evaluated by this script in nanoGPT's own model class). "
         "\"Own estimate\": nanoGPT averages random val batches; Ember's is the same-windows figure. "
         f"Per evaluation both spend {2 * a.eval_batches} forward batches (nanoGPT {a.eval_batches} train + "
-        f"{a.eval_batches} val). Steps that paid for an evaluation or checkpoint are left out of the median.\n")
-    print(f"\nWrote {RESULTS / 'train_throughput.json'} and {RESULTS / 'train_throughput.md'}")
+        f"{a.eval_batches} val). Steps that paid for an evaluation or checkpoint are left out of the median.\n",
+        results_dir=out.parent)
+    print(f"\nWrote {out}.json and .md")
 
 
 def git_commit(d: Path | None) -> str | None:

@@ -242,12 +242,11 @@ def cmd_tokens(a: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
-    from ember.data import prepare_shards
+    from ember.data import describe_split, prepare_shards
     from ember.tokenizer import load_tokenizer
 
     meta = prepare_shards(a.input, load_tokenizer(a.tokenizer), a.out, val_fraction=a.val_fraction)
-    n = meta["num_tokens"]
-    print(f"Wrote {n['train']:,} train and {n['val']:,} validation tokens to {a.out}")
+    print(f"Wrote {a.out}: {describe_split(meta)}")
 
 
 def cmd_data_synth(a: argparse.Namespace) -> None:

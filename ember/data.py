@@ -3,10 +3,14 @@
 - A corpus is any mix of text files, directories, JSONL (a `text` field, optionally
   gzipped), Parquet (a `text` column), or `stdlib`: the Python standard library of the
   running interpreter, the default corpus that needs no download.
-- `prepare_shards` tokenizes each document, appends EOS, and routes it to train or
-  validation by a hash of its content, so the split never changes when files are added.
-  Shards are flat uint16/uint32 arrays (nanoGPT's `.bin` format) plus `meta.json`, and
-  the tokenizer is saved beside them. The directory appears whole or not at all.
+- `prepare_shards` tokenizes each document and appends EOS. A corpus of many documents is
+  split by document: a hash of each document's content routes it to train or validation, so
+  the split never changes when files are added. A corpus of few documents (one book, a few
+  large files) cannot be split that way, since one document more or less swings the share,
+  so it is split by tokens: each document's last `val_fraction` of tokens go to validation.
+  Shards are flat uint16/uint32 arrays (nanoGPT's `.bin` format) plus `meta.json`, which
+  records how the corpus was split and the validation share, and the tokenizer is saved
+  beside them. The directory appears whole or not at all.
 - `TokenShards.get_batch` draws windows from a generator seeded by (seed, split, step,
   micro-step): a resumed run sees exactly the batches an uninterrupted run would.
 """
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from ember.errors import EmberError
+from ember.files import atomic_dir, write_json
 
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text", ".html", ".htm", ".c", ".h", ".json", ".csv", ".tex"}
 DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -37,6 +42,14 @@ FORMAT = "ember-token-shards-v1"
 TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 ENCODE_BATCH = 256  # documents per tokenizer call: amortizes the call, bounds memory
+# The hash split is used once the corpus is expected to put at least this many documents in
+# validation (documents x val_fraction): with fewer, the share it gives is mostly luck (none at
+# all in about e^-4 = 2% of corpora), so the corpus is split by tokens instead.
+MIN_VAL_DOCUMENTS = 4
+# A corpus this long is split by document whatever val_fraction is: the documents whose split
+# is still undecided are held in memory, and this bounds them.
+MANY_DOCUMENTS = 100_000
+BY_DOCUMENT, BY_TOKENS = "documents", "tokens"
 
 
 # --- corpora -----------------------------------------------------------------------------
@@ -205,16 +218,100 @@ def _fingerprint(tokenizer_dir: Path) -> str | None:
     return "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
 
 
+def split_by(documents: int, val_fraction: float) -> str:
+    """How a corpus of `documents` documents is split: BY_DOCUMENT once the hash split can be
+    trusted to come near `val_fraction` (or when no validation is wanted), else BY_TOKENS."""
+    if val_fraction == 0 or documents >= MANY_DOCUMENTS or documents * val_fraction >= MIN_VAL_DOCUMENTS:
+        return BY_DOCUMENT
+    return BY_TOKENS
+
+
+def validation_start(length: int, val_fraction: float) -> int:
+    """Where a document of `length` tokens (EOS not counted) is cut when its corpus is split by
+    tokens: the tokens from here on go to validation (the share rounded to the nearest token)."""
+    return length - int(val_fraction * length + 0.5)
+
+
+class _Splitter:
+    """Routes tokenized documents (ids + EOS) to the train and validation writers.
+
+    Documents are held until the corpus is known to be split by document, then routed by hash
+    as they come; if the corpus ends first, each held document is split by tokens, both pieces
+    ending in EOS like a document. Either way a tiny corpus still gets validation: when nothing
+    landed there, the last document moves there whole (by document, train lags one document
+    behind for this), provided train keeps one. A single document stays in train: training
+    needs it more than validation does.
+    """
+
+    def __init__(self, writers: dict[str, _ShardWriter], val_fraction: float) -> None:
+        self.writers, self.val_fraction = writers, val_fraction
+        self.by: str | None = None  # undecided
+        self.pending: list[tuple[np.ndarray, bool]] = []  # (ids + EOS, hashed into validation)
+        self.held_back: np.ndarray | None = None  # by document: the last train document
+        self.docs = {s: 0 for s in SPLITS}  # pieces, when split by tokens
+
+    def add(self, row: np.ndarray, to_val: bool) -> None:
+        if self.by == BY_DOCUMENT:
+            self._route(row, to_val)
+            return
+        self.pending.append((row, to_val))
+        if split_by(len(self.pending), self.val_fraction) == BY_DOCUMENT:
+            self.by = BY_DOCUMENT
+            for held, held_to_val in self.pending:
+                self._route(held, held_to_val)
+            self.pending = []
+
+    def finish(self) -> str:
+        """Write what is held back; returns how the corpus was split."""
+        if self.by is None:
+            self.by = split_by(len(self.pending), self.val_fraction)
+            if self.by == BY_DOCUMENT:  # no validation wanted
+                for row, _ in self.pending:
+                    self._write("train", row)
+            else:
+                self._split_tokens()
+        elif self.held_back is not None:
+            moves = self.docs["val"] == 0 and self.docs["train"] > 0
+            self._write("val" if moves else "train", self.held_back)
+        for w in self.writers.values():
+            w.close()
+        return self.by
+
+    def _write(self, split: str, row: np.ndarray) -> None:
+        self.writers[split].add(row)
+        self.docs[split] += 1
+
+    def _route(self, row: np.ndarray, to_val: bool) -> None:
+        if to_val:
+            self._write("val", row)
+            return
+        if self.held_back is not None:
+            self._write("train", self.held_back)
+        self.held_back = row
+
+    def _split_tokens(self) -> None:
+        cuts = [validation_start(len(row) - 1, self.val_fraction) for row, _ in self.pending]
+        if len(cuts) > 1 and all(c == len(row) - 1 for c, (row, _) in zip(cuts, self.pending)):
+            cuts[-1] = 0  # every share rounded to nothing
+        for (row, _), cut in zip(self.pending, cuts):
+            if cut == 0:
+                self._write("val", row)
+            elif cut == len(row) - 1:
+                self._write("train", row)
+            else:
+                self._write("train", np.concatenate((row[:cut], row[-1:])))
+                self._write("val", row[cut:])
+
+
 def prepare_shards(inputs: list[str], tokenizer: Any, out_dir: str | Path, val_fraction: float = 0.005,
                    shard_tokens: int = 100_000_000, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Tokenize `inputs` into shards in `out_dir` (written atomically) and return its meta.
 
     `tokenizer` needs `encode_batch(texts)` or `encode(text)`, `eos_id`, `vocab_size` and
-    `save(dir)`. `seed` salts the train/validation hash: another seed, another split.
+    `save(dir)`. `seed` salts the train/validation hash: another seed, another split. The meta's
+    `split` says whether the corpus was split by document or by tokens, and the validation share.
     """
     from tqdm.auto import tqdm
-
-    from ember.files import atomic_dir
 
     if not 0 <= val_fraction < 1:
         raise EmberError(f"val_fraction must be in [0, 1), got {val_fraction}.")
@@ -238,30 +335,24 @@ def prepare_shards(inputs: list[str], tokenizer: Any, out_dir: str | Path, val_f
 
     with atomic_dir(out_dir) as tmp:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in SPLITS}
-        docs = {s: 0 for s in SPLITS}
+        splitter = _Splitter(writers, val_fraction)
         per_input = [0] * len(inputs)
-        held_back: np.ndarray | None = None  # the last train document, in case val ends up empty
         bar = tqdm(unit="char", unit_scale=True, desc="tokenizing", disable=not progress)
         docs_iter = documents()
         while batch := list(itertools.islice(docs_iter, ENCODE_BATCH)):
-            held_back = _write_batch(batch, encode_batch, eos, dtype, val_fraction, seed, writers, docs, held_back)
+            texts = [t for _, t in batch]
+            for text, ids in zip(texts, encode_batch(texts)):
+                splitter.add(_with_eos(ids, eos, dtype), is_validation(text, val_fraction, seed))
             for k, _ in batch:
                 per_input[k] += 1
-            bar.update(sum(len(t) for _, t in batch))
-            bar.set_postfix(docs=sum(docs.values()), refresh=False)
+            bar.update(sum(len(t) for t in texts))
+            bar.set_postfix(docs=sum(per_input), refresh=False)
         bar.close()
-        if held_back is None:
-            if docs["val"] == 0:
-                raise EmberError(f"No text found in {_describe(inputs)}.")
-        else:
-            # A tiny corpus may hash no document into validation: then its last train document goes
-            # there (deterministic), provided train keeps at least one.
-            target = "val" if docs["val"] == 0 and val_fraction > 0 and docs["train"] > 0 else "train"
-            writers[target].add(held_back)
-            docs[target] += 1
-        for w in writers.values():
-            w.close()
+        if sum(per_input) == 0:
+            raise EmberError(f"No text found in {_describe(inputs)}.")
+        by = splitter.finish()
         tokenizer.save(tmp / TOKENIZER_DIR)
+        num_tokens = {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()}
         meta = {
             "format": FORMAT,
             "dtype": dtype.name,
@@ -269,36 +360,34 @@ def prepare_shards(inputs: list[str], tokenizer: Any, out_dir: str | Path, val_f
             "eos_id": int(eos),
             "val_fraction": val_fraction,
             "seed": seed,
+            "split": {"by": by, "val_share": num_tokens["val"] / sum(num_tokens.values())},
             "shards": {s: w.shards for s, w in writers.items()},
-            "num_tokens": {s: sum(x["tokens"] for x in w.shards) for s, w in writers.items()},
-            "num_documents": docs,
+            "num_tokens": num_tokens,
+            "num_documents": splitter.docs,
             "sources": [{"input": i, "documents": n} for i, n in zip(inputs, per_input)],
             "tokenizer": {"dir": TOKENIZER_DIR, "fingerprint": _fingerprint(tmp / TOKENIZER_DIR)},
         }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_json(tmp / META, meta)
     return meta
 
 
-def _write_batch(batch: list[tuple[int, str]], encode_batch: Any, eos: int, dtype: np.dtype, val_fraction: float,
-                 seed: int, writers: dict[str, _ShardWriter], docs: dict[str, int],
-                 held_back: np.ndarray | None) -> np.ndarray | None:
-    """Tokenize one batch of documents and route each (ids + EOS) to its split; returns the
-    train document now held back (train always lags by one so the last can still move to val)."""
-    texts = [t for _, t in batch]
-    for text, ids in zip(texts, encode_batch(texts)):
-        if isinstance(ids, np.ndarray):
-            row = np.append(ids.astype(dtype), np.array([eos], dtype=dtype))
-        else:  # fromiter is the fastest list -> array path, and raises if an id overflows dtype
-            row = np.fromiter(itertools.chain(ids, (eos,)), dtype=dtype, count=len(ids) + 1)
-        if is_validation(text, val_fraction, seed):
-            writers["val"].add(row)
-            docs["val"] += 1
-        else:
-            if held_back is not None:
-                writers["train"].add(held_back)
-                docs["train"] += 1
-            held_back = row
-    return held_back
+def _with_eos(ids: Any, eos: int, dtype: np.dtype) -> np.ndarray:
+    if isinstance(ids, np.ndarray):
+        return np.append(ids.astype(dtype), np.array([eos], dtype=dtype))
+    # fromiter is the fastest list -> array path, and raises if an id overflows dtype
+    return np.fromiter(itertools.chain(ids, (eos,)), dtype=dtype, count=len(ids) + 1)
+
+
+def describe_split(meta: dict[str, Any]) -> str:
+    """One sentence on a prepared directory's split, naming the flag that fixes an empty validation split."""
+    n, split = meta["num_tokens"], meta["split"]
+    how = ("each document's last tokens went to validation" if split["by"] == BY_TOKENS
+           else "whole documents went to validation by a hash of their text")
+    text = (f"{n['train']:,} train and {n['val']:,} validation tokens ({split['val_share']:.2%} validation, "
+            f"asked for {meta['val_fraction']:.2%}; {how}).")
+    if n["val"] == 0:
+        text += " Validation is empty: prepare the data again with a larger --val-fraction."
+    return text
 
 
 # --- reading -----------------------------------------------------------------------------
@@ -349,8 +438,15 @@ class TokenShards:
             raise EmberError(f"block_size must be positive, got {block_size}.")
         shards = [s for s in self._split(split) if len(s) > block_size]
         if not shards:
-            raise EmberError(f"The {split} split has fewer than {block_size + 1} tokens in any shard: the corpus "
-                             f"is too small for this block size; use a larger corpus or a smaller --block-size.")
+            held = self.num_tokens(split)
+            if split == "val":
+                share = held / max(1, held + self.num_tokens("train"))
+                fix = (f"it holds {held:,} tokens ({share:.2%} of the corpus): prepare the data again with a larger "
+                       f"--val-fraction, or use a smaller --block-size")
+            else:
+                fix = f"it holds {held:,} tokens: use a larger corpus or a smaller --block-size"
+            raise EmberError(f"The {split} split has fewer than {block_size + 1} tokens in any shard, too small for "
+                             f"this block size; {fix}.")
         return shards, np.array([len(s) - block_size for s in shards], dtype=np.int64)
 
     def check_split(self, split: str, block_size: int) -> None:

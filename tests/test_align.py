@@ -16,6 +16,8 @@ from ember.train.dpo import DPOConfig, dpo_loss, dpo_train, pair_logps, split_pa
 from ember.train.loop import TrainConfig
 from ember.train.preference import collate_pairs, load_preferences, pairs_from_dicts, render_pairs
 
+from conftest import need_module
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and the shared 2-core machine stays usable."""
@@ -93,6 +95,8 @@ def test_dpo_loss_is_ln2_when_policy_equals_reference(tok):
     pairs, _ = render_pairs(tok, pairs_from_dicts(good_bad_pairs(WORDS[:4])).pairs, 64)
     lp = pair_logps(model, pairs, tok.pad_id, 4, torch.device("cpu"))
     losses, rc, rr = dpo_loss(lp[:, 0], lp[:, 1], lp[:, 0].clone(), lp[:, 1].clone(), beta=0.1)
+    # The log-ratios are exactly 0, so each loss is float32's -logsigmoid(0): ln 2 within one
+    # rounding (2^-24 relative, 4e-8); atol 1e-6 is that with room, far below any real log-ratio.
     assert torch.allclose(losses, torch.full((4,), math.log(2)), atol=1e-6)
     assert torch.all(rc == 0) and torch.all(rr == 0)
 
@@ -115,6 +119,7 @@ def test_dpo_variants_match_the_paper_formulas(loss_type):
         else:
             h_avg = (f["pc"][i] - f["rc"][i]) / f["nc"][i] - (f["pr"][i] - f["rr"][i]) / f["nr"][i]
             want = (h_avg - 1 / (2 * beta)) ** 2
+        # Float32 arithmetic on a handful of values of size ≤ 10 against float64: ~1e-7 relative.
         assert float(losses[i]) == pytest.approx(float(want), rel=1e-6)
 
 
@@ -122,7 +127,7 @@ def test_dpo_variants_match_the_paper_formulas(loss_type):
 def test_dpo_variants_match_trl(loss_type):
     """TRL computes its loss inside DPOTrainer._compute_loss; we drive that method with stubbed
     model outputs carrying the same per-token log-probs and precomputed reference log-probs."""
-    trl = pytest.importorskip("trl", reason="trl is a test-only peer; install it to compare losses")
+    trl = need_module("trl", "the DPO loss peer")
     f, beta = FIXED, 0.5
     B, T = 3, 8
     # Spread each summed log-prob evenly over its reply tokens (completion mask counts = nc / nr).
@@ -146,6 +151,8 @@ def test_dpo_variants_match_trl(loss_type):
               "completion_mask": completion, "ref_chosen_logps": f["rc"], "ref_rejected_logps": f["rr"]}
     theirs = trl.DPOTrainer._compute_loss(stub, lambda **kw: outputs, inputs, False)
     ours, _, _ = dpo_loss(f["pc"], f["pr"], f["rc"], f["rr"], beta, loss_type, f["nc"], f["nr"])
+    # TRL sums its per-token log-probs (up to 6 float32 terms) where Ember takes the sums given, and
+    # forms the loss with other float32 ops: a few roundings of 2^-24 on values of size ~10.
     assert float(ours.mean()) == pytest.approx(float(theirs), rel=1e-5)
 
 
@@ -227,16 +234,21 @@ def test_reward_model_learns_a_rule_and_reloads(tok, tmp_path):
     save_reward_model(model, tok, tmp_path / "rm")
     again = load_reward_model(tmp_path / "rm", device="cpu")
     b = collate_pairs(held, tok.pad_id)
+    # The same float32 weights; a loaded model may run the CPU fast path's kernels, which sum each dot
+    # product (≤ 64 terms) in another order: ≤ 64 · 2^-24 ≈ 4e-6 relative, within allclose's rtol 1e-5.
     assert torch.allclose(model.eval()(b["input_ids"], b["last_index"]), again(b["input_ids"], b["last_index"]))
 
 
 def test_reward_reads_the_last_real_token_not_padding(tok):
     from ember.train.reward import RewardModel
 
-    model = RewardModel(tiny_model(tok).config).eval()
+    # In float64: 4 and 6 positions go through differently blocked matmuls, which in float32 would
+    # differ by rounding alone; in float64 that is ~1e-16 relative, so 1e-12 leaves only the question
+    # whether the padding is read (which would change the reward by O(0.1)).
+    model = RewardModel(tiny_model(tok).config).double().eval()
     ids = torch.tensor([[5, 6, 7, 8]])
     padded = torch.tensor([[5, 6, 7, 8, tok.pad_id, tok.pad_id]])
-    assert torch.allclose(model(ids), model(padded, torch.tensor([3])), atol=1e-6)
+    assert torch.allclose(model(ids), model(padded, torch.tensor([3])), atol=1e-12, rtol=0)
 
 
 def test_load_reward_model_refuses_a_plain_lm(tok, tmp_path):
@@ -260,6 +272,7 @@ def test_gae_matches_a_hand_computed_example():
     #        d0 = 1 + 0.9*1 - 0.5 = 1.4, A0 = 1.4 + 0.72*0.476 = 1.74272.
     # Row 2: the episode ends at t=1 (no bootstrap from the masked t=2): d1 = 1 - 0.4 = 0.6;
     #        d0 = 0.5 + 0.9*0.4 - 0.3 = 0.56, A0 = 0.56 + 0.72*0.6 = 0.992.
+    # Float32 GAE (a few multiply-adds on values ≤ 5) against exact decimals: ≤ ~4e-7; atol 1e-6.
     assert torch.allclose(adv, torch.tensor([[1.74272, 0.476, 1.8], [0.992, 0.6, 0.0]]), atol=1e-6)
     assert torch.allclose(ret, torch.tensor([[2.24272, 1.476, 2.0], [1.292, 1.0, 0.0]]), atol=1e-6)
 
@@ -307,6 +320,62 @@ def test_ppo_on_a_rule_reward_raises_mean_reward_with_bounded_kl(tok, tmp_path):
     assert {"reward", "kl", "entropy", "clipfrac", "pg_loss", "vf_loss"} <= lines[-1].keys()
     assert (tmp_path / "ppo.png").stat().st_size > 0
     assert (tmp_path / "checkpoint" / "value_head.safetensors").is_file()
+
+
+def test_ppo_interrupted_and_resumed_matches_straight_run(tok, tmp_path):
+    """A PPO run that dies after its step-2 checkpoint and resumes ends where an uninterrupted one
+    does: the same policy and value head bit for bit, the same optimizer state, the same KL
+    coefficient, and the same per-iteration metrics."""
+    from safetensors.torch import load_file
+
+    from ember.train.ppo import PPOConfig, rule_reward
+    from ember.train.rlhf import ppo_train
+
+    cfg = PPOConfig(iterations=4, rollout_batch=8, minibatch=4, ppo_epochs=2, max_new_tokens=5, lr=1e-2,
+                    kl_coef=0.05, target_kl=1.0, save_every=2, seed=0)  # target_kl: the coefficient moves
+    prompts = [f"say {w}" for w in WORDS[:12]]
+    reward = rule_reward("char=aeiou")
+    straight = tiny_model(tok, vocab_size=tok.vocab_size)
+    ppo_train(straight, tok, prompts, tmp_path / "straight", cfg, reward_fn=reward, progress=False)
+
+    calls = {"n": 0}
+
+    def reward_then_die(prompts_text, replies):
+        calls["n"] += 1
+        if calls["n"] == 3:  # iteration 3 scores its rollout: the process dies after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return reward(prompts_text, replies)
+
+    with pytest.raises(KeyboardInterrupt):
+        ppo_train(tiny_model(tok, vocab_size=tok.vocab_size), tok, prompts, tmp_path / "resumed", cfg,
+                  reward_fn=reward_then_die, progress=False)
+    saved = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
+    assert saved["step"] == 2
+    # A fresh process: the policy loaded from its directory again (the reference), then the checkpoint.
+    resumed = tiny_model(tok, vocab_size=tok.vocab_size)
+    ppo_train(resumed, tok, prompts, tmp_path / "resumed", cfg, reward_fn=reward, resume=True, progress=False)
+
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    ckpt_a, ckpt_b = tmp_path / "straight" / "checkpoint", tmp_path / "resumed" / "checkpoint"
+    head_a, head_b = load_file(ckpt_a / "value_head.safetensors"), load_file(ckpt_b / "value_head.safetensors")
+    assert head_a.keys() == head_b.keys() and all(torch.equal(head_a[k], head_b[k]) for k in head_a)
+    opt_a = torch.load(ckpt_a / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    opt_b = torch.load(ckpt_b / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for i in opt_a:
+        for name, v in opt_a[i].items():
+            assert torch.equal(v, opt_b[i][name]), (i, name)
+    state_a = json.loads((ckpt_a / "trainer_state.json").read_text())
+    state_b = json.loads((ckpt_b / "trainer_state.json").read_text())
+    assert state_a["step"] == state_b["step"] == 4 and state_a["kl_coef"] == state_b["kl_coef"] != cfg.kl_coef
+
+    def metrics(run):  # everything but the wall-clock time
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"} for x in lines]
+
+    assert [m["step"] for m in metrics("resumed")] == [1, 2, 3, 4]
+    assert metrics("resumed") == metrics("straight")
 
 
 def test_missing_eos_penalty_hits_only_cut_off_replies():
@@ -491,7 +560,7 @@ def test_cli_constitutional_with_local_model(tok, tmp_path):
 
 
 def test_reward_model_opens_in_transformers_with_the_same_scores(tok, tmp_path):
-    transformers = pytest.importorskip("transformers", reason="transformers is the test-only peer")
+    transformers = need_module("transformers", "the peer that opens the reward model")
     from ember.train.reward import RewardModel, save_reward_model
 
     model = RewardModel(tiny_model(tok).config).eval()
@@ -500,4 +569,6 @@ def test_reward_model_opens_in_transformers_with_the_same_scores(tok, tmp_path):
     ids = torch.tensor([[5, 6, 7, 8, 9]])  # no pad token: both read the last position
     with torch.no_grad():
         theirs = hf(input_ids=ids).logits[:, 0]
+    # Two float32 implementations of one network (2 layers, 32 wide) on a reward of size ~1: their
+    # different summation orders differ by ~1e-6; a misnamed weight changes the score by far more.
     assert torch.allclose(model(ids), theirs, atol=1e-5)

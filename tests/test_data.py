@@ -6,6 +6,7 @@ should hold can be written down by hand.
 
 import gzip
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -15,6 +16,9 @@ import torch
 import ember.data as data_mod
 from ember.data import TokenShards, is_validation, iter_documents, prepare_shards, stdlib_files
 from ember.errors import EmberError
+from ember.tokenizer import train_tokenizer
+
+from conftest import need_module
 
 EOS = 256
 
@@ -116,8 +120,8 @@ def test_files_and_directories_are_read_recursively_in_sorted_order(tmp_path):
 
 
 def test_jsonl_gzipped_jsonl_and_parquet_are_read(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet", reason="pyarrow reads Parquet (test extra)")
-    import pyarrow as pa
+    pq = need_module("pyarrow.parquet", "what Ember reads Parquet corpora with (the extra 'parquet')")
+    pa = need_module("pyarrow", "what Ember reads Parquet corpora with (the extra 'parquet')")
 
     write(tmp_path, "c.jsonl", json.dumps({"text": "from jsonl", "id": 1}) + "\n\n" + json.dumps({"text": "second"}))
     with gzip.open(tmp_path / "g.jsonl.gz", "wt", encoding="utf-8") as f:
@@ -147,8 +151,8 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_parquet_without_text_column_or_without_pyarrow(tmp_path, monkeypatch):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    pq = need_module("pyarrow.parquet", "what Ember reads Parquet corpora with (the extra 'parquet')")
+    pa = need_module("pyarrow", "what Ember reads Parquet corpora with (the extra 'parquet')")
 
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "p.parquet")
     with pytest.raises(EmberError, match="has no 'text' column"):
@@ -360,3 +364,94 @@ def test_eval_batches_are_the_same_fixed_windows_every_call(shards):
     for x, y in shards.iter_eval_batches("val", 3, 8, max_batches=4):
         assert x.shape[1] == 8 and torch.equal(x[:, 1:], y[:, :-1])
     assert len(list(shards.iter_eval_batches("train", 2, 8, max_batches=2))) == 2
+
+
+# --- corpora of few documents: split by tokens -------------------------------------------
+def one_book(n_bytes, seed=0):
+    """A single long ASCII document of exactly `n_bytes` bytes (so `n_bytes` byte tokens)."""
+    rng = np.random.default_rng(seed)
+    words = ["thou", "art", "the", "king", "of", "night", "and", "my", "lord", "speak", "ROMEO:", "JULIET:\n"]
+    text = " ".join(words[i] for i in rng.integers(0, len(words), size=n_bytes // 3))
+    return text[:n_bytes]
+
+
+def test_a_single_document_is_split_by_tokens(tmp_path):
+    text = one_book(20_000)
+    write(tmp_path, "input.txt", text)
+    meta = prepare_shards([str(tmp_path / "input.txt")], ByteTokenizer(), tmp_path / "s", val_fraction=0.05,
+                          progress=False)
+    data = TokenShards(tmp_path / "s")
+    # 5% of 20,000 tokens: the last 1,000 are validation, each piece ends in EOS like a document.
+    assert split_tokens(data, "train").tolist() == ids(text[:19_000])
+    assert split_tokens(data, "val").tolist() == ids(text[19_000:])
+    assert meta["split"] == {"by": "tokens", "val_share": 1_001 / 20_002}
+    assert meta["num_documents"] == {"train": 1, "val": 1}
+    again = prepare_shards([str(tmp_path / "input.txt")], ByteTokenizer(), tmp_path / "s2", val_fraction=0.05,
+                           progress=False)
+    assert again == meta  # deterministic
+
+
+def test_few_large_documents_each_give_their_tail_to_validation(tmp_path):
+    books = [one_book(10_000, seed=k) for k in range(3)]
+    for k, b in enumerate(books):
+        write(tmp_path, f"books/{k}.txt", b)
+    meta = prepare_shards([str(tmp_path / "books")], ByteTokenizer(), tmp_path / "s", val_fraction=0.1,
+                          progress=False)
+    data = TokenShards(tmp_path / "s")
+    # 3 documents x 0.1 is far below the 4 expected validation documents a hash split needs.
+    assert meta["split"]["by"] == "tokens"
+    assert docs_of(split_tokens(data, "train")) == [b[:9_000] for b in books]
+    assert docs_of(split_tokens(data, "val")) == [b[9_000:] for b in books]
+    assert meta["split"]["val_share"] == pytest.approx(3_003 / 30_006, rel=0)  # exact: integer counts
+
+
+def test_many_documents_keep_the_hash_split_and_say_so(tmp_path):
+    texts = corpus(tmp_path, 40)  # 40 x 0.1 = 4 expected validation documents: just enough
+    meta = prepare_shards([str(tmp_path / "c")], ByteTokenizer(), tmp_path / "s", val_fraction=0.1, progress=False)
+    val = [t for t in texts if is_validation(t, 0.1)]
+    assert meta["split"]["by"] == "documents"
+    assert docs_of(split_tokens(TokenShards(tmp_path / "s"), "val")) == val
+    n = meta["num_tokens"]
+    assert meta["split"]["val_share"] == n["val"] / (n["train"] + n["val"])
+    text = data_mod.describe_split(meta)
+    assert f"{n['val']:,} validation tokens" in text and "hash" in text and "--val-fraction" not in text
+
+
+def test_a_split_too_small_to_validate_names_the_flag_that_fixes_it(tmp_path):
+    write(tmp_path, "input.txt", one_book(2_000))
+    meta = prepare_shards([str(tmp_path / "input.txt")], ByteTokenizer(), tmp_path / "s", val_fraction=0.01,
+                          progress=False)
+    assert meta["num_tokens"]["val"] == 21  # 1% of 2,000 tokens, then EOS
+    assert "(1.05% validation, asked for 1.00%" in data_mod.describe_split(meta)
+    with pytest.raises(EmberError, match=r"holds 21 tokens \(1\.05% of the corpus\).*larger --val-fraction"):
+        TokenShards(tmp_path / "s").check_split("val", 256)
+    tiny = prepare_shards([str(tmp_path / "input.txt")], ByteTokenizer(), tmp_path / "t", val_fraction=1e-4,
+                          progress=False)
+    assert tiny["num_tokens"]["val"] == 0  # 0.2 of a token rounds to none, and one document stays in train
+    assert "Validation is empty: prepare the data again with a larger --val-fraction" in \
+        data_mod.describe_split(tiny)
+    with pytest.raises(EmberError, match=r"holds 0 tokens .*larger --val-fraction"):
+        TokenShards(tmp_path / "t").check_split("val", 8)
+
+
+def test_one_file_corpus_prepares_and_pretrains_from_the_command_line(tmp_path):
+    """The README's path on nanoGPT's first corpus (one file): prepare with the default split, then pretrain."""
+    text = one_book(60_000)
+    write(tmp_path, "input.txt", text)
+    train_tokenizer([text], vocab_size=300).save(tmp_path / "tok")
+    cli = [sys.executable, "-m", "ember.cli"]
+    r = subprocess.run(cli + ["data", "prepare", "--input", str(tmp_path / "input.txt"), "--tokenizer",
+                              str(tmp_path / "tok"), "--out", str(tmp_path / "data")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    assert meta["split"]["by"] == "tokens" and meta["num_tokens"]["val"] > 33  # a window of 32 + 1 fits
+    assert "each document's last tokens went to validation" in r.stdout
+    r = subprocess.run(cli + ["pretrain", "--preset", "tiny", "--data", str(tmp_path / "data"), "--out",
+                              str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--block-size", "32",
+                              "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "1", "--save-every", "0",
+                              "--log-every", "1", "--no-progress", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_loss" in row for row in rows)

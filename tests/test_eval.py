@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import socket
 import subprocess
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -22,7 +22,8 @@ from ember.eval.lm import LocalLM
 from ember.eval.perplexity import rolling_windows, text_perplexity
 from ember.eval.tasks import TaskConfig, encode_pair, run_task
 
-SHARED = Path(os.environ.get("EMBER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+from conftest import need_module, shared_data
+
 CONTEXT = 128
 TEXT = ("Perplexity is the exponential of the average negative log-likelihood per token. "
         "A rolling window keeps each prediction within the model's context; 3.14 and 42 are numbers.\n") * 3
@@ -50,7 +51,7 @@ def lm(model_dir) -> LocalLM:
 
 @pytest.fixture(scope="module")
 def hf(model_dir):
-    transformers = pytest.importorskip("transformers", reason="transformers is the logits peer")
+    transformers = need_module("transformers", "the logits peer")
     return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
@@ -160,8 +161,7 @@ def test_bad_task_files_are_one_sentence_errors(tmp_path):
                                   "lambada_openai"])
 def test_ready_tasks_read_the_shared_data(lm, name):
     cfg = TaskConfig.load(name)
-    if not (SHARED / "eval" / next(iter(cfg.data_files.values()))).is_file():
-        pytest.skip(f"shared data for {name} is absent (set EMBER_SHARED_DATA)")
+    shared_data("eval", next(iter(cfg.data_files.values())))
     res = run_task(lm, cfg, limit=3, bootstrap_iters=50)
     assert res["n"] == 3 and res["results"]
     for v in res["results"].values():
@@ -214,7 +214,6 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def served(model_dir, tmp_path_factory):
-    httpx = pytest.importorskip("httpx")
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "serve", "--model", str(model_dir), "--port",
@@ -249,8 +248,8 @@ def test_endpoint_lm_scores_like_the_in_process_lm(lm, served, tmp_path):
 
 def test_lm_eval_local_completions_through_ember_serve_matches_in_process(lm, served, tmp_path):
     """lm-eval's own client (`local-completions`, remote tokenizer) vs Ember's evaluator: same numbers."""
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the peer (pip install lm_eval tenacity)")
-    pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity")
+    need_module("lm_eval", "the lm-evaluation-harness peer")
+    need_module("tenacity", "what lm-eval's API models need")
     from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
 
@@ -329,10 +328,8 @@ def test_length_controlled_win_rate_removes_a_pure_length_preference():
 def test_alpaca_eval_win_rate_recomputed_from_stored_annotations():
     from ember.eval.compare import alpaca_eval_win_rate
 
-    ann = SHARED / "eval" / "alpaca_eval" / "mistral-7b-instruct-v0.2_annotations.json"
-    board = SHARED / "eval" / "alpaca_eval" / "leaderboard_alpaca_eval_2.csv"
-    if not ann.is_file() or not board.is_file():
-        pytest.skip(f"AlpacaEval annotations are absent under {SHARED} (set EMBER_SHARED_DATA)")
+    ann = shared_data("eval", "alpaca_eval", "mistral-7b-instruct-v0.2_annotations.json")
+    board = shared_data("eval", "alpaca_eval", "leaderboard_alpaca_eval_2.csv")
     import csv
 
     row = next(r for r in csv.DictReader(board.open()) if r[""] == "Mistral-7B-Instruct-v0.2")
@@ -643,7 +640,6 @@ def test_consistency_draws_k_samples_with_a_local_model(model_dir, tmp_path, cap
 
 
 def test_consistency_draws_k_samples_from_an_endpoint(monkeypatch, capsys, tmp_path):
-    httpx = pytest.importorskip("httpx", reason="the endpoint client uses httpx")
     import functools
 
     from ember.cli import main

@@ -187,7 +187,6 @@ def test_sft_lowers_the_loss_and_resumes_exactly(base_dir, tmp_path, method):
 
 
 def test_a_qlora_run_loads_for_evaluation_as_its_nf4_model_at_float_speed(base_dir, tmp_path):
-    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
     from ember.load import load_model
     from ember.lora import LoraConfig, load_adapter, quantize_base
     from ember.quant.nf4 import NF4Linear

@@ -1,5 +1,7 @@
 """LoRA and QLoRA: exactness of the adapter algebra, PEFT file parity both ways, refusals, NF4 base."""
 
+import copy
+
 import pytest
 import torch
 
@@ -195,7 +197,6 @@ def test_adapter_for_a_different_base_is_refused(base_dir, tmp_path):
 
 # --- QLoRA ------------------------------------------------------------------------------------
 def test_qlora_base_is_under_30_percent_of_bf16_and_only_adapters_get_gradients(base_dir):
-    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
     model = apply_lora(base(base_dir), LoraConfig(r=4, target_modules="all-linear"))
     _, bf16 = base_weight_bytes(model)
     quantize_base(model)
@@ -220,7 +221,6 @@ def test_qlora_base_is_under_30_percent_of_bf16_and_only_adapters_get_gradients(
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_dequantized_qlora_base_gives_the_nf4_models_outputs_and_merges(tied):
-    pytest.importorskip("ember.quant.nf4", reason="NF4 lives in ember.quant")
     from ember.quant.nf4 import NF4Linear
 
     torch.manual_seed(0)
@@ -346,3 +346,53 @@ def test_trainable_token_rows_alone_train_and_merge_unmerge_disable_and_nf4_keep
 def test_trainable_token_rows_outside_the_vocabulary_are_refused(base_dir):
     with pytest.raises(EmberError, match="outside the vocabulary"):
         apply_lora(base(base_dir), LoraConfig(target_modules=["q_proj"], trainable_token_indices=[VOCAB]))
+
+
+def test_merge_disable_unmerge_merge_round_trip_exactly_in_float64():
+    """LoRA layers and token rows of a tied float64 model go merged → disabled → merged → unmerged →
+    merged, and each state has the weights it had before. Float64 makes the base's rounding
+    negligible: adding and subtracting an update on weights below 10 errs by under 1e-14, while a
+    fold through float32 would round every base weight by ~1e-8 (and token rows put back from a
+    float32 copy likewise). Token rows are written from stored copies, so they return bit for bit."""
+    torch.manual_seed(0)
+    plain = CausalLM(preset("tiny", vocab_size=VOCAB, tie_word_embeddings=True)).to(torch.float64).eval()
+    model = apply_lora(copy.deepcopy(plain), LoraConfig(r=4, alpha=8, target_modules="all-linear",
+                                                        trainable_token_indices=[2, 5]))
+    randomize(model)
+    g = torch.Generator().manual_seed(3)
+    tokens = model.model.embed_tokens
+    tokens.trainable_tokens_delta.data += torch.randn(tokens.trainable_tokens_delta.shape, generator=g)
+    table = "model.embed_tokens.base_layer.weight"
+
+    def weights():
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    def assert_weights(expected):
+        now = weights()
+        assert now.keys() == expected.keys()
+        for k, v in now.items():
+            torch.testing.assert_close(v, expected[k], atol=1e-12, rtol=0, msg=k)
+        assert torch.equal(now[table], expected[table])
+
+    x = token_ids()
+    with torch.no_grad():
+        base_logits, adapted = plain(x), model(x)
+        original = weights()
+        with disable_adapters(model):
+            assert torch.equal(model(x), base_logits)  # unmerged: the wrappers return the base's output
+        merge_lora(model)
+        merged = weights()
+        assert not torch.equal(merged[table], original[table])
+        assert not torch.equal(merged["model.layers.0.mlp.up_proj.base_layer.weight"],
+                               original["model.layers.0.mlp.up_proj.base_layer.weight"])
+        # the adapter's product B A is float32 either way, so merged and unmerged logits agree to float32
+        torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=0)
+        with disable_adapters(model):
+            assert_weights(original)
+            torch.testing.assert_close(model(x), base_logits, atol=1e-10, rtol=0)  # float64 rounding only
+        assert_weights(merged)
+        unmerge_lora(model)
+        assert_weights(original)
+        torch.testing.assert_close(model(x), adapted, atol=1e-10, rtol=0)  # float64 rounding of the base only
+        merge_lora(model)
+        assert_weights(merged)

@@ -4,13 +4,15 @@ same greedy tokens, in both directions (HF checkpoint -> Ember, Ember checkpoint
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", reason="transformers is the parity peer (test extra)")
+from ember.checkpoint import save_pretrained
+from ember.config import ModelConfig, preset
+from ember.generation import generate_ids
+from ember.load import load_model
+from ember.model import CausalLM
 
-from ember.checkpoint import save_pretrained  # noqa: E402
-from ember.load import load_model  # noqa: E402
-from ember.config import ModelConfig, preset  # noqa: E402
-from ember.generation import generate_ids  # noqa: E402
-from ember.model import CausalLM  # noqa: E402
+from conftest import need_module
+
+transformers = need_module("transformers", "the parity peer")
 
 VOCAB = 97
 
@@ -39,6 +41,15 @@ HF_CONFIGS = {
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         num_local_experts=4, num_experts_per_tok=2),
 }
+
+
+# Logit tolerance for two float32 implementations of the same network. Each logit is a chain of
+# dot products of ≤ 96 terms through 2 layers; Ember and transformers sum them in different orders
+# (fused q/k/v, SDPA against eager attention, their own RMSNorm), so each differs from the exact
+# value by a few hundred units of 2^-24 relative to logits of size ~1-10: ~1e-5 at most. A weight
+# mapped to the wrong name, a norm weight or bias left out, or a transposed matrix moves logits by
+# ~1e-2 and more (the norms and biases are perturbed by 0.1 for that reason).
+LOGIT_ATOL = 1e-4
 
 
 def hf_model(spec: dict) -> "transformers.PreTrainedModel":
@@ -71,7 +82,7 @@ def test_hf_checkpoint_gives_same_logits(hf_and_ember):
         expected = hf(ids).logits
         got = ember_model(ids)
     assert got.shape == expected.shape
-    assert (got - expected).abs().max().item() <= 1e-4
+    assert (got - expected).abs().max().item() <= LOGIT_ATOL
 
 
 def test_greedy_generation_token_identical_to_transformers(hf_and_ember):
@@ -96,18 +107,35 @@ def test_compiled_decode_token_identical_to_transformers(name, tmp_path):
     assert got == expected.tolist()
 
 
-@pytest.mark.parametrize("name", ["tiny", "gpt2-mini", "moe-tiny"])
-def test_ember_checkpoint_opens_in_transformers_with_same_logits(name, tmp_path):
+@pytest.mark.parametrize("name,overrides", [
+    ("tiny", {}),
+    ("tiny", dict(attention_bias=True, o_proj_bias=True, mlp_bias=True, tie_word_embeddings=False)),
+    ("tiny", dict(model_type="qwen2", attention_bias=True)),
+    ("gpt2-mini", {}),
+    ("moe-tiny", {}),
+], ids=["llama", "llama-biases-untied", "qwen2-qkv-bias", "gpt2", "mixtral"])
+def test_ember_checkpoint_opens_in_transformers_with_same_logits(name, overrides, tmp_path):
     torch.manual_seed(0)
-    cfg = preset(name, vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2 if name != "gpt2-mini" else 4)
+    cfg = preset(name, **{**dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2 if name != "gpt2-mini" else 4),
+                          **overrides})
     model = CausalLM(cfg).eval()
+    # Every norm weight and bias starts at 1 or 0, where a name mistake on save would go unseen
+    # (transformers initialises a missing norm to 1 and a missing bias to 0): make each one differ.
+    vectors = [n for n, p in model.named_parameters() if p.dim() == 1]
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    assert any("norm" in n for n in vectors) and (any("bias" in n for n in vectors) or not overrides)
     save_pretrained(model, None, tmp_path / "ckpt")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", output_loading_info=True)
+    hf.eval()
+    assert not info["missing_keys"] and not info["unexpected_keys"], info  # nothing initialised afresh
     ids = torch.randint(0, VOCAB, (2, 33))
     with torch.no_grad():
         diff = (hf(ids).logits - model(ids)).abs().max().item()
-    assert diff <= 1e-4
+    assert diff <= LOGIT_ATOL
 
 
 def test_sliding_window_matches_transformers(tmp_path):
@@ -118,7 +146,7 @@ def test_sliding_window_matches_transformers(tmp_path):
     assert model.config.sliding_window == 8
     ids = torch.randint(0, VOCAB, (1, 30))
     with torch.no_grad():
-        assert (hf(ids).logits - model(ids)).abs().max().item() <= 1e-4
+        assert (hf(ids).logits - model(ids)).abs().max().item() <= LOGIT_ATOL
 
 
 def test_transformers_5_rope_parameters_config_loads():

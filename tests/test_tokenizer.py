@@ -1,7 +1,6 @@
 """Tests for ember.tokenizer: round trips, special-token safety, HF/tiktoken parity, streaming."""
 
 import json
-import os
 import sysconfig
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from ember.tokenizer import (
     train_tokenizer,
 )
 
-SHARED = Path(os.environ.get("EMBER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-TOKDATA = SHARED / "tokenizers"
+from conftest import need_module, shared_data
+
 CHAT_TOKENS = ["<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<|im_end|>"]
 
 # Text with the characters byte-level BPE must not break: emoji (4 bytes), CJK (3), accents (2),
@@ -47,12 +46,6 @@ def stdlib_texts(max_chars: int) -> list[str]:
     return texts
 
 
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data {path} is absent (set EMBER_SHARED_DATA)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return train_tokenizer(stdlib_texts(300_000), vocab_size=768)
@@ -67,18 +60,18 @@ def saved(tok, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_saved(saved):
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers", "the tokenizer and chat-template peer")
     return transformers.AutoTokenizer.from_pretrained(str(saved))
 
 
 @pytest.fixture(scope="module")
 def gpt2() -> Tokenizer:
-    return load_tokenizer(need(TOKDATA / "hf" / "gpt2"))
+    return load_tokenizer(shared_data("tokenizers", "hf", "gpt2"))
 
 
 @pytest.fixture(scope="module")
 def phi3() -> Tokenizer:
-    return load_tokenizer(need(TOKDATA / "hf" / "phi-3-mini"))
+    return load_tokenizer(shared_data("tokenizers", "hf", "phi-3-mini"))
 
 
 # ----------------------------------------------------------------------------- training
@@ -195,7 +188,7 @@ FANCY_TEMPLATE = (
 @pytest.mark.parametrize("conversation", CONVERSATIONS)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_chat_template_renders_like_transformers(tok, tmp_path, template, conversation, add_generation_prompt):
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers", "the tokenizer and chat-template peer")
     tok = Tokenizer(tok.engine, tok.bos_token, tok.eos_token, tok.pad_token,
                     chat_template=CHATML_TEMPLATE if template == "chatml" else FANCY_TEMPLATE)
     tok.save(tmp_path)
@@ -206,8 +199,8 @@ def test_chat_template_renders_like_transformers(tok, tmp_path, template, conver
 
 
 def test_chat_template_parity_on_phi3(phi3):
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(TOKDATA / "hf" / "phi-3-mini"))
+    transformers = need_module("transformers", "the tokenizer and chat-template peer")
+    hf = transformers.AutoTokenizer.from_pretrained(str(shared_data("tokenizers", "hf", "phi-3-mini")))
     for conversation in CONVERSATIONS:
         for agp in (True, False):
             ours = phi3.apply_chat_template(conversation, add_generation_prompt=agp)
@@ -237,16 +230,16 @@ def test_missing_chat_template_is_an_ember_error():
 
 
 def test_gpt2_ids_equal_tiktoken(gpt2):
-    tiktoken = pytest.importorskip("tiktoken")
+    tiktoken = need_module("tiktoken", "the GPT-2 encoding peer")
     import tiktoken.load
 
     enc = tiktoken.Encoding(
         name="gpt2",
         pat_str=PATTERNS["gpt2"],
-        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(need(TOKDATA / "gpt2" / "gpt2.tiktoken"))),
+        mergeable_ranks=tiktoken.load.load_tiktoken_bpe(str(shared_data("tokenizers", "gpt2", "gpt2.tiktoken"))),
         special_tokens={"<|endoftext|>": 50256},
     )
-    texts = [p.read_text(encoding="utf-8") for p in sorted(need(TOKDATA / "fixtures").glob("*.txt"))]
+    texts = [p.read_text(encoding="utf-8") for p in sorted(shared_data("tokenizers", "fixtures").glob("*.txt"))]
     texts += stdlib_texts(100_000) + ["", "  leading spaces\n\n\ttabs", "emoji 😀👩‍👩‍👧 中文 <|endoftext|>"]
     assert len(texts) > 4
     for text in texts:
@@ -266,7 +259,7 @@ def test_allowing_one_special_matches_allowing_all_when_it_is_the_only_one(gpt2)
 def test_phi3_loads_with_config_specials_and_matches_its_engine(phi3):
     from tokenizers import Tokenizer as Engine
 
-    engine = Engine.from_file(str(TOKDATA / "hf" / "phi-3-mini" / "tokenizer.json"))
+    engine = Engine.from_file(str(shared_data("tokenizers", "hf", "phi-3-mini", "tokenizer.json")))
     text = "Hello world, 😀 中文 <|user|>\nhi<|end|>\n"
     assert phi3.encode(text, allowed_special="all") == engine.encode(text, add_special_tokens=False).ids
     assert (phi3.bos_id, phi3.eos_id, phi3.pad_id) == (1, 32000, 32000)
@@ -275,7 +268,7 @@ def test_phi3_loads_with_config_specials_and_matches_its_engine(phi3):
 
 
 def test_resaved_phi3_keeps_its_specials_and_transformers_agrees(phi3, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = need_module("transformers", "the tokenizer and chat-template peer")
     phi3.save(tmp_path)
     again = load_tokenizer(tmp_path)
     assert (again.unk_token, again.bos_token, again.eos_token) == ("<unk>", "<s>", "<|endoftext|>")

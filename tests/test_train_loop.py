@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ember.load import load_model
 from ember.config import preset
@@ -70,6 +71,14 @@ def test_resumed_run_ends_with_identical_weights(tmp_path):
     assert steps == list(range(1, 9))  # the log reads as one clean run
 
 
+def float64_loss_fn(model, batch):
+    """Summed cross-entropy in the logits' own dtype (lm_loss computes in float32)."""
+    x, y = batch
+    logits = model(x)
+    loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((y != -100).sum()), {}
+
+
 def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
     # Targets with ignored positions make the token-count normalisation matter.
     def batch_with_mask(n_rows):
@@ -82,14 +91,25 @@ def test_accumulated_micro_batches_equal_one_big_batch(tmp_path):
             return x[rows, :-1], y[rows]
         return get
 
-    big, small = tiny_model(), tiny_model()
-    common = dict(max_steps=3, block_size=16, lr=1e-2, warmup_steps=1, save_every=0, eval_every=0, grad_clip=0)
-    train(big, TrainConfig(batch_size=4, grad_accum=1, **common), batch_with_mask(4), loss_fn, tmp_path / "a",
-          progress=False)
-    train(small, TrainConfig(batch_size=1, grad_accum=4, **common), batch_with_mask(1), loss_fn, tmp_path / "b",
-          progress=False)
+    # In float64, so that the comparison tests the accumulation math and not float32 rounding:
+    # a batch of 1 and a batch of 4 go through differently blocked matmuls and sum the gradient
+    # in another order, which in float32 differs by ~1e-6 after one step on some CPUs.
+    big, small = tiny_model().double(), tiny_model().double()
+    start = weights(big)
+    common = dict(max_steps=3, block_size=16, lr=1e-2, warmup_steps=1, save_every=0, eval_every=0, grad_clip=0,
+                  mixed_precision="off")
+    train(big, TrainConfig(batch_size=4, grad_accum=1, **common), batch_with_mask(4), float64_loss_fn,
+          tmp_path / "a", progress=False)
+    train(small, TrainConfig(batch_size=1, grad_accum=4, **common), batch_with_mask(1), float64_loss_fn,
+          tmp_path / "b", progress=False)
+    assert all(v.dtype == torch.float64 for v in big.state_dict().values())
+    # Float64 rounds at 2^-53 ≈ 1e-16 relative; summing a gradient of ≤ 64 target tokens in another
+    # order and AdamW's normalised step (lr 1e-2, 3 steps) keep the two runs within ~1e-14 of each
+    # other. A wrong normalisation (per micro-batch instead of per step, with 7 targets in one micro-
+    # batch and 16 in the others) reweights the gradient by O(1) and moves weights by O(lr) = 1e-2.
     for (k, a), b in zip(big.state_dict().items(), small.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5), k
+        assert torch.allclose(a, b, atol=1e-12, rtol=0), k
+    assert max((big.state_dict()[k] - v).abs().max() for k, v in start.items()) > 1e-3  # the runs did train
 
 
 def test_checkpoint_is_a_loadable_model_and_metrics_are_logged(tmp_path):
@@ -99,6 +119,9 @@ def test_checkpoint_is_a_loadable_model_and_metrics_are_logged(tmp_path):
     loaded = load_model(tmp_path / "checkpoint", device="cpu")
     x = torch.randint(0, VOCAB, (1, 10))
     with torch.no_grad():
+        # The same float32 weights; a loaded model may run the CPU fast path's kernels, which sum each
+        # dot product (≤ 64 terms) in another order: ≤ 64 · 2^-24 ≈ 4e-6 relative, within allclose's
+        # default rtol=1e-5; atol=1e-6 covers logits near zero.
         assert torch.allclose(loaded(x), model(x), atol=1e-6)
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     for r in records:
@@ -133,6 +156,8 @@ def test_killed_checkpoint_write_leaves_previous_checkpoint_loadable(tmp_path, m
 def test_schedules_warm_up_then_end_at_their_floor(schedule):
     cfg = TrainConfig(max_steps=100, lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule=schedule)
     lrs = [learning_rate(s, cfg) for s in range(101)]
+    # Float64 arithmetic of a closed formula: pytest.approx's 1e-6 relative (and 1e-9, 1e-12 below)
+    # is rounding only; a wrong schedule is off by percents.
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a <= b + 1e-12 for a, b in zip(lrs[:10], lrs[1:10]))
     end = 1.0 if schedule == "constant" else 0.1
@@ -152,7 +177,7 @@ def test_training_lowers_the_loss_on_learnable_data(tmp_path):
     last = train(model, TrainConfig(max_steps=60, batch_size=4, block_size=16, lr=1e-2, warmup_steps=5,
                                     eval_every=0, save_every=0, log_every=60), get, loss_fn, tmp_path,
                  progress=False)
-    assert last["loss"] < 0.5 < math.log(VOCAB)
+    assert last["loss"] < 0.5 < math.log(VOCAB)  # chance is ln 64 = 4.16; a model that learns nothing stays near it
 
 
 def test_moe_router_loss_is_added_in_training(tmp_path):

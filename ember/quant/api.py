@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ember.errors import EmberError
+from ember.modules import set_module
 from ember.quant.base import QuantLinear
 from ember.quant.int4 import Int4Linear, check_group_size
 from ember.quant.int8 import Int8Linear
@@ -51,11 +52,6 @@ def target_linears(model: nn.Module, include_lm_head: bool = False) -> list[str]
     if include_lm_head and not model.config.tie_word_embeddings:
         names.append("lm_head")
     return names
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def calibration_batches(calibration: Tensor | Sequence[Sequence[int]] | Sequence[str], tokenizer: Any = None,
@@ -128,7 +124,7 @@ def quantize_model(model: nn.Module, method: str, *, group_size: int | None = No
             new = NF4Linear.from_linear(lin, opts["block_size"], opts["double_quant"])
         else:
             new = W8A8Linear.from_linear(lin, explicit.get(n))
-        _replace(model, n, new)
+        set_module(model, n, new)
     model.quantization_config = {"method": method, **opts, "modules": names,
                                  "input_scaled": sorted(k for k in explicit if k in names)}
     if "lm_head" in names:
@@ -157,7 +153,7 @@ def build_empty(model: nn.Module, qcfg: dict[str, Any], device: torch.device | s
             new = NF4Linear(*args, qcfg.get("block_size", 64), qcfg.get("double_quant", True), device=device)
         else:
             new = W8A8Linear(*args, input_scale=n in scaled, device=device)
-        _replace(model, n, new)
+        set_module(model, n, new)
     model.quantization_config = dict(qcfg)
 
 
