@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 from ember.errors import EmberError
 from ember.settings import add_command
@@ -72,14 +73,14 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 
 def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    from ember.settings import add_flags
+    from ember.train.sft import SFTOptions
+
     p.add_argument("--model", required=True, help="base model directory (HF layout, with tokenizer)")
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--val-data", default=None, help="validation JSONL (val_loss in metrics)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora",
-                   help="what trains: every weight, LoRA adapters, or adapters over a 4-bit base (default: lora)")
-    p.add_argument("--pack", action="store_true", help="pack short examples into full rows (block-diagonal mask)")
-    p.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
+    add_flags(p.add_argument_group("fine-tuning"), SFTOptions, defaults={"method": "lora"})
     g = p.add_argument_group("LoRA")
     add_lora_flags(g)
     g.add_argument("--trainable-tokens", default="template",
@@ -111,7 +112,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     from ember.lora import LoraConfig
     from ember.settings import values
     from ember.train.loop import TrainConfig
-    from ember.train.sft import sft
+    from ember.train.sft import SFTOptions, sft
 
     tokens = a.trainable_tokens.strip().lower()
     if tokens not in ("template", "none"):
@@ -121,11 +122,10 @@ def cmd_finetune(a: argparse.Namespace) -> None:
             raise EmberError(f"--trainable-tokens takes 'template', 'none' or comma-separated token ids, "
                              f"not {a.trainable_tokens!r}.") from None
     lora = values(LoraConfig, a, prefix="lora_", trainable_token_indices=tokens if isinstance(tokens, list) else None)
-    cfg = values(TrainConfig, a, lr=a.lr if a.lr is not None else LR_DEFAULTS[a.method])
-    last = sft(a.model, a.data, a.out, method=a.method, lora=lora, train_config=cfg, pack=a.pack,
-               train_template_tokens=tokens == "template",
-               train_on_prompt=a.train_on_prompt, val_file=a.val_data, device=a.device, resume=a.resume,
-               progress=not a.no_progress)
+    options = values(SFTOptions, a)
+    cfg = values(TrainConfig, a, lr=a.lr if a.lr is not None else LR_DEFAULTS[options.method])
+    last = sft(a.model, a.data, a.out, lora=lora, train_config=cfg, train_template_tokens=tokens == "template",
+               val_file=a.val_data, device=a.device, resume=a.resume, progress=not a.no_progress, **asdict(options))
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss") if k in last)
     where = "model" if last["method"] == "full" else "adapter"  # on --resume, the run's own method
     print(f"done at step {last['step']}: {shown}; {where} in {a.out}/{where}")
