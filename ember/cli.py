@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
 from ember.settings import CommandParser, add_command
+
+if TYPE_CHECKING:
+    from ember.sampling import SamplingParams
 
 EPILOG = """\
 The path from nothing to a model:
@@ -72,7 +76,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
               only=SAMPLING_HELP, help=SAMPLING_HELP, defaults=SAMPLING_DEFAULTS)
 
 
-def sampling_params(a: argparse.Namespace):
+def sampling_params(a: argparse.Namespace) -> SamplingParams:
     """The SamplingParams that `generate` and `chat` flags describe."""
     from ember.sampling import SamplingParams
     from ember.settings import values

@@ -58,8 +58,7 @@ class CommandParser(argparse.ArgumentParser):
         return super().format_usage()
 
     def error(self, message: str) -> NoReturn:
-        text = message[0].upper() + message[1:] if message else "Invalid arguments"
-        sys.stderr.write(f"error: {self.prog}: {text.rstrip('.')}; see `{self.prog} --help`.\n")
+        sys.stderr.write(f"error: {self.prog}: {message.rstrip('.')}; see `{self.prog} --help`.\n")
         sys.exit(2)
 
 
