@@ -13,14 +13,8 @@ LR_DEFAULTS = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3}
 FINETUNE_DEFAULTS = {"max_steps": 500, "lr": None, "warmup_steps": 20, "weight_decay": 0.0, "eval_every": 0,
                      "save_every": 200}
 
-# LoraConfig's fields as flags (help here: the dataclass lives with the adapter code).
-LORA_HELP = {
-    "r": "adapter rank",
-    "alpha": "scaling numerator: the update is multiplied by alpha/r",
-    "dropout": "dropout on the adapter input",
-    "target_modules": "comma-separated module names (q_proj,v_proj,...) or all-linear",
-    "use_rslora": "scale by alpha/sqrt(r) (rank-stabilised LoRA)",
-}
+# The command line takes module names or all-linear (LoraConfig itself also takes a regex).
+LORA_HELP = {"target_modules": "comma-separated module names (q_proj,v_proj,...) or all-linear"}
 LORA_NAMES = {"target_modules": "--lora-targets", "use_rslora": "--rslora"}
 
 
