@@ -33,9 +33,10 @@ from ember.errors import EmberError
 SCHEDULES = ("cosine", "constant", "wsd")
 
 
-def minutes(text: str) -> float:
-    """A command-line duration in minutes, as seconds."""
-    return float(text) * 60
+def minutes(text: str) -> float | None:
+    """A command-line duration in minutes, as seconds; 0 means no limit (as 0 turns off the other limits)."""
+    value = float(text) * 60
+    return value if value > 0 else None
 
 
 @dataclass
@@ -61,7 +62,7 @@ class TrainConfig:
     mixed_precision: Literal["auto", "off", "bf16", "fp16"] = field(
         default="auto", metadata={"help": "autocast dtype (auto: bf16/fp16 where the device is fast at it)"})
     time_budget_s: float | None = field(default=None, metadata={
-        "help": "stop (and save) after this many minutes (default: none)", "flag": "--time-budget",
+        "help": "stop (and save) after this many minutes; 0 = no limit (default: none)", "flag": "--time-budget",
         "parse": minutes, "metavar": "MINUTES"})
     schedule_by_time: bool = field(default=False, metadata={
         "help": "decay the learning rate by the elapsed share of --time-budget, not by steps (no exact resume)"})
@@ -106,7 +107,9 @@ def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) ->
 
 def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy and the number of targets (-100 marks ignored ones)."""
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    # At least float32 (bf16 logits lose the loss's small differences); float64 stays float64.
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
 
