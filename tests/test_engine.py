@@ -1,8 +1,10 @@
-"""The engine against `transformers` greedy decoding, under prefix caching and preemption."""
+"""The engine against `transformers` greedy decoding, under prefix caching and preemption; its
+outputs (whole, delta, final), stop strings and the sampler it shares with the generator."""
 
 import pytest
 import torch
 
+from ember.checkpoint import save_pretrained
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
 from ember.engine.block_manager import BlockManager
@@ -10,22 +12,23 @@ from ember.engine.sequence import Sequence
 from ember.errors import EmberError
 from ember.model import CausalLM
 
-transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding peer")
-
 VOCAB = 101
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """The same random llama (GQA) as an Ember model and as a transformers model."""
-    from ember.checkpoint import save_pretrained
-
+def ember_model():
+    """A random llama (GQA)."""
     torch.manual_seed(0)
-    model = CausalLM(preset("tiny", vocab_size=VOCAB, max_position_embeddings=256)).eval()
+    return CausalLM(preset("tiny", vocab_size=VOCAB, max_position_embeddings=256)).eval()
+
+
+@pytest.fixture(scope="module")
+def pair(ember_model, tmp_path_factory):
+    """The same random llama as an Ember model and as a transformers model (the greedy-decoding peer)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding peer")
     path = tmp_path_factory.mktemp("engine") / "m"
-    save_pretrained(model, None, path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    return model, hf
+    save_pretrained(ember_model, None, path)
+    return ember_model, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def prompts(n=6, seed=0):
@@ -68,8 +71,7 @@ def test_batched_greedy_matches_transformers_per_prompt(pair, prefix_caching):
         assert llm.block_manager.prefix_hits > 0
 
 
-@pytest.mark.parametrize("pack_weights", [True, False])
-def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, monkeypatch, pack_weights):
+def test_decodes_split_by_length_keep_greedy_output(pair, monkeypatch):
     """Free extra SDPA calls: every distinct context length becomes its own decode group, so the
     grouped path (rows picked out of and written back into the flat batch) is what runs."""
     import ember.engine.paged_cache as paged_cache
@@ -77,7 +79,7 @@ def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, mon
     monkeypatch.setattr(paged_cache, "GROUP_COST_SLOTS", 0)
     model, hf = pair
     ps = prompts()
-    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256, pack_weights=pack_weights)
+    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256)
     seen = []
     original = paged_cache.split_by_length
     monkeypatch.setattr(paged_cache, "split_by_length", lambda d: seen.append(len(original(d))) or original(d))
@@ -85,16 +87,6 @@ def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, mon
     assert max(seen) == len(ps)  # all six decodes in separate groups
     for p, out in zip(ps, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 12)
-
-
-def test_weights_are_packed_by_default_only_for_models_the_engine_loads(pair, tmp_path):
-    from ember.checkpoint import save_pretrained
-
-    model, _ = pair
-    assert LLM(model, num_kv_blocks=8).pack_weights is False  # the caller may be training it
-    save_pretrained(model, None, tmp_path / "m")
-    assert LLM(tmp_path / "m", num_kv_blocks=8).pack_weights is True
-    assert LLM(tmp_path / "m", num_kv_blocks=8, pack_weights=False).pack_weights is False
 
 
 def test_split_by_length_is_the_cheapest_split():
@@ -121,26 +113,6 @@ def test_split_by_length_is_the_cheapest_split():
     assert split_by_length([(i, 1, 100 + i, []) for i in range(8)]) == [[(i, 1, 100 + i, []) for i in range(8)]]
 
 
-def test_packed_linears_match_and_follow_weight_updates():
-    from ember import packed_linear
-
-    if not packed_linear.available():
-        pytest.skip("this PyTorch build has no oneDNN packed linear")
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 96)
-    model = torch.nn.Sequential(layer)
-    x = torch.randn(5, 7, 64)
-    with torch.inference_mode(), packed_linear.packed_linears(model):
-        assert "forward" in layer.__dict__
-        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert "forward" not in layer.__dict__  # the model is itself again outside the block
-    with torch.no_grad():
-        layer.weight.mul_(-2.0)  # an optimizer step changes the weight in place
-    with torch.inference_mode(), packed_linear.packed_linears(model):
-        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        torch.testing.assert_close(model(x[:1, :1]), torch.nn.functional.linear(x[:1, :1], layer.weight, layer.bias))
-
-
 def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
     model, hf = pair
     ps = prompts()
@@ -151,8 +123,8 @@ def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
 
 
-def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(pair):
-    model, _ = pair
+def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(ember_model):
+    model = ember_model
     target = prompts(1, seed=5)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=42)
     alone = LLM(model, block_size=8, num_kv_blocks=64).generate([target], params)[0].outputs[0].token_ids
@@ -163,8 +135,8 @@ def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(pair):
     assert outs[3].outputs[0].token_ids == alone
 
 
-def test_n_completions_and_logprobs(pair):
-    model, _ = pair
+def test_n_completions_and_logprobs(ember_model):
+    model = ember_model
     llm = LLM(model, block_size=8, num_kv_blocks=64)
     out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=1.0, n=3, max_tokens=5, seed=1, logprobs=2))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
@@ -175,8 +147,8 @@ def test_n_completions_and_logprobs(pair):
             assert tok in lp and len(lp) <= 3 and all(v <= 0 for v in lp.values())
 
 
-def test_n_completions_share_the_prompt_blocks(pair):
-    model, _ = pair
+def test_n_completions_share_the_prompt_blocks(ember_model):
+    model = ember_model
     prompt = prompts(6)[5][:40]  # 5 full blocks of 8
     llm = LLM(model, block_size=8, num_kv_blocks=64)
     params = SamplingParams(temperature=1.0, n=4, max_tokens=6, seed=3, ignore_eos=True)
@@ -188,8 +160,8 @@ def test_n_completions_share_the_prompt_blocks(pair):
     assert [o.token_ids for o in shared.outputs] == [o.token_ids for o in alone.outputs]
 
 
-def test_prompt_logprobs_match_a_full_forward(pair):
-    model, _ = pair
+def test_prompt_logprobs_match_a_full_forward(ember_model):
+    model = ember_model
     p = prompts(3)[2]
     llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16)
     with torch.no_grad():
@@ -203,8 +175,8 @@ def test_prompt_logprobs_match_a_full_forward(pair):
             assert out.prompt_logprobs[i][p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
 
 
-def test_bad_requests_are_refused(pair):
-    model, _ = pair
+def test_bad_requests_are_refused(ember_model):
+    model = ember_model
     llm = LLM(model, block_size=8, num_kv_blocks=8)
     with pytest.raises(EmberError, match="context"):
         llm.add_request(list(range(1, 100)) * 3)
@@ -237,8 +209,8 @@ def test_block_manager_shares_prefix_and_evicts_lru_only_when_needed():
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_chunked_prefill_splits_long_prompts_across_steps(pair, chunked):
-    model, hf = pair
+def test_chunked_prefill_splits_long_prompts_across_steps(ember_model, chunked):
+    model = ember_model
     long_prompt = prompts(6)[5]  # 64 tokens
     llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16, enable_chunked_prefill=chunked)
     llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=30))

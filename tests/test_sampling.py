@@ -9,8 +9,8 @@ from ember.config import preset
 from ember.errors import EmberError
 from ember.generation import generate_ids, stream_text
 from ember.model import CausalLM
-from ember.sampling import (SamplingParams, apply_min_p, apply_presence_frequency, apply_repetition_penalty,
-                            apply_top_k, apply_top_p, draw)
+from ember.sampling import (SamplingParams, SamplingRows, apply_min_p, apply_presence_frequency,
+                            apply_repetition_penalty, apply_top_k, apply_top_p, sample)
 
 NEG = float("-inf")
 
@@ -54,7 +54,8 @@ def test_presence_and_frequency_penalties_follow_openai_formula():
 
 def test_draw_matches_the_distribution():
     logits = torch.tensor([[math.log(0.7), math.log(0.2), math.log(0.1)]]).repeat(20000, 1)
-    tokens = draw(logits, greedy=False, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    tokens = sample(logits, SamplingRows([SamplingParams(temperature=1.0)] * len(logits))).token_ids
     freq = torch.bincount(tokens, minlength=3).float() / len(tokens)
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.015)
 
@@ -73,15 +74,15 @@ def model():
 
 
 def test_seeded_sampling_is_reproducible_and_seeds_differ(model):
-    a = list(generate_ids(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, seed=7))
-    b = list(generate_ids(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, seed=7))
-    c = list(generate_ids(model, [1, 2, 3], max_new_tokens=20, temperature=1.0, seed=8))
+    a = list(generate_ids(model, [1, 2, 3], SamplingParams(max_tokens=20, temperature=1.0, seed=7)))
+    b = list(generate_ids(model, [1, 2, 3], SamplingParams(max_tokens=20, temperature=1.0, seed=7)))
+    c = list(generate_ids(model, [1, 2, 3], SamplingParams(max_tokens=20, temperature=1.0, seed=8)))
     assert a == b and a != c
 
 
 def test_kv_cache_decoding_matches_full_recompute(model):
     prompt = [5, 6, 7, 8]
-    got = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
+    got = list(generate_ids(model, prompt, SamplingParams(max_tokens=12, temperature=0.0)))
     ids = list(prompt)
     for _ in range(12):
         with torch.no_grad():
@@ -90,14 +91,14 @@ def test_kv_cache_decoding_matches_full_recompute(model):
 
 
 def test_generation_stops_at_stop_token_and_respects_context(model):
-    free = list(generate_ids(model, [1, 2], max_new_tokens=10, temperature=0.0))
+    free = list(generate_ids(model, [1, 2], SamplingParams(max_tokens=10, temperature=0.0)))
     stop_at = free[3]
-    got = list(generate_ids(model, [1, 2], max_new_tokens=10, temperature=0.0, stop_ids=[stop_at]))
+    got = list(generate_ids(model, [1, 2], SamplingParams(max_tokens=10, temperature=0.0), stop_ids=[stop_at]))
     assert got == free[:free.index(stop_at) + 1]
     with pytest.raises(EmberError, match="context"):
-        list(generate_ids(model, list(range(10)) * 7, max_new_tokens=5))
+        list(generate_ids(model, list(range(10)) * 7, SamplingParams(max_tokens=5)))
     # generation never runs past the context window
-    assert len(list(generate_ids(model, [1] * 60, max_new_tokens=50, temperature=0.0))) == 4
+    assert len(list(generate_ids(model, [1] * 60, SamplingParams(max_tokens=50, temperature=0.0)))) == 4
 
 
 class CharTokenizer:
@@ -108,24 +109,11 @@ class CharTokenizer:
         return "".join(chr(97 + i % 26) for i in ids)
 
 
-def test_stop_strings_are_cut_and_never_partially_shown(model, monkeypatch):
-    import ember.tokenizer as tok_mod
-
-    class Decoder:
-        def __init__(self, tokenizer, *a, **k):
-            self.t = tokenizer
-
-        def push(self, i):
-            return self.t.decode([i])
-
-        def flush(self):
-            return ""
-
-    monkeypatch.setattr(tok_mod, "IncrementalDecoder", Decoder)
+def test_stop_strings_are_cut_and_never_partially_shown(model):
     tok = CharTokenizer()
-    full = "".join(stream_text(model, tok, [1, 2, 3], max_new_tokens=30, temperature=0.0))
+    full = "".join(stream_text(model, tok, [1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0)))
     stop = full[10:13]
-    pieces = list(stream_text(model, tok, [1, 2, 3], stop=[stop], max_new_tokens=30, temperature=0.0))
+    pieces = list(stream_text(model, tok, [1, 2, 3], SamplingParams(stop=[stop], max_tokens=30, temperature=0.0)))
     text = "".join(pieces)
     assert text == full[:full.index(stop)]
     assert all(stop not in p for p in pieces)

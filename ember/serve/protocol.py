@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.engine import CompletionOutput
 from ember.errors import EmberError
-from ember.generation import stop_holdback
+from ember.detokenizer import stop_holdback
 from ember.sampling import SamplingParams
 
 
