@@ -1,6 +1,8 @@
 """The engine against `transformers` greedy decoding, under prefix caching and preemption; its
 outputs (whole, delta, final), stop strings and the sampler it shares with the generator."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -231,3 +233,97 @@ def test_chunked_prefill_splits_long_prompts_across_steps(ember_model, chunked):
         assert max(sizes) <= 16  # the budget holds: the long prompt went in chunks beside the decode
     else:
         assert max(sizes) >= 64  # the whole prompt in one step
+
+
+class CharTokenizer:
+    """Each id is one character: every stop string longer than one character spans tokens."""
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def run_outputs(llm, prompt, params):
+    """Every output of one request, step by step."""
+    rid = llm.add_request(prompt, params)
+    outs = []
+    while llm.has_unfinished():
+        outs += [o for o in llm.step() if o.request_id == rid]
+    return outs
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_delta_outputs_concatenate_to_the_final_output(ember_model, stop):
+    model = ember_model
+    llm = LLM(model, tokenizer=CharTokenizer(), block_size=8, num_kv_blocks=64)
+    prompt = prompts(3)[2]
+    base = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=24, logprobs=1, ignore_eos=True)
+    final = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="final"))
+    assert len(final) == 1 and final[0].finished
+    if stop:  # a stop string from the middle of the first completion: text is cut inside a step
+        text = final[0].outputs[0].text
+        base = dataclasses.replace(base, stop=[text[8:11]])
+        final = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="final"))
+        assert final[0].outputs[0].finish_reason == "stop"
+    cumulative = run_outputs(llm, prompt, base)
+    deltas = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="delta"))
+    assert cumulative[-1].outputs == final[0].outputs
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    for o in final[0].outputs:
+        mine = [c for d in deltas for c in d.outputs if c.index == o.index]
+        assert "".join(c.text for c in mine) == o.text
+        assert [t for c in mine for t in c.token_ids] == o.token_ids
+        assert [lp for c in mine for lp in c.logprobs] == o.logprobs
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + [o.finish_reason]  # once, at its end
+        assert all(c.text or c.finish_reason for c in mine)  # tokens travel with the text they make
+
+
+def test_a_stop_string_across_tokens_is_cut_the_same_in_the_generator_and_the_engine(ember_model):
+    from ember.generation import stream_text
+
+    model, tok = ember_model, CharTokenizer()
+    prompt = prompts(3)[1]
+    free = "".join(stream_text(model, tok, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
+    stop = free[12:15]  # three tokens
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    pieces = list(stream_text(model, tok, prompt, params))
+    llm = LLM(model, tokenizer=tok, block_size=8, num_kv_blocks=64)
+    deltas = run_outputs(llm, prompt, dataclasses.replace(params, output_kind="delta"))
+    out = llm.generate([prompt], params)[0].outputs[0]
+    expected = free[:free.index(stop)]
+    assert "".join(pieces) == expected == out.text == "".join(c.text for d in deltas for c in d.outputs)
+    assert out.finish_reason == "stop" and tok.decode(out.token_ids) == expected + stop  # the last token completed it
+    for shown in (pieces, [c.text for d in deltas for c in d.outputs]):  # no piece shows a stop's beginning early
+        seen = ""
+        for piece in shown:  # never a character past the cut, even while the stop was incomplete
+            seen += piece
+            assert expected.startswith(seen)
+
+
+def test_engine_depends_on_neither_the_generator_nor_itself_in_a_cycle():
+    import ast
+    import pathlib
+
+    import ember.engine
+
+    folder = pathlib.Path(ember.engine.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "ember.generation" not in imports[path.stem], path.name
+        nested = [n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not nested, f"{path.name} imports inside a function"
+
+    def reach(start, seen):
+        for m in imports.get(start, ()):
+            name = m.rsplit(".", 1)[-1]
+            if m.startswith("ember.engine.") and name not in seen:
+                seen.add(name)
+                reach(name, seen)
+        return seen
+
+    for module in imports:
+        if module != "__init__":
+            assert module not in reach(module, set()), f"ember.engine.{module} imports itself through a cycle"
