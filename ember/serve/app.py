@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from ember.errors import EmberError
+from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
                                   EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
@@ -339,8 +340,6 @@ def encoder(server: ServerState) -> Any:
         raise APIError(404, "This server has no embedding model; start it with --embedding-model.",
                        param="model", code="model_not_found")
     if "model" not in server.encoders:
-        from ember.rag import load_encoder  # optional extra: only a server asked for embeddings loads it
-
         try:
             server.encoders["model"] = load_encoder(None if server.embedding_model == "default"
                                                     else server.embedding_model)
