@@ -55,6 +55,7 @@ from ember.quant import quantize_model, weight_bytes  # noqa: E402
 from ember.quant.int4 import Int4Linear  # noqa: E402
 from ember.quant.int8 import Int8Linear  # noqa: E402
 from ember.quant.nf4 import NF4Linear  # noqa: E402
+from ember.sampling import SamplingParams  # noqa: E402
 from ember.quant.outliers import inject_outliers  # noqa: E402
 from ember.quant.smoothquant import W8A8Linear  # noqa: E402
 

@@ -316,7 +316,6 @@ def test_layers_reading_the_same_input_share_one_call_with_their_own_results(kin
     """q, k and v (or gate and up) in one kernel call (`gemv.many`): each output is exactly what
     the layer's own forward gives, biases included; layers of different formats keep their own calls."""
     from ember.packed_linear import packed_linears
-from ember.sampling import SamplingParams
     from ember.quant.int4 import Int4Linear
     from ember.quant.int8 import Int8Linear
 
