@@ -13,6 +13,7 @@ final, as its `output_kind` asks).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
@@ -230,7 +231,8 @@ class LLM:
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in prompt order."""
+        """Run every prompt to completion; outputs come back in prompt order (each request's
+        final output: generate asks for nothing in between, whatever `output_kind` says)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -238,7 +240,7 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise EmberError(f"Got {len(params)} sampling params for {len(prompts)} prompts.")
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.add_request(p, dataclasses.replace(sp, output_kind="final")) for p, sp in zip(prompts, params)]
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), disable=not use_tqdm, unit="req")
         t0 = time.perf_counter()
