@@ -206,3 +206,30 @@ def test_compiled_draft_distributions_follow_the_context_through_rollbacks(targe
         for token in guesses[:accepted] + [own]:
             seq.append(token)
         seq.spec.settle(n + accepted)
+
+
+class CharTokenizer:
+    """Each id is one character, so a stop string spans several (verified) tokens."""
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_a_stop_string_inside_accepted_guesses_drops_the_guesses_after_it(target):
+    """Several guesses are accepted in one step; when a stop string completes among them, the
+    completion ends at its token, as it does without speculation."""
+    tok = CharTokenizer()
+    plain = LLM(target, tokenizer=tok, num_kv_blocks=64, block_size=8)
+    spec = LLM(target, tokenizer=tok, num_kv_blocks=64, block_size=8, speculative=target, num_speculative_tokens=4)
+    free = plain.generate(prompts(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for p, out in zip(prompts(), free):
+        text = out.outputs[0].text
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[text[9:11]])
+        a = plain.generate([p], params)[0].outputs[0]
+        b = spec.generate([p], params)[0].outputs[0]
+        assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
+        assert a.finish_reason == "stop" and a.text == text[:text.index(text[9:11])]
+    assert spec.spec_acceptance_rate == 1.0 and spec.spec_mean_accepted_length > 3  # whole steps of guesses
+    spec.block_manager.check()
+    assert spec.block_manager.num_used == 0
