@@ -196,13 +196,6 @@ class SamplingRows:
             self.banned = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
         self.logprobs = [p.logprobs for p in self.params]
 
-    @classmethod
-    def repeat(cls, rows: "SamplingRows", counts: Sequence[int]) -> "SamplingRows":
-        """Row i of `rows` repeated counts[i] times (a speculative sequence's k + 1 positions)."""
-        pick = [i for i, c in enumerate(counts) for _ in range(c)]
-        return cls([rows.params[i] for i in pick], [rows.generators[i] for i in pick],
-                   [rows.penalties[i] for i in pick], device=rows.device)
-
     def _stacked(self, attr: str, vocab_size: int, dtype: torch.dtype) -> Tensor:
         parts = [getattr(t, attr) if t is not None and getattr(t, attr) is not None
                  else torch.zeros(1, vocab_size, dtype=dtype, device=self.device) for t in self.penalties]

@@ -47,7 +47,7 @@ def verify(target_logits: Tensor, rows: SamplingRows, drafts: list[list[int]],
 
     target_logits [R, V] holds len(drafts[i]) + 1 rows per sequence, one after another: row j of
     sequence i is the target's prediction after drafts[i][:j]. `rows` gives each of the R rows its
-    sequence's parameters and random stream (`SamplingRows.repeat`). draft_probs[i] [k, V]: the
+    sequence's parameters and random stream. draft_probs[i] [k, V]: the
     distributions the guesses were drawn from (None: deterministic guesses, q one-hot).
     """
     device = target_logits.device
