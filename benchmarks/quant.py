@@ -61,6 +61,7 @@ from ember.quant import quantize_model, weight_bytes  # noqa: E402
 from ember.quant.int4 import Int4Linear  # noqa: E402
 from ember.quant.int8 import Int8Linear  # noqa: E402
 from ember.quant.nf4 import NF4Linear  # noqa: E402
+from ember.sampling import SamplingParams  # noqa: E402
 from ember.quant.outliers import inject_outliers  # noqa: E402
 from ember.quant.smoothquant import W8A8Linear  # noqa: E402
 
@@ -176,9 +177,9 @@ def quality(model, tokenizer, args) -> list[dict]:
 def ember_decode(model, prompt, n, compile: bool = False) -> float:
     """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded).
     The warm-up compiles the step when `compile` (its cache size rounds to the same 256 slots)."""
-    list(generate_ids(model, prompt[:16], max_new_tokens=4, temperature=0.0, compile=compile))  # warm-up
+    list(generate_ids(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0.0), compile=compile))  # warm-up
     stamps = []
-    for _ in generate_ids(model, prompt, max_new_tokens=n, temperature=0.0, compile=compile):
+    for _ in generate_ids(model, prompt, SamplingParams(max_tokens=n, temperature=0.0), compile=compile):
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -413,7 +414,7 @@ def batched(args) -> list[dict]:
                           ("int8", {}, "fp32"), ("int4 g128", {"group_size": 128}, "bf16")]:
         m = copy.deepcopy(model) if kw is None else quantized(model, name, kw, calib)
         m = m.to(torch.bfloat16 if act == "bf16" else torch.float32)
-        llm = LLM(m, max_num_seqs=max(args.concurrency), pack_weights=True)
+        llm = LLM(m, max_num_seqs=max(args.concurrency))
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
         for n in args.concurrency:
             t = time.perf_counter()

@@ -328,11 +328,16 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from ember.checkpoint import load_model
+    from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
+    from ember.load import load_model
+    from ember.sampling import SamplingParams
+    from ember.settings import values
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
+    model = prepare_for_inference(model.eval())
+    params = values(SamplingParams, a)
     tok = load_tokenizer(a.model)
     if a.prompt_ids is not None:
         try:
@@ -343,17 +348,22 @@ def cmd_generate(a: argparse.Namespace) -> None:
     else:
         ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
         print(a.prompt, end="", flush=True)
-    for piece in stream_text(model, tok, ids, stop=a.stop, compile=a.compile, **_sampling_kwargs(a)):
+    for piece in stream_text(model, tok, ids, params, compile=a.compile):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from ember.checkpoint import load_model
+    from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
+    from ember.load import load_model
+    from ember.sampling import SamplingParams
+    from ember.settings import values
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
+    model = prepare_for_inference(model.eval())
+    params = values(SamplingParams, a)
     tok = load_tokenizer(a.model)
     base = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(base)
@@ -380,7 +390,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         reply = []
-        for piece in stream_text(model, tok, ids, stop=a.stop, **_sampling_kwargs(a)):
+        for piece in stream_text(model, tok, ids, params):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()

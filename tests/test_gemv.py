@@ -16,6 +16,7 @@ from ember.generation import generate_ids
 from ember.model import CausalLM
 from ember.model import attention as ember_attention
 from ember.packed_linear import packed_linears
+from ember.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not gemv.available(),
                                 reason="the GEMV kernel needs an x86 CPU with AVX2 and a C++ compiler")
@@ -150,10 +151,10 @@ def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
 
     monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(gemv, "many", many)
-    with_kernel = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
+    with_kernel = list(generate_ids(model, prompt, SamplingParams(max_tokens=12, temperature=0.0)))
     assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
     monkeypatch.setattr(gemv, "_built", False)
-    assert list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)) == with_kernel
+    assert list(generate_ids(model, prompt, SamplingParams(max_tokens=12, temperature=0.0))) == with_kernel
 
 
 def test_verification_steps_multiply_their_few_rows_in_the_kernel(monkeypatch):

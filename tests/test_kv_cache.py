@@ -5,12 +5,13 @@ import torch
 
 from ember.config import ModelConfig
 from ember.model import CausalLM
+from ember.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_static_cache_steps_give_the_contiguous_cache_logits(window):
     """The compiled decode step's cache (static shapes, masked) against the plain one, eagerly."""
-    from ember.generation import decode_step
+    from ember.compiled_step import decode_step
     from ember.kv_cache import KVCache, StaticKVCache
 
     torch.manual_seed(0)
@@ -41,7 +42,8 @@ def test_compiled_steps_follow_the_model_they_are_given():
 
     from torch import nn
 
-    from ember.generation import generate_ids, structure_key
+    from ember.compiled_step import structure_key
+    from ember.generation import generate_ids
     from ember.quant import quantize_model
     from ember.quant.int8 import Int8Linear
 
@@ -54,7 +56,7 @@ def test_compiled_steps_follow_the_model_they_are_given():
     prompt = torch.randint(0, 96, (9,)).tolist()
 
     def tokens(model, compile):
-        return list(generate_ids(model, prompt, max_new_tokens=24, temperature=0.0, compile=compile))
+        return list(generate_ids(model, prompt, SamplingParams(max_tokens=24, temperature=0.0), compile=compile))
 
     twin = CausalLM(cfg).eval()  # same structure, other weights
     untied = copy.deepcopy(plain)  # the same config and shapes, but the head its own tensor

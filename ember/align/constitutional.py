@@ -85,14 +85,15 @@ class LocalChat:
 
     def __call__(self, messages: Messages) -> str:
         from ember.generation import context_length, stream_text
+        from ember.sampling import SamplingParams
 
         ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         room = context_length(self.model) - len(ids)
         if room < 1:
             raise EmberError(f"The conversation has {len(ids)} tokens, more than the model's context; "
                              "shorten the prompts or lower --max-tokens.")
-        return "".join(stream_text(self.model, self.tok, ids, max_new_tokens=min(self.max_tokens, room),
-                                   temperature=self.temperature, seed=self.seed)).strip()
+        return "".join(stream_text(self.model, self.tok, ids, SamplingParams(
+            max_tokens=min(self.max_tokens, room), temperature=self.temperature, seed=self.seed))).strip()
 
 
 class EndpointChat:
