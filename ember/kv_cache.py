@@ -47,6 +47,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already cached
         self.sliding_window = cfg.sliding_window
+        if torch.device(device).type == "cpu":
+            gemv.available()  # build the decode kernel now (once a process), not while a step is compiled
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return torch.arange(self.length, self.length + num_tokens, device=device)

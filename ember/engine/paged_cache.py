@@ -30,6 +30,8 @@ class KVPool:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.num_kv_heads = cfg.num_key_value_heads
         self.num_blocks, self.block_size = num_blocks, block_size
+        if torch.device(device).type == "cpu":
+            gemv.available()  # build the decode kernel now (once a process), not inside a step
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

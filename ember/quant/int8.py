@@ -37,6 +37,7 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, device)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, device=device))
+        self._scales_cache: Tensor | None = None  # `scales` in the activation dtype, see `_scales`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -50,6 +51,18 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.qweight.float() * self.scales[:, None]).to(dtype)
 
+    def _scales(self, dtype: torch.dtype) -> Tensor:
+        """The scales in `dtype`, made once: a compiled step then finds them made (the compiler
+        cannot feed PyTorch's int8 kernel a cast made inside its graph)."""
+        cached = self._scales_cache
+        if cached is None or cached.dtype != dtype or cached.device != self.scales.device:
+            self._scales_cache = cached = self.scales.to(dtype)
+        return cached
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._scales_cache = None  # new scales arrive
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -59,7 +72,7 @@ class Int8Linear(QuantLinear):
         needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int8 kernel has no backward
         if not needs_grad and kernel_works("int8pack", x2.device, act):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(act).contiguous(), self.qweight,
-                                                   self.scales.to(act)).to(x.dtype)
+                                                   self._scales(act)).to(x.dtype)
         else:
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:
