@@ -59,7 +59,7 @@ def _build() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # the builder (setuptools and all): loaded only to build
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     name = f"ember_gemv_{digest}"  # a changed source gets a fresh build, never a stale one
