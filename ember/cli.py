@@ -44,8 +44,7 @@ SAMPLING_HELP = {
 # A terminal user wants a longer and less random reply than the API's defaults.
 SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.8, "top_p": 0.95}
 
-# EngineConfig's fields as `serve` and `bench throughput` flags. `pack_weights` is the engine's
-# own business and has no flag.
+# EngineConfig's fields as `serve` and `bench throughput` flags.
 ENGINE_HELP = {
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV pool size in blocks (overrides --kv-cache-memory)",
@@ -65,7 +64,7 @@ ENGINE_HELP = {
 }
 ENGINE_NAMES = {"enable_prefix_caching": "--prefix-caching", "enable_chunked_prefill": "--chunked-prefill",
                 "speculative": "--speculative"}
-ENGINE_NOT_FLAGS = ("pack_weights",)
+ENGINE_NOT_FLAGS: tuple[str, ...] = ()  # every engine setting is the user's to choose
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:

@@ -280,7 +280,7 @@ def test_building_the_command_tree_imports_no_torch():
 
 @pytest.mark.parametrize("command", [["serve", "--model", "m"], ["bench", "throughput"]])
 def test_engine_flags_cover_the_engine_config(command):
-    names = {f.name for f in dataclasses.fields(EngineConfig)} - {"pack_weights"}
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
     a = build_parser().parse_args([*command, "--no-prefix-caching", "--no-chunked-prefill", "--block-size", "8",
                                    "--num-kv-blocks", "40", "--kv-cache-memory", "2GB", "--max-num-batched-tokens",
                                    "96", "--max-num-seqs", "3", "--max-model-len", "30", "--speculative", "ngram",
