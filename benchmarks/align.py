@@ -53,13 +53,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 def greedy_concise_rate(model, tok, prompts: list[str], max_new: int, concise_tokens: int) -> tuple[float, list]:
     """Share of greedy replies that end their turn within `concise_tokens` tokens."""
     from ember.generation import generate_ids
+    from ember.sampling import SamplingParams
 
     stop = {end_of_turn_id(tok)} | ({tok.eos_id} if tok.eos_id is not None else set())
     hits, samples = 0, []
     model.eval()
     for p in prompts:
         ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
-        out = list(generate_ids(model, ids, max_new, temperature=0.0, stop_ids=stop))
+        out = list(generate_ids(model, ids, SamplingParams(max_tokens=max_new, temperature=0.0), stop_ids=stop))
         ended = bool(out) and out[-1] in stop
         reply = [t for t in out if t not in stop]
         ok = ended and len(reply) <= concise_tokens

@@ -43,7 +43,7 @@ def run(model, chunked: bool, args, seed: int) -> dict:
     for _ in range(args.running):
         rid = llm.add_request([rng.randrange(1, vocab) for _ in range(32)],
                               SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True))
-        running.append(llm._requests[rid][0])
+        running.append(llm.output_processor.requests[rid].seqs[0])
     steps = 0
     while llm.has_unfinished():
         if steps == args.arrive_after:

@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, fmt, ratio_spread, run_rounds, spread, stamp, write_results  # noqa: E402
 from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
+from ember.cpu_inference import Int4KernelLinear, Int8KernelLinear, prepare_for_inference  # noqa: E402
 from ember import gemv as ember_gemv  # noqa: E402
 from ember.generation import generate_ids  # noqa: E402
 from ember.load import load_model  # noqa: E402
@@ -62,6 +63,7 @@ from ember.quant import quantize_model, weight_bytes  # noqa: E402
 from ember.quant.int4 import Int4Linear  # noqa: E402
 from ember.quant.int8 import Int8Linear  # noqa: E402
 from ember.quant.nf4 import NF4Linear  # noqa: E402
+from ember.sampling import SamplingParams  # noqa: E402
 from ember.quant.outliers import inject_outliers  # noqa: E402
 from ember.quant.smoothquant import W8A8Linear  # noqa: E402
 
@@ -175,11 +177,13 @@ def quality(model, tokenizer, args) -> list[dict]:
 # --- decode speed ----------------------------------------------------------------------------------
 @torch.inference_mode()
 def ember_decode(model, prompt, n, compile: bool = False) -> float:
-    """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded).
+    """Decode tokens/s: time from the first new token to the last (the prompt's prefill excluded),
+    on a copy of `model` prepared for CPU inference (as `ember generate` prepares the model it loads).
     The warm-up compiles the step when `compile` (its cache size rounds to the same 256 slots)."""
-    list(generate_ids(model, prompt[:16], max_new_tokens=4, temperature=0.0, compile=compile))  # warm-up
+    model = prepare_for_inference(copy.deepcopy(model))
+    list(generate_ids(model, prompt[:16], SamplingParams(max_tokens=4, temperature=0.0), compile=compile))  # warm-up
     stamps = []
-    for _ in generate_ids(model, prompt, max_new_tokens=n, temperature=0.0, compile=compile):
+    for _ in generate_ids(model, prompt, SamplingParams(max_tokens=n, temperature=0.0), compile=compile):
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
@@ -414,7 +418,7 @@ def batched(args) -> list[dict]:
                           ("int8", {}, "fp32"), ("int4 g128", {"group_size": 128}, "bf16")]:
         m = copy.deepcopy(model) if kw is None else quantized(model, name, kw, calib)
         m = m.to(torch.bfloat16 if act == "bf16" else torch.float32)
-        llm = LLM(m, max_num_seqs=max(args.concurrency), pack_weights=True)
+        llm = LLM(prepare_for_inference(m), max_num_seqs=max(args.concurrency))
         llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))  # warm-up
         for n in args.concurrency:
             t = time.perf_counter()
@@ -461,17 +465,20 @@ def gemv(args) -> list[dict]:
         w8 = W8A8Linear.from_linear(lin)
         s8 = i8.scales.to(torch.bfloat16)
         if ember_gemv.available():
+            k8, k4 = Int8KernelLinear.of(i8), Int4KernelLinear.of(i4)
             cases += [("Ember gemv, fp32", lambda: ember_gemv.gemv(x32, lin.weight), False),
                       ("Ember gemv, bf16", lambda: ember_gemv.gemv(x16, w16), False),
-                      ("Ember gemv, int8 weight-only", lambda: i8(x32), False)]
+                      ("Ember gemv, int8 weight-only", lambda: k8(x32), False),
+                      ("Ember gemv_int4 g128, bf16 act", lambda: k4(x16), False),
+                      ("Ember gemv_int4 g128, fp32 act", lambda: k4(x32), False)]
         cases += [("int8 weight-only (aten int8pack), fp32 act",
                    lambda: torch.ops.aten._weight_int8pack_mm(x32, i8.qweight, i8.scales), False),
                   ("int8 weight-only (aten int8pack), bf16 act",
                    lambda: torch.ops.aten._weight_int8pack_mm(x16, i8.qweight, s8), False),
                   ("int8 dequantize+matmul", lambda: i8(x32), True),
-                  ("int4 g128, bf16 act", lambda: i4(x16), False),
-                  ("int4 g128, fp32 act", lambda: i4(x32), False),
-                  ("int4 g32, bf16 act", lambda: i4_32(x16), False),
+                  ("int4 g128 (aten int4pack), bf16 act", lambda: i4(x16), False),
+                  ("int4 g128 (aten int4pack), fp32 act", lambda: i4(x32), False),
+                  ("int4 g32 (aten int4pack), bf16 act", lambda: i4_32(x16), False),
                   ("int4 dequantize+matmul", lambda: i4(x32), True),
                   ("nf4 dequantize+matmul, bf16", lambda: nf(x16), False),
                   ("w8a8 (int8 x int8 -> int32)", lambda: w8(x32), False)]

@@ -3,7 +3,7 @@
 The Python API most callers need:
     model = ember.load_model("runs/quickstart/model")
     tok = ember.load_tokenizer("runs/quickstart/model")
-    print(ember.generate(model, tok, "def fib(n):", max_new_tokens=64, temperature=0))
+    print(ember.generate(model, tok, "def fib(n):", ember.SamplingParams(max_tokens=64, temperature=0)))
     ember.save_pretrained(model, tok, "copy")
     outs = ember.LLM("runs/quickstart/model").generate(["def "], ember.SamplingParams(max_tokens=32))
 """

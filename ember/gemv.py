@@ -1,41 +1,31 @@
-"""Batch-1 decoding's kernels, hand-written for x86 CPUs with AVX2.
+"""Ember's CPU kernels for decoding, hand-written for x86 CPUs with AVX2 (`ember/csrc/gemv.cpp`).
 
-A decode step with one sequence multiplies a single activation row by every weight matrix:
-its speed is the speed at which weights stream from memory. On the 2-core AVX2 machine
-these figures come from (`python benchmarks/quant.py --skip quality batched`), PyTorch's
-kernels for one row reach about half the read bandwidth: MKL's fp32 GEMV runs on one
-thread, and the bf16 and int8 paths are bound by converting weights rather than by reading
-them. `ember/csrc/gemv.cpp` (~450 lines) holds three kernels:
-- `gemv`: one row times fp32/bf16/fp16/int8 weights; each weight row streams once, rows split
-  over PyTorch's threads. It also takes 2 to 16 rows (a speculative step's verification, a
-  small batch), each weight row loaded once for all of them: for float weights 3-7x MKL's
-  kernels and 1.3-1.7x oneDNN's pre-packed weights at 2-8 rows, ~1.1x at 9-16, past which
-  oneDNN's blocked GEMM is faster. Float weights are widened to fp32 in registers (bf16 with a shift or
-  a mask, no shuffle). For int8 weights the activation row is rounded once to int16 (15 bits
+A decode step multiplies a few activation rows (one per running sequence, or a speculative
+step's guesses) by every weight matrix, so its speed is the speed at which weights stream from
+memory. These kernels read each weight row once for all the rows and split the rows over
+PyTorch's threads:
+- `gemv`: up to `MAX_ROWS` rows times fp32, bf16, fp16 or int8 weights. Float weights are widened
+  to fp32 in registers; for int8 weights each activation row is rounded once to int16 (15 bits
   against its largest element, finer than bf16) and the products are integer multiply-adds,
-  about 1.4x the rate of widening int8 to fp32. 1.6-2.5x PyTorch's kernels per layer, at the
-  read bandwidth with cold weights. Where the CPU has AVX-512 VNNI (Intel since Ice Lake, AMD
-  since Zen 4), chosen at run time, 64 weights a load meet the activations in `vpdpwssd`, which
-  multiplies, adds pairs and accumulates in one instruction: 1.5-5x the AVX2 loop per layer
-  (`instruction_set()` says which path runs; EMBER_GEMV_AVX512=0 forces AVX2).
-- `gemv_int4`: group-wise int4 weights in `ember.quant.int4`'s portable layout, the same
-  integer multiply-adds, for any number of rows (each weight row is read once for all of
-  them): 2x PyTorch's int4 kernel for one row, 1.2x for 4 to 128 rows. With AVX-512 VNNI and groups
-  of a multiple of 128, 128 columns a load go through `vpdpwssd` in four independent chains: 1.4x
-  the AVX2 loop per layer.
-- `gemv_many`, `gemv_int4_many` (through `many`): several matrices that read the same input
-  (q, k and v; gate and up) in one call, the input prepared once and one thread split over all
-  their rows, the outputs side by side in one tensor: ~10 µs less per layer's q/k/v than three
-  calls (2 threads), which a 153M model's step pays 12 times over.
-- `decode_attention`: one query per sequence against its cached keys and values, each KV
-  head read once for its group of query heads, hidden positions skipped, the softmax in fp32:
-  ~4x PyTorch's SDPA for this shape at 256 cached tokens. `paged_decode_attention` is the same
-  over the engine's paged pool, reading each position where its slot lies (PagedAttention).
+  with AVX-512 VNNI's `vpdpwssd` where the CPU has it (chosen at run time; `instruction_set()`
+  says which path runs, EMBER_GEMV_AVX512=0 forces AVX2).
+- `gemv_int4`: group-wise int4 weights in `ember.quant.int4`'s portable layout, any number of rows,
+  the same integer multiply-adds (VNNI for groups of a multiple of 128).
+- `decode_attention`: one query per sequence against its cached keys and values, each KV head
+  read once for its group of query heads, hidden positions skipped, the softmax in fp32;
+  `paged_decode_attention` is the same over the engine's paged pool, reading each position
+  where its slot lies (PagedAttention).
 
-The source is compiled once per machine with PyTorch's extension builder (the C++ compiler
-PyTorch's own `torch.compile` needs on a CPU) and cached under `~/.cache/torch_extensions`.
-Without a compiler, off x86, or with `EMBER_GEMV=0` in the environment, `available()` is
-False and callers keep PyTorch's kernels: the results agree to float rounding either way.
+Who calls them: the inference layers that `ember.cpu_inference.prepare_for_inference` swaps
+into a model (linear layers), and the KV-cache backends (`ember.kv_cache.decode_attention`,
+`ember.engine.paged_cache`) for attention. Each `*applies` function says when a kernel serves
+an input: CPU tensors, no autograd (the kernels have no backward), supported shapes and dtypes.
+
+The source is compiled once per machine and source version with PyTorch's extension builder
+(the C++ compiler PyTorch's own `torch.compile` needs on a CPU) and cached under
+`~/.cache/torch_extensions`. Without a compiler, off x86, or with `EMBER_GEMV=0` in the
+environment, `available()` is False and callers keep PyTorch's kernels: the results agree to
+float rounding either way. Speeds are in benchmarks/results/ (`benchmarks/quant.py`).
 """
 
 from __future__ import annotations
@@ -45,10 +35,10 @@ import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv.cpp"
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int8)
@@ -69,7 +59,7 @@ def _build() -> bool:
         return False
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return False
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # the builder (setuptools and all): loaded only to build
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     name = f"ember_gemv_{digest}"  # a changed source gets a fresh build, never a stale one
@@ -119,7 +109,9 @@ def serves(x: Tensor, frozen_weights: bool = False) -> bool:
     return not _switched_off and no_grad and x.device.type == "cpu" and available()
 
 
-MAX_ROWS = 16  # up to this many rows go through the kernel (past ~16 oneDNN's GEMM wins for floats)
+# Up to this many rows go through `gemv`; more rows are a matrix product, which oneDNN's blocked
+# GEMM does better (see ember.cpu_inference.CPULinear).
+MAX_ROWS = 16
 
 
 def applies(x: Tensor, weight: Tensor) -> bool:
@@ -144,43 +136,6 @@ def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: 
     (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
     `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
-
-
-class Operand(NamedTuple):
-    """What a linear layer hands `many` (through its `gemv_operand(x)`) to join a shared call:
-    kind "rows" (float or int8 weights, `gemv`'s arguments) or "int4" (`gemv_int4`'s)."""
-    kind: str
-    weight: Tensor
-    scale: Tensor | None = None
-    offset: Tensor | None = None
-    group: int = 0
-    bias: Tensor | None = None
-
-
-def many(x: Tensor, layers: Sequence[nn.Module]) -> tuple[Tensor, ...] | None:
-    """x through several linear layers that all read it (q, k and v; gate and up) in one kernel
-    call: the activations are prepared once and one thread split covers every matrix, where
-    separate calls would pay the kernel's fixed costs (~5-10 µs each) once per layer. Each layer
-    says through `gemv_operand(x)` whether its own forward would take these kernels; None (run
-    each layer) where one would not, or where they differ in weight format."""
-    operands = []
-    for layer in layers:
-        get = getattr(layer, "gemv_operand", None)
-        op = get(x) if get is not None else None
-        if op is None:
-            return None
-        operands.append(op)
-    first = operands[0]
-    if any(o.kind != first.kind or o.weight.dtype != first.weight.dtype or o.group != first.group
-           for o in operands[1:]):
-        return None
-    weights, biases = [o.weight for o in operands], [o.bias for o in operands]
-    if first.kind == "int4":
-        y = torch.ops.ember_gemv.gemv_int4_many(x, weights, [o.scale for o in operands],
-                                                [o.offset for o in operands], first.group, biases)
-    else:
-        y = torch.ops.ember_gemv.gemv_many(x, weights, [o.scale for o in operands], biases)
-    return y.split([w.shape[0] for w in weights], dim=-1)  # views, side by side in one output
 
 
 def instruction_set() -> str:
@@ -213,8 +168,8 @@ def paged_decode_attention_applies(q: Tensor, pool: Tensor) -> bool:
 
 
 def decode_attention_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
-    """Whether `decode_attention` serves `model.attention(q, k, v, mask)`: one query a sequence, a
-    boolean mask that only says which positions each sequence sees (or none), supported shapes."""
+    """Whether `decode_attention` serves these queries: one query a sequence, a boolean mask that
+    only says which positions each sequence sees (or none), supported shapes, no autograd."""
     B, H, tq, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     return (tq == 1 and q.dtype in WEIGHT_DTYPES[:3] and k.dtype == q.dtype and v.dtype == q.dtype

@@ -4,6 +4,9 @@ Every sequence in the batch is at the same length (one prompt, or prompts of one
 so keys and values live in one [B, Hkv, max_len, D] tensor per layer and each step writes
 its slice in place: nothing is allocated per token. The engine's paged cache
 (`ember.engine`) implements the same `attend` interface over blocks.
+
+A decoding step (one query a sequence) attends through `decode_attention`, which picks the
+kernel for that shape; longer queries (a prompt) go through `ember.model.attention` (SDPA).
 """
 
 from __future__ import annotations
@@ -11,8 +14,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ember import gemv
 from ember.config import ModelConfig
 from ember.model import attention, causal_mask
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None = None) -> Tensor:
+    """Attention of one query per sequence, q [B, H, 1, D], over cached keys and values
+    [B, Hkv, T, D]; `visible` [T] or [B, T] bool says which positions each sequence sees (None: all).
+
+    On the CPU without autograd, where the shapes suit it, Ember's kernel
+    (`ember.gemv.decode_attention`: each KV head read once for its group of query heads, hidden
+    positions skipped, the softmax in fp32). Otherwise, bf16 and fp16 queries on the CPU go through
+    PyTorch's fp32 kernel, which for one query is both the faster and the more accurate of its two;
+    everything else through SDPA."""
+    T = keys.shape[2]
+    if q.device.type == "cpu" and gemv.decode_attention_applies(q, keys, values, visible):
+        return gemv.decode_attention(q, keys, values,
+                                     visible if visible is not None else torch.ones(T, dtype=torch.bool))
+    mask = visible.view(-1, 1, 1, T) if visible is not None else None
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+        return attention(q.float(), keys.float(), values.float(), mask, causal=False).to(q.dtype)
+    return attention(q, keys, values, mask, causal=False)
 
 
 class KVCache:
@@ -24,6 +47,8 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already cached
         self.sliding_window = cfg.sliding_window
+        if torch.device(device).type == "cpu":
+            gemv.available()  # build the decode kernel now (once a process), not while a step is compiled
 
     def positions(self, num_tokens: int, device: torch.device) -> Tensor:
         return torch.arange(self.length, self.length + num_tokens, device=device)
@@ -38,12 +63,15 @@ class KVCache:
         keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         window = self.sliding_window
         if T == 1 and (window is None or end <= window):
-            return attention(q, keys, values, causal=False)  # one new token sees everything cached
+            return decode_attention(q, keys, values)  # one new token sees everything cached
         if start == 0 and (window is None or end <= window):
             return attention(q, keys, values, causal=True)
         q_pos = torch.arange(start, end, device=q.device)
         k_pos = torch.arange(0, end, device=q.device)
-        return attention(q, keys, values, mask=causal_mask(q_pos, k_pos, window))
+        mask = causal_mask(q_pos, k_pos, window)  # [T, end]
+        if T == 1:
+            return decode_attention(q, keys, values, visible=mask[0])
+        return attention(q, keys, values, mask=mask)
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
@@ -83,7 +111,7 @@ class StaticKVCache(KVCache):
         visible = self.slots <= self.pos
         if self.sliding_window is not None:
             visible = visible & (self.slots > self.pos - self.sliding_window)
-        return attention(q, self.k[layer], self.v[layer], mask=visible[None, :])
+        return decode_attention(q, self.k[layer], self.v[layer], visible)
 
     def advance(self, num_tokens: int) -> None:
         if self.pos is None:

@@ -9,6 +9,11 @@ and PEFT adapters map onto them by name; GPT-2's fused projections are split on 
 One forward serves every caller: training passes full sequences; the generator and the
 engine pass a KV-cache backend whose `attend` stores this step's keys and values and
 attends over everything cached (contiguous in `ember.kv_cache`, paged in the engine).
+
+Plain PyTorch throughout. Faster CPU kernels are swapped in from outside, once, when a model
+is prepared for inference (`ember.cpu_inference`): its linear layers become inference layers,
+and q/k/v (gate/up) become one fused layer in `qkv_proj` (`gate_up_proj`), which the
+attention and the MLP use when it is there. The KV-cache backends choose their attention kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ember import gemv
 from ember.config import ModelConfig
 
 
@@ -104,15 +108,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causa
 
     q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend.
     """
-    if q.shape[2] == 1 and q.device.type == "cpu" and gemv.decode_attention_applies(q, k, v, mask):
-        # One decoding query: Ember's kernel reads each KV head once for its group of queries
-        # and skips hidden positions; ~4x PyTorch's kernel at 256 cached tokens (2-core AVX2).
-        visible = mask.reshape(-1) if mask is not None else torch.ones(k.shape[2], dtype=torch.bool)
-        return gemv.decode_attention(q, k, v, visible)
-    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
-        # One decoding query: PyTorch's CPU kernel is 1.4x (128 keys) to 3.6x (512 keys) faster
-        # in fp32 than in bf16 on AVX2, and fp32 is the more accurate of the two.
-        return attention(q.float(), k.float(), v.float(), mask, causal).to(q.dtype)
     gqa = k.shape[1] != q.shape[1]  # grouped-query attention: each KV head serves a group of q heads
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -128,13 +123,6 @@ def causal_mask(q_positions: Tensor, k_positions: Tensor, sliding_window: int | 
     return mask
 
 
-def project(x: Tensor, *layers: nn.Module) -> tuple[Tensor, ...]:
-    """x through several linear layers that all read it: one call of Ember's decode kernels
-    for all of them where they serve every one (`ember.gemv.many`), else each layer's forward."""
-    out = gemv.many(x, layers) if x.device.type == "cpu" else None
-    return out if out is not None else tuple(layer(x) for layer in layers)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -146,11 +134,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q, h, bias=cfg.o_proj_bias)
+        # q, k and v from one layer over their stacked weights, once a model is prepared for
+        # inference (ember.cpu_inference installs it and removes the three); None: the three layers.
+        self.qkv_proj: nn.Module | None = None
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: Tensor | None,
                 cache: CacheBackend | None) -> Tensor:
         B, T, _ = x.shape
-        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -188,10 +182,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act)
+        self.gate_up_proj: nn.Module | None = None  # gate and up in one layer, as `Attention.qkv_proj`
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            gate, up = project(x, self.gate_proj, self.up_proj)
+            if self.gate_up_proj is not None:
+                gate, up = self.gate_up_proj(x)
+            else:
+                gate, up = self.gate_proj(x), self.up_proj(x)
             return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.up_proj(x)))
 

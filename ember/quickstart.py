@@ -27,6 +27,7 @@ from ember.generation import generate
 from ember.load import load_model
 from ember.model import CausalLM
 from ember.plot import plot_run
+from ember.sampling import SamplingParams
 from ember.tokenizer import load_tokenizer, train_tokenizer
 from ember.train.loop import TrainConfig, lm_loss, make_optimizer
 from ember.train.pretrain import model_config_for, pretrain
@@ -167,7 +168,7 @@ def quickstart(minutes: float = 10.0, out: str | Path = "runs/quickstart", prese
     model = load_model(out / "model", device=str(dev))
     tok = load_tokenizer(out / "model")
     for i, prompt in enumerate(SAMPLE_PROMPTS):
-        text = generate(model, tok, prompt, max_new_tokens=60, temperature=0.8, top_p=0.95, seed=seed + i)
+        text = generate(model, tok, prompt, SamplingParams(max_tokens=60, temperature=0.8, top_p=0.95, seed=seed + i))
         _say(f"\n--- sample {i + 1} " + "-" * 50 + f"\n{prompt}{text}")
     m = out / "model"
     _say("\nNext:\n"

@@ -1,13 +1,21 @@
-"""The sampler: from next-token logits to a token, with OpenAI/vLLM parameter semantics.
+"""The sampler: from next-token logits to token ids, with OpenAI/vLLM parameter semantics.
 
-Every transform is a pure function over a [B, V] logits tensor, so the simple generator
-and the batched engine share them and a test can call each with three numbers. Order:
-penalties, temperature, top-k, top-p, min-p, then a draw (or argmax when temperature is 0).
+`sample(logits[B, V], rows)` is the one place a token is chosen: the engine's step, the
+simple generator, the draft model's guesses and speculative verification (through
+`probabilities`) all call it. `rows` (a `SamplingRows`) holds each row's parameters as
+tensors, so a batch mixing greedy rows, seeded rows and rows with penalties is processed by
+the same few tensor operations, with no per-row trip to the CPU.
+
+Each transform is a pure function over [B, V] logits, so a test can call it with three
+numbers. Order: penalties, temperature, top-k, top-p, min-p, then a draw (or argmax for
+greedy rows). A row's draw uses only its own random stream when it has one (a seeded
+request), so its tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +43,9 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    # What the engine's outputs carry (vLLM's RequestOutputKind): the whole completion so far,
+    # only what is new since the request's previous output, or one output when it finishes.
+    output_kind: Literal["cumulative", "delta", "final"] = "cumulative"
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,6 +62,7 @@ class SamplingParams:
             (0 <= self.min_tokens <= self.max_tokens, "min_tokens must be in [0, max_tokens]"),
             (self.n >= 1, "n must be >= 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.output_kind in ("cumulative", "delta", "final"), "output_kind must be cumulative, delta or final"),
         ]
         for ok, message in checks:
             if not ok:
@@ -59,6 +71,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
 
 
 def _col(x: float | Tensor, logits: Tensor) -> Tensor:
@@ -111,11 +127,12 @@ def apply_min_p(logits: Tensor, min_p: float | Tensor) -> Tensor:
 
 
 class PenaltyTracker:
-    """What the penalties need, kept up to date one token at a time (never rebuilt per step):
-    `seen` marks prompt and output tokens (repetition), `counts` counts output tokens
-    (presence, frequency). Each stays None when its penalties are off."""
+    """What the penalties need for one sequence, kept up to date one token at a time (never
+    rebuilt per step), on the logits' device: `seen` marks prompt and output tokens
+    (repetition), `counts` counts output tokens (presence, frequency). Each stays None when
+    its penalties are off."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int] | tuple[int, ...], vocab_size: int,
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
                  device: torch.device | str = "cpu") -> None:
         self.seen = self.counts = None
         if params.repetition_penalty != 1.0:
@@ -131,33 +148,154 @@ class PenaltyTracker:
             self.counts[0, token] += 1
 
 
-def process_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None,
-                   output_counts: Tensor | None = None) -> Tensor:
-    """All transforms that apply to one request's logits [B, V] (float32)."""
-    logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-    if (params.presence_penalty or params.frequency_penalty) and output_counts is not None:
-        logits = apply_presence_frequency(logits, output_counts, params.presence_penalty,
-                                          params.frequency_penalty)
-    if params.greedy:
+def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A random stream of its own for one sequence, on the device its logits live on."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class SamplingRows:
+    """The sampling parameters of each row of a [B, V] logits batch, as tensors.
+
+    params[i] applies to row i; generators[i] is its own random stream (None: the global
+    one); penalties[i] its `PenaltyTracker` (None: no penalties); banned[i] token ids it may
+    not draw (the stop ids before min_tokens). A transform that no row uses costs nothing.
+    """
+
+    def __init__(self, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None,
+                 penalties: Sequence[PenaltyTracker | None] | None = None,
+                 banned: Sequence[Sequence[int]] | None = None, device: torch.device | str = "cpu") -> None:
+        self.params = list(params)
+        B = len(self.params)
+        self.device = torch.device(device)
+        self.generators = list(generators) if generators is not None else [None] * B
+        self.penalties = list(penalties) if penalties is not None else [None] * B
+        greedy = [p.greedy for p in self.params]
+        self.all_greedy, self.any_greedy = all(greedy), any(greedy)
+        self.greedy = torch.tensor(greedy, device=self.device) if self.any_greedy and not self.all_greedy else None
+
+        def column(values: list[float], off: float) -> Tensor | None:
+            if all(v == off for v in values):
+                return None
+            return torch.tensor(values, device=self.device, dtype=torch.float32).view(-1, 1)
+
+        # Greedy rows skip temperature (and truncation cannot change their argmax).
+        self.temperature = column([1.0 if p.greedy else p.temperature for p in self.params], 1.0)
+        self.top_k = column([p.top_k if p.top_k > 0 and not p.greedy else 0 for p in self.params], 0)
+        self.top_p = column([1.0 if p.greedy else p.top_p for p in self.params], 1.0)
+        self.min_p = column([0.0 if p.greedy else p.min_p for p in self.params], 0.0)
+        self.repetition = column([p.repetition_penalty for p in self.params], 1.0)
+        self.presence = column([p.presence_penalty for p in self.params], 0.0)
+        self.frequency = column([p.frequency_penalty for p in self.params], 0.0)
+        if self.presence is not None or self.frequency is not None:
+            self.presence = self.presence if self.presence is not None else torch.zeros(B, 1, device=self.device)
+            self.frequency = self.frequency if self.frequency is not None else torch.zeros(B, 1, device=self.device)
+        self.banned: tuple[Tensor, Tensor] | None = None
+        if banned is not None and any(banned):
+            rows = [i for i, ids in enumerate(banned) for _ in ids]
+            cols = [t for ids in banned for t in ids]
+            self.banned = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
+        self.logprobs = [p.logprobs for p in self.params]
+
+    def _stacked(self, attr: str, vocab_size: int, dtype: torch.dtype) -> Tensor:
+        parts = [getattr(t, attr) if t is not None and getattr(t, attr) is not None
+                 else torch.zeros(1, vocab_size, dtype=dtype, device=self.device) for t in self.penalties]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def allowed(self, logits: Tensor) -> Tensor:
+        """float32 logits with the banned tokens at -inf: what logprobs are reported from."""
+        logits = logits.float()
+        if self.banned is not None:
+            logits = logits.index_put(self.banned, torch.tensor(float("-inf"), device=logits.device))
         return logits
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        logits = apply_top_k(logits, params.top_k)
-    if params.top_p < 1.0:
-        logits = apply_top_p(logits, params.top_p)
-    if params.min_p > 0.0:
-        logits = apply_min_p(logits, params.min_p)
-    return logits
+
+    def process(self, logits: Tensor) -> Tensor:
+        """Every transform each row asked for, in order: penalties, temperature, top-k, top-p, min-p."""
+        V = logits.shape[-1]
+        if self.repetition is not None:
+            logits = apply_repetition_penalty(logits, self._stacked("seen", V, torch.bool), self.repetition)
+        if self.presence is not None:
+            logits = apply_presence_frequency(logits, self._stacked("counts", V, torch.int32), self.presence,
+                                              self.frequency)
+        if self.all_greedy:
+            return logits
+        if self.temperature is not None:
+            logits = logits / self.temperature
+        if self.top_k is not None:
+            logits = apply_top_k(logits, self.top_k)
+        if self.top_p is not None:
+            logits = apply_top_p(logits, self.top_p)
+        if self.min_p is not None:
+            logits = apply_min_p(logits, self.min_p)
+        return logits
+
+    def exponential_noise(self, like: Tensor) -> Tensor:
+        """Exp(1) noise shaped like `like`, each row from its own stream when it has one."""
+        noise = torch.empty_like(like)
+        own = [i for i, g in enumerate(self.generators) if g is not None]
+        if len(own) < len(self.generators):
+            noise.exponential_(1.0)
+        for i in own:
+            noise[i].exponential_(1.0, generator=self.generators[i])
+        return noise
+
+    def uniform(self, n: int) -> Tensor:
+        """One U[0, 1) number per row, each from its row's stream when it has one."""
+        u = torch.rand(n, device=self.device)
+        for i, g in enumerate(self.generators):
+            if g is not None:
+                u[i] = torch.rand((), generator=g, device=self.device)
+        return u
 
 
-def draw(logits: Tensor, greedy: bool, generator: torch.Generator | None = None) -> Tensor:
-    """One token per row: argmax, or a draw from softmax(logits) with the given generator."""
-    if greedy:
-        return logits.argmax(dim=-1)
-    probs = logits.softmax(dim=-1)
-    # Exponential-race sampling (argmax of p / Exp(1)) equals a categorical draw and is
-    # reproducible for a given generator whatever else is in the batch.
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+def race(probs: Tensor, noise: Tensor) -> Tensor:
+    """A categorical draw per row from (unnormalised) probabilities: argmax of p / Exp(1)
+    (the exponential race), which needs no normalising and reads only its own row's noise."""
     return (probs / noise).argmax(dim=-1)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: Tensor  # [B], on the logits' device
+    # [B, V] distributions the rows drew from (keep_probs=True and some row not greedy), else None
+    probs: Tensor | None = None
+    # per row: {token: logprob} for the drawn token and the row's top `logprobs`; None where not asked
+    logprobs: list[dict[int, float] | None] | None = None
+
+
+def sample(logits: Tensor, rows: SamplingRows, keep_probs: bool = False) -> SamplerOutput:
+    """The next token of every row of `logits` [B, V], each under its own parameters."""
+    allowed = rows.allowed(logits)
+    processed = rows.process(allowed)
+    probs = None
+    if rows.all_greedy:
+        tokens = processed.argmax(dim=-1)
+    else:
+        probs = processed.softmax(dim=-1)
+        tokens = race(probs, rows.exponential_noise(probs))
+        if rows.greedy is not None:
+            tokens = torch.where(rows.greedy, processed.argmax(dim=-1), tokens)
+    return SamplerOutput(tokens, probs if keep_probs else None, _logprobs(allowed, tokens, rows.logprobs))
+
+
+def probabilities(logits: Tensor, rows: SamplingRows) -> Tensor:
+    """The distribution each row samples from (its penalties, temperature, top-k, top-p and min-p applied)."""
+    return rows.process(rows.allowed(logits)).softmax(dim=-1)
+
+
+def _logprobs(logits: Tensor, tokens: Tensor, wanted: list[int | None]) -> list[dict[int, float] | None] | None:
+    """The chosen token's log-probability plus the n most likely (OpenAI's `top_logprobs`), for the
+    rows that asked; computed for those rows at once and read back in one transfer."""
+    asked = [i for i, n in enumerate(wanted) if n is not None]
+    if not asked:
+        return None
+    lp = torch.log_softmax(logits[asked], dim=-1)
+    chosen = lp.gather(-1, tokens[asked].view(-1, 1))[:, 0].tolist()
+    k = max(wanted[i] for i in asked)
+    top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i, token_list = top_v.tolist(), top_i.tolist(), tokens[asked].tolist()
+    out: list[dict[int, float] | None] = [None] * len(wanted)
+    for j, i in enumerate(asked):
+        entry = {token_list[j]: chosen[j]}
+        entry.update({t: v for t, v in zip(top_i[j][:wanted[i]], top_v[j][:wanted[i]])})
+        out[i] = entry
+    return out

@@ -25,6 +25,7 @@ import torch
 
 from ember.errors import EmberError
 from ember.generation import generate_ids
+from ember.sampling import SamplingParams
 from ember.train.examples import end_of_turn_id
 
 WORDS = ("ada alan anna bob carl dora eve finn gus hana ivan jade kai lena max nora omar pia quinn rosa sam tara "
@@ -179,7 +180,7 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict[str, Any]], max_new_
             prompt, answer = row_prompt_answer(row)
             ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                 add_generation_prompt=True, tokenize=True)
-            out = [t for t in generate_ids(model, ids, max_new_tokens, temperature=0.0, stop_ids=stop)
+            out = [t for t in generate_ids(model, ids, SamplingParams(max_tokens=max_new_tokens, temperature=0.0), stop_ids=stop)
                    if t not in stop]
             text = tokenizer.decode(out).strip()
             ok = text == answer.strip()

@@ -572,3 +572,33 @@ def test_reward_model_opens_in_transformers_with_the_same_scores(tok, tmp_path):
     # Two float32 implementations of one network (2 layers, 32 wide) on a reward of size ~1: their
     # different summation orders differ by ~1e-6; a misnamed weight changes the score by far more.
     assert torch.allclose(model(ids), theirs, atol=1e-5)
+
+
+class _OptimizerMade(Exception):
+    pass
+
+
+def _weight_decays_dpo_trains_with(tok, tmp_path, monkeypatch, *flags):
+    """The weight decays of the optimizer `ember dpo` builds (the run stops there)."""
+    from ember.checkpoint import save_pretrained
+    from ember.train import loop
+
+    made = loop.make_optimizer
+    seen = []
+
+    def recording(model, cfg):
+        seen.extend(g["weight_decay"] for g in made(model, cfg).param_groups)
+        raise _OptimizerMade
+    save_pretrained(tiny_model(tok), tok, tmp_path / "base")
+    data = write_jsonl(tmp_path / "prefs.jsonl", good_bad_pairs(WORDS[:6]))
+    with monkeypatch.context() as patch, pytest.raises(_OptimizerMade):
+        patch.setattr(loop, "make_optimizer", recording)
+        run_cli("dpo", "--model", tmp_path / "base", "--data", data, "--out", tmp_path / "o", "--max-length", 32,
+                "--batch-size", 2, "--no-progress", "--device", "cpu", *flags)
+    return seen
+
+
+def test_cli_dpo_weight_decay_flag_reaches_the_optimizer(tok, tmp_path, monkeypatch):
+    # matrices decay, norms and biases never do; DPO's default stays no decay at all
+    assert _weight_decays_dpo_trains_with(tok, tmp_path / "a", monkeypatch, "--weight-decay", 0.05) == [0.05, 0.0]
+    assert _weight_decays_dpo_trains_with(tok, tmp_path / "b", monkeypatch) == [0.0, 0.0]

@@ -18,8 +18,8 @@ def test_api_round_trip(tmp_path):
     with torch.no_grad():
         logits = loaded(ids)
     assert logits.shape == (1, ids.shape[1], loaded.config.vocab_size)
-    text = ember.generate(loaded, tok2, "def f(x):", max_new_tokens=12, temperature=0)
-    expected = list(generate_ids(loaded, ids[0].tolist(), max_new_tokens=12, temperature=0.0,
+    text = ember.generate(loaded, tok2, "def f(x):", ember.SamplingParams(max_tokens=12, temperature=0))
+    expected = list(generate_ids(loaded, ids[0].tolist(), ember.SamplingParams(max_tokens=12, temperature=0.0),
                                  stop_ids=[tok.eos_id]))
     if expected and expected[-1] == tok.eos_id:
         expected = expected[:-1]

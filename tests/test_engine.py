@@ -1,8 +1,12 @@
-"""The engine against `transformers` greedy decoding, under prefix caching and preemption."""
+"""The engine against `transformers` greedy decoding, under prefix caching and preemption; its
+outputs (whole, delta, final), stop strings and the sampler it shares with the generator."""
+
+import dataclasses
 
 import pytest
 import torch
 
+from ember.checkpoint import save_pretrained
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
 from ember.engine.block_manager import BlockManager
@@ -10,22 +14,23 @@ from ember.engine.sequence import Sequence
 from ember.errors import EmberError
 from ember.model import CausalLM
 
-transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding peer")
-
 VOCAB = 101
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """The same random llama (GQA) as an Ember model and as a transformers model."""
-    from ember.checkpoint import save_pretrained
-
+def ember_model():
+    """A random llama (GQA)."""
     torch.manual_seed(0)
-    model = CausalLM(preset("tiny", vocab_size=VOCAB, max_position_embeddings=256)).eval()
+    return CausalLM(preset("tiny", vocab_size=VOCAB, max_position_embeddings=256)).eval()
+
+
+@pytest.fixture(scope="module")
+def pair(ember_model, tmp_path_factory):
+    """The same random llama as an Ember model and as a transformers model (the greedy-decoding peer)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the greedy-decoding peer")
     path = tmp_path_factory.mktemp("engine") / "m"
-    save_pretrained(model, None, path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    return model, hf
+    save_pretrained(ember_model, None, path)
+    return ember_model, transformers.AutoModelForCausalLM.from_pretrained(path).eval()
 
 
 def prompts(n=6, seed=0):
@@ -68,8 +73,7 @@ def test_batched_greedy_matches_transformers_per_prompt(pair, prefix_caching):
         assert llm.block_manager.prefix_hits > 0
 
 
-@pytest.mark.parametrize("pack_weights", [True, False])
-def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, monkeypatch, pack_weights):
+def test_decodes_split_by_length_keep_greedy_output(pair, monkeypatch):
     """Free extra SDPA calls: every distinct context length becomes its own decode group, so the
     grouped path (rows picked out of and written back into the flat batch) is what runs."""
     import ember.engine.paged_cache as paged_cache
@@ -77,7 +81,7 @@ def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, mon
     monkeypatch.setattr(paged_cache, "GROUP_COST_SLOTS", 0)
     model, hf = pair
     ps = prompts()
-    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256, pack_weights=pack_weights)
+    llm = LLM(model, block_size=8, num_kv_blocks=128, max_num_batched_tokens=256)
     seen = []
     original = paged_cache.split_by_length
     monkeypatch.setattr(paged_cache, "split_by_length", lambda d: seen.append(len(original(d))) or original(d))
@@ -85,16 +89,6 @@ def test_decodes_split_by_length_and_packed_weights_keep_greedy_output(pair, mon
     assert max(seen) == len(ps)  # all six decodes in separate groups
     for p, out in zip(ps, outs):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 12)
-
-
-def test_weights_are_packed_by_default_only_for_models_the_engine_loads(pair, tmp_path):
-    from ember.checkpoint import save_pretrained
-
-    model, _ = pair
-    assert LLM(model, num_kv_blocks=8).pack_weights is False  # the caller may be training it
-    save_pretrained(model, None, tmp_path / "m")
-    assert LLM(tmp_path / "m", num_kv_blocks=8).pack_weights is True
-    assert LLM(tmp_path / "m", num_kv_blocks=8, pack_weights=False).pack_weights is False
 
 
 def test_split_by_length_is_the_cheapest_split():
@@ -121,26 +115,6 @@ def test_split_by_length_is_the_cheapest_split():
     assert split_by_length([(i, 1, 100 + i, []) for i in range(8)]) == [[(i, 1, 100 + i, []) for i in range(8)]]
 
 
-def test_packed_linears_match_and_follow_weight_updates():
-    from ember import packed_linear
-
-    if not packed_linear.available():
-        pytest.skip("this PyTorch build has no oneDNN packed linear")
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(64, 96)
-    model = torch.nn.Sequential(layer)
-    x = torch.randn(5, 7, 64)
-    with torch.inference_mode(), packed_linear.packed_linears(model):
-        assert "forward" in layer.__dict__
-        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-    assert "forward" not in layer.__dict__  # the model is itself again outside the block
-    with torch.no_grad():
-        layer.weight.mul_(-2.0)  # an optimizer step changes the weight in place
-    with torch.inference_mode(), packed_linear.packed_linears(model):
-        torch.testing.assert_close(model(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
-        torch.testing.assert_close(model(x[:1, :1]), torch.nn.functional.linear(x[:1, :1], layer.weight, layer.bias))
-
-
 def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
     model, hf = pair
     ps = prompts()
@@ -151,8 +125,8 @@ def test_preemption_under_a_small_pool_keeps_greedy_output(pair):
         assert out.outputs[0].token_ids == hf_greedy(hf, p, 24)
 
 
-def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(pair):
-    model, _ = pair
+def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(ember_model):
+    model = ember_model
     target = prompts(1, seed=5)[0]
     params = SamplingParams(temperature=1.0, top_p=0.9, max_tokens=16, seed=42)
     alone = LLM(model, block_size=8, num_kv_blocks=64).generate([target], params)[0].outputs[0].token_ids
@@ -163,8 +137,8 @@ def test_seeded_sampling_is_the_same_alone_or_in_a_busy_batch(pair):
     assert outs[3].outputs[0].token_ids == alone
 
 
-def test_n_completions_and_logprobs(pair):
-    model, _ = pair
+def test_n_completions_and_logprobs(ember_model):
+    model = ember_model
     llm = LLM(model, block_size=8, num_kv_blocks=64)
     out = llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=1.0, n=3, max_tokens=5, seed=1, logprobs=2))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
@@ -175,8 +149,8 @@ def test_n_completions_and_logprobs(pair):
             assert tok in lp and len(lp) <= 3 and all(v <= 0 for v in lp.values())
 
 
-def test_n_completions_share_the_prompt_blocks(pair):
-    model, _ = pair
+def test_n_completions_share_the_prompt_blocks(ember_model):
+    model = ember_model
     prompt = prompts(6)[5][:40]  # 5 full blocks of 8
     llm = LLM(model, block_size=8, num_kv_blocks=64)
     params = SamplingParams(temperature=1.0, n=4, max_tokens=6, seed=3, ignore_eos=True)
@@ -188,8 +162,8 @@ def test_n_completions_share_the_prompt_blocks(pair):
     assert [o.token_ids for o in shared.outputs] == [o.token_ids for o in alone.outputs]
 
 
-def test_prompt_logprobs_match_a_full_forward(pair):
-    model, _ = pair
+def test_prompt_logprobs_match_a_full_forward(ember_model):
+    model = ember_model
     p = prompts(3)[2]
     llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16)
     with torch.no_grad():
@@ -203,8 +177,8 @@ def test_prompt_logprobs_match_a_full_forward(pair):
             assert out.prompt_logprobs[i][p[i]] == pytest.approx(float(ref[i - 1, p[i]]), abs=1e-4)
 
 
-def test_bad_requests_are_refused(pair):
-    model, _ = pair
+def test_bad_requests_are_refused(ember_model):
+    model = ember_model
     llm = LLM(model, block_size=8, num_kv_blocks=8)
     with pytest.raises(EmberError, match="context"):
         llm.add_request(list(range(1, 100)) * 3)
@@ -237,8 +211,8 @@ def test_block_manager_shares_prefix_and_evicts_lru_only_when_needed():
 
 
 @pytest.mark.parametrize("chunked", [True, False])
-def test_chunked_prefill_splits_long_prompts_across_steps(pair, chunked):
-    model, hf = pair
+def test_chunked_prefill_splits_long_prompts_across_steps(ember_model, chunked):
+    model = ember_model
     long_prompt = prompts(6)[5]  # 64 tokens
     llm = LLM(model, block_size=8, num_kv_blocks=64, max_num_batched_tokens=16, enable_chunked_prefill=chunked)
     llm.add_request([1, 2, 3], SamplingParams(temperature=0, max_tokens=30))
@@ -259,3 +233,97 @@ def test_chunked_prefill_splits_long_prompts_across_steps(pair, chunked):
         assert max(sizes) <= 16  # the budget holds: the long prompt went in chunks beside the decode
     else:
         assert max(sizes) >= 64  # the whole prompt in one step
+
+
+class CharTokenizer:
+    """Each id is one character: every stop string longer than one character spans tokens."""
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def run_outputs(llm, prompt, params):
+    """Every output of one request, step by step."""
+    rid = llm.add_request(prompt, params)
+    outs = []
+    while llm.has_unfinished():
+        outs += [o for o in llm.step() if o.request_id == rid]
+    return outs
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_delta_outputs_concatenate_to_the_final_output(ember_model, stop):
+    model = ember_model
+    llm = LLM(model, tokenizer=CharTokenizer(), block_size=8, num_kv_blocks=64)
+    prompt = prompts(3)[2]
+    base = SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=24, logprobs=1, ignore_eos=True)
+    final = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="final"))
+    assert len(final) == 1 and final[0].finished
+    if stop:  # a stop string from the middle of the first completion: text is cut inside a step
+        text = final[0].outputs[0].text
+        base = dataclasses.replace(base, stop=[text[8:11]])
+        final = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="final"))
+        assert final[0].outputs[0].finish_reason == "stop"
+    cumulative = run_outputs(llm, prompt, base)
+    deltas = run_outputs(llm, prompt, dataclasses.replace(base, output_kind="delta"))
+    assert cumulative[-1].outputs == final[0].outputs
+    assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+    for o in final[0].outputs:
+        mine = [c for d in deltas for c in d.outputs if c.index == o.index]
+        assert "".join(c.text for c in mine) == o.text
+        assert [t for c in mine for t in c.token_ids] == o.token_ids
+        assert [lp for c in mine for lp in c.logprobs] == o.logprobs
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + [o.finish_reason]  # once, at its end
+        assert all(c.text or c.finish_reason for c in mine)  # tokens travel with the text they make
+
+
+def test_a_stop_string_across_tokens_is_cut_the_same_in_the_generator_and_the_engine(ember_model):
+    from ember.generation import stream_text
+
+    model, tok = ember_model, CharTokenizer()
+    prompt = prompts(3)[1]
+    free = "".join(stream_text(model, tok, prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
+    stop = free[12:15]  # three tokens
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])
+    pieces = list(stream_text(model, tok, prompt, params))
+    llm = LLM(model, tokenizer=tok, block_size=8, num_kv_blocks=64)
+    deltas = run_outputs(llm, prompt, dataclasses.replace(params, output_kind="delta"))
+    out = llm.generate([prompt], params)[0].outputs[0]
+    expected = free[:free.index(stop)]
+    assert "".join(pieces) == expected == out.text == "".join(c.text for d in deltas for c in d.outputs)
+    assert out.finish_reason == "stop" and tok.decode(out.token_ids) == expected + stop  # the last token completed it
+    for shown in (pieces, [c.text for d in deltas for c in d.outputs]):  # no piece shows a stop's beginning early
+        seen = ""
+        for piece in shown:  # never a character past the cut, even while the stop was incomplete
+            seen += piece
+            assert expected.startswith(seen)
+
+
+def test_engine_depends_on_neither_the_generator_nor_itself_in_a_cycle():
+    import ast
+    import pathlib
+
+    import ember.engine
+
+    folder = pathlib.Path(ember.engine.__file__).parent
+    imports = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imports[path.stem] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert "ember.generation" not in imports[path.stem], path.name
+        nested = [n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        assert not nested, f"{path.name} imports inside a function"
+
+    def reach(start, seen):
+        for m in imports.get(start, ()):
+            name = m.rsplit(".", 1)[-1]
+            if m.startswith("ember.engine.") and name not in seen:
+                seen.add(name)
+                reach(name, seen)
+        return seen
+
+    for module in imports:
+        if module != "__init__":
+            assert module not in reach(module, set()), f"ember.engine.{module} imports itself through a cycle"

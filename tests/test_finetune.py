@@ -216,3 +216,42 @@ def test_exact_match_scores_greedy_answers(base_dir, tok, monkeypatch):
     monkeypatch.setattr(synth, "generate_ids",
                         lambda *a, **k: iter(tok.encode(" " + next(answers)) + [end_of_turn_id(tok)]))
     assert exact_match(model, tok, rows)["exact_match"] == 0.75
+
+
+# --- `ember finetune` flags -------------------------------------------------------------------
+def _finetune_call(monkeypatch, *flags):
+    """The arguments `ember finetune` hands to `sft` (which is replaced by a recorder)."""
+    from ember import cli
+    from ember.train import sft as sft_module
+
+    calls = []
+    monkeypatch.setattr(sft_module, "sft", lambda *a, **kw: calls.append((a, kw)) or {"step": 0, "method": "lora"})
+    assert cli.main(["finetune", "--model", "m", "--data", "d", "--out", "o", *flags]) == 0
+    return calls[0][1]
+
+
+def test_finetune_flags_reach_the_lora_and_recipe_configs(monkeypatch):
+    from ember.lora import LoraConfig
+
+    got = _finetune_call(monkeypatch, "--method", "qlora", "--pack", "--lora-r", "4", "--lora-alpha", "8",
+                         "--lora-dropout", "0.1", "--lora-targets", "q_proj,v_proj", "--rslora",
+                         "--trainable-tokens", "5,3", "--grad-clip", "0.5", "--mixed-precision", "off")
+    assert (got["method"], got["pack"], got["train_on_prompt"]) == ("qlora", True, False)
+    assert got["lora"] == LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                                     trainable_token_indices=[3, 5])
+    cfg = got["train_config"]
+    assert (cfg.grad_clip, cfg.mixed_precision, cfg.lr) == (0.5, "off", 2e-3)  # QLoRA's learning rate
+    plain = _finetune_call(monkeypatch)
+    assert plain["method"] == "lora" and plain["lora"] == LoraConfig(r=8, alpha=16.0, target_modules="all-linear")
+    assert plain["train_template_tokens"] is True
+
+
+def test_recipe_options_are_the_sft_keywords():
+    import dataclasses
+    import inspect
+
+    from ember.train.sft import SFTOptions, sft
+
+    params = inspect.signature(sft).parameters
+    for f in dataclasses.fields(SFTOptions):
+        assert f.name in params and params[f.name].default == f.default, f.name

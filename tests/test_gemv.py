@@ -1,4 +1,5 @@
-"""The CPU decode kernel (ember/gemv.py): same products as PyTorch, used only where it applies."""
+"""The CPU decode kernels (ember/gemv.py): same products as PyTorch, used only where they apply,
+by the layers `ember.cpu_inference` swaps in and by the KV caches."""
 
 import os
 import subprocess
@@ -12,10 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from ember import gemv
 from ember.config import ModelConfig
+from ember.cpu_inference import Int4KernelLinear, Int8KernelLinear, prepare_for_inference
 from ember.generation import generate_ids
+from ember.kv_cache import decode_attention as cache_decode_attention
 from ember.model import CausalLM
-from ember.model import attention as ember_attention
-from ember.packed_linear import packed_linears
+from ember.quant.int4 import Int4Linear, unpack_nibbles
+from ember.quant.int8 import Int8Linear
+from ember.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not gemv.available(),
                                 reason="the GEMV kernel needs an x86 CPU with AVX2 and a C++ compiler")
@@ -137,23 +141,25 @@ def tiny_model(dtype=torch.float32) -> CausalLM:
     return CausalLM(cfg).eval().to(dtype)
 
 
+def linear_rows(model: CausalLM) -> int:
+    """Output rows of every linear product a one-token step makes (the head included)."""
+    return sum(m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def test_decode_steps_go_through_the_kernel_and_keep_greedy_tokens(monkeypatch):
+    plain_tokens = list(generate_ids(tiny_model(), list(range(3, 20)), SamplingParams(max_tokens=12, temperature=0.0)))
     model = tiny_model()
+    every_step = linear_rows(model)
+    prepare_for_inference(model)
     prompt = list(range(3, 20))
-    calls = []  # one per linear layer the kernel served
-    real, real_many = gemv.gemv, gemv.many
-
-    def many(x, layers):  # q, k and v (gate and up) in one call: a call per layer served
-        out = real_many(x, layers)
-        calls.extend([1] * len(layers) if out is not None else [])
-        return out
-
-    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(gemv, "many", many)
-    with_kernel = list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0))
-    assert len(calls) >= 11 * 15  # 11 one-token steps x (7 linears a layer x 2 layers + head)
+    rows = []  # output rows of each product the kernel served
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda x, w, *a, **k: rows.append(w.shape[0]) or real(x, w, *a, **k))
+    with_kernel = list(generate_ids(model, prompt, SamplingParams(max_tokens=12, temperature=0.0)))
+    assert sum(rows) >= 11 * every_step  # 11 one-token steps: every linear product of each in the kernel
+    assert with_kernel == plain_tokens
     monkeypatch.setattr(gemv, "_built", False)
-    assert list(generate_ids(model, prompt, max_new_tokens=12, temperature=0.0)) == with_kernel
+    assert list(generate_ids(model, prompt, SamplingParams(max_tokens=12, temperature=0.0))) == with_kernel
 
 
 def test_verification_steps_multiply_their_few_rows_in_the_kernel(monkeypatch):
@@ -161,10 +167,10 @@ def test_verification_steps_multiply_their_few_rows_in_the_kernel(monkeypatch):
     weight through the kernel, and the greedy tokens stay those of plain decoding."""
     from ember.engine import LLM, SamplingParams
 
-    model = tiny_model()
+    model = prepare_for_inference(tiny_model())
     prompt = list(range(3, 20)) * 3  # repeats: prompt lookup has guesses to verify
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    plain = LLM(model, num_kv_blocks=64, block_size=8).generate([prompt], params)[0].outputs[0].token_ids
+    plain = LLM(tiny_model(), num_kv_blocks=64, block_size=8).generate([prompt], params)[0].outputs[0].token_ids
     rows = []
     real = gemv.gemv
     monkeypatch.setattr(gemv, "gemv", lambda x, *a, **k: rows.append(x.numel() // x.shape[-1]) or real(x, *a, **k))
@@ -173,24 +179,16 @@ def test_verification_steps_multiply_their_few_rows_in_the_kernel(monkeypatch):
     assert llm.stats["spec_verify_steps"] > 0 and max(rows) == 5  # the newest token + 4 guesses
 
 
-def test_packed_linears_leave_training_untouched():
-    model = tiny_model()
-    x = torch.randint(0, 96, (1, 1))
-    with packed_linears(model):
-        loss = model(x).float().logsumexp(-1).sum()
-        loss.backward()  # one row with autograd on: PyTorch's kernels, with their backward
-    assert model.lm_head.weight.grad is not None
-    assert "forward" not in model.lm_head.__dict__
-
-
-def test_int8_layer_single_row_matches_its_dequantized_weight():
-    from ember.quant.int8 import Int8Linear
-
+def test_int8_layer_single_row_matches_its_dequantized_weight(monkeypatch):
     torch.manual_seed(0)
-    layer = Int8Linear.from_linear(torch.nn.Linear(64, 48))
+    layer = Int8KernelLinear.of(Int8Linear.from_linear(torch.nn.Linear(64, 48)))
     x = torch.randn(1, 1, 64)
+    calls = []
+    real = gemv.gemv
+    monkeypatch.setattr(gemv, "gemv", lambda *a, **k: calls.append(1) or real(*a, **k))
     with torch.inference_mode():
         y = layer(x)
+    assert calls  # the kernel's product, not PyTorch's
     ref = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
     assert torch.allclose(y.double(), ref, atol=1e-4)
 
@@ -202,14 +200,12 @@ def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
     """int4 products run in integers against each row rounded to int16 (step max|x| / 16383)
     and take the group's scale and zero point in fp32, so the only error beyond float rounding
     is half a step per element times the weight's nibble: |y - exact| <= (q s) @ (step / 2)."""
-    from ember.quant.int4 import Int4Linear, unpack_nibbles
-
     torch.manual_seed(group + rows)
     k = 512
     w = torch.randn(96, k) * 2 + torch.randn(96, 1) * 3  # offset rows: the zero point matters
     lin = torch.nn.Linear(k, 96)
     lin.weight.data = w
-    layer = Int4Linear.from_linear(lin, group)
+    layer = Int4KernelLinear.of(Int4Linear.from_linear(lin, group))
     layer.qweight[0] = 0xFF  # the largest nibbles everywhere in one row
     x = torch.randn(rows, k)
     x[:, ::3] = x.abs().max()
@@ -217,7 +213,7 @@ def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
     s = sz[..., 0].t().repeat_interleave(group, 1)
     exact = F.linear(x.double(), layer.dequantize(torch.float64), layer.bias.double())
     with torch.inference_mode():
-        y = gemv.gemv_int4(x, layer.qweight, *layer._kernel_scales(), group, layer.bias)
+        y = gemv.gemv_int4(x, layer.qweight, *layer.kernel_scales(), group, layer.bias)
         assert torch.equal(layer(x), y)  # the layer takes this path for any number of rows
     step = x.abs().amax(1, keepdim=True).double() / 16383
     bound = step / 2 * (unpack_nibbles(layer.qweight).double() * s).sum(1)
@@ -227,16 +223,14 @@ def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
 
 
 def test_int4_layer_leaves_inputs_that_need_a_gradient_to_pytorch():
-    from ember.quant.int4 import Int4Linear
-
-    layer = Int4Linear.from_linear(torch.nn.Linear(128, 32), 64)
+    layer = Int4KernelLinear.of(Int4Linear.from_linear(torch.nn.Linear(128, 32), 64))
     x = torch.randn(2, 128, requires_grad=True)
-    assert not layer._ember_kernel_applies(x)  # the kernel has no backward
+    assert not layer.kernel_applies(x)  # the kernel has no backward
     layer(x).sum().backward()  # the dequantizing path carries the gradient
     assert x.grad is not None and x.grad.abs().sum() > 0
-    assert layer._ember_kernel_applies(torch.randn(2, 128))  # grad mode, but nothing to differentiate
+    assert layer.kernel_applies(torch.randn(2, 128))  # grad mode, but nothing to differentiate
     with torch.inference_mode():
-        assert layer._ember_kernel_applies(torch.randn(1, 128))
+        assert layer.kernel_applies(torch.randn(1, 128))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -252,14 +246,13 @@ def test_decode_attention_matches_sdpa_in_float64(dtype, b, h, hkv, d, t):
     for mask in (visible, visible[:1].clone(), None):
         with torch.inference_mode():
             out = gemv.decode_attention(q, k, v, mask if mask is not None else torch.ones(t, dtype=torch.bool))
-            via_model = ember_attention(q, k, v, None if mask is None else mask.view(-1, 1, 1, t) if mask.shape[0] > 1
-                                        else mask)
+            via_cache = cache_decode_attention(q, k, v, mask)
         full = torch.ones(b, t, dtype=torch.bool) if mask is None else mask.expand(b, t)
         ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full[:, None, None, :],
                                              enable_gqa=h != hkv)
         assert out.shape == q.shape and out.dtype == dtype
         assert (out.double() - ref).abs().max().item() <= TOLERANCE[dtype] * 4
-        assert torch.equal(via_model, out)  # model.attention takes this path for one decoding query
+        assert torch.equal(via_cache, out)  # the KV caches' decode attention takes this path
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -307,26 +300,3 @@ def test_decode_attention_leaves_training_and_long_queries_to_pytorch():
         assert not gemv.decode_attention_applies(torch.randn(1, 4, 2, 16), k, k, None)  # two queries
         assert not gemv.decode_attention_applies(q, k, k, torch.zeros(1, 1, 1, 8))  # an additive float mask
     assert not gemv.decode_attention_applies(q, k, k, None)  # autograd on
-
-
-@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int4"])
-@pytest.mark.parametrize("rows", [1, 3])
-def test_layers_reading_the_same_input_share_one_call_with_their_own_results(kind, rows):
-    """q, k and v (or gate and up) in one kernel call (`gemv.many`): each output is exactly what
-    the layer's own forward gives, biases included; layers of different formats keep their own calls."""
-    from ember.packed_linear import packed_linears
-    from ember.quant.int4 import Int4Linear
-    from ember.quant.int8 import Int8Linear
-
-    torch.manual_seed(0)
-    dtype = torch.float32 if kind == "fp32" else torch.bfloat16
-    plain = [nn.Linear(128, n, bias=n == 64) for n in (128, 64, 64)]
-    convert = {"int8": Int8Linear.from_linear, "int4": lambda m: Int4Linear.from_linear(m, 64)}.get(kind)
-    layers = nn.ModuleList(convert(m) if convert else m for m in plain).to(dtype)
-    x = torch.randn(1, rows, 128, dtype=dtype)
-    with torch.inference_mode(), packed_linears(layers, pack=False):
-        shared = gemv.many(x, list(layers))
-        assert shared is not None and len(shared) == 3
-        for layer, y in zip(layers, shared):
-            assert torch.equal(y, layer(x))
-        assert gemv.many(x, [layers[0], nn.Linear(128, 8).to(dtype)]) is None  # a plain layer outside packed_linears

@@ -5,12 +5,13 @@ import torch
 
 from ember.config import ModelConfig
 from ember.model import CausalLM
+from ember.sampling import SamplingParams
 
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_static_cache_steps_give_the_contiguous_cache_logits(window):
     """The compiled decode step's cache (static shapes, masked) against the plain one, eagerly."""
-    from ember.generation import decode_step
+    from ember.compiled_step import decode_step
     from ember.kv_cache import KVCache, StaticKVCache
 
     torch.manual_seed(0)
@@ -41,7 +42,8 @@ def test_compiled_steps_follow_the_model_they_are_given():
 
     from torch import nn
 
-    from ember.generation import generate_ids, structure_key
+    from ember.compiled_step import structure_key
+    from ember.generation import generate_ids
     from ember.quant import quantize_model
     from ember.quant.int8 import Int8Linear
 
@@ -54,7 +56,7 @@ def test_compiled_steps_follow_the_model_they_are_given():
     prompt = torch.randint(0, 96, (9,)).tolist()
 
     def tokens(model, compile):
-        return list(generate_ids(model, prompt, max_new_tokens=24, temperature=0.0, compile=compile))
+        return list(generate_ids(model, prompt, SamplingParams(max_tokens=24, temperature=0.0), compile=compile))
 
     twin = CausalLM(cfg).eval()  # same structure, other weights
     untied = copy.deepcopy(plain)  # the same config and shapes, but the head its own tensor
@@ -73,3 +75,49 @@ def test_compiled_steps_follow_the_model_they_are_given():
     mlp.down_proj = Int8Linear.from_linear(mlp.down_proj)
     assert structure_key(plain) != before
     assert tokens(plain, True) == tokens(plain, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_contiguous_cache_decodes_through_the_attention_kernel_with_sdpas_result(dtype, window, monkeypatch):
+    """One query a step: the caches attend through Ember's kernel (within and past a sliding
+    window, eager and static), and the logits are SDPA's. fp32: the same sums in another order
+    (~1e-7 relative each); bf16: the kernel's output is rounded to 8 bits where SDPA's fp32 path
+    rounds it too, so one bf16 step (2^-8) in a few places, carried through two layers."""
+    from ember import gemv
+    from ember.generation import decode_step
+    from ember.kv_cache import KVCache, StaticKVCache
+
+    if not gemv.available():
+        pytest.skip("the decode attention kernel needs an x86 CPU with AVX2 and a C++ compiler")
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, sliding_window=window, initializer_range=0.2)
+    model = CausalLM(cfg).eval().to(dtype)
+    prompt = torch.randint(0, 96, (1, 5))
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+
+    def steps(static: bool) -> torch.Tensor:
+        cache = StaticKVCache(cfg, 64, dtype=dtype) if static else KVCache(cfg, 1, 64, dtype=dtype)
+        out = []
+        with torch.inference_mode():
+            model(prompt, cache=cache)
+            for step in range(10):  # past the window
+                token = torch.tensor([[step + 7]])
+                out.append(decode_step(model, cache, token, cache.next_position()) if static
+                           else model(token, cache=cache, last_only=True)[:, -1])
+        return torch.cat(out).float()
+
+    calls = []
+    real = gemv.decode_attention
+    monkeypatch.setattr(gemv, "decode_attention", lambda *a: calls.append(1) or real(*a))
+    for static in (False, True):
+        calls.clear()
+        kernel = steps(static)
+        assert len(calls) == 10 * cfg.num_hidden_layers  # every decode step's attention, in every layer
+        with monkeypatch.context() as m:
+            m.setattr(gemv, "decode_attention_applies", lambda *a: False)  # SDPA instead
+            sdpa = steps(static)
+        assert not (len(calls) > 10 * cfg.num_hidden_layers)
+        assert (kernel - sdpa).abs().max() <= tol * sdpa.abs().max()

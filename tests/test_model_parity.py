@@ -9,6 +9,7 @@ from ember.config import ModelConfig, preset
 from ember.generation import generate_ids
 from ember.load import load_model
 from ember.model import CausalLM
+from ember.sampling import SamplingParams
 
 from conftest import need_module
 
@@ -90,7 +91,7 @@ def test_greedy_generation_token_identical_to_transformers(hf_and_ember):
     prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=64, min_new_tokens=64, do_sample=False)[0, 7:]
-    got = list(generate_ids(ember_model, prompt[0].tolist(), max_new_tokens=64, temperature=0.0))
+    got = list(generate_ids(ember_model, prompt[0].tolist(), SamplingParams(max_tokens=64, temperature=0.0)))
     assert got == expected.tolist()
 
 
@@ -103,7 +104,7 @@ def test_compiled_decode_token_identical_to_transformers(name, tmp_path):
     prompt = torch.randint(0, VOCAB, (1, 7), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         expected = hf.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False)[0, 7:]
-    got = list(generate_ids(ember_model, prompt[0].tolist(), max_new_tokens=40, temperature=0.0, compile=True))
+    got = list(generate_ids(ember_model, prompt[0].tolist(), SamplingParams(max_tokens=40, temperature=0.0), compile=True))
     assert got == expected.tolist()
 
 

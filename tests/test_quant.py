@@ -20,6 +20,7 @@ from ember.quant.kernels import fallback_only, kernel_works
 from ember.quant.nf4 import NF4_CODE, NF4Linear, dynamic_code, nf4_code_from_definition, quantize_nf4
 from ember.quant.outliers import inject_outliers
 from ember.quant.smoothquant import W8A8Linear, smoothing_factors
+from ember.sampling import SamplingParams
 
 from conftest import need_module
 
@@ -312,7 +313,7 @@ def test_lm_head_quantizes_on_request_in_int8_under_the_4bit_methods(method, tmp
     for p, out in zip(prompts, outs):
         # Against the KV-cached generator, which decodes one row at a time like the engine: a full
         # recompute past 16 rows takes PyTorch's int8 kernel in bf16, whose logits tie now and then.
-        assert out.outputs[0].token_ids == list(generate_ids(q, p, max_new_tokens=8, temperature=0.0))
+        assert out.outputs[0].token_ids == list(generate_ids(q, p, SamplingParams(max_tokens=8, temperature=0.0)))
     tied = quantize_model(small_model(tie_word_embeddings=True), method, include_lm_head=True, **kw)
     assert type(tied.lm_head) is nn.Linear and "lm_head_method" not in tied.quantization_config
 

@@ -12,6 +12,7 @@ from ember.engine import LLM, SamplingParams
 from ember.engine.speculative import NgramProposer, verify
 from ember.errors import EmberError
 from ember.model import CausalLM
+from ember.sampling import SamplingRows
 
 VOCAB = 64
 
@@ -48,10 +49,10 @@ def test_verify_greedy_keeps_the_agreeing_prefix_and_adds_the_targets_token():
     logits = torch.full((4, 10), -5.0)
     for row, best in enumerate([3, 4, 9, 1]):
         logits[row, best] = 5.0
-    params = SamplingParams(temperature=0)
-    assert verify(logits, [3, 4, 5], params, None) == [3, 4, 9]  # third guess rejected, target says 9
-    assert verify(logits, [3, 4, 9], params, None) == [3, 4, 9, 1]  # all accepted, plus a bonus token
-    assert verify(logits, [0, 4, 9], params, None) == [3]
+    rows = SamplingRows([SamplingParams(temperature=0)] * 4)
+    assert verify(logits, rows, [[3, 4, 5]]) == [[3, 4, 9]]  # third guess rejected, target says 9
+    assert verify(logits, rows, [[3, 4, 9]]) == [[3, 4, 9, 1]]  # all accepted, plus a bonus token
+    assert verify(logits, rows, [[0, 4, 9]]) == [[3]]
 
 
 @pytest.mark.parametrize("method", ["ngram", "draft-other", "draft-self"])
@@ -109,14 +110,14 @@ def test_rejection_rule_reproduces_the_target_distribution(drafted):
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 1.5], [0.0] * 6])
     p = torch.softmax(logits[0], dim=-1)
     q = torch.softmax(torch.tensor([0.0, 2.0, 2.5, 0.0, 1.0, -1.0]), dim=-1)
-    params = SamplingParams(temperature=1.0)
+    rows = SamplingRows([SamplingParams(temperature=1.0)] * 2, [gen] * 2)
     n, counts = 3000, torch.zeros(6, dtype=torch.float64)
     for _ in range(n):
         if drafted == "one-hot":
-            token = verify(logits, [2], params, gen)[0]
+            token = verify(logits, rows, [[2]])[0][0]
         else:
             guess = int(torch.multinomial(q, 1, generator=gen))
-            token = verify(logits, [guess], params, gen, draft_probs=q[None])[0]
+            token = verify(logits, rows, [[guess]], draft_probs=[q[None]])[0][0]
         counts[token] += 1
     stat, df = chi_square(counts, p.double() * n)
     assert stat < chi_square_upper(df), stat
@@ -159,12 +160,12 @@ def test_compiled_draft_steps_guess_exactly_what_the_paged_draft_guesses(target,
     """A lone sequence drafts through the compiled step on its own static cache. Its guesses
     (so the accepted counts, with rejections rolling its cache back) and its seeded samples must
     be those of the paged draft, and greedy output that of plain decoding."""
-    import ember.generation as generation
+    import ember.engine.speculative as speculative
 
     draft = tiny(1, layers=1)
     calls = []
-    real = generation.compiled_decode_step
-    monkeypatch.setattr(generation, "compiled_decode_step", lambda *a: calls.append(1) or real(*a))
+    real = speculative.compiled_decode_step
+    monkeypatch.setattr(speculative, "compiled_decode_step", lambda *a: calls.append(1) or real(*a))
     prompt = [[5, 6, 7, 8] * 6]
     runs = {}
     for compiled in (False, True):
@@ -186,15 +187,15 @@ def test_compiled_draft_steps_guess_exactly_what_the_paged_draft_guesses(target,
 def test_compiled_draft_distributions_follow_the_context_through_rollbacks(target):
     """The compiled draft's distributions equal a full forward over the context plus its guesses,
     after every kind of verification: all guesses accepted, none, and some."""
-    from ember.engine.sequence import Sequence
+    from ember.engine.sequence import Sequence, SpecState
 
     draft = tiny(1, layers=1)
     llm = LLM(target, num_kv_blocks=64, block_size=8, speculative=draft, num_speculative_tokens=3,
               compile_draft=True)
-    seq = Sequence([5, 6, 7, 8] * 6, SamplingParams(temperature=1.0, seed=0, max_tokens=40))
+    seq = Sequence([5, 6, 7, 8] * 6, SamplingParams(temperature=1.0, seed=0, max_tokens=40), spec=SpecState())
     for accepted in (3, 0, 1, 2):
         (guesses,), (dist,) = llm.proposer.propose([seq], [3])
-        assert seq.draft_cache is not None and len(guesses) == 3
+        assert seq.spec.draft_cache is not None and len(guesses) == 3
         n = len(seq.token_ids)
         with torch.no_grad():
             logits = draft(torch.tensor([seq.token_ids + guesses]))[0, n - 1:n + 2].float()
@@ -204,4 +205,31 @@ def test_compiled_draft_distributions_follow_the_context_through_rollbacks(targe
         own = (guesses[accepted] + 1) % VOCAB if accepted < 3 else 9
         for token in guesses[:accepted] + [own]:
             seq.append(token)
-        seq.draft_computed = min(seq.draft_computed, n + accepted)
+        seq.spec.settle(n + accepted)
+
+
+class CharTokenizer:
+    """Each id is one character, so a stop string spans several (verified) tokens."""
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+def test_a_stop_string_inside_accepted_guesses_drops_the_guesses_after_it(target):
+    """Several guesses are accepted in one step; when a stop string completes among them, the
+    completion ends at its token, as it does without speculation."""
+    tok = CharTokenizer()
+    plain = LLM(target, tokenizer=tok, num_kv_blocks=64, block_size=8)
+    spec = LLM(target, tokenizer=tok, num_kv_blocks=64, block_size=8, speculative=target, num_speculative_tokens=4)
+    free = plain.generate(prompts(), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    for p, out in zip(prompts(), free):
+        text = out.outputs[0].text
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[text[9:11]])
+        a = plain.generate([p], params)[0].outputs[0]
+        b = spec.generate([p], params)[0].outputs[0]
+        assert (b.text, b.token_ids, b.finish_reason) == (a.text, a.token_ids, a.finish_reason)
+        assert a.finish_reason == "stop" and a.text == text[:text.index(text[9:11])]
+    assert spec.spec_acceptance_rate == 1.0 and spec.spec_mean_accepted_length > 3  # whole steps of guesses
+    spec.block_manager.check()
+    assert spec.block_manager.num_used == 0

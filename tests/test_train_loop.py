@@ -191,3 +191,21 @@ def test_moe_router_loss_is_added_in_training(tmp_path):
     aux.backward()  # the load-balancing loss trains the router
     gate = model.model.layers[0].block_sparse_moe.gate.weight
     assert gate.grad is not None and gate.grad.abs().sum() > 0
+
+
+def test_every_training_setting_explains_itself_for_the_command_line():
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        assert len(f.metadata.get("help", "").split()) >= 3, f"TrainConfig.{f.name} has no help text"
+
+
+def test_time_budget_is_typed_in_minutes_and_kept_in_seconds():
+    import argparse
+
+    from ember.settings import add_flags, values
+
+    parser = argparse.ArgumentParser()
+    add_flags(parser, TrainConfig)
+    assert values(TrainConfig, parser.parse_args(["--time-budget", "1.5"])).time_budget_s == 90.0
+    assert values(TrainConfig, parser.parse_args([])) == TrainConfig()  # no flag: the dataclass's own defaults

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ember.errors import EmberError
 from ember.files import atomic_write_text
 from ember.generation import context_length, stream_text
+from ember.sampling import SamplingParams
 
 Messages = list[dict[str, str]]
 Chat = Callable[[Messages], str]  # a conversation in, the assistant's next reply out
@@ -92,8 +93,8 @@ class LocalChat:
         if room < 1:
             raise EmberError(f"The conversation has {len(ids)} tokens, more than the model's context; "
                              "shorten the prompts or lower --max-tokens.")
-        return "".join(stream_text(self.model, self.tok, ids, max_new_tokens=min(self.max_tokens, room),
-                                   temperature=self.temperature, seed=self.seed)).strip()
+        return "".join(stream_text(self.model, self.tok, ids, SamplingParams(
+            max_tokens=min(self.max_tokens, room), temperature=self.temperature, seed=self.seed))).strip()
 
 
 class EndpointChat:

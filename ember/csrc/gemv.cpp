@@ -1,9 +1,7 @@
-// Kernels for batch-1 decoding on x86 CPUs with AVX2 (see ember/gemv.py).
+// Kernels for decoding on x86 CPUs with AVX2 (see ember/gemv.py for who calls them and when).
 //
-// Decoding one token multiplies one activation row by every weight matrix, so its speed is
-// how fast the weights stream from memory. PyTorch's CPU kernels for a single row reach about
-// half of this machine's read bandwidth (MKL's fp32 GEMV runs on one thread; the bf16 and
-// int8 paths are bound by their conversions). This file reads each weight row once, as one
+// Decoding multiplies one activation row (or a few) by every weight matrix, so its speed is
+// how fast the weights stream from memory. This file reads each weight row once, as one
 // sequential stream with a software prefetch ahead of it, widens it to fp32 in registers
 // (bf16: a shift or a mask, no shuffle; fp16: F16C) and accumulates in fp32 with four
 // independent FMA chains. int8 weights instead meet the activation row rounded to int16, in
@@ -26,9 +24,8 @@
 
 namespace {
 
-// How far ahead of the row being multiplied a thread asks for weights: 4 KiB keeps enough
-// cache misses in flight for two threads to read at ~55 GB/s on an AMD EPYC, against ~49 GB/s
-// at 2 KiB and ~42 without a software prefetch (12 layers of int4 weights of the 153M model).
+// How far ahead of the row being multiplied a thread asks for weights: far enough to keep
+// several cache misses in flight per thread (chosen on benchmarks/quant.py's decode rows).
 constexpr int64_t kPrefetchBytes = 4096;
 
 inline float horizontal_sum(__m256 v) {

@@ -4,9 +4,11 @@ The pool holds, per layer, `num_blocks x block_size` token slots of keys and val
 step's flat batch (every scheduled token of every sequence, concatenated) writes its
 keys and values to their slots, then each sequence's queries attend over its own slots,
 gathered through its block table. All sequences go through one fused SDPA call, padded
-to the longest, with a mask that is causal within each sequence. On the CPU, decoding
-sequences (one query each) instead go through `ember.gemv.paged_decode_attention`, which
-reads each position's keys and values where its slot lies, with no gathered copy.
+to the longest, with a mask that is causal within each sequence. Decoding sequences (one
+query each) on the CPU instead go through `ember.gemv.paged_decode_attention`, which reads each
+position's keys and values where its slot lies, with no gathered copy, wherever it serves the
+shapes (no autograd, up to 8 query heads a KV head, head size a multiple of 8 up to 256); where
+it does not, their gathered keys and values go through `ember.kv_cache.decode_attention`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import Tensor
 
 from ember import gemv
 from ember.config import ModelConfig
+from ember.kv_cache import decode_attention
 from ember.model import attention
 
 
@@ -27,6 +30,8 @@ class KVPool:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.num_kv_heads = cfg.num_key_value_heads
         self.num_blocks, self.block_size = num_blocks, block_size
+        if torch.device(device).type == "cpu":
+            gemv.available()  # build the decode kernel now (once a process), not inside a step
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -80,9 +85,9 @@ class _Group:
 
 
 # What one more decode group costs (its gather, SDPA call and row indexing in every layer),
-# in gathered key slots: a split pays off when it saves more padding than this. Measured on
-# the engine benchmark (2-core CPU): 512-1024 runs 3% faster than never splitting, while 256
-# and below split so often that the extra calls cost more than the padding they save.
+# in gathered key slots: a split pays off when it saves more padding than this. Chosen on the
+# engine benchmark (benchmarks/engine_throughput.py): much smaller costs split so often that the
+# extra calls cost more than the padding they save.
 GROUP_COST_SLOTS = 1024
 
 
@@ -150,7 +155,7 @@ class PagedBatch:
                     o = gemv.paged_decode_attention(queries, pool, g.slots, g.visible)
                 else:
                     kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)
-                    o = attention(queries, kv[:, :hkv], kv[:, hkv:], mask=g.mask, causal=False)
+                    o = decode_attention(queries, kv[:, :hkv], kv[:, hkv:], g.visible)
                 o = o.squeeze(2).transpose(0, 1)  # [H, B, D]
             else:
                 kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)  # [B, 2Hkv, ctx, D]

@@ -11,11 +11,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
+from torch import Tensor
 
-from ember.sampling import PenaltyTracker, SamplingParams
+from ember.kv_cache import StaticKVCache
+from ember.sampling import PenaltyTracker, SamplingParams, seeded_generator
 
 _ids = itertools.count()
 
@@ -24,6 +25,32 @@ class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
+
+
+@dataclass
+class SpecState:
+    """A speculating sequence's guesses and its draft model's progress.
+
+    `draft_ids` are the tokens guessed for this step (verified in the same target step as its
+    newest token), `draft_probs` [k, V] the distributions they were drawn from (None: the guesses
+    were deterministic). `draft_computed` is how far a draft model's own KV has caught up with
+    the sequence's tokens; `draft_cache` a compiled draft's static cache of its own."""
+
+    draft_ids: list[int] = field(default_factory=list)
+    draft_probs: Tensor | None = None
+    draft_computed: int = 0
+    draft_cache: StaticKVCache | None = None
+
+    def settle(self, num_computed_tokens: int) -> None:
+        """The step's guesses are verified: forget them; the draft's KV past the accepted tokens is stale."""
+        self.draft_ids, self.draft_probs = [], None
+        self.draft_computed = min(self.draft_computed, num_computed_tokens)
+
+    def reset(self) -> None:
+        """Preempted: the draft recomputes everything, like the target."""
+        self.draft_ids, self.draft_probs = [], None
+        self.draft_computed = 0
+        self.draft_cache = None
 
 
 @dataclass
@@ -42,25 +69,16 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     finish_reason: str | None = None
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS and stop_token_ids)
-    text: str = ""  # detokenized output so far (stop strings removed)
-    generator: torch.Generator | None = None
-    decoder: Any = None  # incremental detokenizer, set by the engine when it has a tokenizer
+    generator: torch.Generator | None = None  # its own random stream (a seeded request); made on the CPU if not given
+    penalties: PenaltyTracker | None = None  # set by the engine when the request has penalties
+    spec: SpecState | None = None  # set when this sequence speculates
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
-    # Speculative decoding: proposed tokens being verified this step, the proposer's
-    # distributions (None when its guesses were deterministic), and how far a draft model's
-    # own KV cache has caught up with token_ids.
-    spec_ids: list[int] = field(default_factory=list)
-    spec_probs: Any = None
-    draft_computed: int = 0
-    draft_cache: Any = None  # a compiled draft's own static cache (DraftProposer), when it has one
-    speculate: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
-        if self.params.seed is not None:
+        if self.generator is None and self.params.seed is not None:
             # Each completion of a seeded request draws from its own stream, whatever the batch.
-            self.generator = torch.Generator().manual_seed(self.params.seed + self.index)
-        self.penalties: PenaltyTracker | None = None  # built by the runner, which knows the vocabulary
+            self.generator = seeded_generator(self.params.seed + self.index)
 
     @property
     def num_tokens(self) -> int:
@@ -71,12 +89,24 @@ class Sequence:
         return len(self.prompt_ids)
 
     @property
+    def draft_ids(self) -> list[int]:
+        """Guessed tokens being verified this step (none when not speculating)."""
+        return self.spec.draft_ids if self.spec is not None else []
+
+    @property
     def num_uncomputed(self) -> int:
-        return self.num_tokens + len(self.spec_ids) - self.num_computed_tokens
+        return self.num_tokens + len(self.draft_ids) - self.num_computed_tokens
 
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def banned_ids(self) -> frozenset[int]:
+        """Tokens it may not draw now: its stop ids until it has min_tokens."""
+        if self.params.min_tokens and len(self.output_ids) < self.params.min_tokens:
+            return self.stop_ids
+        return frozenset()
 
     def append(self, token: int) -> None:
         self.token_ids.append(token)
@@ -84,12 +114,19 @@ class Sequence:
         if self.penalties is not None:
             self.penalties.add(token)
 
+    def truncate_output(self, num_output_tokens: int) -> None:
+        """Drop output tokens past the first `num_output_tokens` (verified after a stop string).
+        Only for a sequence that is finishing: its penalties are not rolled back."""
+        drop = len(self.output_ids) - num_output_tokens
+        if drop > 0:
+            del self.output_ids[num_output_tokens:], self.token_ids[-drop:]
+            del self.logprobs[num_output_tokens:], self.token_times[num_output_tokens:]
+
     def reset_for_recompute(self) -> None:
         """Preempted: blocks are gone; prompt and generated tokens are recomputed later."""
         self.block_table = []
         self.block_hashes = []
         self.num_computed_tokens = 0
-        self.draft_computed = 0
-        self.draft_cache = None
-        self.spec_ids, self.spec_probs = [], None
+        if self.spec is not None:
+            self.spec.reset()
         self.status = Status.WAITING

@@ -2,7 +2,10 @@
 
 A proposer guesses k tokens for a decoding sequence; the engine computes the target
 model's logits at all k + 1 positions in the same flat batch as everything else, and
-`verify` keeps the longest prefix the target agrees with plus one token of its own.
+`verify` keeps the longest prefix the target agrees with plus one token of its own, for
+every verifying sequence of the step at once. Its distributions are the sampler's
+(`ember.sampling.SamplingRows.process`), and the draft model draws its guesses with the
+sampler too.
 
 The acceptance rule is the one of Leviathan et al. (2023) and Chen et al. (2023): accept
 draft token d with probability min(1, p(d) / q(d)); at the first rejection, draw from the
@@ -23,53 +26,67 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ember.compiled_step import compiled_decode_step, structure_key
+from ember.engine.model_runner import forward_tokens
 from ember.engine.paged_cache import KVPool
-from ember.engine.sequence import Sequence
+from ember.engine.sequence import Sequence, SpecState
 from ember.kv_cache import StaticKVCache
 from ember.model import CausalLM
-from ember.packed_linear import packed_linears
-from ember.sampling import SamplingParams, process_logits
+from ember.sampling import SamplingParams, SamplingRows, race, sample
 
 
 def can_speculate(params: SamplingParams) -> bool:
     """Speculation needs the token distribution to depend on the context only: penalties
     (which depend on tokens not yet accepted), logprobs and min_tokens opt a request out."""
-    return (params.logprobs is None and params.repetition_penalty == 1.0 and not params.presence_penalty
-            and not params.frequency_penalty and not params.min_tokens)
+    return params.logprobs is None and not params.has_penalties and not params.min_tokens
 
 
-def probabilities(logits: Tensor, params: SamplingParams) -> Tensor:
-    """The distribution a request samples from: its temperature, top-k, top-p and min-p applied."""
-    return torch.softmax(process_logits(logits, params), dim=-1)
+def verify(target_logits: Tensor, rows: SamplingRows, drafts: list[list[int]],
+           draft_probs: list[Tensor | None] | None = None) -> list[list[int]]:
+    """Tokens to append for each verifying sequence: its accepted guesses, then one token of the target's.
 
-
-def verify(target_logits: Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator | None,
-           draft_probs: Tensor | None = None) -> list[int]:
-    """Tokens to append: the accepted draft prefix, then one token from the target.
-
-    target_logits [k + 1, V]: row i is the target's prediction after draft[:i].
-    draft_probs [k, V]: the proposer's distributions (None: the draft was deterministic).
+    target_logits [R, V] holds len(drafts[i]) + 1 rows per sequence, one after another: row j of
+    sequence i is the target's prediction after drafts[i][:j]. `rows` gives each of the R rows its
+    sequence's parameters and random stream. draft_probs[i] [k, V]: the
+    distributions the guesses were drawn from (None: deterministic guesses, q one-hot).
     """
-    if params.greedy:
-        best = target_logits.argmax(dim=-1).tolist()
+    device = target_logits.device
+    draft_probs = draft_probs if draft_probs is not None else [None] * len(drafts)
+    processed = rows.process(rows.allowed(target_logits))
+    best = processed.argmax(dim=-1)
+    guess = torch.tensor([t for d in drafts for t in [*d, 0]], device=device)  # 0: the extra row's placeholder
+    is_guess = torch.tensor([j < len(d) for d in drafts for j in range(len(d) + 1)], device=device)
+    agrees = (guess == best) & is_guess  # the greedy rule
+    if rows.all_greedy:
+        accept, choice = agrees, best
+    else:
+        p = processed.softmax(dim=-1)
+        q = torch.zeros_like(p)  # the extra row's q is 0: its residual is p itself
+        offset = 0
+        for d, dist in zip(drafts, draft_probs):
+            if d and dist is None:
+                q[offset:offset + len(d)].scatter_(1, torch.tensor(d, device=device).view(-1, 1), 1.0)
+            elif d:
+                q[offset:offset + len(d)] = dist
+            offset += len(d) + 1
+        p_d = p.gather(1, guess.view(-1, 1))[:, 0]
+        q_d = q.gather(1, guess.view(-1, 1))[:, 0]
+        accept = (rows.uniform(len(guess)) * q_d < p_d) & is_guess  # u < p/q, without dividing by 0
+        residual = (p - q).clamp_min(0.0)
+        residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p)  # p == q: any draw from p is right
+        choice = race(residual, rows.exponential_noise(residual))
+        if rows.greedy is not None:
+            accept = torch.where(rows.greedy, agrees, accept)
+            choice = torch.where(rows.greedy, best, choice)
+    accepted, chosen = accept.tolist(), choice.tolist()
+    out, offset = [], 0
+    for d in drafts:
         n = 0
-        while n < len(draft) and draft[n] == best[n]:
+        while n < len(d) and accepted[offset + n]:
             n += 1
-        return draft[:n] + [best[n]]
-    p = probabilities(target_logits, params)
-    for i, d in enumerate(draft):
-        q_d = 1.0 if draft_probs is None else float(draft_probs[i, d])
-        if float(torch.rand((), generator=generator)) * q_d < float(p[i, d]):  # u < p/q, without dividing by 0
-            continue
-        if draft_probs is None:
-            residual = p[i].clone()
-            residual[d] = 0.0
-        else:
-            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
-        if float(residual.sum()) <= 0.0:  # p == q exactly: any draw from p is right
-            residual = p[i]
-        return draft[:i] + [int(torch.multinomial(residual, 1, generator=generator))]
-    return list(draft) + [int(torch.multinomial(p[len(draft)], 1, generator=generator))]
+        out.append(d[:n] + [chosen[offset + n]])
+        offset += len(d) + 1
+    return out
 
 
 class NgramProposer:
@@ -102,21 +119,20 @@ class DraftProposer:
     A draft's k steps run one after another, and for a small model each is almost all
     per-operation overhead, which can cost more than the target step it saves. With
     `compile_steps`, a sequence that runs alone when it first drafts (batch-1 decoding, the
-    latency case) drafts instead through the compiled one-token step of `ember.generation`, on
-    a static cache of its own (first use compiles for about half a minute, cached on disk after);
+    latency case) drafts instead through the compiled one-token step (`ember.compiled_step`), on
+    a static cache of its own (the first use compiles, cached on disk after);
     batches keep the shared paged pool, whose one forward serves every sequence's step."""
 
-    def __init__(self, model: CausalLM, target_pool: KVPool, pack_weights: bool = False,
-                 compile_steps: bool = False, max_len: int | None = None) -> None:
+    def __init__(self, model: CausalLM, target_pool: KVPool, compile_steps: bool = False,
+                 max_len: int | None = None) -> None:
         self.model = model.eval()
-        self.pack_weights = pack_weights
         self.compile_steps = compile_steps
         # The longest sequence it drafts for (the target's context): like the paged pool, the
         # static cache may run past the draft's own trained context.
         self.max_len = max_len or model.config.max_position_embeddings
         w = model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
-        self._structure: int | None = None  # ember.generation.structure_key of the model, on first compiled step
+        self._structure: int | None = None  # ember.compiled_step.structure_key of the model, on first compiled step
 
     @torch.inference_mode()
     def propose(self, seqs: list[Sequence], ks: list[int]) -> tuple[list[list[int]], list[Tensor | None]]:
@@ -136,24 +152,22 @@ class DraftProposer:
 
     def _propose_paged(self, seqs: list[Sequence], ks: list[int], drafts: list[list[int]],
                        dists: list[list[Tensor]]) -> None:
-        """All sequences step together: one forward over the shared pool per guessed token."""
-        from ember.engine.model_runner import forward_tokens
-
+        """All sequences step together: one forward over the shared pool and one sampler call per guessed token."""
         # First pass: catch up on every token the draft has not seen yet (the whole prompt, the
         # first time), ending with the sequence's newest token.
-        items = [(seq.token_ids[seq.draft_computed:], seq.draft_computed, seq.block_table) for seq in seqs]
+        items = [(seq.token_ids[seq.spec.draft_computed:], seq.spec.draft_computed, seq.block_table) for seq in seqs]
         active = list(range(len(seqs)))
-        for step in range(max(ks)):
-            logits = forward_tokens(self.model, self.pool, items, self.pack_weights)
+        for _ in range(max(ks)):
+            logits = forward_tokens(self.model, self.pool, items)
+            tokens = self._draw([seqs[i] for i in active], logits, [dists[i] for i in active])
             next_items, next_active = [], []
             for row, i in enumerate(active):
                 seq = seqs[i]
-                token = self._draw(seq, logits[row:row + 1], dists[i])
-                drafts[i].append(token)
+                drafts[i].append(tokens[row])
                 start = items[row][1] + len(items[row][0])
-                seq.draft_computed = start
+                seq.spec.draft_computed = start
                 if len(drafts[i]) < ks[i]:
-                    next_items.append(([token], start, seq.block_table))
+                    next_items.append(([tokens[row]], start, seq.block_table))
                     next_active.append(i)
             items, active = next_items, next_active
             if not active:
@@ -162,49 +176,50 @@ class DraftProposer:
     def _static_cache(self, seq: Sequence, k: int, alone: bool) -> StaticKVCache | None:
         """The sequence's own static cache: kept once made; made for a sequence that is alone
         at its first draft, when compiling is on."""
-        if seq.draft_cache is not None or not (self.compile_steps and alone and seq.draft_computed == 0):
-            return seq.draft_cache
+        spec = seq.spec
+        if spec.draft_cache is not None or not (self.compile_steps and alone and spec.draft_computed == 0):
+            return spec.draft_cache
         need = min(len(seq.prompt_ids) + seq.params.max_tokens + k + 1, self.max_len + k)
         size = -(-need // 256) * 256  # nearby lengths share one compiled graph
         w = self.model.model.embed_tokens.weight
-        seq.draft_cache = StaticKVCache(self.model.config, size, w.device, w.dtype)
-        return seq.draft_cache
+        spec.draft_cache = StaticKVCache(self.model.config, size, w.device, w.dtype)
+        return spec.draft_cache
 
     def _propose_static(self, seq: Sequence, k: int) -> tuple[list[int], list[Tensor]]:
         """k guesses for one sequence: catch up (the prompt eagerly the first time), then one
         compiled step per guess; rejected guesses are forgotten by moving the cache's length back."""
-        from ember.generation import compiled_decode_step, structure_key
-
-        cache: StaticKVCache = seq.draft_cache
+        spec: SpecState = seq.spec
+        cache: StaticKVCache = spec.draft_cache
         device = cache.slots.device
         step = compiled_decode_step(device.type)
-        cache.length = seq.draft_computed
-        todo = seq.token_ids[seq.draft_computed:]
+        cache.length = spec.draft_computed
+        todo = seq.token_ids[spec.draft_computed:]
         draft: list[int] = []
         dist: list[Tensor] = []
-        with packed_linears(self.model, pack=False):
-            if cache.pos is None:  # nothing compiled has run on this cache yet: a prefill, eager
-                logits = self.model(torch.tensor([todo], device=device), cache=cache, last_only=True)[:, -1]
-                if self._structure is None:  # after a forward has filled the layers' lazy caches
-                    self._structure = structure_key(self.model)
-            else:
-                for token in todo:
-                    logits = step(self.model, cache, torch.tensor([[token]], device=device), cache.next_position(),
-                                  self._structure)
-            seq.draft_computed = len(seq.token_ids)
-            while True:
-                draft.append(self._draw(seq, logits.float(), dist))
-                if len(draft) == k:
-                    return draft, dist
-                logits = step(self.model, cache, torch.tensor([[draft[-1]]], device=device), cache.next_position(),
+        if cache.pos is None:  # nothing compiled has run on this cache yet: a prefill, eager
+            logits = self.model(torch.tensor([todo], device=device), cache=cache, last_only=True)[:, -1]
+            if self._structure is None:  # after a forward has filled the layers' lazy caches
+                self._structure = structure_key(self.model)
+        else:
+            for token in todo:
+                logits = step(self.model, cache, torch.tensor([[token]], device=device), cache.next_position(),
                               self._structure)
-                seq.draft_computed += 1
+        spec.draft_computed = len(seq.token_ids)
+        while True:
+            draft += self._draw([seq], logits.float(), [dist])
+            if len(draft) == k:
+                return draft, dist
+            logits = step(self.model, cache, torch.tensor([[draft[-1]]], device=device), cache.next_position(),
+                          self._structure)
+            spec.draft_computed += 1
 
     @staticmethod
-    def _draw(seq: Sequence, logits: Tensor, dists: list[Tensor]) -> int:
-        """A guess from the draft's logits [1, V]: its argmax, or a draw whose distribution is kept."""
-        if seq.params.greedy:
-            return int(logits[0].argmax())
-        q = probabilities(logits, seq.params)[0]
-        dists.append(q)
-        return int(torch.multinomial(q, 1, generator=seq.generator))
+    def _draw(seqs: list[Sequence], logits: Tensor, dists: list[list[Tensor]]) -> list[int]:
+        """A guess per sequence from the draft's logits [len(seqs), V], through the sampler; the
+        distribution a sampled guess was drawn from is kept for verification."""
+        out = sample(logits, SamplingRows([s.params for s in seqs], [s.generator for s in seqs],
+                                          device=logits.device), keep_probs=True)
+        for row, seq in enumerate(seqs):
+            if not seq.params.greedy:
+                dists[row].append(out.probs[row])
+        return out.token_ids.tolist()

@@ -6,15 +6,14 @@ in 0..15; the zero point is stored as z = lo + 8 s, so w ≈ (q - 8) s + z, whic
 formula PyTorch's int4 kernels evaluate.
 
 Stored (checkpoint, portable): `qweight` uint8 [out, in/2] (column 2j in the low nibble,
-2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2]. On an AVX2 CPU the
-products run in Ember's own kernel (`ember.gemv.gemv_int4`) straight from that layout, any
-number of rows, 1.2-2x PyTorch's int4 kernel (2x for one row, see benchmarks/quant.py). Where
-it is not built, the weight is repacked in memory into the layout of
-`aten._weight_int4pack_mm_for_cpu` (which depends on the CPU's vector width; unpacked again
-when a state dict is taken) and that kernel runs with bf16 activations even for an fp32 model
-(its fp32 path is much slower; the int4 weight error dwarfs bf16 rounding of the
-activations). Elsewhere (GPU, autograd) the forward dequantizes into the activation dtype and
-matmuls.
+2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2]. On the CPU, where
+PyTorch's `aten._weight_int4pack_mm_for_cpu` runs, the weight is repacked in memory into that
+kernel's layout (which depends on the CPU's vector width; unpacked again when a state dict is
+taken) and the kernel runs with bf16 activations even for an fp32 model (its fp32 path is the
+slow one; the int4 weight error dwarfs bf16 rounding of the activations). Elsewhere (GPU,
+autograd) the forward dequantizes into the activation dtype and matmuls. A model prepared for
+CPU inference (`ember.cpu_inference`) swaps these layers for ones that run Ember's own int4
+kernel straight from the portable layout.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ember import gemv
 from ember.errors import EmberError
 from ember.quant.base import QuantLinear
 from ember.quant.kernels import kernel_works
@@ -95,7 +93,6 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales_and_zeros", torch.zeros(self.in_padded // group_size, out_features, 2,
                                                              dtype=torch.bfloat16, device=device))
         self._sz_cache: tuple[torch.dtype, Tensor] | None = None
-        self._kernel_sz: tuple[Tensor, Tensor] | None = None  # fp32 [out, groups]: s and z - 8s
         self._register_state_dict_hook(Int4Linear._portable_state)
 
     @classmethod
@@ -125,7 +122,7 @@ class Int4Linear(QuantLinear):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self.cpu_layout = False  # what arrives is portable
-        self._sz_cache = self._kernel_sz = None
+        self._sz_cache = None
         super()._load_from_state_dict(*args, **kwargs)
 
     def _use_layout_for(self, device: torch.device, dtype: torch.dtype) -> bool:
@@ -156,39 +153,13 @@ class Int4Linear(QuantLinear):
             self._sz_cache = (dtype, self.scales_and_zeros.to(dtype).contiguous())
         return self._sz_cache[1]
 
-    def _ember_kernel_applies(self, x: Tensor) -> bool:
-        """Ember's int4 kernel serves this product: CPU, no gradient to carry (the weights are
-        frozen buffers, so only x can need one), a group it handles."""
-        return (gemv.serves(x, frozen_weights=True) and self.qweight.device.type == "cpu" and self.in_padded % 64 == 0
-                and (self.group_size == 32 or self.group_size % 64 == 0))
-
-    def _kernel_scales(self) -> tuple[Tensor, Tensor]:
-        if self._kernel_sz is None or self._kernel_sz[0].device != self.qweight.device:
-            sz = self.scales_and_zeros.float()
-            self._kernel_sz = (sz[..., 0].t().contiguous(), (sz[..., 1] - 8 * sz[..., 0]).t().contiguous())
-        return self._kernel_sz
-
-    def gemv_operand(self, x: Tensor) -> gemv.Operand | None:
-        """This layer's part in a shared `ember.gemv.many` call, where its forward takes Ember's
-        kernel as it stands (no padded columns, the portable layout)."""
-        if self.in_padded != self.in_features or self.cpu_layout or not self._ember_kernel_applies(x):
-            return None
-        scale, offset = self._kernel_scales()
-        return gemv.Operand("int4", self.qweight, scale, offset, self.group_size, self.bias)
-
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        if self._ember_kernel_applies(x2):
-            if self.cpu_layout:  # back from PyTorch's layout (a switch of kernels, e.g. in a test)
-                self.qweight, self.cpu_layout = self._portable_qweight(), False
-            scale, offset = self._kernel_scales()
-            y = gemv.gemv_int4(x2, self.qweight, scale, offset, self.group_size, self.bias)
-            return y.view(*shape[:-1], self.out_features)
-        # The CPU kernel's fp32-activation path is far slower than its bf16 one (~25x at 30 rows
-        # here; see benchmarks/quant.py), so fp32 inputs run in bf16 and come back as fp32.
+        # The CPU kernel's fp32-activation path is the slow one (benchmarks/quant.py), so fp32
+        # inputs run in bf16 and come back as fp32.
         act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
         needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int4 kernel has no backward
         if not needs_grad and self._use_layout_for(x.device, act):

@@ -3,10 +3,10 @@
 Each row of W [out, in] gets scale s = max|row| / 127 and int8 values round(W / s), so
 W ≈ q * s[:, None]. The matmul keeps activations in float: y = (x @ qᵀ) * s. On CPU that is
 PyTorch's fused `aten._weight_int8pack_mm` (reads 1 byte/weight instead of 2 or 4), fed
-bf16 activations even in an fp32 model (its fp32 path is far slower); a single row (batch-1
-decoding) goes through `ember.gemv`, which is faster still (it rounds that one row to int16,
-15 bits against its largest element, for integer multiply-adds); elsewhere the weight is
-dequantized into the activation dtype first.
+bf16 activations even in an fp32 model (its fp32 path is the slow one); elsewhere the weight
+is dequantized into the activation dtype first. A model prepared for CPU inference
+(`ember.cpu_inference`) swaps these layers for ones whose products of a few rows run in
+`ember.gemv` (each row rounded once to int16, for integer multiply-adds).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ember import gemv
 from ember.quant.base import QuantLinear
 from ember.quant.kernels import kernel_works
 
@@ -38,6 +37,7 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, device)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, device=device))
+        self._scales_cache: Tensor | None = None  # `scales` in the activation dtype, see `_scales`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -51,24 +51,28 @@ class Int8Linear(QuantLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return (self.qweight.float() * self.scales[:, None]).to(dtype)
 
-    def gemv_operand(self, x: Tensor) -> gemv.Operand | None:
-        """This layer's part in a shared `ember.gemv.many` call, where its forward takes the kernel."""
-        if not gemv.applies(x, self.qweight):
-            return None
-        return gemv.Operand("rows", self.qweight, self.scales, bias=self.bias)
+    def _scales(self, dtype: torch.dtype) -> Tensor:
+        """The scales in `dtype`, made once: a compiled step then finds them made (the compiler
+        cannot feed PyTorch's int8 kernel a cast made inside its graph)."""
+        cached = self._scales_cache
+        if cached is None or cached.dtype != dtype or cached.device != self.scales.device:
+            self._scales_cache = cached = self.scales.to(dtype)
+        return cached
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        self._scales_cache = None  # new scales arrive
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
-        if gemv.applies(x, self.qweight):
-            return gemv.gemv(x, self.qweight, self.scales, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # The CPU kernel's fp32-activation path is ~5x slower than its bf16 one (benchmarks/quant.py),
-        # so fp32 inputs run in bf16 and come back as fp32.
+        # The CPU kernel's fp32-activation path is the slow one (benchmarks/quant.py), so fp32
+        # inputs run in bf16 and come back as fp32.
         act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
         needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int8 kernel has no backward
         if not needs_grad and kernel_works("int8pack", x2.device, act):
             y = torch.ops.aten._weight_int8pack_mm(x2.to(act).contiguous(), self.qweight,
-                                                   self.scales.to(act)).to(x.dtype)
+                                                   self._scales(act)).to(x.dtype)
         else:
             y = F.linear(x2, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
         if self.bias is not None:

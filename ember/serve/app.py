@@ -1,8 +1,11 @@
-"""The HTTP routes: OpenAI completions, chat and models; health, metrics, tokenize.
+"""The HTTP routes: OpenAI completions, chat and models; health, metrics, tokenize, embeddings.
 
-Handlers validate and tokenize on the event loop, hand prompt ids to the `AsyncEngine`,
-then either wait for the final snapshots or stream deltas as server-sent events. Every
-failure a client can cause is OpenAI's error JSON with a 4xx status.
+Routes are module-level functions on two routers (`api`, which needs the API key when one
+is set, and `open_routes`); each reads the server's state (the `AsyncEngine`, the tokenizer,
+the settings) from `request.app.state.server`, which `create_app` sets. Handlers validate
+and tokenize on the event loop, hand prompt ids to the `AsyncEngine`, then either wait for
+the final outputs or forward the engine's deltas as server-sent events. Every failure a
+client can cause is OpenAI's error JSON with a 4xx status.
 """
 
 from __future__ import annotations
@@ -14,338 +17,392 @@ import json
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ember.engine import LLM, RequestOutput, SamplingParams
+from ember.engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from ember.errors import EmberError
+from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
-from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, Delta, DetokenizeRequest,
-                                  EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now, reject_unsupported,
-                                  resolve_max_tokens, sampling_params, usage)
+from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
+                                  EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
+                                  reject_unsupported, resolve_max_tokens, sampling_params, usage)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
 
-def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
-               max_waiting: int | None = None, embedding_model: str | None = "default") -> FastAPI:
-    engine = AsyncEngine(llm, max_waiting)
-    tok = llm.tokenizer
-    ctx = llm.max_model_len
+@dataclass
+class ServerState:
+    """What the routes need, kept on `app.state.server`."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        engine.stop()
+    engine: AsyncEngine
+    served_model_name: str
+    api_key: str | None = None
+    embedding_model: str | None = "default"  # None: no /v1/embeddings; "default": Ember's default encoder
+    encoders: dict[str, Any] = field(default_factory=dict)  # the embedding model, loaded on first use
 
-    app = FastAPI(title="Ember", lifespan=lifespan)
-    app.state.engine = engine
-    _install_error_handlers(app)
+    @property
+    def llm(self) -> LLM:
+        return self.engine.llm
 
-    def require_key(authorization: str | None = Header(None)) -> None:
-        if api_key is None:
-            return
-        # compare_digest: the time taken does not reveal how much of the key matched
-        if authorization is None or not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
-            raise APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
-                           type="authentication_error", code="invalid_api_key")
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.llm.tokenizer
 
-    api = APIRouter(dependencies=[Depends(require_key)])
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.llm.max_model_len
 
-    def check_model(name: str | None) -> None:
-        if name is not None and name != served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{served_model_name}'.",
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.served_model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.served_model_name}'.",
                            param="model", code="model_not_found")
 
-    def chat_ids(messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tok = self.tokenizer
+        return tok.encode(text, add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
             raise APIError(400, "'messages' must contain at least one message.", param="messages")
         try:
-            return tok.apply_chat_template([m.as_template_dict() for m in messages],
-                                           add_generation_prompt=add_generation_prompt, tokenize=True)
+            return self.tokenizer.apply_chat_template([m.as_template_dict() for m in messages],
+                                                      add_generation_prompt=add_generation_prompt, tokenize=True)
         except EmberError as e:
             raise APIError(400, str(e), param="messages") from None
 
-    def encode(text: str, add_special_tokens: bool = True) -> list[int]:
-        return tok.encode(text, add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
 
-    def completion_prompts(prompt: str | list[Any]) -> list[list[int]]:
-        if isinstance(prompt, str):
-            return [encode(prompt)]
-        if not prompt:
-            raise APIError(400, "'prompt' must not be empty.", param="prompt")
-        if isinstance(prompt[0], int):
-            return [list(prompt)]
-        return [encode(p) if isinstance(p, str) else list(p) for p in prompt]
+def server_state(request: Request) -> ServerState:
+    return request.app.state.server
 
-    async def start(prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
-        try:
-            stream = engine.submit(prompts, params)
-        except ServerBusy as e:
-            raise APIError(429, str(e), type="server_busy_error", code="server_busy") from None
-        try:
-            await stream.accepted()
-        except EmberError as e:  # e.g. token ids out of range, or a request bigger than the KV pool
-            raise APIError(400, str(e), param="prompt") from None
-        return stream
 
-    async def collect(stream: RequestStream, request: Request) -> dict[str, RequestOutput]:
-        """The final snapshot of every request; aborts them if the client goes away first."""
-        finals: dict[str, RequestOutput] = {}
+def require_key(request: Request, authorization: str | None = Header(None)) -> None:
+    api_key = server_state(request).api_key
+    if api_key is None:
+        return
+    # compare_digest: the time taken does not reveal how much of the key matched
+    if authorization is None or not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
+                       type="authentication_error", code="invalid_api_key")
 
-        async def consume() -> None:
-            async for out in stream:
-                if out.finished:
-                    finals[out.request_id] = out
 
-        task = asyncio.ensure_future(consume())
-        try:
-            while not (await asyncio.wait({task}, timeout=0.25))[0]:
-                if await request.is_disconnected():
-                    raise APIError(400, "The client disconnected.", code="client_disconnected")
-            task.result()
-        finally:
-            task.cancel()
-            engine.abort(stream)
-        return finals
+api = APIRouter(dependencies=[Depends(require_key)])
+open_routes = APIRouter()  # liveness and scraping carry no data worth a key
 
-    def sse(events: AsyncIterator[dict[str, Any]], stream: RequestStream) -> StreamingResponse:
-        async def body() -> AsyncIterator[str]:
-            try:
-                async for event in events:
-                    yield f"data: {json.dumps(event)}\n\n"
-            except Exception as e:  # the status line is gone; report in-band, as OpenAI does
-                error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
-                yield f"data: {json.dumps(error.body())}\n\n"
-            finally:  # also on cancellation, when the client disconnects: free its KV blocks now
-                engine.abort(stream)
-            yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+# --- the request's life: submit, then collect the final outputs or stream the deltas ------------
+async def start(server: ServerState, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+    try:
+        stream = server.engine.submit(prompts, params)
+    except ServerBusy as e:
+        raise APIError(429, str(e), type="server_busy_error", code="server_busy") from None
+    try:
+        await stream.accepted()
+    except EmberError as e:  # e.g. token ids out of range, or a request bigger than the KV pool
+        raise APIError(400, str(e), param="prompt") from None
+    return stream
 
-    async def stream_choices(stream: RequestStream, n: int, stops: list[str], chunk: Callable[..., dict | None],
-                             include_usage: bool, usage_chunk: Callable[[dict], dict]) -> AsyncIterator[dict]:
-        """Snapshots -> one chunk per completion that has news; finish reasons when its request ends."""
-        deltas: dict[tuple[str, int], Delta] = {}
-        prompt_tokens = completion_tokens = 0
+
+async def collect(server: ServerState, stream: RequestStream, request: Request) -> dict[str, RequestOutput]:
+    """The final output of every request; aborts them if the client goes away first."""
+    finals: dict[str, RequestOutput] = {}
+
+    async def consume() -> None:
         async for out in stream:
-            p = stream.request_ids.index(out.request_id)
-            for o in out.outputs:
-                delta = deltas.setdefault((out.request_id, o.index), Delta(stops))
-                text, ids, lps = delta.take(o, out.finished)
-                event = chunk(p * n + o.index, text, ids, lps, o.finish_reason if out.finished else None, delta)
-                if event is not None:
-                    yield event
             if out.finished:
-                prompt_tokens += len(out.prompt_token_ids)
-                completion_tokens += sum(len(o.token_ids) for o in out.outputs)
-        if include_usage:
-            yield usage_chunk(usage(prompt_tokens, completion_tokens))
+                finals[out.request_id] = out
 
-    # --- OpenAI routes -----------------------------------------------------------------------
-    @api.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request) -> Any:
-        check_model(req.model)
-        reject_unsupported(req)
-        if req.echo and req.stream:
-            raise APIError(400, "'echo' cannot be combined with 'stream' on this server.", param="echo",
-                           code="unsupported_parameter")
-        # echo + max_tokens 0 scores the prompt alone (lm-eval's loglikelihood); the engine always
-        # samples at least one token, so ask for one and drop it.
-        score_only = req.echo and req.max_tokens == 0
-        prompts = completion_prompts(req.prompt)
-        k = req.logprobs
-        params = []
-        for p in prompts:
-            max_tokens = resolve_max_tokens(None if score_only else req.max_tokens, len(p), ctx,
-                                            COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
-            params.append(sampling_params(req, 1 if score_only else max_tokens, k,
-                                          prompt_logprobs=k if req.echo and k is not None else None))
-        stream = await start(prompts, params)
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
-                "model": served_model_name}
+    task = asyncio.ensure_future(consume())
+    try:
+        while not (await asyncio.wait({task}, timeout=0.25))[0]:
+            if await request.is_disconnected():
+                raise APIError(400, "The client disconnected.", code="client_disconnected")
+        task.result()
+    finally:
+        task.cancel()
+        server.engine.abort(stream)
+    return finals
 
-        if req.stream:
-            def chunk(index: int, text: str, ids: list[int], lps: list, finish: str | None, d: Delta) -> dict | None:
-                if not text and finish is None:
-                    return None
-                logprobs = None
-                if k is not None:
-                    logprobs = completion_logprobs(tok, ids, lps, k, d.offset)
-                    d.offset += sum(map(len, logprobs["tokens"]))
-                return head | {"choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                            "finish_reason": finish}]}
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(stream_choices(stream, req.n, params[0].stop, chunk, include,
-                                      lambda u: head | {"choices": [], "usage": u}), stream)
+def sse(server: ServerState, events: AsyncIterator[dict[str, Any]], stream: RequestStream) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+        except Exception as e:  # the status line is gone; report in-band, as OpenAI does
+            error = e if isinstance(e, APIError) else APIError(500, str(e), type="server_error")
+            yield f"data: {json.dumps(error.body())}\n\n"
+        finally:  # also on cancellation, when the client disconnects: free its KV blocks now
+            server.engine.abort(stream)
+        yield "data: [DONE]\n\n"
 
-        finals = await collect(stream, request)
-        choices, prompt_tokens, completion_tokens = [], 0, 0
-        for p, rid in enumerate(stream.request_ids):
-            out = finals[rid]
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def stream_choices(stream: RequestStream, n: int, chunk: Callable[[int, CompletionOutput], dict | None],
+                         include_usage: bool, usage_chunk: Callable[[dict], dict]) -> AsyncIterator[dict]:
+    """The engine's deltas -> one chunk per completion that has news (choice index: prompt * n + completion)."""
+    prompt_tokens = completion_tokens = 0
+    async for out in stream:
+        p = stream.request_ids.index(out.request_id)
+        for o in out.outputs:
+            completion_tokens += len(o.token_ids)
+            event = chunk(p * n + o.index, o)
+            if event is not None:
+                yield event
+        if out.finished:
             prompt_tokens += len(out.prompt_token_ids)
-            for o in out.outputs:
-                ids, lps, text = o.token_ids, o.logprobs or [], o.text
-                if score_only:
-                    ids, lps, text, finish = [], [], "", "length"
-                else:
-                    finish = o.finish_reason
-                if req.echo:
-                    prompt_text = req.prompt if isinstance(req.prompt, str) else (
-                        req.prompt[p] if isinstance(req.prompt[0], str) else tok.decode(out.prompt_token_ids))
-                    text = prompt_text + text
-                    if k is not None:
-                        prompt_lps = out.prompt_logprobs or []
-                        if len(prompt_lps) != len(out.prompt_token_ids):
-                            raise APIError(500, "The engine returned incomplete prompt logprobs.",
-                                           type="server_error")
-                        ids, lps = list(out.prompt_token_ids) + list(ids), list(prompt_lps) + list(lps)
-                completion_tokens += 0 if score_only else len(o.token_ids)
-                logprobs = completion_logprobs(tok, ids, lps, k) if k is not None else None
-                choices.append({"index": p * req.n + o.index, "text": text, "logprobs": logprobs,
-                                "finish_reason": finish})
-        return head | {"choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+    if include_usage:
+        yield usage_chunk(usage(prompt_tokens, completion_tokens))
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(req: ChatRequest, request: Request) -> Any:
-        check_model(req.model)
-        reject_unsupported(req)
-        ids = chat_ids(req.messages)
-        requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
-                            is not None else (req.max_tokens, "max_tokens"))
-        if req.top_logprobs is not None and not req.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
-        k = (req.top_logprobs or 0) if req.logprobs else None
-        params = sampling_params(req, resolve_max_tokens(requested, len(ids), ctx, None, param, "messages"), k)
-        stream = await start([ids], [params])
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
-                "model": served_model_name}
 
-        if req.stream:
-            head["object"] = "chat.completion.chunk"
-            started: set[int] = set()
+def completion_prompts(server: ServerState, prompt: str | list[Any]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [server.encode(prompt)]
+    if not prompt:
+        raise APIError(400, "'prompt' must not be empty.", param="prompt")
+    if isinstance(prompt[0], int):
+        return [list(prompt)]
+    return [server.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
-            def chunk(index: int, text: str, ids: list[int], lps: list, finish: str | None, d: Delta) -> dict | None:
-                delta: dict[str, Any] = {}
-                if index not in started:  # the first chunk of each choice names the role
-                    started.add(index)
-                    delta["role"] = "assistant"
-                if text or "role" in delta:
-                    delta["content"] = text
-                if not delta and finish is None:
-                    return None
-                logprobs = chat_logprobs(tok, ids, lps, k) if k is not None and ids else None
-                return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                            "finish_reason": finish}]}
 
-            include = bool(req.stream_options and req.stream_options.include_usage)
-            return sse(stream_choices(stream, req.n, params.stop, chunk, include,
-                                      lambda u: head | {"choices": [], "usage": u}), stream)
+# --- OpenAI routes ---------------------------------------------------------------------------
+@api.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request, server: ServerState = Depends(server_state)) -> Any:
+    server.check_model(req.model)
+    reject_unsupported(req)
+    if req.echo and req.stream:
+        raise APIError(400, "'echo' cannot be combined with 'stream' on this server.", param="echo",
+                       code="unsupported_parameter")
+    # echo + max_tokens 0 scores the prompt alone (lm-eval's loglikelihood); the engine always
+    # samples at least one token, so ask for one and drop it.
+    score_only = req.echo and req.max_tokens == 0
+    prompts = completion_prompts(server, req.prompt)
+    k = req.logprobs
+    params = []
+    for p in prompts:
+        max_tokens = resolve_max_tokens(None if score_only else req.max_tokens, len(p), server.max_model_len,
+                                        COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
+        params.append(sampling_params(req, 1 if score_only else max_tokens, k,
+                                      prompt_logprobs=k if req.echo and k is not None else None))
+    stream = await start(server, prompts, params)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
+            "model": server.served_model_name}
+    tok = server.tokenizer
 
-        out = (await collect(stream, request))[stream.request_ids[0]]
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": chat_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None,
-                    "finish_reason": o.finish_reason} for o in out.outputs]
-        return head | {"choices": choices,
-                       "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))}
+    if req.stream:
+        text_offset: dict[int, int] = {}  # per choice: where its next token's text starts (legacy logprobs)
 
-    @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": served_model_name, "object": "model", "created": now(),
-                                            "owned_by": "ember", "max_model_len": ctx}]}
+        def chunk(index: int, o: CompletionOutput) -> dict | None:
+            if not o.text and o.finish_reason is None:
+                return None
+            logprobs = None
+            if k is not None:
+                logprobs = completion_logprobs(tok, o.token_ids, o.logprobs or [], k, text_offset.get(index, 0))
+                text_offset[index] = text_offset.get(index, 0) + sum(map(len, logprobs["tokens"]))
+            return head | {"choices": [{"index": index, "text": o.text, "logprobs": logprobs,
+                                        "finish_reason": o.finish_reason}]}
 
-    # --- tokenizer routes (vLLM's shape) -------------------------------------------------------
-    @api.post("/tokenize")
-    async def tokenize(req: TokenizeRequest) -> dict[str, Any]:
-        check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
-        # Special-token strings in the text become their ids here (as HF and vLLM tokenize), so a
-        # client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
-        ids = (tok.encode(req.prompt, allowed_special="all",
-                          add_bos=req.add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
-               if req.prompt is not None else chat_ids(req.messages, req.add_generation_prompt))
-        return {"tokens": ids, "count": len(ids), "max_model_len": ctx}
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return sse(server, stream_choices(stream, req.n, chunk, include,
+                                          lambda u: head | {"choices": [], "usage": u}), stream)
 
-    @api.get("/tokenizer_info")
-    async def tokenizer_info() -> dict[str, Any]:
-        """The tokenizer's config (vLLM's route), enough for lm-eval's remote tokenizer."""
-        def name(i: int | None) -> str | None:
-            return tok.id_to_token(i) if i is not None else None
+    finals = await collect(server, stream, request)
+    choices, prompt_tokens, completion_tokens = [], 0, 0
+    for p, rid in enumerate(stream.request_ids):
+        out = finals[rid]
+        prompt_tokens += len(out.prompt_token_ids)
+        for o in out.outputs:
+            ids, lps, text = o.token_ids, o.logprobs or [], o.text
+            if score_only:
+                ids, lps, text, finish = [], [], "", "length"
+            else:
+                finish = o.finish_reason
+            if req.echo:
+                prompt_text = req.prompt if isinstance(req.prompt, str) else (
+                    req.prompt[p] if isinstance(req.prompt[0], str) else tok.decode(out.prompt_token_ids))
+                text = prompt_text + text
+                if k is not None:
+                    prompt_lps = out.prompt_logprobs or []
+                    if len(prompt_lps) != len(out.prompt_token_ids):
+                        raise APIError(500, "The engine returned incomplete prompt logprobs.",
+                                       type="server_error")
+                    ids, lps = list(out.prompt_token_ids) + list(ids), list(prompt_lps) + list(lps)
+            completion_tokens += 0 if score_only else len(o.token_ids)
+            logprobs = completion_logprobs(tok, ids, lps, k) if k is not None else None
+            choices.append({"index": p * req.n + o.index, "text": text, "logprobs": logprobs,
+                            "finish_reason": finish})
+    return head | {"choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
 
-        return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ctx, "max_model_len": ctx,
-                "vocab_size": llm.model.config.vocab_size,
-                "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
-                "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
-                "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
-                "chat_template": getattr(tok, "chat_template", None)}
 
-    # --- embeddings: a sentence encoder beside the LLM, loaded on first use ---------------------
-    encoders: dict[str, Any] = {}
+@api.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request, server: ServerState = Depends(server_state)) -> Any:
+    server.check_model(req.model)
+    reject_unsupported(req)
+    ids = server.chat_ids(req.messages)
+    requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
+                        is not None else (req.max_tokens, "max_tokens"))
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = sampling_params(req, resolve_max_tokens(requested, len(ids), server.max_model_len, None, param,
+                                                     "messages"), k)
+    stream = await start(server, [ids], [params])
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
+            "model": server.served_model_name}
+    tok = server.tokenizer
 
-    def encoder() -> Any:
-        if embedding_model is None:
-            raise APIError(404, "This server has no embedding model; start it with --embedding-model.",
-                           param="model", code="model_not_found")
-        if "model" not in encoders:
-            from ember.rag import load_encoder
+    if req.stream:
+        head["object"] = "chat.completion.chunk"
+        started: set[int] = set()
 
-            try:
-                encoders["model"] = load_encoder(None if embedding_model == "default" else embedding_model)
-            except EmberError as e:
-                raise APIError(404, f"No embedding model available: {e}", param="model",
-                               code="model_not_found") from None
-        return encoders["model"]
+        def chunk(index: int, o: CompletionOutput) -> dict | None:
+            delta: dict[str, Any] = {}
+            if index not in started:  # the first chunk of each choice names the role
+                started.add(index)
+                delta["role"] = "assistant"
+            if o.text or "role" in delta:
+                delta["content"] = o.text
+            if not delta and o.finish_reason is None:
+                return None
+            logprobs = chat_logprobs(tok, o.token_ids, o.logprobs, k) if k is not None and o.token_ids else None
+            return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                        "finish_reason": o.finish_reason}]}
 
-    @api.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest) -> dict[str, Any]:
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts:
-            raise APIError(400, "'input' must hold at least one text.", param="input")
-        enc = await asyncio.to_thread(encoder)
-        if req.model is not None and req.model not in (enc.name, enc.name.split("@")[0], served_model_name):
-            raise APIError(404, f"The embedding model here is '{enc.name.split('@')[0]}', not '{req.model}'.",
-                           param="model", code="model_not_found")
-        if req.dimensions not in (None, enc.dim):
-            raise APIError(400, f"This model's embeddings have {enc.dim} dimensions; 'dimensions' cannot change "
-                           "that.", param="dimensions")
-        vectors = await asyncio.to_thread(enc.encode, texts)
-        tokens = sum(min(len(e.ids), enc.max_length) for e in enc.tokenizer.encode_batch(texts))
+        include = bool(req.stream_options and req.stream_options.include_usage)
+        return sse(server, stream_choices(stream, req.n, chunk, include,
+                                          lambda u: head | {"choices": [], "usage": u}), stream)
 
-        def encoded(v: Any) -> Any:
-            return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
-                else v.tolist()
+    out = (await collect(server, stream, request))[stream.request_ids[0]]
+    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                "logprobs": chat_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None,
+                "finish_reason": o.finish_reason} for o in out.outputs]
+    return head | {"choices": choices,
+                   "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))}
 
-        return {"object": "list", "model": enc.name.split("@")[0],
-                "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
-    @api.post("/detokenize")
-    async def detokenize(req: DetokenizeRequest) -> dict[str, Any]:
-        check_model(req.model)
-        vocab = llm.model.config.vocab_size
-        if any(not 0 <= t < vocab for t in req.tokens):
-            raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
-        return {"prompt": tok.decode(req.tokens)}
+@api.get("/v1/models")
+async def models(server: ServerState = Depends(server_state)) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": server.served_model_name, "object": "model", "created": now(),
+                                        "owned_by": "ember", "max_model_len": server.max_model_len}]}
 
+
+# --- tokenizer routes (vLLM's shape) -----------------------------------------------------------
+@api.post("/tokenize")
+async def tokenize(req: TokenizeRequest, server: ServerState = Depends(server_state)) -> dict[str, Any]:
+    server.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
+    tok = server.tokenizer
+    # Special-token strings in the text become their ids here (as HF and vLLM tokenize), so a
+    # client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
+    ids = (tok.encode(req.prompt, allowed_special="all",
+                      add_bos=req.add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+           if req.prompt is not None else server.chat_ids(req.messages, req.add_generation_prompt))
+    return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
+
+
+@api.get("/tokenizer_info")
+async def tokenizer_info(server: ServerState = Depends(server_state)) -> dict[str, Any]:
+    """The tokenizer's config (vLLM's route), enough for lm-eval's remote tokenizer."""
+    tok, ctx = server.tokenizer, server.max_model_len
+
+    def name(i: int | None) -> str | None:
+        return tok.id_to_token(i) if i is not None else None
+
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": ctx, "max_model_len": ctx,
+            "vocab_size": server.llm.model.config.vocab_size,
+            "bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id),
+            "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id,
+            "add_bos_token": bool(getattr(tok, "add_bos_token", False)),
+            "chat_template": getattr(tok, "chat_template", None)}
+
+
+@api.post("/detokenize")
+async def detokenize(req: DetokenizeRequest, server: ServerState = Depends(server_state)) -> dict[str, Any]:
+    server.check_model(req.model)
+    vocab = server.llm.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in req.tokens):
+        raise APIError(400, f"Token ids must be in [0, {vocab}).", param="tokens")
+    return {"prompt": server.tokenizer.decode(req.tokens)}
+
+
+# --- embeddings: a sentence encoder beside the LLM, loaded on first use -------------------------
+def encoder(server: ServerState) -> Any:
+    if server.embedding_model is None:
+        raise APIError(404, "This server has no embedding model; start it with --embedding-model.",
+                       param="model", code="model_not_found")
+    if "model" not in server.encoders:
+        try:
+            server.encoders["model"] = load_encoder(None if server.embedding_model == "default"
+                                                    else server.embedding_model)
+        except EmberError as e:
+            raise APIError(404, f"No embedding model available: {e}", param="model",
+                           code="model_not_found") from None
+    return server.encoders["model"]
+
+
+@api.post("/v1/embeddings")
+async def embeddings(req: EmbeddingRequest, server: ServerState = Depends(server_state)) -> dict[str, Any]:
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts:
+        raise APIError(400, "'input' must hold at least one text.", param="input")
+    enc = await asyncio.to_thread(encoder, server)
+    if req.model is not None and req.model not in (enc.name, enc.name.split("@")[0], server.served_model_name):
+        raise APIError(404, f"The embedding model here is '{enc.name.split('@')[0]}', not '{req.model}'.",
+                       param="model", code="model_not_found")
+    if req.dimensions not in (None, enc.dim):
+        raise APIError(400, f"This model's embeddings have {enc.dim} dimensions; 'dimensions' cannot change "
+                       "that.", param="dimensions")
+    vectors = await asyncio.to_thread(enc.encode, texts)
+    tokens = sum(min(len(e.ids), enc.max_length) for e in enc.tokenizer.encode_batch(texts))
+
+    def encoded(v: Any) -> Any:
+        return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
+            else v.tolist()
+
+    return {"object": "list", "model": enc.name.split("@")[0],
+            "data": [{"object": "embedding", "index": i, "embedding": encoded(v)} for i, v in enumerate(vectors)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# --- open routes ---------------------------------------------------------------------------------
+@open_routes.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@open_routes.get("/metrics")
+async def metrics(server: ServerState = Depends(server_state)) -> PlainTextResponse:
+    engine = server.engine
+    return PlainTextResponse(engine.metrics.render(engine.gauges), media_type="text/plain; version=0.0.4")
+
+
+# --- the application -----------------------------------------------------------------------------
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """The engine thread runs while the application does."""
+    engine = app.state.server.engine
+    engine.start()
+    yield
+    engine.stop()
+
+
+def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
+               max_waiting: int | None = None, embedding_model: str | None = "default") -> FastAPI:
+    app = FastAPI(title="Ember", lifespan=lifespan)
+    app.state.server = ServerState(AsyncEngine(llm, max_waiting), served_model_name, api_key, embedding_model)
+    app.state.engine = app.state.server.engine
+    _install_error_handlers(app)
     app.include_router(api)
-
-    # --- open routes: liveness and scraping carry no data worth a key --------------------------
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(engine.metrics.render(engine.gauges), media_type="text/plain; version=0.0.4")
-
+    app.include_router(open_routes)
     return app
 
 
@@ -390,8 +447,6 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
-    import uvicorn
-
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -4,6 +4,10 @@ The engine is not thread-safe, so handlers never call it. They put requests and 
 an inbox; the loop thread drains the inbox, runs `step()`, and hands every snapshot to the
 asyncio queue of its stream with `loop.call_soon_threadsafe`. The model runs in that
 thread, so the event loop stays free to accept connections and notice disconnects.
+
+The server asks the engine for deltas (streaming) or one final output (otherwise), so each
+completion's finish reason arrives exactly once; latency histograms come from the engine's
+own request metrics, whichever kind a request asked for.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ class EngineFailed(Exception):
 
 
 class RequestStream:
-    """The snapshots of one HTTP request's engine requests (one per prompt), as they come."""
+    """The outputs of one HTTP request's engine requests (one per prompt), as they come."""
 
     def __init__(self, request_ids: list[str], loop: asyncio.AbstractEventLoop) -> None:
         self.request_ids = request_ids
@@ -68,8 +72,7 @@ class RequestStream:
 @dataclass
 class _Tracked:
     stream: RequestStream
-    arrival: float
-    first_token: float | None = None
+    ttft_observed: bool = False
 
 
 @dataclass
@@ -160,9 +163,8 @@ class AsyncEngine:
                 traceback.print_exc()  # the operator's log gets the whole story; clients get one line
                 self._fail_all(EngineFailed(f"The engine failed: {e}"))
                 continue
-            now = time.perf_counter()
             for out in outputs:
-                self._deliver(out, now)
+                self._deliver(out)
             with self._lock:
                 self._publish()
 
@@ -170,7 +172,7 @@ class AsyncEngine:
         added: list[str] = []
         try:
             for rid, ids, params in zip(item.stream.request_ids, item.prompts, item.params):
-                self.llm.add_request(ids, params, request_id=rid)
+                self.llm.add_request(ids, params, request_id=rid, arrival_time=item.arrival)
                 added.append(rid)
         except Exception as e:  # EmberError (bad prompt/params) becomes a 400 in the handler
             for rid in added:
@@ -178,7 +180,7 @@ class AsyncEngine:
             item.stream.put(e)
             return
         for rid in added:
-            self._tracked[rid] = _Tracked(item.stream, item.arrival)
+            self._tracked[rid] = _Tracked(item.stream)
         item.stream.put(_ACCEPTED)
 
     def _abort(self, request_ids: list[str]) -> None:
@@ -188,20 +190,21 @@ class AsyncEngine:
                 self.llm.abort(rid)
                 self.metrics.finished["abort"] += 1
 
-    def _deliver(self, out: RequestOutput, now: float) -> None:
+    def _deliver(self, out: RequestOutput) -> None:
         tracked = self._tracked.get(out.request_id)
         if tracked is None:
             return
-        if tracked.first_token is None and any(o.token_ids for o in out.outputs):
-            tracked.first_token = now
-            self.metrics.ttft.observe(now - tracked.arrival)
+        m = out.metrics
+        if not tracked.ttft_observed and m.first_token_time is not None:
+            tracked.ttft_observed = True
+            self.metrics.ttft.observe(m.first_token_time - m.arrival_time)
+        for o in out.outputs:  # delta and final outputs carry each completion's finish once
+            if o.finish_reason is not None:
+                self.metrics.finished[o.finish_reason] += 1
         if out.finished:
             del self._tracked[out.request_id]
-            for o in out.outputs:
-                self.metrics.finished[o.finish_reason or "stop"] += 1
-            longest = max(len(o.token_ids) for o in out.outputs)
-            if tracked.first_token is not None and longest > 1:
-                self.metrics.tpot.observe((now - tracked.first_token) / (longest - 1))
+            if m.first_token_time is not None and m.num_generated_tokens > 1:
+                self.metrics.tpot.observe((m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1))
         tracked.stream.put(out)
 
     def _fail_all(self, error: Exception) -> None:

@@ -14,9 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ember.engine import CompletionOutput
 from ember.errors import EmberError
-from ember.generation import stop_holdback
 from ember.sampling import SamplingParams
 
 
@@ -145,7 +143,8 @@ def reject_unsupported(req: _Sampling) -> None:
 
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
                     prompt_logprobs: int | None = None) -> SamplingParams:
-    """OpenAI fields -> engine SamplingParams; out-of-range values become a 400."""
+    """OpenAI fields -> engine SamplingParams; out-of-range values become a 400. A streamed
+    request asks the engine for deltas, any other for its final output only."""
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                  repetition_penalty=req.repetition_penalty)
@@ -154,7 +153,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
         return SamplingParams(**{k: v for k, v in given.items() if v is not None}, seed=req.seed,
                               max_tokens=max_tokens, min_tokens=req.min_tokens, stop=[s for s in stop if s],
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n)
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n,
+                              output_kind="delta" if req.stream else "final")
     except EmberError as e:
         raise APIError(400, str(e)) from None
 
@@ -216,29 +216,3 @@ def chat_logprobs(tokenizer: Any, token_ids: list[int], logprobs: list[dict[int,
 
     return {"content": [item(t, lp[t]) | {"top_logprobs": [item(i, v) for i, v in _top(lp, k)]}
                         for t, lp in zip(token_ids, logprobs)]}
-
-
-class Delta:
-    """What one completion has that the client has not seen yet, while streaming.
-
-    Text that could still grow into a stop string is held back (the engine cuts a stop
-    only once it is complete); logprobs go out with the tokens generated so far.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.text_sent = 0
-        self.tokens_sent = 0
-        self.offset = 0  # text_offset of the next token, for legacy logprobs
-
-    def take(self, out: CompletionOutput, finished: bool) -> tuple[str, list[int], list[dict[int, float]]]:
-        text = out.text if finished else out.text[: len(out.text) - stop_holdback(out.text, self.stops)]
-        new_text = text[self.text_sent:]
-        if not new_text and not finished:  # keep tokens (and logprobs) with the text they make
-            return "", [], []
-        self.text_sent = max(self.text_sent, len(text))
-        n = len(out.token_ids)
-        new_ids = out.token_ids[self.tokens_sent:n]
-        new_lps = (out.logprobs or [])[self.tokens_sent:n]
-        self.tokens_sent = n
-        return new_text, new_ids, new_lps

@@ -4,71 +4,64 @@ from __future__ import annotations
 
 import argparse
 
-
-def _training_flags(p: argparse.ArgumentParser, steps: int, lr: float | None, batch: int) -> None:
-    t = p.add_argument_group("training")
-    t.add_argument("--max-steps", type=int, default=steps)
-    t.add_argument("--lr", type=float, default=lr,
-                   help=f"peak learning rate (default {lr:g})" if lr else "peak learning rate (default 5e-5, "
-                   "or 5e-4 with --lora)")
-    t.add_argument("--batch-size", type=int, default=batch, help="pairs per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--warmup-steps", type=int, default=10)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "wsd"])
-    t.add_argument("--max-length", type=int, default=512, help="tokens per prompt + reply; longer ones are cut")
-    t.add_argument("--eval-data", default=None, help="held-out preference JSONL (default: a split of --data)")
-    t.add_argument("--eval-fraction", type=float, default=0.1, help="share held out when no --eval-data")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = at the end)")
-    t.add_argument("--save-every", type=int, default=200)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
+from ember.settings import add_command
+from ember.train.commands import add_lora_flags, add_run_flags, add_training_flags
 
 
-def _train_config(a: argparse.Namespace):
-    from ember.train.loop import TrainConfig
+# Preference recipes start from a trained model: no weight decay unless asked for; a row is a
+# prompt + reply pair, so its length flag keeps its older name --max-length beside --block-size.
+PREFERENCE_DEFAULTS = {"max_steps": 200, "batch_size": 8, "warmup_steps": 10, "weight_decay": 0.0, "eval_every": 0,
+                       "save_every": 200, "block_size": 512}
+PREFERENCE_NAMES = {"block_size": ("--max-length", "--block-size")}
+PREFERENCE_HELP = {"batch_size": "preference pairs per micro-batch",
+                   "block_size": "tokens per prompt + reply; longer pairs are cut"}
+# PPO's optimizer settings: a constant learning rate from the first step and no weight decay
+# (it fine-tunes a good policy). Its batches are rollouts (PPOConfig), so TrainConfig's batch,
+# length, logging, precision and time-budget settings do not apply and have no flag.
+PPO_DEFAULTS = {"max_steps": 100, "lr": 1e-5, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
+                "beta2": 0.999, "save_every": 0, "eval_every": 0}
+PPO_NOT_APPLICABLE = ("batch_size", "grad_accum", "block_size", "log_every", "mixed_precision", "time_budget_s",
+                      "schedule_by_time")
+PPO_FROM_TRAINING = {"iterations": "max_steps", "lr": "lr", "grad_clip": "grad_clip", "save_every": "save_every",
+                     "eval_every": "eval_every", "seed": "seed"}
 
-    lr = a.lr or (5e-4 if getattr(a, "lora", False) else 5e-5)
-    return TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=lr,
-                       warmup_steps=a.warmup_steps, schedule=a.schedule, weight_decay=0.0,
-                       eval_every=a.eval_every, save_every=a.save_every, log_every=a.log_every, seed=a.seed,
-                       block_size=a.max_length)
+
+def _preference_flags(p: argparse.ArgumentParser, lr: float | None) -> None:
+    g = p.add_argument_group("held-out pairs")
+    g.add_argument("--eval-data", default=None, help="held-out preference JSONL (default: a split of --data)")
+    g.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of --data held out when there is no --eval-data (default: 0.1)")
+    lr_help = {"lr": "peak learning rate (default: 5e-5, or 5e-4 with --lora)"} if lr is None else {}
+    add_training_flags(p, defaults={**PREFERENCE_DEFAULTS, "lr": lr}, names=PREFERENCE_NAMES,
+                       help={**PREFERENCE_HELP, **lr_help})
+    add_run_flags(p)
 
 
-def add_commands(sub: argparse._SubParsersAction) -> dict:
-    d = sub.add_parser("dpo", help="Direct Preference Optimization on {prompt, chosen, rejected} JSONL",
-                       description="DPO (sigmoid), IPO or hinge loss against the starting model as reference. "
-                       "Writes OUT/model (or OUT/adapter with --lora), metrics.jsonl (reward accuracy, margins, "
-                       "chosen/rejected log-probs) and held-out preference accuracy.")
+def _dpo_flags(d: argparse.ArgumentParser) -> None:
+    from ember.settings import add_flags
+    from ember.train.dpo import DPOConfig
+
     d.add_argument("--model", required=True, help="policy to start from (also the reference)")
     d.add_argument("--data", required=True, help="preference JSONL: prompt, chosen, rejected (strings or messages)")
     d.add_argument("--out", required=True, help="run directory")
-    d.add_argument("--beta", type=float, default=0.1, help="strength of the pull toward the reference (default 0.1)")
-    d.add_argument("--loss", default="sigmoid", choices=["sigmoid", "ipo", "hinge"])
-    d.add_argument("--reference", default="precompute", choices=["precompute", "live"],
-                   help="reference log-probs computed once and cached (default) or each step (a frozen copy, "
-                   "or the adapter-disabled base with --lora)")
+    add_flags(d.add_argument_group("DPO"), DPOConfig, exclude=["max_length"])  # length: --max-length below
     g = d.add_argument_group("LoRA")
     g.add_argument("--lora", action="store_true", help="train LoRA adapters; the reference is the base itself")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16.0)
-    g.add_argument("--lora-dropout", type=float, default=0.0)
-    g.add_argument("--lora-targets", default="all-linear", help="comma-separated module names or all-linear")
-    _training_flags(d, steps=200, lr=None, batch=8)
+    add_lora_flags(g)
+    _preference_flags(d, lr=None)
 
-    r = sub.add_parser("reward-model", help="train a reward model (transformer + scalar head, Bradley-Terry)",
-                       description="Writes OUT/model, a reward-model directory (safetensors + JSON) that "
-                       "`ember ppo --reward-model` loads, and reports held-out pair accuracy.")
+
+def _reward_model_flags(r: argparse.ArgumentParser) -> None:
     r.add_argument("--model", required=True, help="base model directory")
     r.add_argument("--data", required=True, help="preference JSONL")
     r.add_argument("--out", required=True, help="run directory")
-    _training_flags(r, steps=200, lr=1e-4, batch=8)
+    _preference_flags(r, lr=1e-4)
 
-    p = sub.add_parser("ppo", help="RLHF with PPO against a reward model or a rule",
-                       description="Rollouts with the engine, per-token KL penalty to the frozen starting policy, "
-                       "GAE, clipped policy and value losses. Writes OUT/model, metrics.jsonl and ppo.png.")
+
+def _ppo_flags(p: argparse.ArgumentParser) -> None:
+    from ember.settings import add_flags
+    from ember.train.ppo import PPOConfig
+
     p.add_argument("--policy", required=True, help="policy model directory (also the reference)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--reward-model", default=None, help="a directory written by `ember reward-model`")
@@ -76,31 +69,29 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
                      "rule:python=module:function")
     p.add_argument("--prompts", required=True, help="JSONL with 'prompt' (string or messages) or one prompt a line")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--iterations", type=int, default=100, help="rollout + update rounds")
-    p.add_argument("--rollout-batch", type=int, default=16, help="prompts per rollout")
-    p.add_argument("--minibatch", type=int, default=8)
-    p.add_argument("--ppo-epochs", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--kl-coef", type=float, default=0.05, help="initial per-token KL penalty")
-    p.add_argument("--target-kl", type=float, default=None, help="adapt kl-coef to keep the reply KL near this")
-    p.add_argument("--gamma", type=float, default=1.0)
-    p.add_argument("--lam", type=float, default=0.95)
-    p.add_argument("--cliprange", type=float, default=0.2)
-    p.add_argument("--cliprange-value", type=float, default=0.2)
-    p.add_argument("--vf-coef", type=float, default=0.1)
-    p.add_argument("--missing-eos-penalty", type=float, default=0.0,
-                   help="subtract this from the reward of a reply cut off at --max-new-tokens (a reward model "
-                   "never saw cut-off replies; 1.0 is a common choice)")
-    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out")
-    p.add_argument("--eval-every", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out (default: 0.1)")
     p.add_argument("--raw-prompts", action="store_true", help="feed prompts as plain text, not via the chat template")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--device", default=None)
+    add_flags(p.add_argument_group("PPO"), PPOConfig, exclude=list(PPO_FROM_TRAINING))
+    add_training_flags(p, defaults=PPO_DEFAULTS, exclude=PPO_NOT_APPLICABLE,
+                       names={"max_steps": ("--iterations", "--max-steps")},
+                       help={"max_steps": "rollout + update rounds",
+                             "eval_every": "iterations between held-out evaluations (0 = start and end only)",
+                             "save_every": "iterations between checkpoints (0 = only at the end)"})
+    add_run_flags(p)
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict:
+    add_command(sub, "dpo", _dpo_flags, help="Direct Preference Optimization on {prompt, chosen, rejected} JSONL",
+                description="DPO (sigmoid), IPO or hinge loss against the starting model as reference. "
+                "Writes OUT/model (or OUT/adapter with --lora), metrics.jsonl (reward accuracy, margins, "
+                "chosen/rejected log-probs) and held-out preference accuracy.")
+    add_command(sub, "reward-model", _reward_model_flags,
+                help="train a reward model (transformer + scalar head, Bradley-Terry)",
+                description="Writes OUT/model, a reward-model directory (safetensors + JSON) that "
+                "`ember ppo --reward-model` loads, and reports held-out pair accuracy.")
+    add_command(sub, "ppo", _ppo_flags, help="RLHF with PPO against a reward model or a rule",
+                description="Rollouts with the engine, per-token KL penalty to the frozen starting policy, "
+                "GAE, clipped policy and value losses. Writes OUT/model, metrics.jsonl and ppo.png.")
 
     a = sub.add_parser("align", help="alignment data tools").add_subparsers(dest="action", required=True)
     c = a.add_parser("constitutional", help="critique and revise answers against principles",
@@ -125,16 +116,18 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
 
 def cmd_dpo(a: argparse.Namespace) -> None:
+    from ember.settings import values
     from ember.train.dpo import DPOConfig, run_dpo
+    from ember.train.loop import TrainConfig
 
     lora = None
     if a.lora:
-        from ember.lora import ALL_LINEAR, LoraConfig
+        from ember.lora import LoraConfig
 
-        targets = ALL_LINEAR if a.lora_targets == ALL_LINEAR else [t.strip() for t in a.lora_targets.split(",") if t]
-        lora = LoraConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets)
-    cfg = DPOConfig(beta=a.beta, loss_type=a.loss, max_length=a.max_length, reference=a.reference)
-    last = run_dpo(a.model, a.data, a.out, _train_config(a), cfg, lora_cfg=lora, eval_data=a.eval_data,
+        lora = values(LoraConfig, a, prefix="lora_")
+    train_cfg = values(TrainConfig, a, lr=a.lr if a.lr is not None else 5e-4 if a.lora else 5e-5)
+    cfg = values(DPOConfig, a, max_length=train_cfg.block_size)
+    last = run_dpo(a.model, a.data, a.out, train_cfg, cfg, lora_cfg=lora, eval_data=a.eval_data,
                    eval_fraction=a.eval_fraction, device=a.device, resume=a.resume, progress=not a.no_progress)
     acc = f", held-out preference accuracy {last['eval/accuracy']:.1%}" if "eval/accuracy" in last else ""
     print(f"done at step {last['step']}: loss {last['loss']:.4g}{acc}; {'adapter' if a.lora else 'model'} in "
@@ -142,9 +135,12 @@ def cmd_dpo(a: argparse.Namespace) -> None:
 
 
 def cmd_reward_model(a: argparse.Namespace) -> None:
+    from ember.settings import values
+    from ember.train.loop import TrainConfig
     from ember.train.reward import run_reward_model
 
-    last = run_reward_model(a.model, a.data, a.out, _train_config(a), max_length=a.max_length,
+    train_cfg = values(TrainConfig, a)
+    last = run_reward_model(a.model, a.data, a.out, train_cfg, max_length=train_cfg.block_size,
                             eval_data=a.eval_data, eval_fraction=a.eval_fraction, device=a.device, resume=a.resume,
                             progress=not a.no_progress)
     print(f"done at step {last['step']}: loss {last['loss']:.4g}; reward model in {a.out}/model")
@@ -152,6 +148,8 @@ def cmd_reward_model(a: argparse.Namespace) -> None:
 
 def cmd_ppo(a: argparse.Namespace) -> None:
     from ember.errors import EmberError
+    from ember.settings import values
+    from ember.train.loop import TrainConfig
     from ember.train.ppo import PPOConfig
     from ember.train.rlhf import run_ppo
 
@@ -160,15 +158,11 @@ def cmd_ppo(a: argparse.Namespace) -> None:
         if not a.reward.startswith("rule:"):
             raise EmberError(f"--reward takes rule:NAME (e.g. rule:concise), got '{a.reward}'.")
         rule = a.reward.removeprefix("rule:")
-    cfg = PPOConfig(iterations=a.iterations, rollout_batch=a.rollout_batch, minibatch=a.minibatch,
-                    ppo_epochs=a.ppo_epochs, max_new_tokens=a.max_new_tokens, temperature=a.temperature, lr=a.lr,
-                    kl_coef=a.kl_coef, target_kl=a.target_kl, gamma=a.gamma, lam=a.lam, cliprange=a.cliprange,
-                    cliprange_value=a.cliprange_value, vf_coef=a.vf_coef, missing_eos_penalty=a.missing_eos_penalty,
-                    save_every=a.save_every,
-                    eval_every=a.eval_every, seed=a.seed)
+    train_cfg = values(TrainConfig, a)
+    cfg = values(PPOConfig, a, **{name: getattr(train_cfg, same) for name, same in PPO_FROM_TRAINING.items()})
     last = run_ppo(a.policy, a.prompts, a.out, cfg, reward_model_dir=a.reward_model, reward_rule=rule,
                    eval_fraction=a.eval_fraction, chat=False if a.raw_prompts else None, device=a.device,
-                   resume=a.resume, progress=not a.no_progress)
+                   resume=a.resume, progress=not a.no_progress, train_cfg=train_cfg)
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "kl", "eval/reward", "eval/kl") if k in last)
     print(f"done after {last['step']} iterations: {shown}; policy in {a.out}/model, curves in {a.out}/ppo.png")
 

@@ -3,55 +3,88 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 
 from ember.errors import EmberError
+from ember.settings import add_command
 
 LR_DEFAULTS = {"full": 3e-4, "lora": 2e-3, "qlora": 2e-3}
+# Finetune starts from a trained model: fewer steps, a short warmup, no weight decay.
+FINETUNE_DEFAULTS = {"max_steps": 500, "lr": None, "warmup_steps": 20, "weight_decay": 0.0, "eval_every": 0,
+                     "save_every": 200}
+
+# The command line takes module names or all-linear (LoraConfig itself also takes a regex).
+LORA_HELP = {"target_modules": "comma-separated module names (q_proj,v_proj,...) or all-linear"}
+LORA_NAMES = {"target_modules": "--lora-targets", "use_rslora": "--rslora"}
+
+
+def lora_targets(text: str) -> list[str] | str:
+    """`--lora-targets`: 'all-linear' or comma-separated module names."""
+    from ember.lora import ALL_LINEAR
+
+    if text.strip() == ALL_LINEAR:
+        return ALL_LINEAR
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("give all-linear or comma-separated module names")
+    return names
+
+
+def add_lora_flags(g: argparse._ActionsContainer) -> None:
+    """`--lora-r`, `--lora-alpha`, `--lora-dropout`, `--lora-targets`, `--rslora` from LoraConfig
+    (dests `lora_<field>`; `values(LoraConfig, args, prefix="lora_")` reads them back)."""
+    from ember.lora import ALL_LINEAR, LoraConfig
+    from ember.settings import add_flags
+
+    add_flags(g, LoraConfig, prefix="lora_", exclude=["trainable_token_indices"], help=LORA_HELP, names=LORA_NAMES,
+              parsers={"target_modules": lora_targets}, defaults={"target_modules": ALL_LINEAR})
+
+
+def add_training_flags(p: argparse.ArgumentParser, *, defaults: dict | None = None, exclude: tuple = (),
+                       names: dict | None = None, help: dict | None = None) -> None:
+    """Every TrainConfig field as a flag, in a "training" group: the one place recipes get them."""
+    from ember.settings import add_flags
+    from ember.train.loop import TrainConfig
+
+    g = p.add_argument_group("training", "optimizer, schedule, batches, checkpoints (ember.train.loop.TrainConfig)")
+    add_flags(g, TrainConfig, defaults=defaults, exclude=exclude, names=names, help=help)
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """Where a training run happens and how it reports: --resume, --device, --no-progress."""
+    g = p.add_argument_group("run")
+    g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict:
-    p = sub.add_parser("finetune", help="supervised fine-tuning: full, LoRA or QLoRA",
-                       description="Fine-tune a model directory on chat/instruction JSONL ({'messages'}, "
-                       "{'prompt','completion'} or Alpaca {'instruction','input','output'}) with its chat template. "
-                       "Writes OUT/model (full) or OUT/adapter (LoRA/QLoRA, PEFT format), run.json and metrics.jsonl.")
+    add_command(sub, "finetune", _finetune_flags, help="supervised fine-tuning: full, LoRA or QLoRA",
+                description="Fine-tune a model directory on chat/instruction JSONL ({'messages'}, "
+                "{'prompt','completion'} or Alpaca {'instruction','input','output'}) with its chat template. "
+                "Writes OUT/model (full) or OUT/adapter (LoRA/QLoRA, PEFT format), run.json and metrics.jsonl.")
+    return {"finetune": cmd_finetune}
+
+
+def _finetune_flags(p: argparse.ArgumentParser) -> None:
+    from ember.settings import add_flags
+    from ember.train.sft import SFTOptions
+
     p.add_argument("--model", required=True, help="base model directory (HF layout, with tokenizer)")
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--val-data", default=None, help="validation JSONL (val_loss in metrics)")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--method", choices=["full", "lora", "qlora"], default="lora")
+    add_flags(p.add_argument_group("fine-tuning"), SFTOptions, defaults={"method": "lora"})
     g = p.add_argument_group("LoRA")
-    g.add_argument("--lora-r", type=int, default=8, help="rank (default 8)")
-    g.add_argument("--lora-alpha", type=float, default=16.0, help="scaling numerator: update x alpha/r (default 16)")
-    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default 0)")
-    g.add_argument("--lora-targets", default="all-linear",
-                   help="comma-separated module names (q_proj,v_proj,...) or all-linear (default)")
-    g.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) (rank-stabilised LoRA)")
+    add_lora_flags(g)
     g.add_argument("--trainable-tokens", default="template",
                    help="token-table rows that train beside the adapters (PEFT's trainable_token_indices): "
                         "'template' (default) = the chat template's special tokens, e.g. <|im_start|> and "
                         "<|im_end|>, which a base pretrained on plain text never learned and adapters cannot "
                         "move; 'none'; or comma-separated token ids")
-    t = p.add_argument_group("training")
-    t.add_argument("--max-steps", type=int, default=500)
-    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 full, 2e-3 LoRA)")
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--grad-accum", type=int, default=1)
-    t.add_argument("--block-size", type=int, default=256, help="tokens per row; longer examples are cut")
-    t.add_argument("--warmup-steps", type=int, default=20)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--schedule", default="cosine", choices=["cosine", "constant", "wsd"])
-    t.add_argument("--pack", action="store_true", help="pack short examples into full rows (block-diagonal mask)")
-    t.add_argument("--train-on-prompt", action="store_true", help="also train on prompt tokens")
-    t.add_argument("--eval-every", type=int, default=0)
-    t.add_argument("--save-every", type=int, default=200)
-    t.add_argument("--log-every", type=int, default=10)
-    t.add_argument("--seed", type=int, default=1337)
-    t.add_argument("--time-budget", type=float, default=None, help="stop (and save) after this many minutes")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--device", default=None, help="cpu, cuda or mps (default: best available)")
-
-    return {"finetune": cmd_finetune}
+    add_training_flags(p, defaults=FINETUNE_DEFAULTS,
+                       help={"lr": "peak learning rate (default: 3e-4 full, 2e-3 LoRA and QLoRA)"})
+    add_run_flags(p)
 
 
 def add_synth_parser(sub: argparse._SubParsersAction) -> None:
@@ -70,11 +103,11 @@ def add_synth_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from ember.lora import ALL_LINEAR, LoraConfig
+    from ember.lora import LoraConfig
+    from ember.settings import values
     from ember.train.loop import TrainConfig
-    from ember.train.sft import sft
+    from ember.train.sft import SFTOptions, sft
 
-    targets = ALL_LINEAR if a.lora_targets == ALL_LINEAR else [t.strip() for t in a.lora_targets.split(",") if t]
     tokens = a.trainable_tokens.strip().lower()
     if tokens not in ("template", "none"):
         try:
@@ -82,16 +115,11 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         except ValueError:
             raise EmberError(f"--trainable-tokens takes 'template', 'none' or comma-separated token ids, "
                              f"not {a.trainable_tokens!r}.") from None
-    lora = LoraConfig(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=targets,
-                      use_rslora=a.rslora, trainable_token_indices=tokens if isinstance(tokens, list) else None)
-    cfg = TrainConfig(max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                      block_size=a.block_size, lr=a.lr or LR_DEFAULTS[a.method], warmup_steps=a.warmup_steps,
-                      weight_decay=a.weight_decay, schedule=a.schedule, eval_every=a.eval_every,
-                      save_every=a.save_every, log_every=a.log_every, seed=a.seed, time_budget_s=a.time_budget * 60 if a.time_budget else None)
-    last = sft(a.model, a.data, a.out, method=a.method, lora=lora, train_config=cfg, pack=a.pack,
-               train_template_tokens=tokens == "template",
-               train_on_prompt=a.train_on_prompt, val_file=a.val_data, device=a.device, resume=a.resume,
-               progress=not a.no_progress)
+    lora = values(LoraConfig, a, prefix="lora_", trainable_token_indices=tokens if isinstance(tokens, list) else None)
+    options = values(SFTOptions, a)
+    cfg = values(TrainConfig, a, lr=a.lr if a.lr is not None else LR_DEFAULTS[options.method])
+    last = sft(a.model, a.data, a.out, lora=lora, train_config=cfg, train_template_tokens=tokens == "template",
+               val_file=a.val_data, device=a.device, resume=a.resume, progress=not a.no_progress, **asdict(options))
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss") if k in last)
     where = "model" if last["method"] == "full" else "adapter"  # on --resume, the run's own method
     print(f"done at step {last['step']}: {shown}; {where} in {a.out}/{where}")

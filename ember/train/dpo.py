@@ -21,9 +21,9 @@ import contextlib
 import copy
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +46,13 @@ REF_CACHE = "reference_logps.safetensors"
 
 @dataclass
 class DPOConfig:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    max_length: int = 512
-    reference: str = "precompute"  # precompute (cached once) | live (frozen copy or adapter-disabled base)
+    beta: float = field(default=0.1, metadata={"help": "strength of the pull toward the reference model"})
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = field(default="sigmoid", metadata={
+        "help": "preference loss: DPO's sigmoid, IPO's squared margin or a hinge", "flag": "--loss"})
+    max_length: int = field(default=512, metadata={"help": "tokens per prompt + reply; longer pairs are cut"})
+    reference: Literal["precompute", "live"] = field(default="precompute", metadata={
+        "help": "reference log-probs computed once and cached, or each step (a frozen copy, or the "
+                "adapter-disabled base with LoRA)"})
 
     def __post_init__(self) -> None:
         if self.loss_type not in LOSS_TYPES:

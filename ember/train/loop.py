@@ -17,9 +17,9 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,28 +34,39 @@ from ember.files import atomic_dir, read_json, write_json
 SCHEDULES = ("cosine", "constant", "wsd")
 
 
+def minutes(text: str) -> float | None:
+    """A command-line duration in minutes, as seconds; 0 means no limit (as 0 turns off the other limits)."""
+    value = float(text) * 60
+    return value if value > 0 else None
+
+
 @dataclass
 class TrainConfig:
-    max_steps: int = 1000
-    batch_size: int = 16  # sequences per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    block_size: int = 256  # tokens per sequence
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant | wsd (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: share of steps spent decaying at the end
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 = off
-    eval_every: int = 200  # 0 = only at the end
-    save_every: int = 500  # 0 = only at the end
-    log_every: int = 10
-    seed: int = 1337
-    mixed_precision: str = "auto"  # auto | off | bf16 | fp16
-    time_budget_s: float | None = None  # stop early (and save) when exceeded
-    schedule_by_time: bool = False  # decay the lr by elapsed share of time_budget_s (no exact resume)
+    max_steps: int = field(default=1000, metadata={"help": "optimizer steps to train for"})
+    batch_size: int = field(default=16, metadata={"help": "sequences (or pairs) per micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    block_size: int = field(default=256, metadata={"help": "tokens per sequence; longer examples are cut"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "final learning rate as a share of the peak"})
+    warmup_steps: int = field(default=100, metadata={"help": "steps of linear warmup to the peak learning rate"})
+    schedule: Literal["cosine", "constant", "wsd"] = field(
+        default="cosine", metadata={"help": "learning-rate shape after warmup (wsd: warmup-stable-decay)"})
+    decay_fraction: float = field(default=0.2, metadata={"help": "wsd: share of the steps spent decaying at the end"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices and embeddings"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW first-moment decay"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW second-moment decay"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
+    eval_every: int = field(default=200, metadata={"help": "steps between validations (0 = only at the end)"})
+    save_every: int = field(default=500, metadata={"help": "steps between checkpoints (0 = only at the end)"})
+    log_every: int = field(default=10, metadata={"help": "steps between lines in metrics.jsonl"})
+    seed: int = field(default=1337, metadata={"help": "seed for initial weights, data order and dropout"})
+    mixed_precision: Literal["auto", "off", "bf16", "fp16"] = field(
+        default="auto", metadata={"help": "autocast dtype (auto: bf16/fp16 where the device is fast at it)"})
+    time_budget_s: float | None = field(default=None, metadata={
+        "help": "stop (and save) after this many minutes; 0 = no limit (default: none)", "flag": "--time-budget",
+        "parse": minutes, "metavar": "MINUTES"})
+    schedule_by_time: bool = field(default=False, metadata={
+        "help": "decay the learning rate by the elapsed share of --time-budget, not by steps (no exact resume)"})
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -97,7 +108,9 @@ def learning_rate(step: int, cfg: TrainConfig, progress: float | None = None) ->
 
 def lm_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
     """Summed next-token cross-entropy and the number of targets (-100 marks ignored ones)."""
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+    # At least float32 (bf16 logits lose the loss's small differences); float64 stays float64.
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")
     return loss, int((targets != -100).sum())
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,30 +40,33 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 
 @dataclass
 class PPOConfig:
-    iterations: int = 100
-    rollout_batch: int = 16  # prompts per rollout
-    minibatch: int = 8  # sequences per gradient step
-    ppo_epochs: int = 4
-    max_new_tokens: int = 32
-    temperature: float = 1.0
-    lr: float = 1e-5
-    kl_coef: float = 0.05
-    target_kl: float | None = None  # per-sequence KL the adaptive controller aims at
-    kl_horizon: int = 10_000
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    grad_clip: float = 1.0
-    # Subtracted from the score of a reply that hits max_new_tokens without ending its turn.
+    iterations: int = field(default=100, metadata={"help": "rollout + update rounds"})
+    rollout_batch: int = field(default=16, metadata={"help": "prompts per rollout"})
+    minibatch: int = field(default=8, metadata={"help": "sequences per gradient step"})
+    ppo_epochs: int = field(default=4, metadata={"help": "passes over each rollout"})
+    max_new_tokens: int = field(default=32, metadata={"help": "reply tokens per rollout at most"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the rollouts"})
+    lr: float = field(default=1e-5, metadata={"help": "learning rate"})
+    kl_coef: float = field(default=0.05, metadata={"help": "initial per-token KL penalty to the starting policy"})
+    target_kl: float | None = field(default=None, metadata={
+        "help": "adapt the KL penalty to keep the per-reply KL near this (default: none, a fixed penalty)"})
+    kl_horizon: int = field(default=10_000, metadata={"help": "rollouts over which the adaptive KL penalty moves"})
+    gamma: float = field(default=1.0, metadata={"help": "GAE discount"})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda"})
+    cliprange: float = field(default=0.2, metadata={"help": "policy ratio clip"})
+    cliprange_value: float = field(default=0.2, metadata={"help": "value clip around the rollout's values"})
+    vf_coef: float = field(default=0.1, metadata={"help": "weight of the value loss"})
+    whiten_advantages: bool = field(default=True, metadata={"help": "normalise advantages within a rollout"})
+    grad_clip: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0 = off)"})
     # A reward model never saw cut-off replies, so without this the policy can learn to ramble
     # into the cut (TRL's `missing_eos_penalty`).
-    missing_eos_penalty: float = 0.0
-    save_every: int = 0  # iterations between checkpoints (0 = only at the end)
-    eval_every: int = 0  # iterations between held-out evaluations (0 = start and end only)
-    seed: int = 1337
+    missing_eos_penalty: float = field(default=0.0, metadata={
+        "help": "subtract this from the score of a reply cut off at --max-new-tokens without ending its turn "
+                "(1.0 is a common choice with a reward model)"})
+    save_every: int = field(default=0, metadata={"help": "iterations between checkpoints (0 = only at the end)"})
+    eval_every: int = field(default=0, metadata={
+        "help": "iterations between held-out evaluations (0 = start and end only)"})
+    seed: int = field(default=1337, metadata={"help": "seed for rollouts, minibatch order and the prompt split"})
 
     def __post_init__(self) -> None:
         for name in ("iterations", "rollout_batch", "minibatch", "ppo_epochs", "max_new_tokens"):

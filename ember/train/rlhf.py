@@ -149,8 +149,9 @@ def plot_ppo(out_dir: str | Path) -> Path:
 def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], out_dir: str | Path, cfg: PPOConfig,
               reward_fn: RewardFn | None = None, reward_model: Callable[[Tensor, Tensor], Tensor] | None = None,
               eval_prompts: Sequence = (), chat: bool | None = None, resume: bool = False,
-              progress: bool = True) -> dict[str, Any]:
-    """Run PPO from `policy` (which is trained in place); returns the last iteration's metrics."""
+              progress: bool = True, train_cfg: Any = None) -> dict[str, Any]:
+    """Run PPO from `policy` (which is trained in place); returns the last iteration's metrics.
+    `train_cfg` (a TrainConfig) sets the optimizer and learning-rate schedule; by default, one made from `cfg`."""
     if (reward_fn is None) == (reward_model is None):
         raise EmberError("Give exactly one reward: a reward model or a rule.")
     out_dir = Path(out_dir)
@@ -175,7 +176,7 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
     torch.manual_seed(cfg.seed)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     model = PolicyWithValue(policy)
-    tcfg = _train_config(cfg)
+    tcfg = train_cfg if train_cfg is not None else _train_config(cfg)
     optimizer = make_optimizer(model, tcfg)
     kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
     metrics_path = out_dir / "metrics.jsonl"
@@ -250,7 +251,7 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
 def run_ppo(policy_dir: str | Path, prompts_file: str | Path, out_dir: str | Path, cfg: PPOConfig,
             reward_model_dir: str | Path | None = None, reward_rule: str | None = None,
             eval_fraction: float = 0.1, chat: bool | None = None, device: str | None = None,
-            resume: bool = False, progress: bool = True) -> dict[str, Any]:
+            resume: bool = False, progress: bool = True, train_cfg: Any = None) -> dict[str, Any]:
     """`ember ppo`: policy dir + prompts + (reward model | rule) -> OUT/model and curves."""
     dev = pick_device(device)
     tok = load_tokenizer(policy_dir)
@@ -268,6 +269,6 @@ def run_ppo(policy_dir: str | Path, prompts_file: str | Path, out_dir: str | Pat
     print(f"PPO: {len(train_p)} training prompts, {len(eval_p)} held out; kl_coef {cfg.kl_coef}"
           + (f", target KL {cfg.target_kl}" if cfg.target_kl else ""))
     last = ppo_train(policy, tok, train_p, out_dir, cfg, reward_fn=reward_fn, reward_model=rm, eval_prompts=eval_p,
-                     chat=chat, resume=resume, progress=progress)
+                     chat=chat, resume=resume, progress=progress, train_cfg=train_cfg)
     save_pretrained(policy, tok, Path(out_dir) / "model")
     return last

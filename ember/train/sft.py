@@ -13,9 +13,9 @@ is the LoRA tensors, so a checkpoint is small and resume restores exactly those.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,16 @@ from ember.train.examples import (Row, block_diagonal_mask, collate, example_row
 from ember.train.loop import RUN_FILE, TrainConfig, lm_loss, read_run, train
 
 METHODS = ("full", "lora", "qlora")
+
+
+@dataclass
+class SFTOptions:
+    """The recipe's own choices, as `sft()` takes them (`sft(..., **asdict(options))`)."""
+
+    method: Literal["full", "lora", "qlora"] = field(default="full", metadata={
+        "help": "what trains: every weight, LoRA adapters, or LoRA adapters over an NF4-quantized base"})
+    pack: bool = field(default=False, metadata={"help": "pack short examples into full rows (block-diagonal mask)"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "also train on prompt tokens"})
 
 
 class AdapterView(nn.Module):
