@@ -33,7 +33,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -61,18 +63,25 @@ def _build() -> bool:
         return False
     from torch.utils import cpp_extension  # the builder (setuptools and all): loaded only to build
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
-    name = f"ember_gemv_{digest}"  # a changed source gets a fresh build, never a stale one
+    # A changed source or another torch gets a fresh build, never a stale or ABI-mismatched one.
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:10]
+    name = f"ember_gemv_{digest}"
     try:
         build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if not (build_dir / f"{name}.so").exists():
-            print(f"ember: compiling the CPU decode kernel {SOURCE.name} (once per machine, about a minute; "
-                  f"cached in {build_dir})", file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=False,
-                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"])
+        library = build_dir / f"{name}.so"
+        if library.exists():  # built before: load it without the builder and its build lock
+            torch.ops.load_library(str(library))
+        else:
+            _clear_dead_build_lock(build_dir / "lock")
+            _put_pip_ninja_on_path()
+            print(f"ember: compiling the CPU decode kernel {SOURCE.name} (once per machine and torch version, "
+                  f"about a minute; cached in {build_dir})", file=sys.stderr, flush=True)
+            cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=False,
+                               extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                               extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers, a changed builder: PyTorch's kernels serve instead
-        print(f"ember: the CPU decode kernel is not available ({type(e).__name__}); "
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"ember: the CPU decode kernel is not available ({type(e).__name__}: {first_line}); "
               "using PyTorch's kernels", file=sys.stderr, flush=True)
         return False
     # torch.compile traces the op through this: the output's shape and dtype, without running it.
@@ -89,6 +98,29 @@ def _build() -> bool:
     torch.library.register_fake("ember_gemv::paged_decode_attention")(
         lambda q, pool, slots, visible: torch.empty_like(q))
     return True
+
+
+BUILD_LOCK_STALE_S = 15 * 60  # a build takes a minute or two; a lock this old belongs to a process that died
+
+
+def _clear_dead_build_lock(lock: Path) -> None:
+    """PyTorch's builder waits forever on a lock file left by a build that was killed; remove one that old."""
+    try:
+        if time.time() - lock.stat().st_mtime > BUILD_LOCK_STALE_S:
+            print(f"ember: removing {lock}, left by a kernel build that did not finish", file=sys.stderr, flush=True)
+            lock.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _put_pip_ninja_on_path() -> None:
+    """The builder runs `ninja`; the PyPI package's binary is not on PATH in an un-activated environment."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # the PyPI package (a dependency): only its binary's folder is wanted
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
 @contextlib.contextmanager
