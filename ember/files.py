@@ -85,14 +85,15 @@ def read_jsonl(path: str | Path, what: str = "Data file") -> list[tuple[int, Any
     if not path.is_file():
         raise EmberError(f"{what} {path} does not exist.")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
-            except UnicodeDecodeError:
-                raise EmberError(f"{path} is not UTF-8 text.") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):  # decoding happens here, line by line
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+    except UnicodeDecodeError:
+        raise EmberError(f"{what} {path} is not UTF-8 text.") from None
     return rows
