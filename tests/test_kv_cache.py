@@ -3,17 +3,19 @@
 import pytest
 import torch
 
+from ember import gemv
+from ember.compiled_step import decode_step
 from ember.config import ModelConfig
+from ember.kv_cache import KVCache, StaticKVCache
 from ember.model import CausalLM
 from ember.sampling import SamplingParams
+
+from conftest import need_kernel
 
 
 @pytest.mark.parametrize("window", [None, 6])
 def test_static_cache_steps_give_the_contiguous_cache_logits(window):
     """The compiled decode step's cache (static shapes, masked) against the plain one, eagerly."""
-    from ember.compiled_step import decode_step
-    from ember.kv_cache import KVCache, StaticKVCache
-
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -84,12 +86,7 @@ def test_contiguous_cache_decodes_through_the_attention_kernel_with_sdpas_result
     window, eager and static), and the logits are SDPA's. fp32: the same sums in another order
     (~1e-7 relative each); bf16: the kernel's output is rounded to 8 bits where SDPA's fp32 path
     rounds it too, so one bf16 step (2^-8) in a few places, carried through two layers."""
-    from ember import gemv
-    from ember.generation import decode_step
-    from ember.kv_cache import KVCache, StaticKVCache
-
-    if not gemv.available():
-        pytest.skip("the decode attention kernel needs an x86 CPU with AVX2 and a C++ compiler")
+    need_kernel()
     torch.manual_seed(0)
     cfg = ModelConfig(model_type="mistral", vocab_size=96, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
