@@ -33,6 +33,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Engine
 
 from ember.errors import EmberError
+from ember.files import read_json
 
 # Split regexes (applied before byte-level mapping): GPT-2's and Llama-3's (= cl100k's).
 PATTERNS = {
@@ -73,15 +74,6 @@ def _byte_to_unicode() -> dict[int, str]:
 
 
 _UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EmberError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
-    except UnicodeDecodeError:
-        raise EmberError(f"{path} is not UTF-8 text.") from None
 
 
 def _token_name(value: Any) -> str | None:
@@ -143,11 +135,11 @@ class Tokenizer:
         try:
             engine = _Engine.from_file(str(tok_file))
         except Exception as e:
-            _read_json(tok_file)  # names malformed JSON plainly, if that is the cause
+            read_json(tok_file, "Tokenizer file")  # names malformed JSON plainly, if that is the cause
             raise EmberError(f"{tok_file} is not a tokenizer the `tokenizers` library can read ({e}).") from None
 
         cfg_file = path / "tokenizer_config.json"
-        cfg = _read_json(cfg_file) if cfg_file.is_file() else {}
+        cfg = read_json(cfg_file, "Tokenizer config") if cfg_file.is_file() else {}
         if not isinstance(cfg, dict):
             raise EmberError(f"{cfg_file} must hold a JSON object.")
         template = cfg.get("chat_template")
