@@ -256,3 +256,35 @@ def test_the_cli_builds_its_parser_without_importing_torch():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", "building the CLI's parser imported torch"
+
+
+def forward_assignments(source: str) -> list[int]:
+    """Lines that set `forward` on an object rather than define it in a class body: `x.forward = ...`,
+    `x.__dict__["forward"] = ...`, `setattr(x, "forward", ...)` (patching a live module)."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        targets = (node.targets if isinstance(node, ast.Assign)
+                   else [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else [])
+        for t in targets:
+            if isinstance(t, ast.Attribute) and t.attr == "forward":
+                lines.append(node.lineno)
+            if (isinstance(t, ast.Subscript) and isinstance(t.value, ast.Attribute) and t.value.attr == "__dict__"
+                    and isinstance(t.slice, ast.Constant) and t.slice.value == "forward"):
+                lines.append(node.lineno)
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "forward"):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_reader_of_forward_assignments_finds_each_way_of_patching():
+    source = ("class A:\n    def forward(self):\n        pass\n"
+              "m.forward = f\nm.__dict__['forward'] = f\nsetattr(m, 'forward', f)\nm.other = f\n")
+    assert forward_assignments(source) == [4, 5, 6]
+
+
+def test_no_forward_is_assigned_on_a_live_module():
+    """Kernels are swapped in as modules of their own (ember.cpu_inference), never patched into a forward."""
+    found = {name: lines for name, path in ember_modules().items()
+             if (lines := forward_assignments(path.read_text(encoding="utf-8")))}
+    assert not found, f"forward assigned outside a class body: {found}"
