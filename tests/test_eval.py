@@ -82,6 +82,10 @@ def test_perplexity_equals_transformers_on_the_same_windows(lm, hf, stride):
         nll -= float(logp[-k:].gather(1, torch.tensor(w.targets)[:, None]).sum())
         n += k
     assert ours.tokens == n == len(ids)
+    # Both run fp32 forwards of the same weights with different kernels: each token's log-prob (|x| ~ 5)
+    # differs by ~1e-6 relative (fp32 sums over 64-wide rows), a random walk over ~60 tokens gives
+    # ~1e-7 relative on the summed NLL; 1e-6 leaves a margin of ~10x, and a wrong window or a
+    # double-counted token moves the NLL by a whole token's log-prob, ~2% of it.
     assert ours.nll == pytest.approx(nll, rel=1e-6)
     assert ours.perplexity == pytest.approx(math.exp(nll / n), rel=1e-6)
     assert ours.bits_per_byte == pytest.approx(nll / math.log(2) / len(TEXT.encode()), rel=1e-6)
@@ -112,6 +116,8 @@ def test_shared_context_packing_equals_one_forward_per_request(lm, hf):
         with torch.no_grad():
             logp = torch.log_softmax(hf(torch.tensor([(ctx + cont)[:-1]])).logits[0].double(), -1)
         rows = logp[len(ctx) - 1:]
+        # fp32 forwards of different shapes (a packed tree vs one sequence): ~1e-6 per log-prob, summed
+        # over at most 8 tokens; 1e-4 is far above that and far below a sibling's leaked context (~0.1).
         assert r.logprob == pytest.approx(float(rows.gather(1, torch.tensor(cont)[:, None]).sum()), abs=1e-4)
         assert r.is_greedy == bool((rows.argmax(-1) == torch.tensor(cont)).all())
 
@@ -142,6 +148,7 @@ def test_multiple_choice_task_scores_each_choice_after_the_prompt(lm, tmp_path):
     s = res["samples"][3]
     assert s["context"].count("Answer:") == 3 and s["context"].endswith("Question: is 3 even?\nAnswer:")
     ctx, cont = encode_pair(lm, s["context"], " maybe not")
+    # The same forward in another batch: fp32 rounding of differently blocked matmuls only.
     assert s["loglikelihoods"][2] == pytest.approx(lm.loglikelihood([(ctx, cont)])[0].logprob, abs=1e-5)
     acc = np.mean([float(np.argmax(x["loglikelihoods"]) == x["gold"]) for x in res["samples"]])
     assert res["results"]["acc"]["value"] == pytest.approx(acc)
@@ -242,6 +249,8 @@ def test_endpoint_lm_scores_like_the_in_process_lm(lm, served, tmp_path):
     ours = run_task(lm, cfg, limit=6, bootstrap_iters=10)
     remote = run_task(EndpointLM(served + "/v1", model="tiny"), cfg, limit=6, bootstrap_iters=10)
     for a, b in zip(ours["samples"], remote["samples"]):
+        # The server batches requests differently (fp32 rounding, ~1e-6 a token) and sends each
+        # log-prob through JSON as a float32 value printed to 7-8 digits.
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-4)
     assert ours["results"]["acc"]["value"] == remote["results"]["acc"]["value"]
 
@@ -261,6 +270,7 @@ def test_lm_eval_local_completions_through_ember_serve_matches_in_process(lm, se
     theirs = api.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
                                 for i, p in enumerate(pairs)], disable_tqdm=True)
     mine = [ll for s in ours["samples"] for ll in s["loglikelihoods"]]
+    # As above: other batches on the server, and log-probs through JSON.
     assert [t[0] for t in theirs] == pytest.approx(mine, abs=1e-4)
     k = len(ours["samples"][0]["choices"])
     their_acc = np.mean([float(np.argmax([t[0] for t in theirs[i * k:(i + 1) * k]]) == s["gold"])
