@@ -1,0 +1,210 @@
+"""A GGUF model file -> `ModelConfig` + Ember state dict -> `CausalLM`.
+
+Metadata keys are `{arch}.…` (llama.cpp's names); tensors are `token_embd`, `blk.N.attn_q`, …,
+`output_norm`, `output`. Every tensor is decoded to float32 with the gguf package's own
+dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for.
+
+llama.cpp's converter reorders the rows of the query and key projections of llama-family models
+(`llama`, `mistral`): within each head it interleaves the two rotary halves, because ggml's rotary
+embedding rotates adjacent pairs (x0, x1), (x2, x3), … where Hugging Face and Ember rotate
+(x_i, x_{i+d/2}). Loading undoes that. `qwen2` files keep Hugging Face's row order (ggml runs
+them with the other, "NeoX", rotary layout) and `gpt2` has no rotary embedding.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+import torch
+
+from ember.config import ModelConfig
+from ember.device import pick_device, pick_dtype
+from ember.errors import EmberError
+from ember.gguf.reader import GGUFFile
+from ember.model import CausalLM
+
+# GGUF architecture -> Ember family. Files of any other architecture are refused by name.
+ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
+# Architectures whose q/k rows llama.cpp's converter permuted for ggml's adjacent-pair rotary layout.
+PERMUTED_QK = ("llama", "mistral")
+
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "position_embd": "model.embed_positions",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def architecture(f: GGUFFile) -> str:
+    arch = f.require("general.architecture", str)
+    if arch not in ARCHITECTURES:
+        raise EmberError(f"{f.path} holds a model of architecture {arch!r} (general.architecture); Ember loads "
+                         f"{', '.join(ARCHITECTURES)}.")
+    return arch
+
+
+def gguf_config(f: GGUFFile) -> ModelConfig:
+    """The `ModelConfig` that the metadata of `f` describes."""
+    arch = architecture(f)
+    family = ARCHITECTURES[arch]
+    key = f"{arch}.{{}}".format
+    if f.get(key("expert_count"), int, 0):
+        raise EmberError(f"{f.path} is a mixture-of-experts model ({key('expert_count')}); Ember does not load "
+                         "those from GGUF yet.")
+    if "token_embd.weight" not in f.tensors:
+        raise EmberError(f"{f.path} has no token_embd.weight tensor, so it holds no model weights.")
+    hidden = f.require(key("embedding_length"), int)
+    heads = f.require(key("attention.head_count"), int)
+    layers = f.require(key("block_count"), int)
+    vocab = int(f.tensors["token_embd.weight"].shape[1])
+    if f.has(key("vocab_size")) and f.require(key("vocab_size"), int) != vocab:
+        raise EmberError(f"{f.path} says {key('vocab_size')} = {f.require(key('vocab_size'), int)} but its "
+                         f"token_embd.weight has {vocab} rows.")
+    common: dict[str, Any] = dict(
+        model_type=family,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=f.require(key("feed_forward_length"), int),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=f.require(key("context_length"), int),
+        tie_word_embeddings=_tied(f),
+        bos_token_id=f.get("tokenizer.ggml.bos_token_id", int),
+        eos_token_id=f.get("tokenizer.ggml.eos_token_id", int),
+        pad_token_id=f.get("tokenizer.ggml.padding_token_id", int),
+    )
+    if family == "gpt2":
+        return ModelConfig(**common, num_key_value_heads=heads, norm_eps=f.require(key("attention.layer_norm_epsilon"), float),
+                           hidden_act="gelu_new", attention_bias=True, o_proj_bias=True, mlp_bias=True)
+    head_dim = f.get(key("attention.key_length"), int, hidden // heads)
+    if f.get(key("attention.value_length"), int, head_dim) != head_dim:
+        raise EmberError(f"{f.path} has {key('attention.value_length')} different from its key length; Ember's "
+                         "attention needs them equal.")
+    rope_dims = f.get(key("rope.dimension_count"), int, head_dim)
+    if rope_dims != head_dim:
+        raise EmberError(f"{f.path} rotates {rope_dims} of {head_dim} head dimensions ({key('rope.dimension_count')}); "
+                         "Ember rotates whole heads only.")
+    if "rope_freqs.weight" in f.tensors:
+        raise EmberError(f"{f.path} carries per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style scaling); "
+                         "Ember does not load those from GGUF yet.")
+    q_bias, o_bias, mlp_bias = (f"blk.0.{n}.bias" in f.tensors for n in ("attn_q", "attn_output", "ffn_up"))
+    sliding = f.get(key("attention.sliding_window"), int) if family == "mistral" else None
+    return ModelConfig(
+        **common,
+        num_key_value_heads=f.get(key("attention.head_count_kv"), int, heads),
+        head_dim=head_dim,
+        norm_eps=f.require(key("attention.layer_norm_rms_epsilon"), float),
+        hidden_act="silu",
+        rope_theta=f.get(key("rope.freq_base"), float, 1e6 if family == "qwen2" else 10000.0),
+        rope_scaling=_rope_scaling(f, key),
+        attention_bias=family == "qwen2" or q_bias,
+        o_proj_bias=family == "llama" and o_bias,
+        mlp_bias=mlp_bias,
+        sliding_window=sliding or None,
+    )
+
+
+def _tied(f: GGUFFile) -> bool:
+    """True when the file has no separate output matrix, or one byte-identical to the embedding table
+    (llama.cpp's gpt2 converter writes the tied table twice)."""
+    out = f.tensors.get("output.weight")
+    if out is None:
+        return True
+    emb = f.tensors["token_embd.weight"]
+    return out.tensor_type == emb.tensor_type and out.data.shape == emb.data.shape and np.array_equal(out.data, emb.data)
+
+
+def _rope_scaling(f: GGUFFile, key) -> dict[str, Any] | None:
+    kind = f.get(key("rope.scaling.type"), str, "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": f.require(key("rope.scaling.factor"), float)}
+    raise EmberError(f"{f.path} uses RoPE scaling {kind!r} ({key('rope.scaling.type')}); Ember supports none and "
+                     "linear from GGUF.")
+
+
+def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: per head, rows come as (pair, half); Ember wants (half, pair)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def ember_name(gguf_name: str) -> str | None:
+    """Ember's name for a GGUF tensor name (gpt2's fused attn_qkv is split by the caller), or None."""
+    m = _LAYER_TENSOR.match(gguf_name)
+    if m:
+        i, part, kind = m.groups()
+        return f"model.layers.{i}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
+    stem, _, kind = gguf_name.rpartition(".")
+    return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES and kind in ("weight", "bias") else None
+
+
+def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Every tensor of `f`, decoded to float32, in Ember's names and layouts."""
+    arch = architecture(f)
+    sd: dict[str, torch.Tensor] = {}
+    q_rows = cfg.num_attention_heads * cfg.head_dim
+    for name in f.tensors:
+        if name == "output.weight" and cfg.tie_word_embeddings:
+            continue
+        m = _LAYER_TENSOR.match(name)
+        if m and m.group(2) == "attn_qkv":  # gpt2: q, k, v stacked by rows
+            i, _, kind = m.groups()
+            w = f.dequantize(name)
+            kv_rows = cfg.num_key_value_heads * cfg.head_dim
+            for proj, part in zip("qkv", np.split(w, [q_rows, q_rows + kv_rows])):
+                sd[f"model.layers.{i}.self_attn.{proj}_proj.{kind}"] = torch.from_numpy(np.ascontiguousarray(part))
+            continue
+        target = ember_name(name)
+        if target is None:
+            raise EmberError(f"{f.path} has a tensor {name} that an Ember {cfg.model_type} model has no place for.")
+        w = f.dequantize(name)
+        if arch in PERMUTED_QK and m and m.group(2) in ("attn_q", "attn_k"):
+            w = unpermute_qk(w, cfg.num_attention_heads if m.group(2) == "attn_q" else cfg.num_key_value_heads)
+        sd[target] = torch.from_numpy(np.ascontiguousarray(w))
+    return sd
+
+
+def load_gguf(path: str | os.PathLike, device: str | torch.device | None = None,
+              dtype: str | torch.dtype | None = None) -> CausalLM:
+    """Load a GGUF model file into a `CausalLM` in eval mode, every tensor decoded to `dtype`."""
+    f = GGUFFile(path)
+    cfg = gguf_config(f)
+    device = pick_device(device if device is None or isinstance(device, str) else str(device))
+    dtype = pick_dtype(device, dtype)
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    sd = gguf_state_dict(f, cfg)
+    own = model.state_dict()
+    expected = set(own) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    missing = sorted(expected - sd.keys())
+    if missing:
+        raise EmberError(f"{f.path} lacks {len(missing)} tensors a {cfg.model_type} model of its metadata needs "
+                         f"(e.g. {', '.join(missing[:3])}).")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise EmberError(f"Tensor for {k} in {f.path} has shape {tuple(v.shape)}; the metadata implies "
+                             f"{tuple(own[k].shape)}.")
+    model.to_empty(device=device)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.reset_buffers()
+    return model.to(dtype).eval()
