@@ -182,10 +182,12 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_gguf(path: str | os.PathLike, device: str | torch.device | None = None,
+def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None) -> CausalLM:
-    """Load a GGUF model file into a `CausalLM` in eval mode, every tensor decoded to `dtype`."""
-    f = GGUFFile(path)
+    """Load a GGUF model file into a `CausalLM` in eval mode, every tensor decoded to `dtype`.
+
+    `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header."""
+    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = gguf_config(f)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     dtype = pick_dtype(device, dtype)
@@ -199,6 +201,8 @@ def load_gguf(path: str | os.PathLike, device: str | torch.device | None = None,
         raise EmberError(f"{f.path} lacks {len(missing)} tensors a {cfg.model_type} model of its metadata needs "
                          f"(e.g. {', '.join(missing[:3])}).")
     for k, v in sd.items():
+        if k not in own:
+            raise EmberError(f"{f.path} has a tensor for {k}, which a {cfg.model_type} model of its metadata lacks.")
         if tuple(v.shape) != tuple(own[k].shape):
             raise EmberError(f"Tensor for {k} in {f.path} has shape {tuple(v.shape)}; the metadata implies "
                              f"{tuple(own[k].shape)}.")

@@ -20,7 +20,7 @@ from ember.errors import EmberError
 
 MAGIC = b"GGUF"
 
-_UNKNOWN_TYPE = re.compile(r"(\d+) is not a valid GGMLQuantizationType")
+_UNKNOWN_TYPE = re.compile(r"(\d+)\)? is not a valid GGMLQuantizationType")
 
 
 class GGUFFile:
