@@ -33,9 +33,8 @@ from ember.generation import generate_ids
 from ember.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from ember.tokenizer import Tokenizer
 
-VOCAB_TESTS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tokenizers" / "llamacpp_vocab_tests"
-if not VOCAB_TESTS.is_dir():
-    VOCAB_TESTS = Path("/work/shared/data/tokenizers/llamacpp_vocab_tests")
+SHARED = Path(os.environ.get("EMBER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+VOCAB_TESTS = SHARED / "tokenizers" / "llamacpp_vocab_tests"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

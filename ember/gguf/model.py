@@ -165,11 +165,13 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         if name == "output.weight" and cfg.tie_word_embeddings:
             continue
         m = _LAYER_TENSOR.match(name)
-        if m and m.group(2) == "attn_qkv":  # gpt2: q, k, v stacked by rows
+        if m and m.group(2) == "attn_qkv":  # q, k, v stacked by rows (gpt2)
             i, _, kind = m.groups()
             w = f.dequantize(name)
             kv_rows = cfg.num_key_value_heads * cfg.head_dim
             for proj, part in zip("qkv", np.split(w, [q_rows, q_rows + kv_rows])):
+                if arch in PERMUTED_QK and proj != "v":
+                    part = unpermute_qk(part, cfg.num_attention_heads if proj == "q" else cfg.num_key_value_heads)
                 sd[f"model.layers.{i}.self_attn.{proj}_proj.{kind}"] = torch.from_numpy(np.ascontiguousarray(part))
             continue
         target = ember_name(name)
