@@ -123,7 +123,7 @@ UNICODE_TEXTS = [
     "🦙🦙 llama.cpp 🚀🔥👨‍👩‍👧‍👦", "日本語のテキストと中文文本，还有한국어", "e\u0301 a\u0300 n\u0303 \u0915\u093f",
     "tabs\t\tand   spaces    \n\n\n  trailing   ", "\u00a0\u2009\u3000 odd spaces", "x" * 300 + " 1234567890",
     "I'm you'LL they've WE'RE", "Ελληνικά Русский עברית العربية", "\r\n\r\n", "   ", "",
-    "<|im_start|>not special in plain text<|im_end|>", "\U0001d518\U0001d52b\U0001d526\U0001d520",
+    "<|im_start|>user\nhi<|im_end|>", "\U0001d518\U0001d52b\U0001d526\U0001d520",
 ]
 
 
@@ -295,7 +295,7 @@ class RandomGGUF:
             else:
                 w.add_string(key, value)
         for name, data, kind in self.tensors:
-            w.add_tensor(name, data, raw_dtype=kind if kind not in (Q.F32, Q.F16) else None)
+            w.add_tensor(name, data, raw_dtype=kind if kind not in (Q.F32, Q.F16, Q.I32) else None)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -448,6 +448,14 @@ def test_unknown_tensor_type_is_named(good_file, tmp_path):
     bad.write_bytes(bytes(data))
     with pytest.raises(EmberError, match="tensor of type 99"):
         load_gguf(bad, device="cpu")
+
+
+def test_tensor_type_gguf_cannot_decode_is_named(tmp_path):
+    g, meta = _llama_like("llama", tied=True)
+    g.tensors = [(n, np.ones(H, np.int32), Q.I32) if n == "output_norm.weight" else (n, d, k) for n, d, k in g.tensors]
+    path = g.write(tmp_path / "int.gguf", meta)
+    with pytest.raises(EmberError, match="Tensor output_norm.weight in .* has type I32, which the gguf package cannot"):
+        load_gguf(path, device="cpu")
 
 
 def test_unknown_architecture_is_named(tmp_path):

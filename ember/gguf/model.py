@@ -72,6 +72,9 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
     hidden = f.require(key("embedding_length"), int)
     heads = f.require(key("attention.head_count"), int)
     layers = f.require(key("block_count"), int)
+    for name, value in (("embedding_length", hidden), ("attention.head_count", heads), ("block_count", layers)):
+        if value <= 0:
+            raise EmberError(f"{f.path} has {key(name)} = {value}; it must be positive.")
     vocab = int(f.tensors["token_embd.weight"].shape[1])
     if f.has(key("vocab_size")) and f.require(key("vocab_size"), int) != vocab:
         raise EmberError(f"{f.path} says {key('vocab_size')} = {f.require(key('vocab_size'), int)} but its "
@@ -90,8 +93,9 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
         pad_token_id=f.get("tokenizer.ggml.padding_token_id", int),
     )
     if family == "gpt2":
-        return ModelConfig(**common, num_key_value_heads=heads, norm_eps=f.require(key("attention.layer_norm_epsilon"), float),
-                           hidden_act="gelu_new", attention_bias=True, o_proj_bias=True, mlp_bias=True)
+        return ModelConfig(**common, num_key_value_heads=heads, hidden_act="gelu_new",
+                           norm_eps=f.require(key("attention.layer_norm_epsilon"), float),
+                           attention_bias=True, o_proj_bias=True, mlp_bias=True)
     head_dim = f.get(key("attention.key_length"), int, hidden // heads)
     if f.get(key("attention.value_length"), int, head_dim) != head_dim:
         raise EmberError(f"{f.path} has {key('attention.value_length')} different from its key length; Ember's "
@@ -127,7 +131,8 @@ def _tied(f: GGUFFile) -> bool:
     if out is None:
         return True
     emb = f.tensors["token_embd.weight"]
-    return out.tensor_type == emb.tensor_type and out.data.shape == emb.data.shape and np.array_equal(out.data, emb.data)
+    same_layout = out.tensor_type == emb.tensor_type and out.data.shape == emb.data.shape
+    return same_layout and np.array_equal(out.data, emb.data)
 
 
 def _rope_scaling(f: GGUFFile, key) -> dict[str, Any] | None:
