@@ -307,23 +307,23 @@ def _identity(w):
     return w
 
 
-def _llama_like(arch: str, tied: bool) -> tuple[RandomGGUF, dict]:
+def _llama_like(arch: str, tied: bool, heads: int = HEADS, kv_heads: int = KV_HEADS) -> tuple[RandomGGUF, dict]:
     g = RandomGGUF(arch, seed={"llama": 1, "mistral": 2, "qwen2": 3}[arch])
-    hd = H // HEADS
+    hd = H // heads
     permute = arch in ("llama", "mistral")
     g.add("token_embd.weight", "model.embed_tokens.weight", g.randn(VOCAB, H, scale=0.5), Q.Q8_0)
     for i in range(LAYERS):
         p, b = f"model.layers.{i}.", f"blk.{i}."
         g.add(b + "attn_norm.weight", p + "input_layernorm.weight", 1 + g.randn(H))
-        for proj, heads in (("q", HEADS), ("k", KV_HEADS)):
-            rows = heads * hd
-            to_file = (lambda w, n=heads: _ggml_rope_rows(w, n)) if permute else _identity
+        for proj, n_heads in (("q", heads), ("k", kv_heads)):
+            rows = n_heads * hd
+            to_file = (lambda w, n=n_heads: _ggml_rope_rows(w, n)) if permute else _identity
             g.add(b + f"attn_{proj}.weight", p + f"self_attn.{proj}_proj.weight", g.randn(rows, H), to_file=to_file)
             if arch == "qwen2":
                 g.add(b + f"attn_{proj}.bias", p + f"self_attn.{proj}_proj.bias", g.randn(rows))
-        g.add(b + "attn_v.weight", p + "self_attn.v_proj.weight", g.randn(KV_HEADS * hd, H))
+        g.add(b + "attn_v.weight", p + "self_attn.v_proj.weight", g.randn(kv_heads * hd, H))
         if arch == "qwen2":
-            g.add(b + "attn_v.bias", p + "self_attn.v_proj.bias", g.randn(KV_HEADS * hd))
+            g.add(b + "attn_v.bias", p + "self_attn.v_proj.bias", g.randn(kv_heads * hd))
         g.add(b + "attn_output.weight", p + "self_attn.o_proj.weight", g.randn(H, H))
         g.add(b + "ffn_norm.weight", p + "post_attention_layernorm.weight", 1 + g.randn(H))
         g.add(b + "ffn_gate.weight", p + "mlp.gate_proj.weight", g.randn(FF, H))
@@ -333,8 +333,8 @@ def _llama_like(arch: str, tied: bool) -> tuple[RandomGGUF, dict]:
     if not tied:
         g.add("output.weight", "lm_head.weight", g.randn(VOCAB, H), Q.F16)
     meta = {f"{arch}.block_count": LAYERS, f"{arch}.context_length": CTX, f"{arch}.embedding_length": H,
-            f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": HEADS,
-            f"{arch}.attention.head_count_kv": KV_HEADS, f"{arch}.rope.freq_base": 5000.0,
+            f"{arch}.feed_forward_length": FF, f"{arch}.attention.head_count": heads,
+            f"{arch}.attention.head_count_kv": kv_heads, f"{arch}.rope.freq_base": 5000.0,
             f"{arch}.attention.layer_norm_rms_epsilon": 1e-5, f"{arch}.rope.dimension_count": hd,
             f"{arch}.vocab_size": VOCAB}
     if arch == "mistral":
@@ -369,7 +369,8 @@ def _gpt2() -> tuple[RandomGGUF, dict]:
     return g, meta
 
 
-def _reference(arch: str, decoded: dict[str, np.ndarray], tied: bool) -> torch.nn.Module:
+def _reference(arch: str, decoded: dict[str, np.ndarray], tied: bool, heads: int = HEADS, kv_heads: int = KV_HEADS,
+               **extra) -> torch.nn.Module:
     """The transformers model of `arch`, holding the weights exactly as gguf decodes them."""
     common = dict(vocab_size=VOCAB, tie_word_embeddings=tied, attn_implementation="eager")
     if arch == "gpt2":
@@ -379,9 +380,9 @@ def _reference(arch: str, decoded: dict[str, np.ndarray], tied: bool) -> torch.n
     else:
         cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
                "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
-        extra = {"sliding_window": 8} if arch == "mistral" else {}
+        extra.update({"sliding_window": 8} if arch == "mistral" else {})
         model = cls[1](cls[0](hidden_size=H, intermediate_size=FF, num_hidden_layers=LAYERS,
-                              num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=CTX,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=CTX,
                               rope_theta=5000.0, rms_norm_eps=1e-5, **extra, **common))
     missing, unexpected = model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
                                                  for k, v in decoded.items()}, strict=False)
@@ -405,6 +406,40 @@ def test_random_files_of_each_architecture_load_as_their_decoded_weights(arch, t
     assert (ours - theirs).abs().max().item() < 1e-5
     # A wrong row order or a swapped tensor moves logits by ~0.1 or more: the check has teeth.
     assert theirs.abs().max().item() > 0.1
+
+
+def test_llama3_rope_scaling_is_read_from_rope_freqs(tmp_path):
+    # Llama 3.1's rule with a short original context, so that a head of 32 dimensions has frequencies
+    # in all three bands (kept, divided by `factor`, blended).
+    rule = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    g, meta = _llama_like("llama", tied=True, heads=2, kv_heads=1)
+    head_dim, old = H // 2, rule["original_max_position_embeddings"]
+    divisors = []  # what llama.cpp's converter writes: the divisor of each rotary frequency
+    for freq in 1.0 / 5000.0 ** (np.arange(0, head_dim, 2) / head_dim):
+        wavelength = 2 * np.pi / freq
+        if wavelength < old / rule["high_freq_factor"]:
+            divisors.append(1.0)
+        elif wavelength > old / rule["low_freq_factor"]:
+            divisors.append(rule["factor"])
+        else:
+            smooth = (old / wavelength - rule["low_freq_factor"]) / (rule["high_freq_factor"] - rule["low_freq_factor"])
+            divisors.append(1 / ((1 - smooth) / rule["factor"] + smooth))
+    assert sum(1 < d < rule["factor"] for d in divisors) >= 2 and divisors[0] == 1 and divisors[-1] == 8
+    g.add("rope_freqs.weight", None, np.array(divisors, np.float32), Q.F32)
+    model = load_gguf(g.write(tmp_path / "llama3.gguf", meta), device="cpu", dtype=torch.float32)
+    assert model.config.rope_scaling == rule
+    reference = _reference("llama", g.decoded, True, heads=2, kv_heads=1, rope_scaling=rule)
+    ids = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB, size=(1, CTX)))
+    with torch.no_grad():  # fp32 reduction order only, as above
+        assert (model(ids) - reference(ids).logits).abs().max().item() < 1e-5
+
+
+def test_rope_freqs_off_the_llama3_rule_are_refused(tmp_path):
+    g, meta = _llama_like("llama", tied=True)
+    g.add("rope_freqs.weight", None, np.linspace(3.0, 1.0, H // HEADS // 2, dtype=np.float32), Q.F32)
+    with pytest.raises(EmberError, match="do not follow Llama 3's scaling rule"):
+        load_gguf(g.write(tmp_path / "odd.gguf", meta), device="cpu")
 
 
 def test_load_gguf_casts_to_the_dtype_asked_for(tmp_path):

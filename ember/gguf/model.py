@@ -9,10 +9,14 @@ llama.cpp's converter reorders the rows of the query and key projections of llam
 embedding rotates adjacent pairs (x0, x1), (x2, x3), … where Hugging Face and Ember rotate
 (x_i, x_{i+d/2}). Loading undoes that. `qwen2` files keep Hugging Face's row order (ggml runs
 them with the other, "NeoX", rotary layout) and `gpt2` has no rotary embedding.
+
+RoPE scaling: `{arch}.rope.scaling.type` linear, or Llama 3's, which llama.cpp stores not as
+parameters but as a divisor per frequency (`rope_freqs.weight`); the parameters are recovered from it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -24,7 +28,7 @@ from ember.config import ModelConfig
 from ember.device import pick_device, pick_dtype
 from ember.errors import EmberError
 from ember.gguf.reader import GGUFFile
-from ember.model import CausalLM
+from ember.model import CausalLM, rope_inv_freq
 
 # GGUF architecture -> Ember family. Files of any other architecture are refused by name.
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
@@ -104,9 +108,7 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
     if rope_dims != head_dim:
         raise EmberError(f"{f.path} rotates {rope_dims} of {head_dim} head dimensions ({key('rope.dimension_count')}); "
                          "Ember rotates whole heads only.")
-    if "rope_freqs.weight" in f.tensors:
-        raise EmberError(f"{f.path} carries per-frequency RoPE factors (rope_freqs.weight, Llama 3.1-style scaling); "
-                         "Ember does not load those from GGUF yet.")
+    theta = f.get(key("rope.freq_base"), float, 1e6 if family == "qwen2" else 10000.0)
     q_bias, o_bias, mlp_bias = (f"blk.0.{n}.bias" in f.tensors for n in ("attn_q", "attn_output", "ffn_up"))
     sliding = f.get(key("attention.sliding_window"), int) if family == "mistral" else None
     return ModelConfig(
@@ -115,8 +117,8 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
         head_dim=head_dim,
         norm_eps=f.require(key("attention.layer_norm_rms_epsilon"), float),
         hidden_act="silu",
-        rope_theta=f.get(key("rope.freq_base"), float, 1e6 if family == "qwen2" else 10000.0),
-        rope_scaling=_rope_scaling(f, key),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(f, key, head_dim, theta),
         attention_bias=family == "qwen2" or q_bias,
         o_proj_bias=family == "llama" and o_bias,
         mlp_bias=mlp_bias,
@@ -135,14 +137,61 @@ def _tied(f: GGUFFile) -> bool:
     return same_layout and np.array_equal(out.data, emb.data)
 
 
-def _rope_scaling(f: GGUFFile, key) -> dict[str, Any] | None:
+def _rope_scaling(f: GGUFFile, key, head_dim: int, theta: float) -> dict[str, Any] | None:
     kind = f.get(key("rope.scaling.type"), str, "none")
+    if "rope_freqs.weight" in f.tensors:
+        if kind not in ("none", "llama3"):
+            raise EmberError(f"{f.path} has both rope_freqs.weight and RoPE scaling {kind!r} "
+                             f"({key('rope.scaling.type')}); Ember reads one or the other.")
+        return _llama3_scaling(f, head_dim, theta)
     if kind == "none":
         return None
     if kind == "linear":
         return {"rope_type": "linear", "factor": f.require(key("rope.scaling.factor"), float)}
-    raise EmberError(f"{f.path} uses RoPE scaling {kind!r} ({key('rope.scaling.type')}); Ember supports none and "
-                     "linear from GGUF.")
+    raise EmberError(f"{f.path} uses RoPE scaling {kind!r} ({key('rope.scaling.type')}); Ember supports none, "
+                     "linear and Llama 3's (rope_freqs.weight) from GGUF.")
+
+
+def _llama3_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict[str, Any] | None:
+    """Llama 3's RoPE scaling from the per-frequency divisors llama.cpp's converter stores in rope_freqs.
+
+    The rule: frequencies with wavelength below old_ctx / high_freq_factor stay, those above
+    old_ctx / low_freq_factor are divided by `factor`, and in between 1/divisor blends 1/factor and 1
+    by s = (old_ctx / wavelength - low) / (high - low). s is linear in 1/wavelength, so the blended
+    divisors fix its slope and intercept, and with low_freq_factor = 1 (every Llama 3 release) they fix
+    high_freq_factor and old_ctx. The result is checked against every stored divisor."""
+    divisors = f.dequantize("rope_freqs.weight").astype(np.float64).reshape(-1)
+    if divisors.shape != (head_dim // 2,):
+        raise EmberError(f"{f.path} has rope_freqs.weight of {divisors.size} values; a head of {head_dim} "
+                         f"dimensions has {head_dim // 2} frequencies.")
+    if np.allclose(divisors, 1.0):
+        return None
+    factor = float(divisors.max())
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    blended = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
+    scaling = None
+    if blended.sum() >= 2:
+        s = (1 / divisors[blended] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_freq[blended] / (2 * math.pi), s, 1)  # s = A / wavelength - B
+        if intercept < 0 < slope:
+            high, old_ctx = 1 - 1 / intercept, -slope / intercept
+            scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+                       "high_freq_factor": _tidy(high), "original_max_position_embeddings": _tidy(old_ctx)}
+    if scaling is not None:
+        probe = ModelConfig(model_type="llama", hidden_size=head_dim, num_attention_heads=1, num_key_value_heads=1,
+                            rope_theta=theta, rope_scaling=scaling)
+        if np.allclose(rope_inv_freq(probe).double().numpy(), inv_freq / divisors, rtol=1e-5, atol=0):
+            return scaling
+    raise EmberError(f"{f.path} has RoPE divisors (rope_freqs.weight) that do not follow Llama 3's scaling rule, "
+                     "the only per-frequency scaling Ember reads.")
+
+
+def _tidy(x: float) -> float | int:
+    """A fitted value written as the round number it was made from, where it is one."""
+    for digits in (0, 1, 2, 3):
+        if abs(x - round(x, digits)) < 1e-5 * max(1.0, abs(x)):
+            return int(round(x)) if digits == 0 else round(x, digits)
+    return float(x)
 
 
 def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
@@ -167,8 +216,8 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     q_rows = cfg.num_attention_heads * cfg.head_dim
     for name in f.tensors:
-        if name == "output.weight" and cfg.tie_word_embeddings:
-            continue
+        if name == "output.weight" and cfg.tie_word_embeddings or name == "rope_freqs.weight":
+            continue  # rope_freqs became cfg.rope_scaling
         m = _LAYER_TENSOR.match(name)
         if m and m.group(2) == "attn_qkv":  # q, k, v stacked by rows (gpt2)
             i, _, kind = m.groups()
