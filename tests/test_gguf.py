@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 from tokenizers import Regex, pre_tokenizers
 from tokenizers import Tokenizer as Engine
 from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from ember.errors import EmberError
 from ember.generation import generate_ids
@@ -342,6 +343,35 @@ def _llama_like(arch: str, tied: bool, heads: int = HEADS, kv_heads: int = KV_HE
     return g, meta
 
 
+EXPERTS = 4
+
+
+def _mixtral() -> tuple[RandomGGUF, dict]:
+    """llama.cpp's Mixtral: architecture llama with expert_count; layer 0 holds each weight of all
+    experts in one [experts, out, in] tensor (current files), layer 1 one tensor per expert (older)."""
+    g, meta = _llama_like("llama", tied=False)
+    g.tensors = [t for t in g.tensors if not t[0].split(".")[-2].startswith(("ffn_gate", "ffn_up", "ffn_down"))]
+    g.decoded = {k: v for k, v in g.decoded.items() if ".mlp." not in k}
+    for i in range(LAYERS):
+        p, b = f"model.layers.{i}.", f"blk.{i}."
+        g.add(b + "ffn_gate_inp.weight", p + "mlp.gate.weight", g.randn(EXPERTS, H, scale=0.5), Q.F32)
+        decoded = {}
+        for name, shape in (("ffn_gate", (FF, H)), ("ffn_up", (FF, H)), ("ffn_down", (H, FF))):
+            if i == 0:
+                g.add(b + f"{name}_exps.weight", None, g.randn(EXPERTS, *shape))
+                decoded[name] = gguf.quants.dequantize(*g.tensors[-1][1:]).reshape(EXPERTS, *shape)
+            else:
+                for e in range(EXPERTS):
+                    g.add(b + f"{name}.{e}.weight", None, g.randn(*shape))
+                decoded[name] = np.stack([gguf.quants.dequantize(*g.tensors[-EXPERTS + e][1:]).reshape(shape)
+                                          for e in range(EXPERTS)])
+        # transformers 5 keeps all experts of a layer in two tensors: gate and up stacked, and down.
+        g.decoded[p + "mlp.experts.gate_up_proj"] = np.concatenate([decoded["ffn_gate"], decoded["ffn_up"]], axis=1)
+        g.decoded[p + "mlp.experts.down_proj"] = decoded["ffn_down"]
+    meta.update({"llama.expert_count": EXPERTS, "llama.expert_used_count": 2})
+    return g, meta
+
+
 def _gpt2() -> tuple[RandomGGUF, dict]:
     g = RandomGGUF("gpt2", seed=4)
     g.add("token_embd.weight", "transformer.wte.weight", g.randn(VOCAB, H, scale=0.5), Q.Q8_0)
@@ -379,7 +409,9 @@ def _reference(arch: str, decoded: dict[str, np.ndarray], tied: bool, heads: int
                                            resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **common))
     else:
         cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "mixtral": (MixtralConfig, MixtralForCausalLM)}[arch]
+        if arch == "mixtral":
+            extra.update(num_local_experts=EXPERTS, num_experts_per_tok=2)
         extra.update({"sliding_window": 8} if arch == "mistral" else {})
         model = cls[1](cls[0](hidden_size=H, intermediate_size=FF, num_hidden_layers=LAYERS,
                               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=CTX,
@@ -390,9 +422,10 @@ def _reference(arch: str, decoded: dict[str, np.ndarray], tied: bool, heads: int
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", True), ("mistral", False), ("qwen2", False), ("gpt2", True)])
+@pytest.mark.parametrize("arch,tied", [("llama", True), ("mistral", False), ("qwen2", False), ("gpt2", True),
+                                       ("mixtral", False)])
 def test_random_files_of_each_architecture_load_as_their_decoded_weights(arch, tied, tmp_path):
-    g, meta = _gpt2() if arch == "gpt2" else _llama_like(arch, tied)
+    g, meta = {"gpt2": _gpt2, "mixtral": _mixtral}.get(arch, lambda: _llama_like(arch, tied))()
     path = g.write(tmp_path / f"{arch}.gguf", meta)
     kinds = {kind for _, _, kind in g.tensors}
     assert {Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1} <= kinds

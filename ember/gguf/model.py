@@ -1,7 +1,8 @@
 """A GGUF model file -> `ModelConfig` + Ember state dict -> `CausalLM`.
 
 Metadata keys are `{arch}.…` (llama.cpp's names); tensors are `token_embd`, `blk.N.attn_q`, …,
-`output_norm`, `output`. Every tensor is decoded to float32 with the gguf package's own
+`output_norm`, `output`, and for Mixtral `ffn_gate_inp` (the router) with the experts' weights either
+stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). Every tensor is decoded to float32 with the gguf package's own
 dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for.
 
 llama.cpp's converter reorders the rows of the query and key projections of llama-family models
@@ -30,7 +31,8 @@ from ember.errors import EmberError
 from ember.gguf.reader import GGUFFile
 from ember.model import CausalLM, rope_inv_freq
 
-# GGUF architecture -> Ember family. Files of any other architecture are refused by name.
+# GGUF architecture -> Ember family (a llama file with {arch}.expert_count is Mixtral). Files of any
+# other architecture are refused by name.
 ARCHITECTURES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "gpt2"}
 # Architectures whose q/k rows llama.cpp's converter permuted for ggml's adjacent-pair rotary layout.
 PERMUTED_QK = ("llama", "mistral")
@@ -52,7 +54,9 @@ _TOP_NAMES = {
     "output_norm": "model.norm",
     "output": "lm_head",
 }
+_EXPERT_NAMES = {"ffn_gate": "w1", "ffn_down": "w2", "ffn_up": "w3"}  # Mixtral's names in Ember
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_EXPERT_TENSOR = re.compile(r"blk\.(\d+)\.(ffn_gate|ffn_down|ffn_up)\.(\d+)\.weight$")  # older files: one per expert
 
 
 def architecture(f: GGUFFile) -> str:
@@ -68,9 +72,10 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
     arch = architecture(f)
     family = ARCHITECTURES[arch]
     key = f"{arch}.{{}}".format
-    if f.get(key("expert_count"), int, 0):
-        raise EmberError(f"{f.path} is a mixture-of-experts model ({key('expert_count')}); Ember does not load "
-                         "those from GGUF yet.")
+    experts = f.get(key("expert_count"), int, 0)
+    if experts and family != "llama":
+        raise EmberError(f"{f.path} is a {arch} mixture of experts ({key('expert_count')}); Ember loads "
+                         "mixtures of experts of architecture llama (Mixtral) only.")
     if "token_embd.weight" not in f.tensors:
         raise EmberError(f"{f.path} has no token_embd.weight tensor, so it holds no model weights.")
     hidden = f.require(key("embedding_length"), int)
@@ -84,7 +89,7 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
         raise EmberError(f"{f.path} says {key('vocab_size')} = {f.require(key('vocab_size'), int)} but its "
                          f"token_embd.weight has {vocab} rows.")
     common: dict[str, Any] = dict(
-        model_type=family,
+        model_type="mixtral" if experts else family,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=f.require(key("feed_forward_length"), int),
@@ -123,6 +128,8 @@ def gguf_config(f: GGUFFile) -> ModelConfig:
         o_proj_bias=family == "llama" and o_bias,
         mlp_bias=mlp_bias,
         sliding_window=sliding or None,
+        num_local_experts=experts,
+        num_experts_per_tok=f.require(key("expert_used_count"), int) if experts else 2,
     )
 
 
@@ -200,11 +207,17 @@ def unpermute_qk(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def ember_name(gguf_name: str) -> str | None:
-    """Ember's name for a GGUF tensor name (gpt2's fused attn_qkv is split by the caller), or None."""
+def ember_name(gguf_name: str, moe: bool = False) -> str | None:
+    """Ember's name for a GGUF tensor name, or None (fused tensors are split by the caller)."""
+    m = _EXPERT_TENSOR.match(gguf_name)
+    if m and moe:
+        i, part, e = m.groups()
+        return f"model.layers.{i}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[part]}.weight"
     m = _LAYER_TENSOR.match(gguf_name)
     if m:
         i, part, kind = m.groups()
+        if moe and part == "ffn_gate_inp":
+            return f"model.layers.{i}.block_sparse_moe.gate.{kind}"
         return f"model.layers.{i}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
     stem, _, kind = gguf_name.rpartition(".")
     return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES and kind in ("weight", "bias") else None
@@ -228,7 +241,12 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                     part = unpermute_qk(part, cfg.num_attention_heads if proj == "q" else cfg.num_key_value_heads)
                 sd[f"model.layers.{i}.self_attn.{proj}_proj.{kind}"] = torch.from_numpy(np.ascontiguousarray(part))
             continue
-        target = ember_name(name)
+        if m and m.group(2).removesuffix("_exps") in _EXPERT_NAMES and m.group(2).endswith("_exps"):
+            i, part = m.group(1), m.group(2).removesuffix("_exps")  # [experts, out, in], all experts in one
+            for e, w in enumerate(f.dequantize(name)):
+                sd[f"model.layers.{i}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[part]}.weight"] = torch.from_numpy(w)
+            continue
+        target = ember_name(name, moe=cfg.num_local_experts > 0)
         if target is None:
             raise EmberError(f"{f.path} has a tensor {name} that an Ember {cfg.model_type} model has no place for.")
         w = f.dequantize(name)
