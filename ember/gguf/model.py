@@ -1,9 +1,10 @@
 """A GGUF model file -> `ModelConfig` + Ember state dict -> `CausalLM`.
 
 Metadata keys are `{arch}.…` (llama.cpp's names); tensors are `token_embd`, `blk.N.attn_q`, …,
-`output_norm`, `output`, and for Mixtral `ffn_gate_inp` (the router) with the experts' weights either
-stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). Every tensor is decoded to float32 with the gguf package's own
-dequantization (F32, F16, BF16, Q8_0, Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for.
+`output_norm`, `output`, and for Mixtral `ffn_gate_inp` (the router) with the experts' weights
+either stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). Every
+tensor is decoded to float32 with the gguf package's own dequantization (F32, F16, BF16, Q8_0,
+Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for.
 
 llama.cpp's converter reorders the rows of the query and key projections of llama-family models
 (`llama`, `mistral`): within each head it interleaves the two rotary halves, because ggml's rotary
