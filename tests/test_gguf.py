@@ -10,7 +10,6 @@ Three kinds of evidence, none of them produced by the code under test:
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import struct
 import unicodedata
@@ -72,7 +71,7 @@ def hf_smollm(smollm):
 
 
 def test_smollm_config_is_the_published_shape(smollm):
-    # The model card's figures: 30 layers of 576, 9 query / 3 KV heads, tied embeddings, 49,152 tokens.
+    # SmolLM2-135M's published config: 30 layers of 576, 9 query / 3 KV heads, tied embeddings, 49,152 tokens.
     cfg = smollm[1].config
     assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
@@ -97,8 +96,9 @@ def test_smollm_greedy_tokens_and_logits_match_transformers(smollm, hf_smollm):
     # 64 steps: so its own greedy decoding from the prompt would produce exactly these 64 tokens.
     start = len(prompt) - 1
     assert theirs[start:-1].argmax(-1).tolist() == new
-    # Both decode the same Q4_1/Q8_0 blocks to the same fp32 weights, so the logits differ only by
-    # fp32 rounding in different reduction orders across 30 layers, far below 1e-4 on logits of size ~10.
+    # Both decode the same Q4_1/Q8_0 blocks to the same fp32 weights, so the logits may differ only by
+    # fp32 rounding in different reduction orders over 30 layers: 1e-4 (1e-5 of logits of order 10)
+    # leaves room for that and for nothing else (one misplaced weight block moves them by far more).
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
@@ -581,9 +581,8 @@ def test_unknown_tokenizer_model_and_pre_tokenizer_are_named(tmp_path):
     assert tok.encode("abab") == [5, 5] and tok.special_tokens == {"<s>": 1, "</s>": 2}
 
 
-def test_cli_style_failure_is_one_sentence(tmp_path):
+def test_missing_file_is_one_sentence(tmp_path):
     missing = tmp_path / "nope.gguf"
     with pytest.raises(EmberError) as err:
         load_gguf(missing)
     assert str(err.value) == f"GGUF file {missing} does not exist."
-    assert json.dumps(str(err.value)).count(". ") == 0
