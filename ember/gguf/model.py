@@ -224,36 +224,43 @@ def ember_name(gguf_name: str, moe: bool = False) -> str | None:
     return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES and kind in ("weight", "bias") else None
 
 
-def gguf_state_dict(f: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Every tensor of `f`, decoded to float32, in Ember's names and layouts."""
+def gguf_state_dict(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of `f` in Ember's names and layouts, decoded to float32 and then cast to `dtype` on
+    `device` one tensor at a time (so no float32 copy of the whole model is ever held)."""
     arch = architecture(f)
     sd: dict[str, torch.Tensor] = {}
+
+    def put(target: str, w: np.ndarray) -> None:
+        sd[target] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
+
+    def rope_rows(w: np.ndarray, proj: str) -> np.ndarray:
+        if arch not in PERMUTED_QK or proj not in ("attn_q", "attn_k"):
+            return w
+        return unpermute_qk(w, cfg.num_attention_heads if proj == "attn_q" else cfg.num_key_value_heads)
+
     q_rows = cfg.num_attention_heads * cfg.head_dim
+    kv_rows = cfg.num_key_value_heads * cfg.head_dim
     for name in f.tensors:
         if name == "output.weight" and cfg.tie_word_embeddings or name == "rope_freqs.weight":
             continue  # rope_freqs became cfg.rope_scaling
         m = _LAYER_TENSOR.match(name)
-        if m and m.group(2) == "attn_qkv":  # q, k, v stacked by rows (gpt2)
+        part = m.group(2) if m else None
+        if part == "attn_qkv":  # q, k, v stacked by rows (gpt2)
             i, _, kind = m.groups()
-            w = f.dequantize(name)
-            kv_rows = cfg.num_key_value_heads * cfg.head_dim
-            for proj, part in zip("qkv", np.split(w, [q_rows, q_rows + kv_rows])):
-                if arch in PERMUTED_QK and proj != "v":
-                    part = unpermute_qk(part, cfg.num_attention_heads if proj == "q" else cfg.num_key_value_heads)
-                sd[f"model.layers.{i}.self_attn.{proj}_proj.{kind}"] = torch.from_numpy(np.ascontiguousarray(part))
-            continue
-        if m and m.group(2).removesuffix("_exps") in _EXPERT_NAMES and m.group(2).endswith("_exps"):
-            i, part = m.group(1), m.group(2).removesuffix("_exps")  # [experts, out, in], all experts in one
+            for proj, w in zip("qkv", np.split(f.dequantize(name), [q_rows, q_rows + kv_rows])):
+                put(f"model.layers.{i}.self_attn.{proj}_proj.{kind}", rope_rows(w, f"attn_{proj}"))
+        elif part and part.endswith("_exps") and part.removesuffix("_exps") in _EXPERT_NAMES:
+            # [experts, out, in]: one weight of every expert of a layer
             for e, w in enumerate(f.dequantize(name)):
-                sd[f"model.layers.{i}.block_sparse_moe.experts.{e}.{_EXPERT_NAMES[part]}.weight"] = torch.from_numpy(w)
-            continue
-        target = ember_name(name, moe=cfg.num_local_experts > 0)
-        if target is None:
-            raise EmberError(f"{f.path} has a tensor {name} that an Ember {cfg.model_type} model has no place for.")
-        w = f.dequantize(name)
-        if arch in PERMUTED_QK and m and m.group(2) in ("attn_q", "attn_k"):
-            w = unpermute_qk(w, cfg.num_attention_heads if m.group(2) == "attn_q" else cfg.num_key_value_heads)
-        sd[target] = torch.from_numpy(np.ascontiguousarray(w))
+                put(f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e}."
+                    f"{_EXPERT_NAMES[part.removesuffix('_exps')]}.weight", w)
+        else:
+            target = ember_name(name, moe=cfg.num_local_experts > 0)
+            if target is None:
+                raise EmberError(f"{f.path} has a tensor {name} that an Ember {cfg.model_type} model has no place "
+                                 "for.")
+            put(target, rope_rows(f.dequantize(name), part or ""))
     return sd
 
 
@@ -268,7 +275,7 @@ def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | N
     dtype = pick_dtype(device, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    sd = gguf_state_dict(f, cfg)
+    sd = gguf_state_dict(f, cfg, dtype, device)
     own = model.state_dict()
     expected = set(own) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
     missing = sorted(expected - sd.keys())
@@ -281,8 +288,7 @@ def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | N
         if tuple(v.shape) != tuple(own[k].shape):
             raise EmberError(f"Tensor for {k} in {f.path} has shape {tuple(v.shape)}; the metadata implies "
                              f"{tuple(own[k].shape)}.")
-    model.to_empty(device=device)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
+    model.load_state_dict(sd, strict=False, assign=True)  # the decoded tensors become the parameters
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.reset_buffers()
