@@ -225,6 +225,35 @@ def test_vocab_files_tokenize_as_llamacpp_does(name, tmp_path):
         assert reopened.encode("Hello")[0] == tok.bos_id
 
 
+@pytest.fixture(scope="module")
+def llama_spm_pair():
+    """Ember's tokenizer of llama.cpp's Llama-2 vocabulary file, and Phi-3-mini's tokenizer.json (the same
+    32,000-token SentencePiece vocabulary, with the merges SentencePiece's own conversion produced;
+    ../shared/data/SOURCES.md records that it reproduces llama.cpp's llama-spm ids)."""
+    path = _needs(VOCAB_TESTS / "ggml-vocab-llama-spm.gguf", "llama.cpp's vocabulary file ggml-vocab-llama-spm.gguf")
+    reference = _needs(SHARED / "tokenizers" / "hf" / "phi-3-mini" / "tokenizer.json", "Phi-3-mini's tokenizer.json")
+    return gguf_tokenizer(path), Engine.from_file(str(reference))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
+def test_sentencepiece_merges_from_scores_split_any_text_as_the_real_merges(llama_spm_pair, text):
+    # The GGUF stores scores, not merges; the merges Ember ranks by score must cut text as the real ones do.
+    # (Phi-3 matches "</s>" written in text as a token of its own, so such text is left out.)
+    tok, reference = llama_spm_pair
+    if all(special not in text for special in ("<s>", "</s>", "<unk>")):
+        assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
+
+
+def test_sentencepiece_tokenizer_on_long_prose(llama_spm_pair):
+    tok, reference = llama_spm_pair
+    for name in ("taylorswift.txt", "german.txt", "address.txt"):
+        for line in (SHARED / "tokenizers" / "fixtures" / name).read_text(encoding="utf-8").splitlines():
+            ids = tok.encode(line)
+            assert ids == reference.encode(line, add_special_tokens=False).ids, repr(line)
+            assert tok.decode(ids) == line
+
+
 # --- small random files of each architecture, laid out as llama.cpp's converter does ---------------
 TYPES = [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.BF16]
 H, FF, LAYERS, HEADS, KV_HEADS, VOCAB, CTX = 64, 256, 2, 4, 2, 96, 64
