@@ -225,28 +225,34 @@ def test_vocab_files_tokenize_as_llamacpp_does(name, tmp_path):
         assert reopened.encode("Hello")[0] == tok.bos_id
 
 
-@pytest.fixture(scope="module")
-def llama_spm_pair():
-    """Ember's tokenizer of llama.cpp's Llama-2 vocabulary file, and Phi-3-mini's tokenizer.json (the same
-    32,000-token SentencePiece vocabulary, with the merges SentencePiece's own conversion produced;
-    ../shared/data/SOURCES.md records that it reproduces llama.cpp's llama-spm ids)."""
-    path = _needs(VOCAB_TESTS / "ggml-vocab-llama-spm.gguf", "llama.cpp's vocabulary file ggml-vocab-llama-spm.gguf")
-    reference = _needs(SHARED / "tokenizers" / "hf" / "phi-3-mini" / "tokenizer.json", "Phi-3-mini's tokenizer.json")
+# llama.cpp's vocabulary files beside a tokenizer.json of the same vocabulary made by other tools
+# (../shared/data/SOURCES.md records that each reproduces llama.cpp's ids for that vocabulary):
+# GPT-2's own, and Phi-3-mini's, whose 32,000 SentencePiece tokens are Llama 2's.
+SAME_VOCABULARY = {"gpt-2": "gpt2", "llama-spm": "phi-3-mini"}
+
+
+@pytest.fixture(scope="module", params=sorted(SAME_VOCABULARY))
+def vocabulary_pair(request):
+    name = request.param
+    path = _needs(VOCAB_TESTS / f"ggml-vocab-{name}.gguf", f"llama.cpp's vocabulary file ggml-vocab-{name}.gguf")
+    reference = SHARED / "tokenizers" / "hf" / SAME_VOCABULARY[name] / "tokenizer.json"
+    reference = _needs(reference, f"the tokenizer.json of {SAME_VOCABULARY[name]}")
     return gguf_tokenizer(path), Engine.from_file(str(reference))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60))
-def test_sentencepiece_merges_from_scores_split_any_text_as_the_real_merges(llama_spm_pair, text):
-    # The GGUF stores scores, not merges; the merges Ember ranks by score must cut text as the real ones do.
-    # (Phi-3 matches "</s>" written in text as a token of its own, so such text is left out.)
-    tok, reference = llama_spm_pair
-    if all(special not in text for special in ("<s>", "</s>", "<unk>")):
+def test_vocabulary_files_split_any_text_as_the_same_vocabulary_elsewhere(vocabulary_pair, text):
+    # For llama-spm this is the check on the merges Ember ranks by score (the file stores no merges)
+    # against the ones SentencePiece's conversion produced. Text naming a special token is left out:
+    # the references match some of them in plain text ("</s>" for Phi-3).
+    tok, reference = vocabulary_pair
+    if not any(special in text for special in ("<s>", "</s>", "<unk>", "<|endoftext|>")):
         assert tok.encode(text) == reference.encode(text, add_special_tokens=False).ids
 
 
-def test_sentencepiece_tokenizer_on_long_prose(llama_spm_pair):
-    tok, reference = llama_spm_pair
+def test_vocabulary_files_on_long_prose(vocabulary_pair):
+    tok, reference = vocabulary_pair
     for name in ("taylorswift.txt", "german.txt", "address.txt"):
         for line in (SHARED / "tokenizers" / "fixtures" / name).read_text(encoding="utf-8").splitlines():
             ids = tok.encode(line)
