@@ -590,9 +590,9 @@ def test_linear_rope_scaling_is_read(tmp_path):
 
 def _vocab_file(tmp_path: Path, **fields) -> Path:
     w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
-    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab"]
+    tokens = ["<unk>", "<s>", "</s>", "a", "b", "ab", "c", "abc"]  # no merge makes "abc"
     w.add_token_list(tokens)
-    w.add_token_types([2, 3, 3, 1, 1, 1])
+    w.add_token_types([2, 3, 3, 1, 1, 1, 1, 1])
     w.add_token_merges(["a b"])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
@@ -614,6 +614,14 @@ def test_unknown_tokenizer_model_and_pre_tokenizer_are_named(tmp_path):
         gguf_tokenizer(_vocab_file(tmp_path))
     tok = gguf_tokenizer(_vocab_file(tmp_path, **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2"}))
     assert tok.encode("abab") == [5, 5] and tok.special_tokens == {"<s>": 1, "</s>": 2}
+    assert tok.encode("abc") == [5, 6] and not tok.add_bos_token
+
+
+def test_llama3_vocabularies_take_whole_words_and_add_bos(tmp_path):
+    # llama.cpp's rule for pre-tokenizer llama-bpe: a word that is a token is not re-merged, and BOS is on.
+    tok = gguf_tokenizer(_vocab_file(tmp_path, **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe"}))
+    assert tok.encode("abc") == [7] and tok.encode("abab") == [5, 5]
+    assert tok.add_bos_token and tok.bos_id == 1
 
 
 def test_missing_file_is_one_sentence(tmp_path):

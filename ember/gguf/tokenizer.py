@@ -48,12 +48,16 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
     "command-r": (r"\p{N}", _GPT2),
     "llama-bpe": (_LLAMA3,),
     "llama3": (_LLAMA3,),
+    "llama-v3": (_LLAMA3,),
     "dbrx": (_LLAMA3,),
     "smaug-bpe": (_LLAMA3,),
     "qwen2": (_QWEN2,),
     "stablelm2": (_QWEN2,),
     "deepseek-r1-qwen": (_QWEN2,),
 }
+# Llama 3's vocabularies: a word that is a token is that token, whatever the merges would make of it,
+# and BOS is added unless the file says otherwise (llama.cpp's defaults for these names).
+WHOLE_WORDS = ("llama-bpe", "llama3", "llama-v3")
 SPACE = "\u2581"  # SentencePiece's visible space
 
 
@@ -67,7 +71,7 @@ def gguf_tokenizer(path: str | os.PathLike | GGUFFile) -> Tokenizer:
         raise EmberError(f"{f.path} has {len(types)} entries in tokenizer.ggml.token_type for {len(tokens)} tokens.")
     if kind == "gpt2":
         engine = _byte_level(f, tokens)
-        add_bos_default = False
+        add_bos_default = f.get("tokenizer.ggml.pre", str, "default") in WHOLE_WORDS
     elif kind == "llama":
         engine = _sentencepiece(f, tokens, types)
         add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
@@ -113,7 +117,7 @@ def _byte_level(f: GGUFFile, tokens: list[str]) -> Engine:
             raise EmberError(f"{f.path} has a merge {m!r} in tokenizer.ggml.merges that is not two tokens.")
         pairs.append((left, right))
     vocab = {t: i for i, t in enumerate(tokens)}
-    engine = Engine(models.BPE(vocab=vocab, merges=pairs, ignore_merges=False))
+    engine = Engine(models.BPE(vocab=vocab, merges=pairs, ignore_merges=pre in WHOLE_WORDS))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_SPLITS[pre]]
     engine.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
