@@ -18,7 +18,7 @@ _EXPORTS = {
     "load_model": "ember.load", "save_pretrained": "ember.checkpoint",
     "ModelConfig": "ember.config", "preset": "ember.config", "EmberError": "ember.errors",
     "generate": "ember.generation", "CausalLM": "ember.model", "Tokenizer": "ember.tokenizer",
-    "load_tokenizer": "ember.tokenizer", "LLM": "ember.engine", "SamplingParams": "ember.sampling",
+    "load_tokenizer": "ember.load", "LLM": "ember.engine", "SamplingParams": "ember.sampling",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -195,7 +195,7 @@ def _pretrain_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout)")
+    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; its blocks decoded to float)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -208,14 +208,14 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout, with a chat template)")
+    p.add_argument("--model", required=True, help="model directory (HF layout, with a chat template) or a .gguf file (llama.cpp's format; its blocks decoded to float)")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
     _add_device(p)
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout)")
+    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; its blocks decoded to float)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
@@ -274,7 +274,7 @@ def _capped(texts, max_bytes: int | None):
 
 
 def cmd_tokens(a: argparse.Namespace) -> None:
-    from ember.tokenizer import load_tokenizer
+    from ember.load import load_tokenizer
 
     info = load_tokenizer(a.tokenizer).describe(a.text)
     print(" | ".join(repr(p)[1:-1] for p in info["pieces"]))
@@ -284,7 +284,7 @@ def cmd_tokens(a: argparse.Namespace) -> None:
 
 def cmd_data_prepare(a: argparse.Namespace) -> None:
     from ember.data import describe_split, prepare_shards
-    from ember.tokenizer import load_tokenizer
+    from ember.load import load_tokenizer
 
     meta = prepare_shards(a.input, load_tokenizer(a.tokenizer), a.out, val_fraction=a.val_fraction)
     print(f"Wrote {a.out}: {describe_split(meta)}")
@@ -329,10 +329,9 @@ def _sampling_kwargs(a: argparse.Namespace) -> dict:
 def cmd_generate(a: argparse.Namespace) -> None:
     from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
-    from ember.load import load_model
+    from ember.load import load_model, load_tokenizer
     from ember.sampling import SamplingParams
     from ember.settings import values
-    from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     model = prepare_for_inference(model.eval())
@@ -355,10 +354,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_chat(a: argparse.Namespace) -> None:
     from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
-    from ember.load import load_model
+    from ember.load import load_model, load_tokenizer
     from ember.sampling import SamplingParams
     from ember.settings import values
-    from ember.tokenizer import load_tokenizer
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     model = prepare_for_inference(model.eval())

@@ -1,4 +1,4 @@
-"""Loading a model for use: checkpoint → adapter → quantization, composed in that order.
+"""Loading a model for use: checkpoint (or GGUF file) → adapter → quantization, composed in that order.
 
     model = load_model("runs/sft/model")                               # the weights as saved
     model = load_model("base", adapter="runs/lora/adapter")             # a LoRA adapter merged in
@@ -7,7 +7,8 @@
 
 Each step is one module's job: `ember.checkpoint` reads the plain HF-layout directory, `ember.lora`
 merges the adapter into full-precision weights, `ember.quant` quantizes (or `ember.quant.io` rebuilds a
-directory that was saved quantized). Import `load_model` from here.
+directory that was saved quantized). A `.gguf` file (llama.cpp's format) loads through `ember.gguf`, its
+tensors decoded to float. Import `load_model` and `load_tokenizer` from here.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from ember.checkpoint import load_config, load_pretrained
 from ember.device import pick_device, pick_dtype
 from ember.errors import EmberError
 from ember.files import read_json
+from ember.gguf import gguf_tokenizer, load_gguf, open_gguf
 from ember.lora import load_adapter, merge_and_unload
 from ember.model import CausalLM
 from ember.quant.api import check_method, quantize_model
 from ember.quant.calibration import stdlib_calibration
 from ember.quant.io import load_quantized
-from ember.tokenizer import load_tokenizer
+from ember.tokenizer import Tokenizer
+from ember.tokenizer import load_tokenizer as load_tokenizer_dir
 
 Calibration = Tensor | Sequence[Sequence[int]] | Sequence[str]
 
@@ -35,7 +38,7 @@ Calibration = Tensor | Sequence[Sequence[int]] | Sequence[str]
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                adapter: str | Path | None = None, quantization: str | None = None,
                calibration: Calibration | None = None) -> CausalLM:
-    """Load an Ember- or transformers-saved directory into a `CausalLM` in eval mode.
+    """Load an Ember- or transformers-saved directory, or a GGUF file, into a `CausalLM` in eval mode.
 
     `adapter`: a LoRA adapter directory (PEFT format) merged into the base weights, so the result runs at
     the base's speed everywhere (generation, engine, server). `quantization` (int8, int4, nf4, smoothquant,
@@ -44,13 +47,17 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     `calibration`: SmoothQuant's sample (token ids [n, T], lists of ids, or texts, which the directory's
     tokenizer encodes); without it SmoothQuant calibrates on the standard-library corpus."""
     path = Path(path)
-    cfg = load_config(path)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     dtype = pick_dtype(device, dtype)
     if quantization is not None:
         check_method(quantization)
     if calibration is not None and quantization != "smoothquant":
         raise EmberError("calibration= is SmoothQuant's sample; pass it with quantization='smoothquant'.")
+    if is_gguf(path):
+        plain = adapter is None and quantization is None
+        model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32)
+        return model if plain else _adapt_and_quantize(model, path, adapter, quantization, calibration, dtype)
+    cfg = load_config(path)
     qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
     if qcfg is not None:
         if adapter is not None:
@@ -64,7 +71,13 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     if adapter is None and quantization is None:
         return load_pretrained(path, device, dtype)
     # Merging and quantizing both start from float32 weights; the result is cast to `dtype` at the end.
-    model = load_pretrained(path, device, torch.float32)
+    return _adapt_and_quantize(load_pretrained(path, device, torch.float32), path, adapter, quantization,
+                               calibration, dtype)
+
+
+def _adapt_and_quantize(model: CausalLM, path: Path, adapter: str | Path | None, quantization: str | None,
+                        calibration: Calibration | None, dtype: torch.dtype) -> CausalLM:
+    """The steps after the weights: merge the adapter, quantize, cast to `dtype`."""
     if adapter is not None:
         model = merge_and_unload(load_adapter(model, adapter)).eval()
     if quantization is not None:
@@ -79,3 +92,21 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
 
 def _holds_text(calibration: Calibration) -> bool:
     return not isinstance(calibration, Tensor) and len(calibration) > 0 and isinstance(calibration[0], str)
+
+
+def is_gguf(path: str | Path) -> bool:
+    """Whether `path` names a GGUF file (a `.gguf` name, or the magic number whatever the name) rather
+    than a directory; a missing or malformed `.gguf` file then gets the GGUF reader's own error."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        return True
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a model directory (`tokenizer.json` + `tokenizer_config.json`) or of a GGUF file
+    (its `tokenizer.ggml.*` fields and chat template)."""
+    return gguf_tokenizer(open_gguf(path)) if is_gguf(path) else load_tokenizer_dir(path)

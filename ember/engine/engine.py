@@ -32,11 +32,10 @@ from ember.engine.paged_cache import KVPool
 from ember.engine.sequence import Sequence, SpecState
 from ember.engine.speculative import DraftProposer, NgramProposer, can_speculate
 from ember.errors import EmberError
-from ember.load import load_model
+from ember.load import is_gguf, load_model, load_tokenizer
 from ember.model import CausalLM
 from ember.request import check_prompt_ids, stop_token_ids
 from ember.sampling import PenaltyTracker, SamplingParams, seeded_generator
-from ember.tokenizer import load_tokenizer
 
 __all__ = ["LLM", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics", "parse_bytes"]
 
@@ -93,7 +92,7 @@ class LLM:
             self.model = prepare_for_inference(load_model(model, device=device, dtype=dtype,
                                                           quantization=quantization, adapter=adapter).eval())
             # A directory without tokenizer files still serves token-id prompts.
-            has_tokenizer = (Path(model) / "tokenizer.json").exists()
+            has_tokenizer = is_gguf(model) or (Path(model) / "tokenizer.json").exists()
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
         mcfg = self.model.config
         weight = self.model.model.embed_tokens.weight  # device and dtype (the head may be quantized)

@@ -18,8 +18,7 @@ import torch
 
 from ember.engine import LLM, SamplingParams
 from ember.errors import EmberError
-from ember.load import load_model
-from ember.tokenizer import load_tokenizer
+from ember.load import is_gguf, load_model, load_tokenizer
 
 
 @dataclass
@@ -250,6 +249,6 @@ def open_lm(model: str | None = None, endpoint: str | None = None, **kwargs: Any
         raise EmberError("Give exactly one of --model DIR or --endpoint URL.")
     if endpoint is not None:
         return EndpointLM(endpoint, model=kwargs.get("served_model"), api_key=kwargs.get("api_key"))
-    if not (Path(model) / "config.json").exists():
+    if not is_gguf(model) and not (Path(model) / "config.json").exists():
         raise EmberError(f"No model at {model} (config.json is missing).")
     return LocalLM(Path(model), device=kwargs.get("device"), dtype=kwargs.get("dtype"))

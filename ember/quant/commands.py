@@ -15,7 +15,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
         "per output channel. int4: weight-only, group-wise with scales and zero points. nf4: QLoRA's 4-bit "
         "NormalFloat with double-quantized block scales. smoothquant: int8 weights and per-token int8 "
         "activations after SmoothQuant's calibrated migration (w8a8: the same without smoothing).")
-    p.add_argument("--model", required=True, help="model directory (HF layout)")
+    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; its blocks decoded to float)")
     p.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_NAMES)}")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size: 32, 64, 128 (default) or 256")
@@ -38,12 +38,11 @@ def _mib(n: int) -> str:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from ember.load import load_model
+    from ember.load import load_model, load_tokenizer
     from ember.errors import EmberError
     from ember.quant.api import check_method, quantize_model, target_linears, weight_bytes
     from ember.quant.calibration import file_calibration, stdlib_calibration
     from ember.quant.io import save_quantized
-    from ember.tokenizer import load_tokenizer
 
     check_method(a.method)
     if a.calibration_samples < 1:

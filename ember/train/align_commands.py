@@ -179,8 +179,7 @@ def cmd_constitutional(a: argparse.Namespace) -> None:
         chat = EndpointChat(a.endpoint, model=a.served_model, api_key=a.api_key or os.environ.get("OPENAI_API_KEY"),
                             max_tokens=a.max_tokens, temperature=a.temperature)
     else:
-        from ember.load import load_model
-        from ember.tokenizer import load_tokenizer
+        from ember.load import load_model, load_tokenizer
 
         chat = LocalChat(load_model(a.model, device=a.device), load_tokenizer(a.model), max_tokens=a.max_tokens,
                          temperature=a.temperature, seed=a.seed)
