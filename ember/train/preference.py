@@ -110,9 +110,7 @@ def _to_turn_end(ids: list[int], mask: list[bool]) -> tuple[list[int], list[bool
     """Score a reply through what the chat template writes after its end-of-turn token (the
     newline that closes a ChatML turn), as TRL's DPOTrainer does. Without those tokens DPO
     can widen the margin only through the reply itself, and on a small chat model it then
-    pushes rejected replies down until the text breaks: measured in benchmarks/align.py, the
-    greedy share of concise replies after DPO was 15% without them and 100% with them, TRL's
-    figure on the same data."""
+    pushes rejected replies down until the text breaks (benchmarks/align.py measures both)."""
     if any(mask):
         last = max(i for i, m in enumerate(mask) if m)
         mask = list(mask[:last + 1]) + [True] * (len(mask) - last - 1)
