@@ -51,7 +51,8 @@ def child(tree: Path, case: str, model_dir: Path, args: argparse.Namespace) -> d
     env = {**os.environ, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, str(CHILD), "--side", "before" if tree != REPO else "after", "--case", case,
            "--model", str(model_dir), "--prompt-tokens", str(args.prompt_tokens),
-           "--new-tokens", str(args.new_tokens), "--requests", str(args.requests), "--seed", str(args.seed)]
+           "--new-tokens", str(args.new_tokens), "--requests", str(args.requests), "--seed", str(args.seed),
+           "--warmup-tokens", str(args.warmup_tokens)]
     proc = subprocess.run(cmd, env=env, cwd=tempfile.gettempdir(), capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{case} with {tree} failed:\n{proc.stderr[-4000:]}")
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192, help="the model's vocabulary size")
     ap.add_argument("--prompt-tokens", type=int, default=64, help="decode cases' prompt length")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode and speculative cases' new tokens")
+    ap.add_argument("--warmup-tokens", type=int, default=16,
+                    help="decode cases' warm-up prompt length, 0 for the whole prompt (as benchmarks/quant.py: 16)")
     ap.add_argument("--requests", type=int, default=32, help="the engine case's requests")
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--seed", type=int, default=0)
@@ -144,7 +147,8 @@ def main() -> None:
               "after_has_uncommitted_ember_changes": dirty,
               "model": {"preset": args.preset, "vocab_size": args.vocab, "parameters": parameters,
                         "weights": "random, saved once with the after tree's save_pretrained"},
-              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "requests": args.requests,
+              "prompt_tokens": args.prompt_tokens, "warmup_tokens": args.warmup_tokens, "new_tokens": args.new_tokens,
+              "requests": args.requests,
               "rounds": args.rounds, "order": "ABBA, one fresh process per run", "rows": rows}
     md = markdown(result)
     out = Path(args.out) if args.out else None
@@ -177,7 +181,9 @@ def markdown(result: dict) -> str:
         "over rounds; after/before is the median of each round's own ratio (the pair ran seconds apart), with its "
         "spread. Decode rows: batch 1, greedy, prompt "
         f"{result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, timed from the first new token to the "
-        "last (prefill excluded) after a warm-up generation; the compiled row is compiled against compiled, the "
+        "last (prefill excluded) after a warm-up generation on "
+        + (f"the prompt's first {result['warmup_tokens']} tokens" if result["warmup_tokens"] else "the whole prompt")
+        + "; the compiled row is compiled against compiled, the "
         "others eager against eager. Engine rows time `generate` after a warm-up request, prefill included.", "",
         "The verdict says 'within noise' when the ratio's spread includes 1.0 or its median lies within the before "
         "side's own spread (relative to its median); otherwise which way and by how much. The machine was shared "

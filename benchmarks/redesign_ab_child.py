@@ -46,9 +46,11 @@ def decode_prompt(vocab: int, n: int, seed: int) -> list[int]:
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-def decode(side: str, case: str, path: str, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+def decode(side: str, case: str, path: str, prompt_tokens: int, new_tokens: int, seed: int,
+           warmup_tokens: int) -> dict:
     """Batch-1 greedy decode tokens/s from the first new token to the last (prefill excluded), after
-    a warm-up generation (which compiles the step for the compiled case)."""
+    a warm-up generation on the prompt's first `warmup_tokens` tokens, or on all of it when 0
+    (which compiles the step for the compiled case)."""
     model = load(side, path)
     method = case.split("-")[1]
     if method in ("int8", "int4"):
@@ -65,7 +67,7 @@ def decode(side: str, case: str, path: str, prompt_tokens: int, new_tokens: int,
         def gen(ids, n):
             return generate_ids(model, ids, SamplingParams(max_tokens=n, temperature=0.0), compile=compile)
     prompt = decode_prompt(model.config.vocab_size, prompt_tokens, seed)
-    list(gen(prompt[:16], 4))  # warm-up (its cache rounds to the same 256 slots as the timed run's)
+    list(gen(prompt[:warmup_tokens or None], 4))  # its cache rounds to the same 256 slots as the timed run's
     stamps, ids = [], []
     for tok in gen(prompt, new_tokens):
         stamps.append(time.perf_counter())
@@ -128,10 +130,12 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--warmup-tokens", type=int, default=16, help="decode warm-up prompt length (0: the whole prompt)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     if args.case in DECODE_CASES:
-        out = decode(args.side, args.case, args.model, args.prompt_tokens, args.new_tokens, args.seed)
+        out = decode(args.side, args.case, args.model, args.prompt_tokens, args.new_tokens, args.seed,
+                     args.warmup_tokens)
     elif args.case == "engine":
         out = engine(args.model, args.requests, args.seed)
     else:
