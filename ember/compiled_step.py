@@ -46,14 +46,16 @@ def structure_key(model: nn.Module) -> int:
     """A fingerprint of what a compiled step assumes about a model: every module's type, mode
     and attributes (the config's values among them), every weight's dtype, shape and device and
     which weights are one tensor (a tied head), but not the values, which the graph reads at
-    each call. Taken once a generation, it stands in for dynamo's guards on the modules, which
+    each call, nor the caches a module names in `CACHES` (filled at first use, read by no graph). Taken once a generation, it stands in for dynamo's guards on the modules, which
     `compiled_decode_step` drops: checking thousands of guards each step would cost more than a small model's step saves.
     Models of one structure share a graph (dynamo keeps at most 8 per function)."""
     first_seen: dict[int, int] = {}  # a tensor's identity -> the index it was first seen at
     parts = []
     for name, module in model.named_modules():
+        caches = getattr(module, "CACHES", ())
         attrs = tuple((k, _layout(v)) for k, v in sorted(module.__dict__.items())
-                      if k not in ("_parameters", "_buffers", "_modules") and not k.endswith("_hooks"))
+                      if k not in ("_parameters", "_buffers", "_modules") and not k.endswith("_hooks")
+                      and k not in caches)
         tensors = []
         for k, t in [*module._parameters.items(), *module._buffers.items()]:
             alias = first_seen.setdefault(id(t), len(first_seen)) if t is not None else None

@@ -72,6 +72,7 @@ class CPULinear(nn.Linear):
     - anything else (autograd, another device or dtype): `F.linear`."""
 
     _packed: PackedWeight | None = None
+    CACHES = ("_packed",)  # filled at first use; no compiled graph depends on it (see structure_key)
 
     @classmethod
     def of(cls, linear: nn.Linear) -> "CPULinear":
@@ -82,7 +83,9 @@ class CPULinear(nn.Linear):
 
     def _packed_weight(self) -> Tensor:
         w = self.weight
-        source = (w.data_ptr(), w._version)
+        # An inference-mode tensor has no version counter; it cannot be changed in place outside
+        # inference mode, so its data pointer alone names it.
+        source = (w.data_ptr(), 0 if w.is_inference() else w._version)
         if self._packed is None or self._packed.source != source:
             self._packed = PackedWeight(source, torch.ops.mkldnn._reorder_linear_weight(w.detach()))
         return self._packed.packed

@@ -246,3 +246,25 @@ def test_compiled_decode_step_runs_a_prepared_model():
     prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(2)).tolist()
     eager = list(generate_ids(model, prompt, SamplingParams(max_tokens=16, temperature=0.0)))
     assert list(generate_ids(model, prompt, SamplingParams(max_tokens=16, temperature=0.0), compile=True)) == eager
+
+
+def test_packing_a_weight_at_first_use_leaves_the_structure_key_alone():
+    """The packed copy fills at the first many-row product; a compiled step keyed on the model's
+    structure must not recompile for it (it would, inside the first long prompt's generation)."""
+    from ember.compiled_step import structure_key
+
+    model = prepare_for_inference(variant("fp32"))
+    before = structure_key(model)
+    with torch.inference_mode():
+        model(torch.randint(0, 96, (1, 40)))  # 40 rows: past the GEMV, through the packed weights
+    assert any(getattr(m, "_packed", None) is not None for m in model.modules())
+    assert structure_key(model) == before
+
+
+def test_a_model_prepared_and_run_inside_inference_mode_packs_its_weights():
+    """Weights made in inference mode have no version counter; the packed copy is named by the
+    weight's storage alone there."""
+    with torch.inference_mode():
+        model = prepare_for_inference(variant("fp32"))
+        ids = torch.randint(0, 96, (1, 40))
+        torch.testing.assert_close(model(ids), model(ids), rtol=0, atol=0)  # the second reads the packed copy
