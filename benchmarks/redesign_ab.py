@@ -186,8 +186,8 @@ def markdown(result: dict) -> str:
         + "; the compiled row is compiled against compiled, the "
         "others eager against eager. Engine rows time `generate` after a warm-up request, prefill included.", "",
         "The verdict says 'within noise' when the ratio's spread includes 1.0 or its median lies within the before "
-        "side's own spread (relative to its median); otherwise which way and by how much. The machine was shared "
-        "with another helper's work during the run; ABBA pairs absorb drift, but not every spike.", "",
+        "side's own spread (relative to its median); otherwise which way and by how much. ABBA pairs absorb the "
+        "machine's drift (it is shared and noisy), but not every spike.", "",
         "| case | before tok/s | after tok/s | after/before | verdict | same greedy ids |",
         "|---|---|---|---|---|---|",
     ]
