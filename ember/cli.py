@@ -62,9 +62,7 @@ ENGINE_HELP = {
     "compile_draft": "a draft model's steps for a lone sequence run as one compiled graph: what makes a draft "
                      "pay off at batch 1 on a CPU (the first use compiles for about half a minute, cached on disk)",
 }
-ENGINE_NAMES = {"enable_prefix_caching": "--prefix-caching", "enable_chunked_prefill": "--chunked-prefill",
-                "speculative": "--speculative"}
-ENGINE_NOT_FLAGS: tuple[str, ...] = ()  # every engine setting is the user's to choose
+ENGINE_NAMES = {"enable_prefix_caching": "--prefix-caching", "enable_chunked_prefill": "--chunked-prefill"}
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -88,7 +86,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     from ember.engine import EngineConfig
     from ember.settings import add_flags
 
-    add_flags(p.add_argument_group("engine", "ember.engine.EngineConfig"), EngineConfig, exclude=ENGINE_NOT_FLAGS,
+    add_flags(p.add_argument_group("engine", "ember.engine.EngineConfig"), EngineConfig,
               help=ENGINE_HELP, names=ENGINE_NAMES,
               parsers={"kv_cache_memory": str, "speculative": str})  # the engine reads '2GB' and 'draft:DIR'
 
@@ -320,22 +318,14 @@ def cmd_plot(a: argparse.Namespace) -> None:
     print(f"Wrote {plot_run(a.run_dir, a.out)}")
 
 
-def _sampling_kwargs(a: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, presence_penalty=a.presence_penalty,
-                frequency_penalty=a.frequency_penalty, seed=a.seed)
-
-
 def cmd_generate(a: argparse.Namespace) -> None:
     from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
     from ember.load import load_model, load_tokenizer
-    from ember.sampling import SamplingParams
-    from ember.settings import values
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     model = prepare_for_inference(model.eval())
-    params = values(SamplingParams, a)
+    params = sampling_params(a)
     tok = load_tokenizer(a.model)
     if a.prompt_ids is not None:
         try:
@@ -355,12 +345,10 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from ember.cpu_inference import prepare_for_inference
     from ember.generation import stream_text
     from ember.load import load_model, load_tokenizer
-    from ember.sampling import SamplingParams
-    from ember.settings import values
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     model = prepare_for_inference(model.eval())
-    params = values(SamplingParams, a)
+    params = sampling_params(a)
     tok = load_tokenizer(a.model)
     base = [{"role": "system", "content": a.system}] if a.system else []
     messages = list(base)

@@ -263,15 +263,11 @@ class _Splitter:
 
     def finish(self) -> str:
         """Write what is held back; returns how the corpus was split."""
-        if self.by is None:
-            self.by = split_by(len(self.pending), self.val_fraction)
-            if self.by == BY_DOCUMENT:  # no validation wanted
-                for row, _ in self.pending:
-                    self._write("train", row)
-            else:
-                self._split_tokens()
+        if self.by is None:  # still undecided: too few documents to split by document
+            self.by = BY_TOKENS
+            self._split_tokens()
         elif self.held_back is not None:
-            moves = self.docs["val"] == 0 and self.docs["train"] > 0
+            moves = self.val_fraction > 0 and self.docs["val"] == 0 and self.docs["train"] > 0
             self._write("val" if moves else "train", self.held_back)
         for w in self.writers.values():
             w.close()

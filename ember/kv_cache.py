@@ -30,12 +30,23 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor | 
     everything else through SDPA."""
     T = keys.shape[2]
     if q.device.type == "cpu" and gemv.decode_attention_applies(q, keys, values, visible):
-        return gemv.decode_attention(q, keys, values,
-                                     visible if visible is not None else torch.ones(T, dtype=torch.bool))
+        return gemv.decode_attention(q, keys, values, visible if visible is not None else _all_visible(T))
     mask = visible.view(-1, 1, 1, T) if visible is not None else None
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         return attention(q.float(), keys.float(), values.float(), mask, causal=False).to(q.dtype)
     return attention(q, keys, values, mask, causal=False)
+
+
+_ALL_VISIBLE = torch.ones(256, dtype=torch.bool)
+
+
+def _all_visible(T: int) -> Tensor:
+    """A [T] row of True (every cached position visible): a view of one row, grown when needed,
+    not a new tensor for every layer of every step."""
+    global _ALL_VISIBLE
+    if _ALL_VISIBLE.numel() < T:
+        _ALL_VISIBLE = torch.ones(max(T, 2 * _ALL_VISIBLE.numel()), dtype=torch.bool)
+    return _ALL_VISIBLE[:T]
 
 
 class KVCache:

@@ -57,9 +57,9 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         plain = adapter is None and quantization is None
         model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32)
         return model if plain else _adapt_and_quantize(model, path, adapter, quantization, calibration, dtype)
-    cfg = load_config(path)
     qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
     if qcfg is not None:
+        cfg = load_config(path)
         if adapter is not None:
             raise EmberError(f"{path} is saved quantized; an adapter merges into full-precision weights, so load "
                              "the unquantized base with adapter= (and quantization= if wanted).")

@@ -2,7 +2,7 @@
 
 `sample(logits[B, V], rows)` is the one place a token is chosen: the engine's step, the
 simple generator, the draft model's guesses and speculative verification (through
-`probabilities`) all call it. `rows` (a `SamplingRows`) holds each row's parameters as
+`SamplingRows.process`) all call it. `rows` (a `SamplingRows`) holds each row's parameters as
 tensors, so a batch mixing greedy rows, seeded rows and rows with penalties is processed by
 the same few tensor operations, with no per-row trip to the CPU.
 
@@ -275,11 +275,6 @@ def sample(logits: Tensor, rows: SamplingRows, keep_probs: bool = False) -> Samp
         if rows.greedy is not None:
             tokens = torch.where(rows.greedy, processed.argmax(dim=-1), tokens)
     return SamplerOutput(tokens, probs if keep_probs else None, _logprobs(allowed, tokens, rows.logprobs))
-
-
-def probabilities(logits: Tensor, rows: SamplingRows) -> Tensor:
-    """The distribution each row samples from (its penalties, temperature, top-k, top-p and min-p applied)."""
-    return rows.process(rows.allowed(logits)).softmax(dim=-1)
 
 
 def _logprobs(logits: Tensor, tokens: Tensor, wanted: list[int | None]) -> list[dict[int, float] | None] | None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import need
 from ember import gemv
 from ember.config import ModelConfig
 from ember.cpu_inference import (CPULinear, FusedProjection, Int4KernelLinear, Int8KernelLinear,
@@ -205,8 +206,7 @@ def test_fused_projection_gives_each_layers_own_kernel_result(kind, rows):
 
 
 def test_packed_weights_match_and_follow_weight_updates():
-    if not onednn_packing_available():
-        pytest.skip("this PyTorch build has no oneDNN packed linear")
+    need(onednn_packing_available(), "this PyTorch build has no oneDNN packed linear (CI's pinned CPU build has it)")
     torch.manual_seed(0)
     layer = CPULinear.of(nn.Linear(64, 96))
     x = torch.randn(5, 7, 64)  # 35 rows: more than the GEMV takes, so the packed path

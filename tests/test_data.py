@@ -455,3 +455,10 @@ def test_one_file_corpus_prepares_and_pretrains_from_the_command_line(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("val_loss" in row for row in rows)
+
+
+def test_val_fraction_zero_keeps_every_document_in_train(tmp_path):
+    """No validation asked for: the rule that rescues a tiny corpus's validation split must not apply."""
+    corpus(tmp_path, 5)
+    meta = prepare_shards([str(tmp_path / "c")], ByteTokenizer(), tmp_path / "s", val_fraction=0.0, progress=False)
+    assert meta["num_documents"] == {"train": 5, "val": 0}

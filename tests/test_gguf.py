@@ -30,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
+from conftest import SHARED_DATA, need
 from ember import load as ember_load
 from ember.engine import LLM
 from ember.errors import EmberError
@@ -39,19 +40,15 @@ from ember.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from ember.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EMBER_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED = SHARED_DATA
 VOCAB_TESTS = SHARED / "tokenizers" / "llamacpp_vocab_tests"
 SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _needs(path: Path | None, what: str) -> Path:
-    """`path` if it exists; else skip with the reason, or fail under CI, where it must be installed."""
-    if path is not None and path.is_file():
-        return path
-    reason = f"{what} is not available"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}, and CI must run this test")
-    pytest.skip(reason)
+    """`path` if it exists; else skip saying what is missing (a failure under CI, which has it)."""
+    need(path is not None and path.exists(), f"{what} is not available")
+    return path
 
 
 def _smollm_path() -> Path | None:

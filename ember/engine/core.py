@@ -11,6 +11,7 @@ processor's (`ember.engine.output_processor`).
 
 from __future__ import annotations
 
+import itertools
 import time
 from typing import Any
 
@@ -117,7 +118,7 @@ class EngineCore:
     def _sample(self, ready: list[Sequence], logits: Tensor, counts: list[int]) -> list[tuple[list[int], list]]:
         """New tokens (and logprobs, or None) for each ready sequence: the plain ones from one
         sampler call, the speculating ones from one verification over their k + 1 rows each."""
-        starts = [sum(counts[:i]) for i in range(len(counts))]
+        starts = list(itertools.accumulate(counts, initial=0))[:-1]  # each sequence's first row
         plain = [i for i, s in enumerate(ready) if not s.draft_ids]
         guessing = [i for i, s in enumerate(ready) if s.draft_ids]
         results: list[tuple[list[int], list]] = [([], [])] * len(ready)

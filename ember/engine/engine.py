@@ -23,7 +23,6 @@ from typing import Any, Sequence as Seq
 import torch
 from tqdm.auto import tqdm
 
-from ember import gemv
 from ember.cpu_inference import prepare_for_inference
 from ember.engine.block_manager import BlockManager
 from ember.engine.core import EngineCore, Proposer
@@ -105,8 +104,6 @@ class LLM:
             num_blocks = -(-self.max_model_len // cfg.block_size)
         self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
-        if weight.device.type == "cpu":
-            gemv.available()  # build the CPU kernels now (once per machine), not inside a request's step
         self.core = EngineCore(self.model, self.pool, self.block_manager, self.max_model_len,
                                cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.enable_chunked_prefill,
                                self._make_proposer(cfg, weight), cfg.num_speculative_tokens)

@@ -99,7 +99,7 @@ class GGUFFile:
         kind = t.tensor_type
         try:
             values = gguf.quants.dequantize(t.data, kind)
-        except NotImplementedError:
+        except NotImplementedError:  # the gguf package's word for a type it has no decoder for
             raise EmberError(f"Tensor {name} in {self.path} has type {kind.name}, which the gguf package "
                              "cannot decode.") from None
         shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists the fastest-moving dimension first
