@@ -51,12 +51,15 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
     else:
         cache = KVCache(model.config, 1, length, device, dtype)
     stop = set(stop_ids)
+    # As in the engine: the stop tokens cannot be drawn before min_tokens.
+    early = SamplingRows([params], [generator], [penalties], banned=[sorted(stop)], device=device) if (
+        params.min_tokens and stop) else rows
 
     logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, last_only=True)[:, -1]
     # After the prefill, which fills the layers' lazy caches (e.g. int4 kernel scales).
     structure = structure_key(model) if compile else 0
-    for _ in range(max_new_tokens):
-        token = sample(logits, rows).token_ids
+    for i in range(max_new_tokens):
+        token = sample(logits, early if i < params.min_tokens else rows).token_ids
         tok = int(token.item())
         yield tok
         if tok in stop:

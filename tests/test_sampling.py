@@ -160,3 +160,14 @@ def test_greedy_rows_take_the_argmax_after_penalties():
                         penalties=[seen, None])
     assert sample(logits, rows).token_ids.tolist() == [1, 1]  # 3.0 / 2 falls below 2.9
 
+
+
+def test_the_generator_keeps_min_tokens_as_the_engine_does(model):
+    """A stop token cannot end a generation before min_tokens; after that it ends it as usual."""
+    prompt = [3, 4, 5]
+    first = next(generate_ids(model, prompt, SamplingParams(max_tokens=1, temperature=0.0)))
+    free = list(generate_ids(model, prompt, SamplingParams(max_tokens=8, temperature=0.0), stop_ids=[first]))
+    assert free == [first]
+    held = list(generate_ids(model, prompt, SamplingParams(max_tokens=8, temperature=0.0, min_tokens=3),
+                             stop_ids=[first]))
+    assert first not in held[:3] and len(held) >= 3
