@@ -12,7 +12,7 @@ from ember.engine import LLM, SamplingParams
 from ember.engine.speculative import NgramProposer, verify
 from ember.errors import EmberError
 from ember.model import CausalLM
-from ember.sampling import SamplingRows
+from ember.sampling import SamplingRows, seeded_generator
 
 VOCAB = 64
 
@@ -192,7 +192,8 @@ def test_compiled_draft_distributions_follow_the_context_through_rollbacks(targe
     draft = tiny(1, layers=1)
     llm = LLM(target, num_kv_blocks=64, block_size=8, speculative=draft, num_speculative_tokens=3,
               compile_draft=True)
-    seq = Sequence([5, 6, 7, 8] * 6, SamplingParams(temperature=1.0, seed=0, max_tokens=40), spec=SpecState())
+    seq = Sequence([5, 6, 7, 8] * 6, SamplingParams(temperature=1.0, seed=0, max_tokens=40), spec=SpecState(),
+                   generator=seeded_generator(0))  # as LLM.add_request gives a seeded request
     for accepted in (3, 0, 1, 2):
         (guesses,), (dist,) = llm.proposer.propose([seq], [3])
         assert seq.spec.draft_cache is not None and len(guesses) == 3

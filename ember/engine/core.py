@@ -45,6 +45,8 @@ class EngineCore:
         # n > 1: the siblings of a request wait until the first has computed the prompt, then
         # start from its blocks through the prefix cache (only the partial last block is redone).
         self._forks: dict[int, tuple[Sequence, list[Sequence]]] = {}
+        self._rows_key: tuple | None = None  # the batch `_rows` was built for (see _plain_rows)
+        self._rows: SamplingRows | None = None
         self.stats: dict[str, Any] = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0,
                                       "spec_proposed_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0}
 
@@ -115,6 +117,18 @@ class EngineCore:
             self._release_forks()
         return updates
 
+    def _plain_rows(self, seqs: list[Sequence], device: Any) -> SamplingRows:
+        """The sampler's rows for these sequences, rebuilt only when the batch changes: a sequence's
+        parameters, generator and penalty tracker (updated in place) are fixed for its life, and its
+        banned ids change once, when it reaches min_tokens."""
+        key = (tuple(s.seq_id for s in seqs), tuple(bool(s.banned_ids) for s in seqs), str(device))
+        if self._rows_key != key:
+            self._rows_key = key
+            self._rows = SamplingRows([s.params for s in seqs], [s.generator for s in seqs],
+                                      [s.penalties for s in seqs], banned=[sorted(s.banned_ids) for s in seqs],
+                                      device=device)
+        return self._rows
+
     def _sample(self, ready: list[Sequence], logits: Tensor, counts: list[int]) -> list[tuple[list[int], list]]:
         """New tokens (and logprobs, or None) for each ready sequence: the plain ones from one
         sampler call, the speculating ones from one verification over their k + 1 rows each."""
@@ -124,8 +138,7 @@ class EngineCore:
         results: list[tuple[list[int], list]] = [([], [])] * len(ready)
         if plain:
             seqs = [ready[i] for i in plain]
-            rows = SamplingRows([s.params for s in seqs], [s.generator for s in seqs], [s.penalties for s in seqs],
-                                banned=[sorted(s.banned_ids) for s in seqs], device=logits.device)
+            rows = self._plain_rows(seqs, logits.device)
             out = sample(logits if not guessing else logits[[starts[i] for i in plain]], rows)
             tokens = out.token_ids.tolist()
             for j, i in enumerate(plain):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ember.kv_cache import StaticKVCache
-from ember.sampling import PenaltyTracker, SamplingParams, seeded_generator
+from ember.sampling import PenaltyTracker, SamplingParams
 
 _ids = itertools.count()
 
@@ -69,16 +69,13 @@ class Sequence:
     prompt_logprobs: list[dict[int, float] | None] = field(default_factory=list)
     finish_reason: str | None = None
     stop_ids: frozenset[int] = frozenset()  # token ids that end it (EOS and stop_token_ids)
-    generator: torch.Generator | None = None  # its own random stream (a seeded request); made on the CPU if not given
+    generator: torch.Generator | None = None  # its own random stream (a seeded request), on the logits' device
     penalties: PenaltyTracker | None = None  # set by the engine when the request has penalties
     spec: SpecState | None = None  # set when this sequence speculates
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)
-        if self.generator is None and self.params.seed is not None:
-            # Each completion of a seeded request draws from its own stream, whatever the batch.
-            self.generator = seeded_generator(self.params.seed + self.index)
 
     @property
     def num_tokens(self) -> int:
