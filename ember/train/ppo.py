@@ -23,7 +23,6 @@ token t+1, and `mask` marks the positions that predict reply tokens.
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ember.errors import EmberError
+from ember.files import read_jsonl
 from ember.model import CausalLM
 from ember.sampling import SamplingParams
 
@@ -227,24 +227,18 @@ def encode_prompt(tok: Any, prompt: str | list[dict], chat: bool) -> list[int]:
 def load_prompts(path: str | Path) -> list[str | list[dict]]:
     """JSONL rows with a 'prompt' (string or messages), or plain text with one prompt a line."""
     path = Path(path)
-    if not path.is_file():
-        raise EmberError(f"Prompt file {path} does not exist.")
-    out: list[str | list[dict]] = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EmberError(f"{path} line {n} is not valid JSON ({e.msg}).") from None
+    if path.suffix != ".jsonl":
+        if not path.is_file():
+            raise EmberError(f"Prompt file {path} does not exist.")
+        out: list[str | list[dict]] = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        out = []
+        for n, row in read_jsonl(path, "Prompt file"):
             if not isinstance(row, dict) or "prompt" not in row:
                 raise EmberError(f"{path} line {n} has no 'prompt' field.")
             if not isinstance(row["prompt"], (str, list)):
                 raise EmberError(f"{path} line {n}: field 'prompt' must be a string or a list of messages.")
             out.append(row["prompt"])
-        else:
-            out.append(line)
     if not out:
         raise EmberError(f"Prompt file {path} has no prompts.")
     return out
