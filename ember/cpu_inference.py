@@ -150,8 +150,7 @@ class Int4KernelLinear(Int4Linear):
         return new
 
     def kernel_applies(self, x: Tensor) -> bool:
-        """Ember's int4 kernel serves this (padded) input: CPU, built, no gradient to carry, a
-        group it handles."""
+        """Ember's int4 kernel serves this input: CPU, built, no gradient to carry, a group it handles."""
         return (gemv.serves(x, frozen_weights=True) and self.qweight.device.type == "cpu" and self.in_padded % 64 == 0
                 and (self.group_size == 32 or self.group_size % 64 == 0))
 
@@ -163,12 +162,12 @@ class Int4KernelLinear(Int4Linear):
         return self._kernel_sz
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.kernel_applies(x):  # before padding: Int4Linear's own path pads for itself
+            return super().forward(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
-        if not self.kernel_applies(x2):
-            return super().forward(x)
         if self.cpu_layout:  # back from PyTorch's layout, where its kernel ran in between
             self.qweight, self.cpu_layout = self._portable_qweight(), False
         scale, offset = self.kernel_scales()
