@@ -265,10 +265,12 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.fl
 
 
 def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | None = None,
-              dtype: str | torch.dtype | None = None) -> CausalLM:
+              dtype: str | torch.dtype | None = None, keep_blocks: bool = False) -> CausalLM:
     """Load a GGUF model file into a `CausalLM` in eval mode, every tensor decoded to `dtype`.
 
-    `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header."""
+    `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header.
+    `keep_blocks=True` asks for the file's Q4_0, Q4_1 and Q8_0 blocks to become Ember's int4/int8
+    layers over the same values instead of being decoded to float (not yet: they are decoded)."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = gguf_config(f)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
