@@ -19,12 +19,20 @@ from typing import Any, Iterator
 from ember.errors import EmberError
 
 
+def _permissions(full: int) -> int:
+    """`full` less the process's umask: the mode a plain mkdir or open would have given."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a fresh temp dir; on success it replaces `path` whole, on error it vanishes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, _permissions(0o777))  # mkdtemp's 0700 would make the result private
     try:
         yield tmp
         for f in tmp.rglob("*"):  # data on disk before the rename makes it visible
@@ -54,6 +62,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _permissions(0o666))  # mkstemp's 0600 would make the result private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -1,5 +1,8 @@
 """ember/files.py: atomic directories and files, and JSON errors a person can act on."""
 
+import os
+import stat
+
 import pytest
 
 from ember.errors import EmberError
@@ -55,3 +58,16 @@ def test_read_jsonl_numbers_rows_and_names_bad_lines(tmp_path):
     path.write_bytes(b'{"a": 1}\n\xff\xfe\n')
     with pytest.raises(EmberError, match="is not UTF-8"):
         read_jsonl(path)
+
+
+def test_atomic_writes_get_the_modes_a_plain_mkdir_and_open_give(tmp_path):
+    # Temp files and dirs are created private (0600 / 0700); the results must not stay so.
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as d:
+            (d / "f.txt").write_text("x")
+        atomic_write_text(tmp_path / "t.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "t.txt").stat().st_mode) == 0o644
