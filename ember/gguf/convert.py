@@ -34,8 +34,8 @@ def gguf_to_checkpoint(src: str | Path, out: str | Path, dtype: str = "float32")
     if dtype not in CHECKPOINT_DTYPES:
         raise EmberError(f"Unknown --dtype {dtype!r}; choose one of {', '.join(CHECKPOINT_DTYPES)}.")
     f = open_gguf(src)
-    tokenizer = gguf_tokenizer(f)
     model = load_gguf(f, "cpu", CHECKPOINT_DTYPES[dtype], keep_blocks=False)
+    tokenizer = gguf_tokenizer(f)
     return save_pretrained(model, tokenizer, out)
 
 
@@ -47,10 +47,10 @@ def checkpoint_to_gguf(src: str | Path, out: str | Path, file_type: str = "f16")
     if not src.is_dir():
         raise EmberError(f"Model directory {src} does not exist." if not src.exists() else
                          f"{src} is neither a GGUF file nor a model directory.")
-    if not (src / "tokenizer.json").is_file():
-        raise EmberError(f"{src} has no tokenizer.json; a GGUF file carries its tokenizer, so convert needs one.")
     if read_json(src / "config.json", "Model config").get("quantization_config") is not None:
         raise EmberError(f"{src} is saved quantized by Ember; convert its unquantized original to GGUF instead.")
+    if not (src / "tokenizer.json").is_file():
+        raise EmberError(f"{src} has no tokenizer.json; a GGUF file carries its tokenizer, so convert needs one.")
     tokenizer = load_tokenizer(src)
     model = load_pretrained(src, "cpu", torch.float32)
     return write_gguf(model, tokenizer, out, file_type, name=src.resolve().name)
