@@ -253,8 +253,8 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a .gguf file, or a model directory (HF layout, with tokenizer.json)")
     p.add_argument("--out", required=True, help="the directory (from GGUF) or .gguf file (to GGUF) to write")
     p.add_argument("--to", default=None, help="hf or gguf (default: the format the source is not)")
-    p.add_argument("--type", default="f16", help="to GGUF: f32, f16, q8_0 or q4_0 (default: f16)")
-    p.add_argument("--dtype", default="float32", help="from GGUF: float32 or bfloat16 (default: float32)")
+    p.add_argument("--type", default=None, help="to GGUF: f32, f16, q8_0 or q4_0 (default: f16)")
+    p.add_argument("--dtype", default=None, help="from GGUF: float32 or bfloat16 (default: float32)")
 
 
 # Command groups that live beside their library code (ember/<area>/commands.py). Each module's

@@ -63,12 +63,12 @@ def tokenizer():
     return train_tokenizer(corpus, vocab_size=512)
 
 
-def _random_model(arch: str, vocab: int, tied: bool = True) -> CausalLM:
+def _random_model(arch: str, vocab: int, tied: bool = True, **extra) -> CausalLM:
     """A random model with logits spread over several units (initializer 0.1 for a width of 128: a normed
     hidden state of length about sqrt(128) gives logits of standard deviation about 1), and norms and
     biases away from their initial ones and zeros, so that a misplaced one changes the output."""
     cfg = ModelConfig(model_type=arch, vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4 if arch == "gpt2" else 2,
+                      num_attention_heads=4, num_key_value_heads=4 if arch == "gpt2" else 2, **extra,
                       max_position_embeddings=256, tie_word_embeddings=tied, initializer_range=0.1,
                       hidden_act="gelu_new" if arch == "gpt2" else "silu", rope_theta=10000.0,
                       attention_bias=arch != "llama", o_proj_bias=arch == "gpt2", mlp_bias=arch == "gpt2")
@@ -77,7 +77,8 @@ def _random_model(arch: str, vocab: int, tied: bool = True) -> CausalLM:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.copy_((1.0 if name.endswith("norm.weight") or "layernorm" in name else 0.0) + 0.1 * torch.randn_like(p))
+                is_norm = name.endswith("norm.weight") or "layernorm" in name
+                p.copy_((1.0 if is_norm else 0.0) + 0.1 * torch.randn_like(p))
     return model
 
 
@@ -289,6 +290,22 @@ def test_small_models_written_by_ember_run_in_llama_cpp_as_in_ember(arch, file_t
     assert ours.argmax(-1)[len(prompt) - 1:-1].tolist() == new
 
 
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64}])
+def test_rope_scaling_is_written_as_llama_cpp_reads_it(scaling, tokenizer, llama_cpp, tmp_path):
+    model = _random_model("llama", tokenizer.vocab_size, rope_scaling=scaling)
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    back = load_gguf(path, "cpu", torch.float32)
+    assert back.config.rope_scaling == scaling
+    ids = tokenizer.encode(TEXT)
+    ours = _logits(model, ids).numpy()
+    assert np.abs(_logits(back, ids).numpy() - ours).max() < 1e-5  # the same fp32 weights and frequencies
+    unscaled = _logits(_random_model("llama", tokenizer.vocab_size), ids).numpy()
+    assert np.abs(unscaled - ours).max() > 100 * RELATIVE_DRIFT["f32"] * np.abs(ours).max()  # scaling matters
+    assert np.abs(_llama_cpp_logits(llama_cpp, path, ids) - ours).max() < RELATIVE_DRIFT["f32"] * np.abs(ours).max()
+
+
 # --- bad input -----------------------------------------------------------------------------------
 def _fails(argv: list[str], capsys, *words: str) -> str:
     assert main(argv) == 1
@@ -303,6 +320,12 @@ def test_unknown_type_is_named_and_nothing_is_written(small_llama_dir, tmp_path,
     out = tmp_path / "m.gguf"
     _fails(["convert", str(small_llama_dir), "--to", "gguf", "--type", "q5_k", "--out", str(out)], capsys,
            "'q5_k'", "q8_0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_flag_for_the_other_direction_is_named(small_llama_dir, tmp_path, capsys):
+    _fails(["convert", str(small_llama_dir), "--dtype", "bfloat16", "--out", str(tmp_path / "m.gguf")], capsys,
+           "--dtype", "--type")
     assert list(tmp_path.iterdir()) == []
 
 

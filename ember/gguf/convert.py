@@ -56,9 +56,10 @@ def checkpoint_to_gguf(src: str | Path, out: str | Path, file_type: str = "f16")
     return write_gguf(model, tokenizer, out, file_type, name=src.resolve().name)
 
 
-def convert(src: str | Path, out: str | Path, to: str | None = None, file_type: str = "f16",
-            dtype: str = "float32") -> Path:
-    """Convert `src` (a GGUF file or a model directory) to `to` ("hf" or "gguf"; default: the other one)."""
+def convert(src: str | Path, out: str | Path, to: str | None = None, file_type: str | None = None,
+            dtype: str | None = None) -> Path:
+    """Convert `src` (a GGUF file or a model directory) to `to` ("hf" or "gguf"; default: the other one).
+    `file_type` (default f16) applies to GGUF output, `dtype` (default float32) to a directory."""
     src, out = Path(src), Path(out)
     if to is not None and to not in FORMATS:
         raise EmberError(f"Unknown --to {to!r}; choose hf or gguf.")
@@ -71,8 +72,12 @@ def convert(src: str | Path, out: str | Path, to: str | None = None, file_type: 
     if to == "hf":
         if not source_is_gguf:
             raise EmberError(f"{src} is already a model directory; --to hf converts a .gguf file.")
-        return gguf_to_checkpoint(src, out, dtype)
+        if file_type is not None:
+            raise EmberError("--type sets the weights of a GGUF file; a directory takes --dtype.")
+        return gguf_to_checkpoint(src, out, dtype or "float32")
     if source_is_gguf:
         raise EmberError(f"{src} is already a GGUF file; convert it to a directory first (--to hf), then back "
                          "with the --type you want.")
-    return checkpoint_to_gguf(src, out, file_type)
+    if dtype is not None:
+        raise EmberError("--dtype sets the weights of a directory; a GGUF file takes --type.")
+    return checkpoint_to_gguf(src, out, file_type or "f16")
