@@ -172,6 +172,7 @@ def test_directory_converts_to_gguf_that_loads_as_its_quantized_weights(file_typ
                                                                         tmp_path):
     path = tmp_path / "model.gguf"
     assert main(["convert", str(small_llama_dir), "--to", "gguf", "--type", file_type, "--out", str(path)]) == 0
+    assert path.stat().st_mode & 0o777 == 0o644
     f = GGUFFile(path)
     expected = _expected_types(file_type)
     assert {n: t.tensor_type for n, t in f.tensors.items()} == expected

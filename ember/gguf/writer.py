@@ -296,6 +296,7 @@ def write_gguf(model: CausalLM, tokenizer: Tokenizer, path: str | os.PathLike, f
         w.close()
         with open(tmp, "rb") as f:  # the data on disk before the rename makes it visible
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # a model file others may read, not the temp file's owner-only mode
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
