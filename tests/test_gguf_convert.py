@@ -352,6 +352,19 @@ def test_unknown_architecture_is_refused_by_name(tokenizer, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moe", "phi.gguf"]
 
 
+def test_mistral_without_a_short_window_is_written_as_llama_as_llama_cpp_s_converter_does(tokenizer, tmp_path):
+    cfg = ModelConfig(model_type="mistral", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=64,
+                      max_position_embeddings=64, initializer_range=0.1)
+    torch.manual_seed(5)
+    model = CausalLM(cfg).eval()
+    path = write_gguf(model, tokenizer, tmp_path / "m.gguf", "f32")
+    assert GGUFFile(path).get("general.architecture", str) == "llama"
+    ids = tokenizer.encode(TEXT)[:32]
+    # A window as long as the context masks nothing: the same fp32 forward (1e-5 on logits of order 1).
+    assert (_logits(load_gguf(path, "cpu", torch.float32), ids) - _logits(model, ids)).abs().max().item() < 1e-5
+
+
 def test_a_sliding_window_llama_cpp_cannot_express_is_refused(tokenizer, tmp_path):
     cfg = ModelConfig(model_type="mistral", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=64,
                       num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, sliding_window=16,
