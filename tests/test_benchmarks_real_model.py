@@ -1,0 +1,123 @@
+"""benchmarks/real_model.py: llama.cpp's tools driven with the agreed arguments, the ratios and
+verdicts its tables print, and the random prompts kept clear of special tokens."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import real_model  # noqa: E402
+
+
+def args(*extra: str):
+    return real_model.parse_args(["--llama-bin", "/nonexistent", *extra])
+
+
+def test_llama_bench_runs_once_a_round_with_the_shared_threads(tmp_path):
+    """A stand-in llama-bench checks its argv and prints what the real one prints with -o json."""
+    fake = tmp_path / "llama-bench"
+    tests = [{"build_commit": "abc1234", "model_type": "llama 135M Q4_1", "n_threads": 3, "n_prompt": 64,
+              "n_gen": 0, "n_depth": 0, "avg_ts": 300.0, "samples_ts": [300.0]},
+             {"build_commit": "abc1234", "model_type": "llama 135M Q4_1", "n_threads": 3, "n_prompt": 0,
+              "n_gen": 16, "n_depth": 0, "avg_ts": 90.0, "samples_ts": [90.0]}]
+    fake.write_text(f"#!{sys.executable}\nimport sys\n"
+                    f"assert sys.argv[1:] == ['-m', 'm.gguf', '-t', '3', '-p', '64', '-n', '16', '-r', '1', '-o', "
+                    f"'json'], sys.argv\nprint({json.dumps(tests)!r})\n")
+    fake.chmod(0o755)
+    a = real_model.parse_args(["--llama-bin", str(tmp_path), "--threads", "3", "--prompt-tokens", "64",
+                               "--new-tokens", "16"])
+    got = real_model.run_llama_bench(Path("m.gguf"), a)
+    assert got == {"prefill_tps": 300.0, "decode_tps": 90.0, "threads": 3, "build": "abc1234",
+                   "model_type": "llama 135M Q4_1"}
+
+
+def test_a_missing_tool_says_how_to_build_it():
+    with pytest.raises(SystemExit, match="build_llama_cpp.sh"):
+        real_model.tool(args(), "llama-bench")
+
+
+def ember_run(prefill, eager, compiled):
+    return {"prefill_tps": prefill, "decode_eager_tps": eager, "decode_compiled_tps": compiled, "layers": 30}
+
+
+def test_decode_rows_pair_rounds_and_say_where_a_target_is_missed():
+    runs = {"Q4_1": {"ember": [ember_run(200.0, 40.0, 120.0), ember_run(300.0, 60.0, 90.0)],
+                     "llama.cpp": [{"prefill_tps": 400.0, "decode_tps": 100.0},
+                                   {"prefill_tps": 300.0, "decode_tps": 100.0}]}}
+    rows = real_model.summarize_decode(runs, args())
+    assert [r["test"] for r in rows] == ["prefill", "decode, eager", "decode, compiled"]
+    prefill, eager, compiled = rows
+    # Round ratios: prefill 200/400 and 300/300; compiled decode 120/100 and 90/100.
+    assert prefill["ratio"] == {"median": 0.75, "min": 0.5, "max": 1.0, "rounds": 2}
+    assert compiled["ratio"] == {"median": pytest.approx(1.05), "min": 0.9, "max": 1.2, "rounds": 2}
+    assert (prefill["target"], eager["target"], compiled["target"]) == (0.8, None, 1.0)
+    # Per layer: 1000 ms / (tokens/s) / 30 layers; llama.cpp at 100 tokens/s spends 1/3 ms a layer.
+    assert eager["ember_ms_per_layer"]["median"] == pytest.approx((1000 / 40 / 30 + 1000 / 60 / 30) / 2)
+    assert eager["llama_ms_per_layer"]["median"] == pytest.approx(1 / 3)
+    result = {"settings": vars(args()) | {"model": "/m/SmolLM2.Q4_1.gguf"}, "llama_build": "abc1234",
+              "elapsed_s": 60.0, "decode": {"rows": rows, "ember_dtype": "float32",
+                                             "ember_linear_types": ["CPULinear"]}}
+    md = real_model.markdown(result)
+    prefill_line = next(line for line in md.splitlines() if "| prefill |" in line)
+    compiled_line = next(line for line in md.splitlines() if "| decode, compiled |" in line)
+    assert "0.75× (0.50–1.00)" in prefill_line and "**missed** (target ≥ 0.8×)" in prefill_line
+    assert "met (target ≥ 1.0×)" in compiled_line and "0.333" in compiled_line
+
+
+def server_run(throughput, tpot_p99, idle):
+    levels = {c: {"output_throughput": throughput * c, "median_ttft_ms": 50.0, "p99_ttft_ms": 90.0,
+                  "median_tpot_ms": tpot_p99 / 2, "p99_tpot_ms": tpot_p99} for c in (1, 16)}
+    return {"command": ["x"], "levels": levels,
+            "memory": {"idle_rss_bytes": idle, "load_peak_rss_bytes": 2 * idle, "hwm_bytes": 2 * idle}}
+
+
+def test_serving_verdicts_hold_the_top_level_to_both_targets():
+    a = args("--concurrency", "1,16", "--serve-requests", "4,32")
+    runs = {"ember": [server_run(30.0, 150.0, 1024 * 2 ** 20)], "llama.cpp": [server_run(60.0, 60.0, 512 * 2 ** 20)]}
+    sv = real_model.summarize_serve(runs, a)
+    top = sv["levels"][1]
+    assert top["concurrency"] == 16 and top["output_throughput"]["ratio"]["median"] == 0.5
+    assert top["p99_tpot_ms"]["ratio"]["median"] == 2.5 and sv["memory"]["idle_rss_bytes"]["ratio"]["median"] == 2.0
+    sv["commands"] = {"ember": [sys.executable, "-m", "ember.cli", "serve", "--model", "/m/x.gguf", "--port", "8123"],
+                      "llama.cpp": ["/b/llama-server", "-m", "/m/x.gguf", "-np", "16", "--port", "8124"]}
+    result = {"settings": vars(a) | {"model": "/m/x.gguf", "serve_model": "/m/x.gguf"}, "elapsed_s": 60.0, "serve": sv}
+    md = real_model.markdown(result)
+    line16 = next(line for line in md.splitlines() if line.startswith("| 16 (32) |"))
+    assert "0.50× (0.50–0.50) **missed** (target ≥ 1.0×)" in line16
+    assert "2.50× (2.50–2.50) **missed** (target ≤ 1.0×)" in line16
+    line1 = next(line for line in md.splitlines() if line.startswith("| 1 (4) |"))
+    assert "target" not in line1  # the targets are set at 16 concurrent only
+    assert "`python -m ember.cli serve --model FILE --port PORT`" in md and "`llama-server -m FILE -np 16" in md
+    assert "| idle after load (VmRSS) | 1024 (1024–1024) | 512 (512–512) | 2.00× (2.00–2.00) |" in md
+
+
+def test_random_prompts_skip_the_special_tokens(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "vocab.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    tokens = [f"t{i}" for i in range(100)]
+    # Control tokens at the start (as SmolLM2's ChatML ones), an unused one at the end (as Llama 3's).
+    types = [3] * 5 + [1] * 90 + [1, 1, 1, 1, 5]
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert real_model.plain_token_range(path) == (5, 99)
+
+
+def test_quick_is_a_small_run_and_bad_lists_are_refused(capsys):
+    q = args("--quick")
+    assert (q.rounds, q.formats, q.prompt_tokens, q.new_tokens, q.concurrency) == (1, ["Q4_1"], 64, 16, [1, 4])
+    full = args()
+    assert (full.formats, full.concurrency, full.serve_requests, full.threads) == (
+        ["Q4_1", "Q8_0", "F16"], [1, 4, 16], [4, 8, 32], 2)
+    assert real_model.serve_context(full) == 256  # 128 + 64 tokens, rounded up to 256
+    for bad in (["--concurrency", "1,4", "--serve-requests", "4"], ["--formats", "Q5_K"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            args(*bad)
