@@ -416,7 +416,9 @@ def markdown(result: dict[str, Any]) -> str:
                          if "ember_ms_per_layer" in r else ["", ""])
             lines.append(f"| {r['format']} | {r['test']} | {fmt(r['ember_tps'])} | {fmt(r['llama_tps'])} | "
                          f"{fmt(r['ratio'], 2, '×')} | {target} | {' | '.join(per_layer)} |")
-        lines.append("")
+        differ = d.get("eager_compiled_differ")
+        lines += ["", f"Ember's eager and compiled greedy tokens differ on {', '.join(differ)}." if differ else
+                  "Ember's eager and compiled decodes gave the same greedy tokens in every round.", ""]
     if "serve" in result:
         sv = result["serve"]
         lines += ["## Serving", "",
@@ -543,6 +545,8 @@ def main(argv: list[str] | None = None) -> None:
                             "ember_dtype": first["ember"][0]["dtype"],
                             "ember_linear_types": first["ember"][0]["linear_types"],
                             "llama_bench_command": " ".join(llama_bench_command(args, Path("FILE"))),
+                            "eager_compiled_differ": sorted(name for name, sides in runs.items()
+                                                            if not all(r["same_tokens"] for r in sides["ember"])),
                             "runs": runs}
     if "serve" in parts:
         runs = measure_serve(model, args)
