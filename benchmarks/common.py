@@ -137,6 +137,18 @@ def fmt(s: dict[str, Any], digits: int = 1, suffix: str = "") -> str:
     return f"{s['median']:.{digits}f}{suffix} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
 
 
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Memory read bandwidth in bytes/s with torch's threads: the fastest of `reps` sums over a
+    `gib`-GiB float32 tensor, far bigger than any cache. A ceiling, so the fastest repeat counts."""
+    x = torch.ones(int(gib * 2 ** 28))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
 def llama_bench_results(text: str) -> dict[str, dict[str, Any]]:
     """llama.cpp's `llama-bench -o json` output as {test name: figures}, the test named as
     llama-bench prints it (pp512 for a 512-token prompt, tg128 for 128 generated tokens; a test at

@@ -25,7 +25,9 @@ What runs, each round in ABBA order (Ember, llama.cpp; llama.cpp, Ember; ...):
   packing nor compile time is counted), then times a 512-token prefill to the first token and 128
   decode steps through `ember.generation.generate_ids`, eager and `compile=True` (separate rows;
   compiled against llama.cpp is the decode headline). Prompts are random token ids; decode starts,
-  as llama-bench's does, from the BOS token; EOS is ignored. Per-layer time: ms per token / layers.
+  as llama-bench's does, from the BOS token; EOS is ignored. Per-layer time: ms per token / layers;
+  weight bytes read a second (each side's weight bytes × tokens/s) beside the machine's read
+  bandwidth, measured once (a ceiling: the fastest of 5 sums over 1 GiB), to show where time goes.
 - Serving: `ember bench serve`'s client (ember.bench.serve_benchmark: streaming /v1/completions,
   random token-id prompts, a fixed output length with EOS ignored via `ignore_eos`) against
   `ember serve --model FILE` and against `llama-server -m FILE -t THREADS -np 16 --cont-batching
@@ -64,7 +66,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (REPO, RESULTS, abba, against_target, fmt, llama_bench_results, process_memory,  # noqa: E402
-                    ratio_spread, run_rounds, spread, write_results)
+                    ratio_spread, read_bandwidth, run_rounds, spread, write_results)
 
 DEFAULT_LLAMA_BIN = Path.home() / ".cache" / "ember" / "llama.cpp" / "build" / "bin"
 DEFAULT_CACHE = Path.home() / ".cache" / "ember" / "real_model"
@@ -126,9 +128,28 @@ def ember_child(path: str, threads: int, prompt_tokens: int, new_tokens: int, se
     compiled, compiled_ids = decode(True)
     return {"load_s": load_s, "warmup_s": warmup_s, "prefill_tps": prefill(), "decode_eager_tps": eager,
             "decode_compiled_tps": compiled, "same_tokens": eager_ids == compiled_ids,
-            "layers": cfg.num_hidden_layers, "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "layers": cfg.num_hidden_layers, "weight_bytes": weight_bytes(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "linear_types": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}),
             "threads": torch.get_num_threads()}
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights (parameters and buffers, each tensor's storage once): what one
+    decode step reads, the embedding table aside, which the tied LM head reads whole."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def gguf_weight_bytes(path: str | Path) -> int:
+    """Bytes of a GGUF file's tensors, as llama.cpp reads them."""
+    from ember.gguf.reader import open_gguf
+
+    return sum(int(t.n_bytes) for t in open_gguf(path).tensors.values())
 
 
 def plain_token_range(path: str | Path) -> tuple[int, int]:
@@ -186,7 +207,7 @@ def run_llama_bench(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     pp, tg = tests[f"pp{args.prompt_tokens}"], tests[f"tg{args.new_tokens}"]
     print(f"  llama-bench {path.name}: pp {pp['tokens_per_s']:.1f}, tg {tg['tokens_per_s']:.1f} tokens/s", flush=True)
     return {"prefill_tps": pp["tokens_per_s"], "decode_tps": tg["tokens_per_s"], "threads": tg["threads"],
-            "build": tg["build"], "model_type": tg["model_type"]}
+            "build": tg["build"], "model_type": tg["model_type"], "weight_bytes": gguf_weight_bytes(path)}
 
 
 def convert(source: Path, kind: str, args: argparse.Namespace) -> Path:
@@ -357,9 +378,11 @@ def summarize_decode(runs: dict[str, dict[str, list]], args: argparse.Namespace)
             mine = [r[key] for r in ember]
             row = {"format": name, "test": test, "ember_tps": spread(mine), "llama_tps": spread(peer),
                    "ratio": ratio_spread(mine, peer), "target": TARGETS.get(target) if target else None}
-            if test != "prefill":  # ms per token / layers, both sides
+            if test != "prefill":  # ms per token / layers, and weight bytes read per second, both sides
                 row["ember_ms_per_layer"] = spread([1000 / v / layers for v in mine])
                 row["llama_ms_per_layer"] = spread([1000 / v / layers for v in peer])
+                row["ember_read_gbps"] = spread([r["weight_bytes"] * v / 1e9 for r, v in zip(ember, mine)])
+                row["llama_read_gbps"] = spread([r["weight_bytes"] * v / 1e9 for r, v in zip(llama, peer)])
             rows.append(row)
     return rows
 
@@ -407,13 +430,20 @@ def markdown(result: dict[str, Any]) -> str:
                   f"counted), then a {s['prompt_tokens']}-token prefill (time to the first token) and "
                   f"{s['new_tokens']} decode steps from BOS through `generate_ids`, eager and compiled. "
                   f"pp{s['prompt_tokens']} is compared with Ember's prefill, tg{s['new_tokens']} with both decodes. "
-                  "Per layer: ms per token / layers.", "",
+                  "Per layer: ms per token / layers. Read: the bytes of weights each side holds (Ember's "
+                  "tensors: " + ", ".join(f"{k} {v:.0f} MB" for k, v in d["ember_weight_mb"].items())
+                  + "; llama.cpp's, the file's: " + ", ".join(f"{k} {v:.0f} MB" for k, v in d["file_weight_mb"].items())
+                  + ") times tokens/s: a decode step reads them all once, so against this machine's read "
+                  f"bandwidth, {d['read_bandwidth'] / 1e9:.1f} GB/s (the fastest of 5 sums over 1 GiB with "
+                  f"{s['threads']} threads, a ceiling), it shows how far each side is from memory-bound.", "",
                   "| Format | Test | Ember tokens/s | llama.cpp tokens/s | Ember / llama.cpp | Target | "
-                  "Ember ms/layer | llama.cpp ms/layer |", "|---|---|---|---|---|---|---|---|"]
+                  "Ember ms/layer | llama.cpp ms/layer | Ember read GB/s | llama.cpp read GB/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in d["rows"]:
             target = against_target(r["ratio"], r["target"]) if r["target"] else "shown"
-            per_layer = ([fmt(r["ember_ms_per_layer"], 3), fmt(r["llama_ms_per_layer"], 3)]
-                         if "ember_ms_per_layer" in r else ["", ""])
+            per_layer = ([fmt(r["ember_ms_per_layer"], 3), fmt(r["llama_ms_per_layer"], 3),
+                          fmt(r["ember_read_gbps"]), fmt(r["llama_read_gbps"])]
+                         if "ember_ms_per_layer" in r else ["", "", "", ""])
             lines.append(f"| {r['format']} | {r['test']} | {fmt(r['ember_tps'])} | {fmt(r['llama_tps'])} | "
                          f"{fmt(r['ratio'], 2, '×')} | {target} | {' | '.join(per_layer)} |")
         differ = d.get("eager_compiled_differ")
@@ -538,12 +568,16 @@ def main(argv: list[str] | None = None) -> None:
     result: dict[str, Any] = {"settings": settings}
     if "decode" in parts:
         files = {name: convert(model, name, args) for name in args.formats}
+        bandwidth = read_bandwidth()
+        print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
         runs = measure_decode(files, args)
         first = next(iter(runs.values()))
         result["llama_build"] = first["llama.cpp"][0]["build"]
         result["decode"] = {"rows": summarize_decode(runs, args), "files": {k: str(v) for k, v in files.items()},
                             "ember_dtype": first["ember"][0]["dtype"],
-                            "ember_linear_types": first["ember"][0]["linear_types"],
+                            "ember_linear_types": first["ember"][0]["linear_types"], "read_bandwidth": bandwidth,
+                            "ember_weight_mb": {k: runs[k]["ember"][0]["weight_bytes"] / 1e6 for k in runs},
+                            "file_weight_mb": {k: runs[k]["llama.cpp"][0]["weight_bytes"] / 1e6 for k in runs},
                             "llama_bench_command": " ".join(llama_bench_command(args, Path("FILE"))),
                             "eager_compiled_differ": sorted(name for name, sides in runs.items()
                                                             if not all(r["same_tokens"] for r in sides["ember"])),
