@@ -128,7 +128,8 @@ def ember_child(path: str, threads: int, prompt_tokens: int, new_tokens: int, se
     compiled, compiled_ids = decode(True)
     return {"load_s": load_s, "warmup_s": warmup_s, "prefill_tps": prefill(), "decode_eager_tps": eager,
             "decode_compiled_tps": compiled, "same_tokens": eager_ids == compiled_ids,
-            "layers": cfg.num_hidden_layers, "weight_bytes": weight_bytes(model), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "layers": cfg.num_hidden_layers, "weight_bytes": weight_bytes(model),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
             "linear_types": sorted({type(m).__name__ for n, m in model.named_modules() if n.endswith("_proj")}),
             "threads": torch.get_num_threads()}
 
@@ -261,7 +262,8 @@ class Server:
         self.command = server_command(side, path, port, args)
         self.log = log_dir / f"{side}.log"
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(self.command, env=child_env(args.threads), stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(self.command, env=child_env(args.threads), stdout=log,
+                                         stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 600
         while True:
             if self.proc.poll() is not None:
@@ -486,7 +488,8 @@ def markdown(result: dict[str, Any]) -> str:
         for key, name in names.items():
             m = sv["memory"][key]
             mib = {side: {k: v / MIB if k != "rounds" else v for k, v in m[side].items()} for side in SIDES}
-            lines.append(f"| {name} | {fmt(mib['ember'], 0)} | {fmt(mib['llama.cpp'], 0)} | {fmt(m['ratio'], 2, '×')} |")
+            lines.append(f"| {name} | {fmt(mib['ember'], 0)} | {fmt(mib['llama.cpp'], 0)} | "
+                         f"{fmt(m['ratio'], 2, '×')} |")
         lines.append("")
     lines.append(f"The whole run took {result['elapsed_s'] / 60:.1f} minutes.")
     return "\n".join(lines) + "\n"
@@ -513,7 +516,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--llama-bin", default=str(DEFAULT_LLAMA_BIN),
                     help="directory with llama-bench, llama-server, llama-quantize (default %(default)s, where "
                     "benchmarks/build_llama_cpp.sh puts them)")
-    ap.add_argument("--cache", default=str(DEFAULT_CACHE), help="where the Q8_0/F16 conversions go (default %(default)s)")
+    ap.add_argument("--cache", default=str(DEFAULT_CACHE),
+                    help="where the Q8_0/F16 conversions go (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="threads for both sides (default 2)")
     ap.add_argument("--rounds", type=int, default=3, help="ABBA rounds; the medians count (default 3)")
     ap.add_argument("--only", choices=PARTS, default=None, help="run one part: decode (prefill and decode, every "
@@ -521,7 +525,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--formats", default=",".join(FORMATS), help="formats for prefill and decode (default %(default)s)")
     ap.add_argument("--prompt-tokens", type=int, default=512, help="prefill length, as llama-bench -p (default 512)")
     ap.add_argument("--new-tokens", type=int, default=128, help="decode length, as llama-bench -n (default 128)")
-    ap.add_argument("--concurrency", default="1,4,16", help="concurrent requests per serving level (default %(default)s)")
+    ap.add_argument("--concurrency", default="1,4,16",
+                    help="concurrent requests per serving level (default %(default)s)")
     ap.add_argument("--serve-requests", default="4,16,48", help="requests sent at each level (default %(default)s)")
     ap.add_argument("--serve-input-len", type=int, default=128, help="prompt tokens per request (default 128)")
     ap.add_argument("--serve-output-len", type=int, default=64, help="output tokens per request (default 64)")
