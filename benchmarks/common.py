@@ -15,6 +15,7 @@ The rules (benchmarks/README.md explains them):
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -22,7 +23,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
@@ -31,6 +32,8 @@ if str(REPO) not in sys.path:  # the scripts run as `python benchmarks/x.py` fro
     sys.path.insert(0, str(REPO))
 
 from ember.files import atomic_write_text, write_json  # noqa: E402
+
+T = TypeVar("T")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # /proc/cpuinfo flag -> what it is called in a results file
@@ -97,9 +100,10 @@ def abba(names: Sequence[str], rounds: int) -> list[list[str]]:
     return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
 
 
-def run_rounds(contenders: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Each contender's measurements, one a round, run in ABBA order; lists are in round order."""
-    out: dict[str, list[float]] = {name: [] for name in contenders}
+def run_rounds(contenders: dict[str, Callable[[], T]], rounds: int) -> dict[str, list[T]]:
+    """Each contender's measurements (a number, or a record of several), one a round, run in ABBA
+    order; lists are in round order."""
+    out: dict[str, list[T]] = {name: [] for name in contenders}
     for order in abba(list(contenders), rounds):
         for name in order:
             out[name].append(contenders[name]())
@@ -121,9 +125,72 @@ def ratio_spread(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     return spread([x / y for x, y in zip(a, b)])
 
 
+def against_target(ratio: dict[str, Any], target: float, higher_is_better: bool = True) -> str:
+    """A table cell saying plainly whether a ratio's median meets its target: 'met (target ≥ 1.0×)'
+    or '**missed** (target ≥ 1.0×)'; for a lower-is-better ratio the target is a ceiling (≤)."""
+    met = ratio["median"] >= target if higher_is_better else ratio["median"] <= target
+    return f"{'met' if met else '**missed**'} (target {'≥' if higher_is_better else '≤'} {target:.1f}×)"
+
+
 def fmt(s: dict[str, Any], digits: int = 1, suffix: str = "") -> str:
     """`median (min–max)` for a table cell."""
     return f"{s['median']:.{digits}f}{suffix} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
+    """Memory read bandwidth in bytes/s with torch's threads: the fastest of `reps` sums over a
+    `gib`-GiB float32 tensor, far bigger than any cache. A ceiling, so the fastest repeat counts."""
+    x = torch.ones(int(gib * 2 ** 28))
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return x.numel() * x.element_size() / best
+
+
+def llama_bench_results(text: str) -> dict[str, dict[str, Any]]:
+    """llama.cpp's `llama-bench -o json` output as {test name: figures}, the test named as
+    llama-bench prints it (pp512 for a 512-token prompt, tg128 for 128 generated tokens; a test at
+    a depth d gets ' @ d<d>'). Figures: `tokens_per_s` (the mean over its repetitions), `samples`
+    (each repetition's tokens/s; older builds give only the mean), `threads`, and the build."""
+    try:
+        tests = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"llama-bench did not print JSON ({e}); was it run with -o json?") from None
+    if not isinstance(tests, list) or not all(isinstance(t, dict) for t in tests):
+        raise ValueError("llama-bench's JSON is not a list of tests")
+    out = {}
+    for t in tests:
+        try:
+            name = f"pp{t['n_prompt']}" if t["n_prompt"] else f"tg{t['n_gen']}"
+            if t.get("n_depth"):
+                name += f" @ d{t['n_depth']}"
+            out[name] = {"tokens_per_s": float(t["avg_ts"]),
+                         "samples": [float(x) for x in t.get("samples_ts") or [t["avg_ts"]]],
+                         "threads": t.get("n_threads"), "build": t.get("build_commit"),
+                         "model_type": t.get("model_type")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"llama-bench test without the field {e}: {t}") from None
+    return out
+
+
+def process_memory(pid: int, status: str | None = None) -> dict[str, int]:
+    """A process's resident set now (VmRSS) and at its peak so far (VmHWM), in bytes, from
+    /proc/PID/status (or the text given)."""
+    if status is None:
+        status = Path(f"/proc/{pid}/status").read_text()
+    fields = {}
+    for line in status.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            number, unit = value.split()
+            if unit != "kB":
+                raise ValueError(f"/proc/{pid}/status gives {key} in {unit}, not kB")
+            fields[key] = int(number) * 1024
+    if set(fields) != {"VmRSS", "VmHWM"}:
+        raise ValueError(f"/proc/{pid}/status lacks VmRSS or VmHWM (a kernel thread, or a zombie?)")
+    return {"rss_bytes": fields["VmRSS"], "hwm_bytes": fields["VmHWM"]}
 
 
 def describe_machine(m: dict[str, Any]) -> str:

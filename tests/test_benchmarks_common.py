@@ -2,6 +2,7 @@
 command and the machine recorded), and quant.py reading llama.cpp's own llama-bench."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -94,3 +95,82 @@ def test_quant_reads_llama_bench_json(tmp_path):
     assert [(r["gguf"], r["test"]) for r in rows] == [("Q4_0", "pp512"), ("Q4_0", "tg128")]
     assert rows[0]["tokens_per_s"] == {"median": 200.0, "min": 190.0, "max": 230.0, "rounds": 3}
     assert rows[1]["tokens_per_s"]["median"] == 50.0  # an older build: its mean, as one figure
+
+
+# A llama-bench -o json report written by hand in the layout the tool prints: a list, one object per
+# test, its fields, then samples_ns and samples_ts (one each per repetition).
+LLAMA_BENCH_JSON = """[
+  {
+    "build_commit": "abc1234",
+    "build_number": 6000,
+    "cpu_info": "AMD EPYC",
+    "model_filename": "/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "model_type": "llama 135M Q4_1",
+    "n_threads": 2,
+    "n_prompt": 512,
+    "n_gen": 0,
+    "n_depth": 0,
+    "avg_ns": 2000000000,
+    "avg_ts": 256.5,
+    "stddev_ts": 0.0,
+    "samples_ns": [ 2000000000 ],
+    "samples_ts": [ 256.5 ]
+  },
+  {
+    "build_commit": "abc1234",
+    "model_type": "llama 135M Q4_1",
+    "n_threads": 2,
+    "n_prompt": 0,
+    "n_gen": 128,
+    "n_depth": 0,
+    "avg_ts": 101.0,
+    "samples_ns": [ 1300000000, 1234000000 ],
+    "samples_ts": [ 98.5, 103.5 ]
+  },
+  {
+    "build_commit": "abc1234",
+    "n_threads": 2,
+    "n_prompt": 0,
+    "n_gen": 32,
+    "n_depth": 1024,
+    "avg_ts": 80.0
+  }
+]
+"""
+
+
+def test_llama_bench_results_names_each_test_as_llama_bench_does():
+    got = common.llama_bench_results(LLAMA_BENCH_JSON)
+    assert list(got) == ["pp512", "tg128", "tg32 @ d1024"]
+    assert got["pp512"] == {"tokens_per_s": 256.5, "samples": [256.5], "threads": 2, "build": "abc1234",
+                            "model_type": "llama 135M Q4_1"}
+    assert got["tg128"]["samples"] == [98.5, 103.5] and got["tg128"]["tokens_per_s"] == 101.0
+    assert got["tg32 @ d1024"]["samples"] == [80.0]  # no samples_ts (an older build): its mean alone
+    with pytest.raises(ValueError, match="-o json"):
+        common.llama_bench_results("| model | size | test | t/s |")  # the default markdown output
+    with pytest.raises(ValueError, match="avg_ts"):
+        common.llama_bench_results('[{"n_prompt": 512, "n_gen": 0}]')
+
+
+def test_process_memory_reads_vmrss_and_vmhwm():
+    status = "Name:\tllama-server\nVmPeak:\t  900000 kB\nVmHWM:\t  420000 kB\nVmRSS:\t  400000 kB\nThreads:\t3\n"
+    assert common.process_memory(1, status) == {"rss_bytes": 400000 * 1024, "hwm_bytes": 420000 * 1024}
+    with pytest.raises(ValueError, match="VmRSS or VmHWM"):
+        common.process_memory(1, "Name:\tkthreadd\nState:\tS (sleeping)\n")
+    if Path("/proc/self/status").exists():  # this very process: it holds torch, so well over 10 MB
+        mine = common.process_memory(os.getpid())
+        assert 10 * 2 ** 20 < mine["rss_bytes"] <= mine["hwm_bytes"]
+
+
+def test_against_target_says_plainly_when_a_target_is_missed():
+    assert common.against_target({"median": 0.62}, 1.0) == "**missed** (target ≥ 1.0×)"
+    assert common.against_target({"median": 0.8}, 0.8) == "met (target ≥ 0.8×)"
+    # Lower is better (a p99 time per token against the peer's): the target is a ceiling.
+    assert common.against_target({"median": 2.5}, 1.0, higher_is_better=False) == "**missed** (target ≤ 1.0×)"
+    assert common.against_target({"median": 0.9}, 1.0, higher_is_better=False) == "met (target ≤ 1.0×)"
+
+
+def test_run_rounds_keeps_records_as_well_as_numbers():
+    seen = iter([{"tps": 1}, {"tps": 2}])
+    got = common.run_rounds({"ember": lambda: next(seen), "peer": lambda: {"tps": 0}}, 2)
+    assert got == {"ember": [{"tps": 1}, {"tps": 2}], "peer": [{"tps": 0}, {"tps": 0}]}
