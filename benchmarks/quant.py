@@ -51,7 +51,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import RESULTS, fmt, ratio_spread, run_rounds, spread, stamp, write_results  # noqa: E402
+from common import RESULTS, fmt, ratio_spread, read_bandwidth, run_rounds, spread, stamp, write_results  # noqa: E402
 from ember.checkpoint import save_pretrained  # noqa: E402
 from ember.config import preset  # noqa: E402
 from ember.cpu_inference import Int4KernelLinear, Int8KernelLinear, prepare_for_inference  # noqa: E402
@@ -313,18 +313,6 @@ def llama_cpp_decode(path: Path, prompt: list[int], n: int) -> float:
         llm.eval([int(np.argmax(logits))])
         stamps.append(time.perf_counter())
     return (len(stamps) - 1) / (stamps[-1] - stamps[0])
-
-
-def memory_bandwidth(gib: float = 1.0, reps: int = 5) -> float:
-    """Read bandwidth in bytes/s: the best of `reps` sums over a `gib`-GiB float32 tensor
-    (with the same threads as the decode runs), far bigger than any cache."""
-    x = torch.ones(int(gib * 2 ** 28))
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return x.numel() * 4 / best
 
 
 def speed(args, rows_h2h: list[dict], rows_bench: list[dict]) -> list[dict]:
@@ -616,7 +604,7 @@ def main() -> None:
         result["quality"] = quality(model, tok, args)
     if "decode" not in args.skip:
         print("decode ...", flush=True)
-        result["memory_bandwidth"] = memory_bandwidth()
+        result["memory_bandwidth"] = read_bandwidth()
         print(f"  memory read bandwidth {result['memory_bandwidth'] / 1e9:.1f} GB/s", flush=True)
         result["head_to_head"], result["llama_bench"] = [], []
         result["decode"] = speed(args, result["head_to_head"], result["llama_bench"])
