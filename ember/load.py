@@ -7,8 +7,10 @@
 
 Each step is one module's job: `ember.checkpoint` reads the plain HF-layout directory, `ember.lora`
 merges the adapter into full-precision weights, `ember.quant` quantizes (or `ember.quant.io` rebuilds a
-directory that was saved quantized). A `.gguf` file (llama.cpp's format) loads through `ember.gguf`, its
-tensors decoded to float. Import `load_model` and `load_tokenizer` from here.
+directory that was saved quantized). A `.gguf` file (llama.cpp's format) loads through `ember.gguf`: as it
+is, its Q4_0, Q4_1 and Q8_0 matrices stay in their blocks as Ember's int4 / int8 layers and the other types
+are decoded to float; with an adapter or a quantization every tensor is decoded to float32 first. Import
+`load_model` and `load_tokenizer` from here.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         raise EmberError("calibration= is SmoothQuant's sample; pass it with quantization='smoothquant'.")
     if is_gguf(path):
         plain = adapter is None and quantization is None
-        model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32)
+        # As it is, the file's 4- and 8-bit blocks stay as they are; to merge or quantize, decoded first.
+        model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32, keep_blocks=plain)
         return model if plain else _adapt_and_quantize(model, path, adapter, quantization, calibration, dtype)
     qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
     if qcfg is not None:
