@@ -112,7 +112,7 @@ def test_kept_model_gives_the_decoded_models_logits(arch, tied, tmp_path):
         if gemv.available():
             # Ember's int kernels round each activation row to int16 (a step of 1/16383 of its largest
             # element, relative error <= 2^-15 of that element), once per layer; through two blocks
-            # and the head the logits move by well under 1e-3 of their scale (measured ~1e-4).
+            # and the head the logits move by well under 1e-3 of their scale.
             fast = kept(ids)
             assert (fast - want).abs().max().item() < 1e-3 * scale
 
@@ -129,6 +129,12 @@ def test_layers_of_one_type_fuse_and_of_mixed_types_do_not(tmp_path, monkeypatch
         assert isinstance(layer.mlp.gate_up_proj, FusedProjection)
     assert type(model.lm_head) is Int8KernelLinear
     assert model.lm_head.qweight.data_ptr() == model.model.embed_tokens.qweight.data_ptr()
+    # Ember's int4 kernel takes s and z - 8 s; for Q4_1, z = m + 8 d is exact in fp32, so the kernel's
+    # offset is the file's m itself, not a rounding of it.
+    raw = GGUFFile(path).tensors["blk.0.attn_output.weight"].data
+    m = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 20)[..., 2:4]).view(np.float16)[..., 0]
+    scale, offset = model.model.layers[0].self_attn.o_proj.kernel_scales()
+    assert torch.equal(offset, torch.from_numpy(m.astype(np.float32)))
     monkeypatch.setattr(test_gguf, "TYPES", [Q.Q4_0, Q.Q4_1])  # q Q4_0, k Q4_1: scales fp16 and fp32
     g, meta = test_gguf._llama_like("llama", True)
     model, _ = _pair(g.write(tmp_path / "mixed.gguf", meta))
@@ -235,3 +241,12 @@ def test_smollm_kept_blocks_decode_the_same_greedy_tokens(smollm_pair):
     params = SamplingParams(max_tokens=32, temperature=0.0)
     want = list(generate_ids(decoded, prompt, params))
     assert list(generate_ids(kept, prompt, params)) == want
+
+
+def test_load_model_decodes_for_training_when_told(tmp_path):
+    _, path = _file("llama", True, tmp_path)
+    model = load_model(path, device="cpu", dtype="float32", keep_blocks=False)
+    assert not getattr(model, "quantization_config", None)
+    assert not any(isinstance(m, (Int4Linear, Int8Linear, Int8Embedding)) for m in model.modules())
+    with pytest.raises(EmberError, match="needs its weights decoded"):
+        load_model(path, device="cpu", quantization="int4", keep_blocks=True)
