@@ -14,7 +14,9 @@ What it does to a `CausalLM` on the CPU:
 - Every linear layer of the model's own blocks and its head becomes an inference layer:
   float weights -> `CPULinear` (up to `gemv.MAX_ROWS` rows through `ember.gemv`, more rows of
   fp32 through a oneDNN-packed copy of the weight, the rest through `F.linear`); int8 and int4
-  weight-only layers -> `Int8KernelLinear` and `Int4KernelLinear` (Ember's integer kernels).
+  weight-only layers -> `Int8KernelLinear` and `Int4KernelLinear` (Ember's integer kernels),
+  among them a GGUF file's kept blocks (`ember.gguf.blocks`), whose q/k/v (gate/up) fuse where
+  their GGUF types agree, and a tied int8 head that reads the `Int8Embedding` table in place.
   Layers inside other wrappers (LoRA adapters, trainable token rows) keep their own forward.
 
 A prepared model is for inference: its state dict names the fused layers (`qkv_proj.layer.weight`),

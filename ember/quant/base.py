@@ -1,8 +1,9 @@
 """What every quantized linear layer shares: it stands in for `nn.Linear` inside a CausalLM.
 
 Its tensors are buffers (so `.to(device)` moves them and `state_dict()` saves them), its
-bias a frozen parameter. Scales stay float32 when the model is cast to bf16 (casting them
-would throw away precision the format paid for); the cast only sets `compute_dtype`.
+bias a frozen parameter. Scales keep their dtype when the model is cast to bf16 (casting them
+would throw away precision the format paid for); the cast only sets `compute_dtype`. That rule
+(`KeepsScaleDtype`) serves quantized embedding tables too (`ember.quant.int8.Int8Embedding`).
 """
 
 from __future__ import annotations
