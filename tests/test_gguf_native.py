@@ -240,7 +240,12 @@ def test_smollm_kept_blocks_decode_the_same_greedy_tokens(smollm_pair):
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}], tokenize=True)
     params = SamplingParams(max_tokens=32, temperature=0.0)
     want = list(generate_ids(decoded, prompt, params))
-    assert list(generate_ids(kept, prompt, params)) == want
+    assert list(generate_ids(kept, prompt, params)) == want  # the same fp32 weights: the same tokens
+    if gemv.available():
+        # As served: Ember's int kernels, which round activations to int16 (logits move by ~1e-2 of
+        # their scale over 30 layers); this prompt's greedy choices have wider margins than that.
+        prepared = prepare_for_inference(load_gguf(f, "cpu", torch.float32, keep_blocks=True))
+        assert list(generate_ids(prepared, prompt, params)) == want
 
 
 def test_load_model_decodes_for_training_when_told(tmp_path):
