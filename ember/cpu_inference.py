@@ -14,7 +14,9 @@ What it does to a `CausalLM` on the CPU:
 - Every linear layer of the model's own blocks and its head becomes an inference layer:
   float weights -> `CPULinear` (up to `gemv.MAX_ROWS` rows through `ember.gemv`, more rows of
   fp32 through a oneDNN-packed copy of the weight, the rest through `F.linear`); int8 and int4
-  weight-only layers -> `Int8KernelLinear` and `Int4KernelLinear` (Ember's integer kernels).
+  weight-only layers -> `Int8KernelLinear` and `Int4KernelLinear` (Ember's integer kernels),
+  among them a GGUF file's kept blocks (`ember.gguf.blocks`), whose q/k/v (gate/up) fuse where
+  their GGUF types agree, and a tied int8 head that reads the `Int8Embedding` table in place.
   Layers inside other wrappers (LoRA adapters, trainable token rows) keep their own forward.
 
 A prepared model is for inference: its state dict names the fused layers (`qkv_proj.layer.weight`),
@@ -117,13 +119,20 @@ class Int8KernelLinear(Int8Linear):
 
     @classmethod
     def of(cls, layer: Int8Linear) -> "Int8KernelLinear":
-        new = cls(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, device="meta",
+                  group_size=layer.group_size, scale_dtype=layer.scales.dtype)
         new.load_state_dict(layer.state_dict(keep_vars=True), assign=True)
         new.compute_dtype = layer.compute_dtype
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        if gemv.applies(x, self.qweight):
+        if self.group_size is not None:
+            # Group-wise scales: any number of rows (each weight row is read once for all of them);
+            # the alternative, Int8Linear's own path, dequantizes the whole matrix.
+            if (gemv.serves(x, frozen_weights=True) and self.qweight.device.type == "cpu"
+                    and x.shape[-1] == self.in_features and x.numel()):
+                return gemv.gemv(x, self.qweight, self.scales, self.bias)
+        elif gemv.applies(x, self.qweight):
             return gemv.gemv(x, self.qweight, self.scales, self.bias)
         return super().forward(x)
 
@@ -144,7 +153,8 @@ class Int4KernelLinear(Int4Linear):
 
     @classmethod
     def of(cls, layer: Int4Linear) -> "Int4KernelLinear":
-        new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.group_size, device="meta")
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, layer.group_size, device="meta",
+                  scale_dtype=layer.scales_and_zeros.dtype)
         new.load_state_dict(layer.state_dict(keep_vars=True), assign=True)  # the portable layout
         new.compute_dtype = layer.compute_dtype
         return new
@@ -221,7 +231,9 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
         return None
     if kind is not nn.Linear and len({m.compute_dtype for m in layers}) != 1:
         return None
-    if kind is Int4Linear and len({m.group_size for m in layers}) != 1:
+    if kind is Int4Linear and len({(m.group_size, m.scales_and_zeros.dtype) for m in layers}) != 1:
+        return None  # a GGUF file's layers may differ in scale dtype (Q4_0: fp16, Q4_1: fp32)
+    if kind is Int8Linear and len({(m.group_size, m.scales.dtype) for m in layers}) != 1:
         return None
     states = [m.state_dict() for m in layers]
     with_bias = any(m.bias is not None for m in layers)
@@ -237,10 +249,11 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
     if kind is nn.Linear:
         fused: nn.Module = nn.Linear(first.in_features, out_features, bias=with_bias, device="meta")
     elif kind is Int8Linear:
-        fused = Int8Linear(first.in_features, out_features, bias=with_bias, device="meta")
+        fused = Int8Linear(first.in_features, out_features, bias=with_bias, device="meta",
+                           group_size=first.group_size, scale_dtype=first.scales.dtype)
     else:
         fused = Int4Linear(first.in_features, out_features, bias=with_bias, group_size=first.group_size,
-                           device="meta")
+                           device="meta", scale_dtype=first.scales_and_zeros.dtype)
     fused.load_state_dict(stacked, assign=True)
     if kind is nn.Linear:
         fused.weight.requires_grad_(False)

@@ -8,7 +8,8 @@ PyTorch's threads:
   to fp32 in registers; for int8 weights each activation row is rounded once to int16 (15 bits
   against its largest element, finer than bf16) and the products are integer multiply-adds,
   with AVX-512 VNNI's `vpdpwssd` where the CPU has it (chosen at run time; `instruction_set()`
-  says which path runs, EMBER_GEMV_AVX512=0 forces AVX2).
+  says which path runs, EMBER_GEMV_AVX512=0 forces AVX2). int8 weights take a scale per row, or
+  one per group of columns (GGUF's Q8_0: fp16 per 32): each group's integer sum is scaled in fp32.
 - `gemv_int4`: group-wise int4 weights in `ember.quant.int4`'s portable layout, any number of rows,
   the same integer multiply-adds (VNNI for groups of a multiple of 128).
 - `decode_attention`: one query per sequence against its cached keys and values, each KV head
@@ -157,8 +158,10 @@ def applies(x: Tensor, weight: Tensor) -> bool:
 
 def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
     """`F.linear` for a few rows: x [..., K] (up to `MAX_ROWS` rows in all, each weight row
-    read once for all of them) times weight [N, K] (times a per-row `scale` for int8 weights),
-    plus `bias`; returns [..., N] in x's dtype."""
+    read once for all of them) times weight [N, K] (times a per-row `scale` [N] for int8 weights,
+    or a per-group one [N, K / group], fp32 or fp16, group a power of two from 32), plus `bias`;
+    returns [..., N] in x's dtype. Any number of rows is taken (eight at a time); `applies` says
+    when this kernel is the faster choice for float weights."""
     return torch.ops.ember_gemv.gemv(x, weight, scale, bias)
 
 

@@ -7,8 +7,10 @@
 
 Each step is one module's job: `ember.checkpoint` reads the plain HF-layout directory, `ember.lora`
 merges the adapter into full-precision weights, `ember.quant` quantizes (or `ember.quant.io` rebuilds a
-directory that was saved quantized). A `.gguf` file (llama.cpp's format) loads through `ember.gguf`, its
-tensors decoded to float. Import `load_model` and `load_tokenizer` from here.
+directory that was saved quantized). A `.gguf` file (llama.cpp's format) loads through `ember.gguf`: as it
+is, its Q4_0, Q4_1 and Q8_0 matrices stay in their blocks as Ember's int4 / int8 layers and the other types
+are decoded to float; with an adapter or a quantization every tensor is decoded to float32 first. Import
+`load_model` and `load_tokenizer` from here.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ Calibration = Tensor | Sequence[Sequence[int]] | Sequence[str]
 
 def load_model(path: str | Path, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                adapter: str | Path | None = None, quantization: str | None = None,
-               calibration: Calibration | None = None) -> CausalLM:
+               calibration: Calibration | None = None, keep_blocks: bool | None = None) -> CausalLM:
     """Load an Ember- or transformers-saved directory, or a GGUF file, into a `CausalLM` in eval mode.
 
     `adapter`: a LoRA adapter directory (PEFT format) merged into the base weights, so the result runs at
@@ -45,7 +47,10 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
     w8a8) quantizes on load with that method's defaults (see `ember.quant`), after any adapter is merged; a
     directory saved quantized (config.json holds a `quantization_config`) loads quantized without it.
     `calibration`: SmoothQuant's sample (token ids [n, T], lists of ids, or texts, which the directory's
-    tokenizer encodes); without it SmoothQuant calibrates on the standard-library corpus."""
+    tokenizer encodes); without it SmoothQuant calibrates on the standard-library corpus.
+    `keep_blocks` (GGUF files only): keep the file's Q4_0, Q4_1 and Q8_0 blocks as Ember's int4 / int8
+    layers (`ember.gguf.load_gguf`); default: kept when neither an adapter nor a quantization is asked
+    for. Training passes False: it needs every weight as a float parameter."""
     path = Path(path)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     dtype = pick_dtype(device, dtype)
@@ -55,7 +60,12 @@ def load_model(path: str | Path, device: str | torch.device | None = None, dtype
         raise EmberError("calibration= is SmoothQuant's sample; pass it with quantization='smoothquant'.")
     if is_gguf(path):
         plain = adapter is None and quantization is None
-        model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32)
+        if keep_blocks and not plain:
+            raise EmberError("keep_blocks=True loads a GGUF file as it is; an adapter or a quantization needs its "
+                             "weights decoded to float first.")
+        # As it is, the file's 4- and 8-bit blocks stay as they are; to merge or quantize, decoded first.
+        model = load_gguf(open_gguf(path), device, dtype if plain else torch.float32,
+                          keep_blocks=plain if keep_blocks is None else keep_blocks)
         return model if plain else _adapt_and_quantize(model, path, adapter, quantization, calibration, dtype)
     qcfg = read_json(path / "config.json", "Model config").get("quantization_config")
     if qcfg is not None:

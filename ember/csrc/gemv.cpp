@@ -316,6 +316,88 @@ void rows_dot_i8_few(const int8_t* w, const int16_t* xqp, const int16_t* xq, con
   }
 }
 
+// int8 weights with a scale per group of columns (llama.cpp's Q8_0: one fp16 scale per 32):
+// scale [N, G] in fp32 or fp16, `shift` = log2 of the group (a power of two, at least 32).
+// sum_k w_k x_k = sum_g s_g sum_{k in g} q_k x_k: the integer sum of each 32 columns (AVX2) or
+// 64 (AVX-512, two groups of 32 in the two 256-bit halves) is moved to fp32 and multiplied by
+// its group's scale, so no integer sum spans more than one group.
+struct GroupScales {
+  const float* f = nullptr;        // fp32 scales, or
+  const uint16_t* h = nullptr;     // fp16 scales (their bits)
+  int64_t G = 0, shift = 5;
+  inline float get(int64_t n, int64_t k) const {  // the scale of row n's column k
+    const int64_t i = n * G + (k >> shift);
+    return f ? f[i] : _cvtsh_ss(h[i]);
+  }
+};
+
+// 32 int8 weights against 32 int16 activations in rows_dot_i8's even/odd order: 8 int32 sums.
+inline __m256i block_dot_i8(const __m256i v, const int16_t* xp) {
+  const __m256i even = _mm256_srai_epi16(_mm256_slli_epi16(v, 8), 8), odd = _mm256_srai_epi16(v, 8);
+  return _mm256_add_epi32(_mm256_madd_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp))),
+                          _mm256_madd_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 16))));
+}
+
+// Grouped int8 weight row n against M activation rows (M <= 8; xqp even/odd per 32, K % 32 == 0):
+// out[m] = row . x[m], before the activation rows' steps.
+template <int M>
+inline void row_dot_i8_grouped(const int8_t* row, int64_t n, const int16_t* xqp, const GroupScales& sc, int64_t K,
+                               float* out) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetchBytes), _MM_HINT_T0);
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k));
+    const __m256 s = _mm256_set1_ps(sc.get(n, k));
+    for (int m = 0; m < M; ++m)
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_i8(v, xqp + m * K + k)), s, acc[m]);
+  }
+  for (int m = 0; m < M; ++m) out[m] = horizontal_sum(acc[m]);
+}
+
+// The same with AVX-512 VNNI (xqp even/odd per 64, K % 64 == 0): the 32-bit lanes 0-7 of a
+// 64-column product hold columns k..k+31 and lanes 8-15 columns k+32..k+63, so a blend of the two
+// groups' scales multiplies each half by its own.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void row_dot_i8_grouped_vnni(const int8_t* row, int64_t n, const int16_t* xqp, const GroupScales& sc, int64_t K,
+                             float* out) {
+  __m512 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 64) {
+    _mm_prefetch(reinterpret_cast<const char*>(row + k + kPrefetchBytes), _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(row + k);
+    const __m512i even = _mm512_srai_epi16(_mm512_slli_epi16(v, 8), 8), odd = _mm512_srai_epi16(v, 8);
+    const __m512 s = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc.get(n, k)), _mm512_set1_ps(sc.get(n, k + 32)));
+    for (int m = 0; m < M; ++m) {
+      const int16_t* xm = xqp + m * K + k;
+      const __m512i p = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xm)),
+                                            odd, _mm512_loadu_si512(xm + 32));
+      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) out[m] = _mm512_reduce_add_ps(acc[m]);
+}
+
+// Grouped int8 weight rows [n0, n1) times `rows` activation rows, eight at a time (see
+// rows_dot_few: each weight row streams from memory once), through the VNNI kernel when `vnni`.
+void rows_dot_i8_grouped(const int8_t* w, const int16_t* xqp, const float* xscale, const GroupScales& sc, float* y,
+                         int64_t rows, int64_t N, int64_t K, int64_t n0, int64_t n1, bool vnni) {
+  float out[8];
+  for (int64_t n = n0; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    for (int64_t c = 0; c < rows; c += 8) {
+      const int m = static_cast<int>(std::min<int64_t>(8, rows - c));
+      with_row_count(m, [&](auto R) {
+        constexpr int kRows = decltype(R)::value;
+        if (vnni) row_dot_i8_grouped_vnni<kRows>(row, n, xqp + c * K, sc, K, out);
+        else row_dot_i8_grouped<kRows>(row, n, xqp + c * K, sc, K, out);
+      });
+      for (int i = 0; i < m; ++i) y[(c + i) * N + n] = out[i] * xscale[c + i];
+    }
+  }
+}
+
 // int4 weights, group-wise asymmetric (ember/quant/int4.py): w = (q - 8) s + z over each group
 // of `group` columns, q in 0..15 packed two to a byte (column 2j in the low nibble, 2j + 1 in
 // the high one). So sum_k w_k x_k = sum_g [s_g sum_{k in g} q_k x_k + (z_g - 8 s_g) X_g] with
@@ -609,7 +691,8 @@ struct Stack {
 };
 
 // x [..., K] times each of ws [N_i, K] (all contiguous, one dtype: fp32, bf16, fp16 or int8),
-// scales[i] [N_i] or None (per-row factors of int8 weights), biases[i] [N_i] or None. x holds
+// scales[i] [N_i] or None (per-row factors of int8 weights) or, for int8 weights, [N_i, G] fp32
+// or fp16 (a factor per group of K / G columns, a power of two from 32), biases[i] [N_i] or None. x holds
 // one row, or up to 16 (each weight row is then read once for all of them). Returns
 // [..., sum of N_i] in x's dtype: matrix i's products at columns start[i]..start[i + 1].
 torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>& ws,
@@ -631,7 +714,25 @@ torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>
   std::vector<float> yf(M * N);
   std::vector<torch::Tensor> sf(count);  // fp32 per-row factors (the scales themselves when fp32)
   std::vector<const float*> sp(count, nullptr);
-  for (size_t i = 0; i < count; ++i) {
+  // int8 weights with a scale per group of columns: every scale [N_i, G], the same G for all.
+  const bool grouped = scales[0].has_value() && scales[0]->dim() == 2;
+  std::vector<GroupScales> gs(count);
+  if (grouped) {
+    const int64_t G = scales[0]->size(1), group = G ? K / G : 0;
+    TORCH_CHECK(ws[0].scalar_type() == at::kChar && group >= 32 && (group & (group - 1)) == 0 && group * G == K,
+                "gemv: group-wise scales [N, G] are for int8 weights, with K / G a power of two of at least 32");
+    for (size_t i = 0; i < count; ++i) {
+      TORCH_CHECK(scales[i].has_value() && scales[i]->dim() == 2 && scales[i]->size(0) == ws[i].size(0) &&
+                  scales[i]->size(1) == G && scales[i]->is_contiguous() &&
+                  (scales[i]->scalar_type() == at::kFloat || scales[i]->scalar_type() == at::kHalf),
+                  "gemv: every group-wise scale must be contiguous fp32 or fp16 [N, ", G, "]");
+      gs[i].G = G;
+      gs[i].shift = __builtin_ctzll(static_cast<unsigned long long>(group));
+      if (scales[i]->scalar_type() == at::kFloat) gs[i].f = scales[i]->data_ptr<float>();
+      else gs[i].h = reinterpret_cast<const uint16_t*>(scales[i]->data_ptr<at::Half>());
+    }
+  }
+  for (size_t i = 0; i < count && !grouped; ++i) {
     if (scales[i].has_value()) {
       sf[i] = scales[i]->to(torch::kFloat).contiguous();
       sp[i] = sf[i].data_ptr<float>();
@@ -656,7 +757,12 @@ torch::Tensor gemv_many(const torch::Tensor& x, const std::vector<torch::Tensor>
           p = even_odd_order(row, vnni ? 64 : 32);
       std::copy(p.begin(), p.end(), xqp.begin() + m * K);
     }
-    over_stack(int8_t{}, [&](const int8_t* w, const float* s, float* y, int64_t a, int64_t b) {
+    if (grouped) {
+      stack.split([&](size_t i, int64_t a, int64_t b) {
+        rows_dot_i8_grouped(ws[i].data_ptr<int8_t>(), xqp.data(), xscale.data(), gs[i], yf.data() + stack.start[i],
+                            M, N, K, a, b, vnni);
+      });
+    } else over_stack(int8_t{}, [&](const int8_t* w, const float* s, float* y, int64_t a, int64_t b) {
       if (M > 1) rows_dot_i8_few(w, xqp.data(), xq.data(), xscale.data(), s, y, M, N, K, a, b, vnni);
       else if (vnni) rows_dot_i8_vnni(w, xqp.data(), xscale[0], s, y, K, a, b);
       else rows_dot_i8(w, xq.data(), xqp.data(), xscale[0], s, y, K, a, b);

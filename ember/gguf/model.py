@@ -2,9 +2,10 @@
 
 Metadata keys are `{arch}.…` (llama.cpp's names); tensors are `token_embd`, `blk.N.attn_q`, …,
 `output_norm`, `output`, and for Mixtral `ffn_gate_inp` (the router) with the experts' weights
-either stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). Every
+either stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). A
 tensor is decoded to float32 with the gguf package's own dequantization (F32, F16, BF16, Q8_0,
-Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for.
+Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for; or, with `keep_blocks`, a Q4_0, Q4_1
+or Q8_0 matrix keeps its blocks as an Ember int4 or int8 layer (`ember.gguf.blocks`).
 
 llama.cpp's converter reorders the rows of the query and key projections of llama-family models
 (`llama`, `mistral`): within each head it interleaves the two rotary halves, because ggml's rotary
@@ -21,16 +22,22 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Callable, Collection
 
 import numpy as np
 import torch
+from gguf import GGMLQuantizationType as Q
+from torch import nn
 
 from ember.config import ModelConfig
 from ember.device import pick_device, pick_dtype
 from ember.errors import EmberError
+from ember.gguf.blocks import BLOCK, KEPT, q4_exact, q4_to_int4, q8_to_int8
 from ember.gguf.reader import GGUFFile
 from ember.model import CausalLM, rope_inv_freq
+from ember.modules import set_module
+from ember.quant.int4 import Int4Linear
+from ember.quant.int8 import Int8Embedding, Int8Linear
 
 # GGUF architecture -> Ember family (a llama file with {arch}.expert_count is Mixtral). Files of any
 # other architecture are refused by name.
@@ -224,23 +231,24 @@ def ember_name(gguf_name: str, moe: bool = False) -> str | None:
     return f"{_TOP_NAMES[stem]}.{kind}" if stem in _TOP_NAMES and kind in ("weight", "bias") else None
 
 
-def gguf_state_dict(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of `f` in Ember's names and layouts, decoded to float32 and then cast to `dtype` on
-    `device` one tensor at a time (so no float32 copy of the whole model is ever held)."""
+Rows = Callable[[np.ndarray], np.ndarray]  # picks and orders the rows of a tensor that become one target
+
+
+def placements(f: GGUFFile, cfg: ModelConfig) -> dict[str, list[tuple[str, Rows]]]:
+    """For every tensor of `f`: the Ember tensors it becomes, each with the function that takes its
+    rows for it (a fused q/k/v is split, stacked experts are taken apart, llama's q/k rows are put
+    back in order). The function moves whole rows, so it serves decoded values and raw blocks alike."""
     arch = architecture(f)
-    sd: dict[str, torch.Tensor] = {}
 
-    def put(target: str, w: np.ndarray) -> None:
-        sd[target] = torch.from_numpy(np.ascontiguousarray(w)).to(device=device, dtype=dtype)
-
-    def rope_rows(w: np.ndarray, proj: str) -> np.ndarray:
+    def rope_rows(proj: str) -> Rows:
         if arch not in PERMUTED_QK or proj not in ("attn_q", "attn_k"):
-            return w
-        return unpermute_qk(w, cfg.num_attention_heads if proj == "attn_q" else cfg.num_key_value_heads)
+            return lambda w: w
+        heads = cfg.num_attention_heads if proj == "attn_q" else cfg.num_key_value_heads
+        return lambda w: unpermute_qk(w, heads)
 
     q_rows = cfg.num_attention_heads * cfg.head_dim
     kv_rows = cfg.num_key_value_heads * cfg.head_dim
+    plan: dict[str, list[tuple[str, Rows]]] = {}
     for name in f.tensors:
         if name == "output.weight" and cfg.tie_word_embeddings or name == "rope_freqs.weight":
             continue  # rope_freqs became cfg.rope_scaling
@@ -248,39 +256,124 @@ def gguf_state_dict(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.fl
         part = m.group(2) if m else None
         if part == "attn_qkv":  # q, k, v stacked by rows (gpt2)
             i, _, kind = m.groups()
-            for proj, w in zip("qkv", np.split(f.dequantize(name), [q_rows, q_rows + kv_rows])):
-                put(f"model.layers.{i}.self_attn.{proj}_proj.{kind}", rope_rows(w, f"attn_{proj}"))
+            bounds = {"q": (0, q_rows), "k": (q_rows, q_rows + kv_rows), "v": (q_rows + kv_rows, None)}
+            plan[name] = [(f"model.layers.{i}.self_attn.{proj}_proj.{kind}",
+                           lambda w, a=a, b=b, r=rope_rows(f"attn_{proj}"): r(w[a:b]))
+                          for proj, (a, b) in bounds.items()]
         elif part and part.endswith("_exps") and part.removesuffix("_exps") in _EXPERT_NAMES:
             # [experts, out, in]: one weight of every expert of a layer
-            for e, w in enumerate(f.dequantize(name)):
-                put(f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e}."
-                    f"{_EXPERT_NAMES[part.removesuffix('_exps')]}.weight", w)
+            expert = _EXPERT_NAMES[part.removesuffix("_exps")]
+            plan[name] = [(f"model.layers.{m.group(1)}.block_sparse_moe.experts.{e}.{expert}.weight",
+                           lambda w, e=e: w[e]) for e in range(int(f.tensors[name].shape[-1]))]
         else:
             target = ember_name(name, moe=cfg.num_local_experts > 0)
             if target is None:
                 raise EmberError(f"{f.path} has a tensor {name} that an Ember {cfg.model_type} model has no place "
                                  "for.")
-            put(target, rope_rows(f.dequantize(name), part or ""))
+            plan[name] = [(target, rope_rows(part or ""))]
+    return plan
+
+
+def gguf_state_dict(f: GGUFFile, cfg: ModelConfig, dtype: torch.dtype = torch.float32,
+                    device: str | torch.device = "cpu", skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of `f` in Ember's names and layouts (but the GGUF tensors named in `skip`),
+    decoded to float32 and then cast to `dtype` on `device` one tensor at a time (so no float32 copy
+    of the whole model is ever held)."""
+    sd: dict[str, torch.Tensor] = {}
+    for name, targets in placements(f, cfg).items():
+        if name in skip:
+            continue
+        values = f.dequantize(name)
+        for target, rows in targets:
+            sd[target] = torch.from_numpy(np.ascontiguousarray(rows(values))).to(device=device, dtype=dtype)
     return sd
+
+
+# Ember modules a file's blocks can become: the decoder blocks' linear layers and the LM head
+# (int4 or int8), the token table (int8 only: Ember has no int4 embedding). The MoE router and
+# gpt2's position table stay float.
+_KEEPABLE_LINEAR = re.compile(r"(model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj|"
+                              r"model\.layers\.\d+\.block_sparse_moe\.experts\.\d+\.w[123]|lm_head)\.weight$")
+_TABLE = "model.embed_tokens.weight"
+
+
+def _kept_modules(f: GGUFFile, cfg: ModelConfig, plan: dict[str, list[tuple[str, Rows]]], model: CausalLM,
+                  device: torch.device) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """The modules that keep `f`'s Q4_0, Q4_1 and Q8_0 blocks ({Ember module name: module}) and
+    the GGUF type each keeps ({module name: type name}), for the tensors whose layout maps."""
+    modules: dict[str, nn.Module] = {}
+    types: dict[str, str] = {}
+    for name, targets in plan.items():
+        t = f.tensors[name]
+        kind = t.tensor_type
+        if kind not in KEPT or not all(_KEEPABLE_LINEAR.match(target) or target == _TABLE for target, _ in targets):
+            continue
+        if any(target == _TABLE for target, _ in targets) and KEPT[kind] != "int8":
+            continue
+        raw = t.data
+        if kind != Q.Q8_0 and not q4_exact(raw, kind):
+            continue  # decoded instead: see ember.gguf.blocks
+        for target, rows in targets:
+            module_name = target.removesuffix(".weight")
+            part = rows(raw)
+            if target == _TABLE:
+                table = model.get_submodule(module_name)
+                qweight, scales = q8_to_int8(part)
+                _check_shape(f, target, (qweight.shape[0], qweight.shape[1]), tuple(table.weight.shape))
+                new: nn.Module = Int8Embedding(table.num_embeddings, table.embedding_dim, BLOCK, scales.dtype,
+                                               device="meta")
+            else:
+                linear = model.get_submodule(module_name)
+                args = (linear.in_features, linear.out_features, linear.bias is not None)
+                if kind == Q.Q8_0:
+                    qweight, scales = q8_to_int8(part)
+                    shape = (qweight.shape[0], qweight.shape[1])
+                    new = Int8Linear(*args, device="meta", group_size=BLOCK, scale_dtype=scales.dtype)
+                else:
+                    qweight, scales = q4_to_int4(part, kind)
+                    shape = (qweight.shape[0], qweight.shape[1] * 2)
+                    new = Int4Linear(*args, group_size=BLOCK, device="meta", scale_dtype=scales.dtype)
+                _check_shape(f, target, shape, tuple(linear.weight.shape))
+            new.qweight = qweight.to(device)
+            if isinstance(new, Int4Linear):
+                new.scales_and_zeros = scales.to(device)
+            else:
+                new.scales = scales.to(device)
+            modules[module_name] = new
+            types[module_name] = kind.name.lower()
+    return modules, types
+
+
+def _check_shape(f: GGUFFile, target: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+    if got != want:
+        raise EmberError(f"Tensor for {target} in {f.path} has shape {got}; the metadata implies {want}.")
 
 
 def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | None = None,
               dtype: str | torch.dtype | None = None, keep_blocks: bool = False) -> CausalLM:
-    """Load a GGUF model file into a `CausalLM` in eval mode, every tensor decoded to `dtype`.
+    """Load a GGUF model file into a `CausalLM` in eval mode.
 
-    `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header.
-    `keep_blocks=True` asks for the file's Q4_0, Q4_1 and Q8_0 blocks to become Ember's int4/int8
-    layers over the same values instead of being decoded to float (not yet: they are decoded)."""
+    `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header. Every
+    tensor is decoded to `dtype`, except with `keep_blocks=True`: then the file's Q4_0 and Q4_1
+    matrices become `Int4Linear` layers (groups of 32) and its Q8_0 matrices `Int8Linear` layers
+    (a scale per 32), over the same values as the file (see `ember.gguf.blocks`); a Q8_0 token
+    table becomes an `Int8Embedding`, which a tied LM head reads too. Other types (K-quants, Q5_x,
+    IQ, F16, BF16, F32), norms, biases and the MoE router are decoded. `model.quantization_config`
+    then names the modules kept and their GGUF types."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = gguf_config(f)
     device = pick_device(device if device is None or isinstance(device, str) else str(device))
     dtype = pick_dtype(device, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    sd = gguf_state_dict(f, cfg, dtype, device)
+    plan = placements(f, cfg)
+    kept, kept_types = _kept_modules(f, cfg, plan, model, device) if keep_blocks else ({}, {})
+    kept_sources = {name for name, targets in plan.items()
+                    if all(target.removesuffix(".weight") in kept for target, _ in targets)}
+    sd = gguf_state_dict(f, cfg, dtype, device, skip=kept_sources)
     own = model.state_dict()
     expected = set(own) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
-    missing = sorted(expected - sd.keys())
+    missing = sorted(expected - sd.keys() - {f"{name}.weight" for name in kept})
     if missing:
         raise EmberError(f"{f.path} lacks {len(missing)} tensors a {cfg.model_type} model of its metadata needs "
                          f"(e.g. {', '.join(missing[:3])}).")
@@ -290,8 +383,17 @@ def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | N
         if tuple(v.shape) != tuple(own[k].shape):
             raise EmberError(f"Tensor for {k} in {f.path} has shape {tuple(v.shape)}; the metadata implies "
                              f"{tuple(own[k].shape)}.")
+    for name, module in kept.items():
+        set_module(model, name, module)
     model.load_state_dict(sd, strict=False, assign=True)  # the decoded tensors become the parameters
+    table = model.model.embed_tokens
     if cfg.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+        if isinstance(table, Int8Embedding):
+            model.lm_head = table.head()
+            kept_types["lm_head"] = kept_types["model.embed_tokens"]
+        else:
+            model.lm_head.weight = table.weight
+    if kept:
+        model.quantization_config = {"method": "gguf", "group_size": BLOCK, "modules": kept_types}
     model.reset_buffers()
     return model.to(dtype).eval()

@@ -6,7 +6,9 @@ in 0..15; the zero point is stored as z = lo + 8 s, so w ≈ (q - 8) s + z, whic
 formula PyTorch's int4 kernels evaluate.
 
 Stored (checkpoint, portable): `qweight` uint8 [out, in/2] (column 2j in the low nibble,
-2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2]. On the CPU, where
+2j+1 in the high one) and `scales_and_zeros` bf16 [in/group, out, 2] (fp16 or fp32 for the
+blocks of a GGUF file, whose scales are kept exactly: llama.cpp's Q4_0 is s = d, z = 0 and its
+Q4_1 s = d, z = m + 8 d; see `ember.gguf.model`). On the CPU, where
 PyTorch's `aten._weight_int4pack_mm_for_cpu` runs, the weight is repacked in memory into that
 kernel's layout (which depends on the CPU's vector width; unpacked again when a state dict is
 taken) and the kernel runs with bf16 activations even for an fp32 model (its fp32 path is the
@@ -81,7 +83,7 @@ class Int4Linear(QuantLinear):
     keep_dtype = ("scales_and_zeros",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 128,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, scale_dtype: torch.dtype = torch.bfloat16) -> None:
         super().__init__(in_features, out_features, bias, device)
         check_group_size(in_features, group_size)
         self.group_size = group_size
@@ -91,7 +93,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.zeros(out_features, self.in_padded // 2, dtype=torch.uint8,
                                                     device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(self.in_padded // group_size, out_features, 2,
-                                                             dtype=torch.bfloat16, device=device))
+                                                             dtype=scale_dtype, device=device))
         self._sz_cache: tuple[torch.dtype, Tensor] | None = None
         self._register_state_dict_hook(Int4Linear._portable_state)
 
@@ -159,10 +161,13 @@ class Int4Linear(QuantLinear):
         if self.in_padded != self.in_features:
             x2 = F.pad(x2, (0, self.in_padded - self.in_features))
         # The CPU kernel's fp32-activation path is the slow one (benchmarks/quant.py), so fp32
-        # inputs run in bf16 and come back as fp32.
-        act = torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
+        # inputs run in bf16 and come back as fp32 where the scales are bf16 anyway. The kernel
+        # takes the scales in the activations' dtype: it serves only where they convert exactly.
+        sz_dtype = self.scales_and_zeros.dtype
+        bf16_scales = sz_dtype == torch.bfloat16 and x.device.type == "cpu"
+        act = torch.bfloat16 if x.dtype == torch.float32 and bf16_scales else x.dtype
         needs_grad = torch.is_grad_enabled() and x.requires_grad  # PyTorch's int4 kernel has no backward
-        if not needs_grad and self._use_layout_for(x.device, act):
+        if not needs_grad and act in (torch.float32, sz_dtype) and self._use_layout_for(x.device, act):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(act).contiguous(), self.qweight, self.group_size,
                                                            self._sz(act)).to(x.dtype)
         else:

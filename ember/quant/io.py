@@ -31,6 +31,10 @@ def save_quantized(model: nn.Module, tokenizer: Any, path: str | Path) -> Path:
     qcfg = getattr(model, "quantization_config", None)
     if not qcfg:
         raise EmberError("The model is not quantized; use ember.save_pretrained for plain models.")
+    if qcfg.get("method") == "gguf":
+        raise EmberError("The model keeps a GGUF file's quantized blocks, which Ember does not save as a quantized "
+                         "checkpoint; load the file with an explicit quantization= (it is then decoded and "
+                         "quantized by Ember), or write it out with `ember convert` and quantize that directory.")
     path = Path(path)
     sd = quantized_state_dict(model)
     hf = model.config.to_hf()

@@ -250,7 +250,7 @@ def run_dpo(model_dir: str | Path, data: str | Path, out_dir: str | Path, train_
     dev = pick_device(device)
     tok = load_tokenizer(model_dir)
     torch.manual_seed(train_cfg.seed)
-    model = load_model(model_dir, device=str(dev), dtype=torch.float32)
+    model = load_model(model_dir, device=str(dev), dtype=torch.float32, keep_blocks=False)
     if cfg.max_length > model.config.max_position_embeddings:
         cfg.max_length = model.config.max_position_embeddings
     loaded = load_preferences(data)

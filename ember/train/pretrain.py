@@ -86,7 +86,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
         data.check_split(split, train_config.block_size)
     torch.manual_seed(train_config.seed)
     if init_from is not None and not resume:
-        model = load_model(init_from, device=str(dev), dtype=torch.float32)
+        model = load_model(init_from, device=str(dev), dtype=torch.float32, keep_blocks=False)
     else:
         model = CausalLM(model_config).to(dev)
     cfg = train_config

@@ -156,7 +156,7 @@ def run_reward_model(model_dir: str | Path, data: str | Path, out_dir: str | Pat
     dev = pick_device(device)
     tok = load_tokenizer(model_dir)
     torch.manual_seed(train_cfg.seed)
-    base = load_model(model_dir, device=str(dev), dtype=torch.float32)
+    base = load_model(model_dir, device=str(dev), dtype=torch.float32, keep_blocks=False)
     model = RewardModel(base.config, backbone=base)
     max_length = min(max_length, base.config.max_position_embeddings)
     loaded = load_preferences(data)

@@ -255,7 +255,7 @@ def run_ppo(policy_dir: str | Path, prompts_file: str | Path, out_dir: str | Pat
     """`ember ppo`: policy dir + prompts + (reward model | rule) -> OUT/model and curves."""
     dev = pick_device(device)
     tok = load_tokenizer(policy_dir)
-    policy = load_model(policy_dir, device=str(dev), dtype=torch.float32)
+    policy = load_model(policy_dir, device=str(dev), dtype=torch.float32, keep_blocks=False)
     prompts = load_prompts(prompts_file)
     train_p, eval_p = split_pairs(prompts, eval_fraction, cfg.seed)
     reward_fn, rm = None, None

@@ -120,7 +120,7 @@ def make_loss_fn(packed: bool):
 
 def _load(model_dir: Path, method: str, lora: LoraConfig | None, device: torch.device,
           log: Any) -> nn.Module:
-    model = load_model(model_dir, device=str(device), dtype=torch.float32)
+    model = load_model(model_dir, device=str(device), dtype=torch.float32, keep_blocks=False)
     if method == "full":
         log(f"full fine-tuning: {model.num_parameters():,} parameters train")
         return model
