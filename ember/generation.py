@@ -55,11 +55,17 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
     early = SamplingRows([params], [generator], [penalties], banned=[sorted(stop)], device=device) if (
         params.min_tokens and stop) else rows
 
+    # Greedy without penalties is the logits' argmax (the sampler's own greedy result, as it
+    # computes no logprobs here): taken directly, not through the sampler's steps. Not while
+    # stop tokens are banned (before min_tokens).
+    argmax_only = params.greedy and penalties is None
+
     logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, last_only=True)[:, -1]
     # After the prefill, which fills the layers' lazy caches (e.g. int4 kernel scales).
     structure = structure_key(model) if compile else 0
     for i in range(max_new_tokens):
-        token = sample(logits, early if i < params.min_tokens else rows).token_ids
+        current = early if i < params.min_tokens else rows
+        token = logits.argmax(dim=-1) if argmax_only and current is rows else sample(logits, current).token_ids
         tok = int(token.item())
         yield tok
         if tok in stop:

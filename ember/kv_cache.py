@@ -69,9 +69,10 @@ class KVCache:
         end = start + T
         if end > self.max_len:
             raise RuntimeError(f"KV cache holds {self.max_len} tokens; step needs {end}")
-        self.k[layer][:, :, start:end] = k
-        self.v[layer][:, :, start:end] = v
-        keys, values = self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        cached_k, cached_v = self.k[layer], self.v[layer]
+        cached_k.narrow(2, start, T).copy_(k)
+        cached_v.narrow(2, start, T).copy_(v)
+        keys, values = cached_k.narrow(2, 0, end), cached_v.narrow(2, 0, end)
         window = self.sliding_window
         if T == 1 and (window is None or end <= window):
             return decode_attention(q, keys, values)  # one new token sees everything cached

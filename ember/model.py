@@ -52,10 +52,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 for stability under bf16, as the reference implementations do.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # Normalise in float32 for stability under bf16, as the reference implementations do:
+        # the normalised input is rounded to x's dtype before the weight multiplies it. In float32
+        # nothing is rounded in between, so the weight goes into PyTorch's one op.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, None, self.eps).to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -86,20 +88,24 @@ def rope_inv_freq(cfg: ModelConfig) -> Tensor:
 
 
 def rope_cos_sin(inv_freq: Tensor, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos/sin tables for `positions` ([T] or [B, T]), shaped to broadcast over heads."""
+    """cos and signed sin tables for `positions` ([T] or [B, T]), shaped to broadcast over heads:
+    cos(angle) over both halves of a head, -sin(angle) over its first half and sin(angle) over its
+    second, as `apply_rope` takes them (made once a forward, for every layer)."""
     angles = positions.float()[..., None] * inv_freq.float()  # [..., T, D/2]
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    sin = angles.sin()
+    cos, sin = torch.cat((angles.cos(),) * 2, dim=-1).to(dtype), torch.cat((-sin, sin), dim=-1).to(dtype)
     if positions.dim() == 2:  # [B, T, D] -> [B, 1, T, D]
         cos, sin = cos[:, None], sin[:, None]
     return cos, sin
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (the HF/Llama layout)."""
+    """Rotate pairs (x_i, x_{i+D/2}) by position-dependent angles (the HF/Llama layout):
+    x cos + (x_{D/2..}, x_{..D/2}) (-sin, sin), the halves swapped by one flip and the sign in
+    `sin` (`rope_cos_sin`), so a rotation is three operations."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    swapped = x.unflatten(-1, (2, half)).flip(-2).flatten(-2)
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 # --- attention -------------------------------------------------------------------------

@@ -118,3 +118,82 @@ def test_contiguous_cache_decodes_through_the_attention_kernel_with_sdpas_result
             sdpa = steps(static)
         assert not (len(calls) > 10 * cfg.num_hidden_layers)
         assert (kernel - sdpa).abs().max() <= tol * sdpa.abs().max()
+
+
+@pytest.mark.slow  # two torch.compile runs of a tiny model
+@pytest.mark.parametrize("kind", ["int4", "bf16"])
+def test_compiled_greedy_matches_eager_on_a_prepared_model_through_the_kernels(kind):
+    """A model prepared for inference (fused q/k/v and gate/up, Ember's int4 or float kernel
+    layers, a tied head) decodes the same greedy tokens compiled as eagerly, and the compiled
+    graph runs every one of its products and attentions in Ember's kernels, not a fallback."""
+    need_kernel()
+    from torch.profiler import profile
+
+    from ember.compiled_step import compiled_decode_step, structure_key
+    from ember.cpu_inference import prepare_for_inference
+    from ember.generation import generate_ids
+    from ember.quant import quantize_model
+
+    torch.manual_seed(0)
+    # A larger init than training's spreads the logits: greedy choices are not near-ties.
+    cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, tie_word_embeddings=True, initializer_range=0.2)
+    model = CausalLM(cfg).eval()
+    model = quantize_model(model, "int4", group_size=32) if kind == "int4" else model.to(torch.bfloat16)
+    prepare_for_inference(model)
+    prompt = torch.randint(0, 96, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    eager = list(generate_ids(model, prompt, params))
+    assert list(generate_ids(model, prompt, params, compile=True)) == eager
+
+    dtype = model.model.embed_tokens.weight.dtype
+    step = compiled_decode_step("cpu")
+    with torch.inference_mode():  # the cache made as the generator makes it: the same graph
+        cache = StaticKVCache(cfg, cfg.max_position_embeddings, dtype=dtype)
+        model(torch.tensor([prompt]), cache=cache)
+        with profile() as prof:
+            step(model, cache, torch.tensor([[eager[0]]]), cache.next_position(), structure_key(model))
+    # One entry a call: the profiler also records an op's inner dispatches under its own name.
+    calls = [e.name for e in prof.events() if e.name.startswith("ember_gemv::")
+             and (e.cpu_parent is None or e.cpu_parent.name != e.name)]
+    layers = cfg.num_hidden_layers
+    # Per layer: q/k/v, o, gate/up and down; then the (float, tied) head; one attention a layer.
+    product = "ember_gemv::gemv_int4" if kind == "int4" else "ember_gemv::gemv"
+    assert calls.count(product) + calls.count("ember_gemv::gemv") * (kind == "int4") == 4 * layers + 1
+    assert calls.count("ember_gemv::decode_attention") == layers
+
+
+def test_greedy_generation_takes_the_argmax_without_the_sampler(monkeypatch):
+    """Greedy decoding without penalties is the argmax of each step's logits, taken directly;
+    the sampler still runs while stop tokens are banned (before min_tokens), and gives the same
+    tokens where both apply."""
+    import ember.generation as generation
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=128, initializer_range=0.2)
+    model = CausalLM(cfg).eval()
+    prompt = [5, 9, 2, 77, 31]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    sampled = list(generation.generate_ids(model, prompt, params))  # reference, before patching
+
+    # The reference, step by step from the model's own logits: argmax of each.
+    cache = KVCache(cfg, 1, 32)
+    expected = []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache=cache, last_only=True)[:, -1]
+        for _ in range(12):
+            expected.append(int(logits.argmax()))
+            logits = model(torch.tensor([[expected[-1]]]), cache=cache, last_only=True)[:, -1]
+    assert sampled == expected
+
+    real_sample, calls = generation.sample, []
+    monkeypatch.setattr(generation, "sample", lambda *a, **k: calls.append(1) or real_sample(*a, **k))
+    assert list(generation.generate_ids(model, prompt, params)) == expected
+    assert calls == []
+    stop = expected[5]  # banned for the first 3 tokens only: there the sampler runs
+    banned = SamplingParams(max_tokens=12, temperature=0.0, min_tokens=3)
+    list(generation.generate_ids(model, prompt, banned, stop_ids=(stop,)))
+    assert len(calls) == 3
