@@ -871,7 +871,13 @@ void attention_jobs(const T* qp, int64_t B, int64_t H, int64_t Hkv, int64_t D, i
                     bool visible_per_row, float* out, CacheOf&& cache_of) {
   const int64_t G = H / Hkv, jobs = B * Hkv;
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(jobs * Tk / 256)));
+  // Threads by the positions actually attended, not the cache's length: a static cache is mostly
+  // empty early on, and waking a thread team costs more than a few dozen positions.
+  const int64_t mask_len = visible_per_row ? B * Tk : Tk;
+  int64_t attended = 0;
+  for (int64_t i = 0; i < mask_len; ++i) attended += visible[i] != 0;
+  if (!visible_per_row) attended *= B;
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(Hkv * attended / 256)));
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scores;
