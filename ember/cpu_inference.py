@@ -145,7 +145,7 @@ class Int4KernelLinear(Int4Linear):
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Int4Linear's
         super().__init__(*args, **kwargs)
-        self._kernel_sz: tuple[Tensor, Tensor] | None = None  # fp32 [out, groups]: s and z - 8s
+        self._kernel_sz: tuple[Tensor, Tensor] | None = None  # [out, groups]: s and z - 8s (kernel_scales)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
         self._kernel_sz = None
@@ -165,10 +165,16 @@ class Int4KernelLinear(Int4Linear):
                 and (self.group_size == 32 or self.group_size % 64 == 0))
 
     def kernel_scales(self) -> tuple[Tensor, Tensor]:
-        """fp32 [out, groups] scale s and offset z - 8 s, as the kernel takes them (made once)."""
+        """[out, groups] scale s and offset z - 8 s, as the kernel takes them (made once): fp16 where
+        every value is exact in fp16 (a GGUF file's Q4_0 d and -8 d, Q4_1 d and m), so the kernel reads
+        the block scales at the file's own 4 bytes a group; fp32 otherwise."""
         if self._kernel_sz is None or self._kernel_sz[0].device != self.qweight.device:
             sz = self.scales_and_zeros.float()
-            self._kernel_sz = (sz[..., 0].t().contiguous(), (sz[..., 1] - 8 * sz[..., 0]).t().contiguous())
+            scale, offset = sz[..., 0].t().contiguous(), (sz[..., 1] - 8 * sz[..., 0]).t().contiguous()
+            half = scale.half(), offset.half()
+            if all(torch.equal(h.float(), f) for h, f in zip(half, (scale, offset))):
+                scale, offset = half
+            self._kernel_sz = (scale, offset)
         return self._kernel_sz
 
     def forward(self, x: Tensor) -> Tensor:

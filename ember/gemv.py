@@ -168,8 +168,8 @@ def gemv(x: Tensor, weight: Tensor, scale: Tensor | None = None, bias: Tensor | 
 def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: int,
               bias: Tensor | None = None) -> Tensor:
     """`F.linear` with group-wise int4 weights (ember/quant/int4.py's portable layout): x [..., K]
-    (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], fp32
-    `scale` and `offset` [N, K/group] (a group's s and z - 8s), plus `bias`; returns [..., N]."""
+    (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], `scale` and
+    `offset` [N, K/group] (a group's s and z - 8s; both fp32 or both fp16), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
 
 

@@ -224,6 +224,29 @@ def test_int4_weights_times_rows_within_the_activation_rounding(group, rows):
     assert err.max() > 0  # really the integer path
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_int4_fp16_scales_give_the_fp32_scales_result_exactly(group):
+    """The kernel reads fp16 scales and offsets (a GGUF file's block scales) by widening them to
+    fp32, so values exact in fp16 give what the same values in fp32 give. Not bit for bit: the
+    compiler may fuse a multiply-add in one instantiation and not the other (one rounding more or
+    less per group), so the two agree to a few fp32 ulps of the output's magnitude (8 allowed)."""
+    torch.manual_seed(group)
+    k, n = 256, 48
+    q = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    scale = (torch.rand(n, k // group) * 0.1 + 0.01).half()
+    offset = (torch.randn(n, k // group) * 0.5).half()
+    x = torch.randn(3, k)
+    with torch.inference_mode():
+        half = gemv.gemv_int4(x, q, scale, offset, group)
+        single = gemv.gemv_int4(x, q, scale.float(), offset.float(), group)
+    torch.testing.assert_close(half, single, rtol=0, atol=8 * 2**-23 * single.abs().max().item())
+    assert not torch.equal(half, torch.zeros_like(half))
+    wrong = gemv.gemv_int4(x, q, scale, (offset.float() + 0.01).half(), group)  # the offsets are read
+    assert (wrong - single).abs().max() > 1e-3
+    with pytest.raises(RuntimeError, match="all fp32 or all fp16"):
+        gemv.gemv_int4(x, q, scale, offset.float(), group)
+
+
 def test_int4_layer_leaves_inputs_that_need_a_gradient_to_pytorch():
     layer = Int4KernelLinear.of(Int4Linear.from_linear(torch.nn.Linear(128, 32), 64))
     x = torch.randn(2, 128, requires_grad=True)

@@ -129,11 +129,12 @@ def test_layers_of_one_type_fuse_and_of_mixed_types_do_not(tmp_path, monkeypatch
     assert type(model.lm_head) is Int8KernelLinear
     assert model.lm_head.qweight.data_ptr() == model.model.embed_tokens.qweight.data_ptr()
     # Ember's int4 kernel takes s and z - 8 s; for Q4_1, z = m + 8 d is exact in fp32, so the kernel's
-    # offset is the file's m itself, not a rounding of it.
+    # offset is the file's m itself, not a rounding of it, and it reads it as the file stores it (fp16).
     raw = GGUFFile(path).tensors["blk.0.attn_output.weight"].data
     m = np.ascontiguousarray(raw.reshape(raw.shape[0], -1, 20)[..., 2:4]).view(np.float16)[..., 0]
     scale, offset = model.model.layers[0].self_attn.o_proj.kernel_scales()
-    assert torch.equal(offset, torch.from_numpy(m.astype(np.float32)))
+    assert offset.dtype == scale.dtype == torch.float16
+    assert torch.equal(offset, torch.from_numpy(m))
     monkeypatch.setattr(test_gguf, "TYPES", [Q.Q4_0, Q.Q4_1])  # q Q4_0, k Q4_1: scales fp16 and fp32
     g, meta = test_gguf._llama_like("llama", True)
     model, _ = _pair(g.write(tmp_path / "mixed.gguf", meta))

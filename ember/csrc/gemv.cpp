@@ -419,32 +419,39 @@ inline __m256i block_dot_i4(const uint8_t* p, const int16_t* xqp) {
   return _mm256_add_epi32(a, b);
 }
 
+// int4 scales and offsets come as fp32, or as fp16 bits (a GGUF file's own block scales, read at
+// half the bytes); either way they are used as fp32.
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t bits) { return _cvtsh_ss(bits); }
+
 // A row's zero-point term, sum_g (z_g - 8 s_g) X_g (see above), shared by both int4 kernels.
-inline float zero_points(const float* offset, const float* xsum, int64_t G) {
+template <typename S>
+inline float zero_points(const S* offset, const float* xsum, int64_t G) {
   float total = 0.f;
-  for (int64_t g = 0; g < G; ++g) total += offset[g] * xsum[g];
+  for (int64_t g = 0; g < G; ++g) total += as_float(offset[g]) * xsum[g];
   return total;
 }
 
 // y[m, n] for rows [n0, n1) of w and every activation row m (M of them): each weight row is
 // read from memory once and from L1 for the other M - 1 activation rows. scale and offset are
 // [N, G] (s and z - 8 s); xqp [M, K] in int4_order, xsum [M, G], xscale [M].
+template <typename S>
 void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const float* xscale,
-                 const float* scale, const float* offset, float* y, int64_t M, int64_t N, int64_t K,
+                 const S* scale, const S* offset, float* y, int64_t M, int64_t N, int64_t K,
                  int64_t group, int64_t n0, int64_t n1) {
   constexpr int64_t kPrefetch = kPrefetchBytes;
   const int64_t G = K / group;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * (K / 2);
-    const float* s = scale + n * G;
-    const float* off = offset + n * G;
+    const S* s = scale + n * G;
+    const S* off = offset + n * G;
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* xm = xqp + m * K;
       __m256 acc = _mm256_setzero_ps();
       if (group == 32) {  // two groups per 64-column block: one scale per 128-bit half
         for (int64_t c = 0; c < K; c += 64) {
           if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(row + c / 2 + kPrefetch), _MM_HINT_T0);
-          const __m256 sv = _mm256_set_m128(_mm_set1_ps(s[c / 32 + 1]), _mm_set1_ps(s[c / 32]));
+          const __m256 sv = _mm256_set_m128(_mm_set1_ps(as_float(s[c / 32 + 1])), _mm_set1_ps(as_float(s[c / 32])));
           acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(block_dot_i4(row + c / 2, xm + c)), sv, acc);
         }
       } else {  // group is a multiple of 64
@@ -454,7 +461,7 @@ void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const 
             if (m == 0) _mm_prefetch(reinterpret_cast<const char*>(row + c / 2 + kPrefetch), _MM_HINT_T0);
             ai = _mm256_add_epi32(ai, block_dot_i4(row + c / 2, xm + c));
           }
-          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(s[g]), acc);
+          acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ai), _mm256_set1_ps(as_float(s[g])), acc);
         }
       }
       y[m * N + n] = horizontal_sum(acc) * xscale[m] + zero_points(off, xsum + m * G, G);
@@ -468,17 +475,18 @@ void rows_dot_i4(const uint8_t* w, const int16_t* xqp, const float* xsum, const 
 // each 16-bit element alike), and `vpdpwssd` multiplies, adds pairs and accumulates in one
 // instruction. xq is int4_order with each 128 columns interleaved to match: the first 16-value
 // chunk of both blocks, then the second of both, and so on (int4_order_512).
+template <typename S>
 __attribute__((target("avx512f,avx512bw,avx512vnni")))
 void rows_dot_i4_vnni(const uint8_t* w, const int16_t* xq, const float* xsum, const float* xscale,
-                      const float* scale, const float* offset, float* y, int64_t M, int64_t N, int64_t K,
+                      const S* scale, const S* offset, float* y, int64_t M, int64_t N, int64_t K,
                       int64_t group, int64_t n0, int64_t n1) {
   constexpr int64_t kPrefetch = kPrefetchBytes;
   const int64_t G = K / group;
   const __m512i nib = _mm512_set1_epi8(0x0F), low_byte = _mm512_set1_epi16(0x00FF);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * (K / 2);
-    const float* s = scale + n * G;
-    const float* off = offset + n * G;
+    const S* s = scale + n * G;
+    const S* off = offset + n * G;
     for (int64_t m = 0; m < M; ++m) {
       const int16_t* xm = xq + m * K;
       __m512 acc = _mm512_setzero_ps();
@@ -495,7 +503,7 @@ void rows_dot_i4_vnni(const uint8_t* w, const int16_t* xq, const float* xsum, co
           a3 = _mm512_dpwssd_epi32(a3, _mm512_srli_epi16(hi, 8), _mm512_loadu_si512(xc + 96));
         }
         const __m512i ai = _mm512_add_epi32(_mm512_add_epi32(a0, a1), _mm512_add_epi32(a2, a3));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_set1_ps(s[g]), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai), _mm512_set1_ps(as_float(s[g])), acc);
       }
       y[m * N + n] = _mm512_reduce_add_ps(acc) * xscale[m] + zero_points(off, xsum + m * G, G);
     }
@@ -799,8 +807,8 @@ torch::Tensor gemv(const torch::Tensor& x, const torch::Tensor& w, const c10::op
 }
 
 // x [..., K] (M rows in all; fp32, bf16 or fp16) times each of qweights, uint8 [N_i, K / 2] (two
-// columns a byte, the even one low), with scales and offsets fp32 [N_i, K / group] (s and z - 8 s
-// of every group; group 32 or a multiple of 64, K a multiple of 64), biases[i] [N_i] or None.
+// columns a byte, the even one low), with scales and offsets fp32 or fp16 [N_i, K / group] (s and
+// z - 8 s of every group; group 32 or a multiple of 64, K a multiple of 64), biases[i] [N_i] or None.
 // Returns [..., sum of N_i] in x's dtype, the matrices' products side by side (see gemv_many).
 torch::Tensor gemv_int4_many(const torch::Tensor& x, const std::vector<torch::Tensor>& qweights,
                              const std::vector<torch::Tensor>& scales, const std::vector<torch::Tensor>& offsets,
@@ -816,8 +824,10 @@ torch::Tensor gemv_int4_many(const torch::Tensor& x, const std::vector<torch::Te
     TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte && w.size(1) * 2 == K && K % 64 == 0,
                 "gemv_int4: qweight must be contiguous uint8 [N, K / 2] with K % 64 == 0");
     TORCH_CHECK(s.sizes() == o.sizes() && s.dim() == 2 && s.size(0) == w.size(0) && s.size(1) == G &&
-                s.scalar_type() == at::kFloat && o.scalar_type() == at::kFloat && s.is_contiguous() &&
-                o.is_contiguous(), "gemv_int4: scale and offset must be contiguous fp32 [N, K / group]");
+                (s.scalar_type() == at::kFloat || s.scalar_type() == at::kHalf) &&
+                o.scalar_type() == scales[0].scalar_type() && s.scalar_type() == scales[0].scalar_type() &&
+                s.is_contiguous() && o.is_contiguous(),
+                "gemv_int4: scale and offset must be contiguous [N, K / group], all fp32 or all fp16");
   }
   const Stack stack(qweights);
   const int64_t M = x.numel() / K;
@@ -840,10 +850,14 @@ torch::Tensor gemv_int4_many(const torch::Tensor& x, const std::vector<torch::Te
   std::vector<float> yf(M * N);
   stack.split([&](size_t i, int64_t a, int64_t b) {
     const uint8_t* w = qweights[i].data_ptr<uint8_t>();
-    const float *s = scales[i].data_ptr<float>(), *o = offsets[i].data_ptr<float>();
     float* y = yf.data() + stack.start[i];
-    if (vnni) rows_dot_i4_vnni(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
-    else rows_dot_i4(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
+    auto run = [&](const auto* s, const auto* o) {
+      if (vnni) rows_dot_i4_vnni(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
+      else rows_dot_i4(w, xqp.data(), xsum.data(), xscale.data(), s, o, y, M, N, K, group, a, b);
+    };
+    if (scales[i].scalar_type() == at::kFloat) run(scales[i].data_ptr<float>(), offsets[i].data_ptr<float>());
+    else run(reinterpret_cast<const uint16_t*>(scales[i].data_ptr<at::Half>()),
+             reinterpret_cast<const uint16_t*>(offsets[i].data_ptr<at::Half>()));
   });
   return output_rows(x, stack.start, yf, biases);
 }
