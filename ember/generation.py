@@ -38,8 +38,7 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
     ctx = context_length(model)
     check_prompt_ids(prompt_ids, model.config.vocab_size, ctx)
     max_new_tokens = min(params.max_tokens, ctx - len(prompt_ids))
-    weight = model.model.embed_tokens.weight  # not the head's: a quantized head would dequantize
-    device, dtype = weight.device, weight.dtype
+    device, dtype = model.device, model.dtype
     generator = seeded_generator(params.seed, device) if params.seed is not None else None
     penalties = PenaltyTracker(params, prompt_ids, model.config.vocab_size, device) if params.has_penalties else None
     rows = SamplingRows([params], [generator], [penalties], device=device)

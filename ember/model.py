@@ -288,9 +288,19 @@ class CausalLM(nn.Module):
             if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (read off the final norm: a quantized layer's `.weight` dequantizes)."""
+        return self.model.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype activations run in (the final norm's; quantized layers compute in it too)."""
+        return self.model.norm.weight.dtype
+
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
-        device = self.lm_head.weight.device
+        device = self.device
         self.rope_inv_freq = (rope_inv_freq(self.config) if self.config.uses_rope
                               else torch.empty(0)).to(device)
 

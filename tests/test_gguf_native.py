@@ -253,3 +253,18 @@ def test_load_model_decodes_for_training_when_told(tmp_path):
     assert not any(isinstance(m, (Int4Linear, Int8Linear, Int8Embedding)) for m in model.modules())
     with pytest.raises(EmberError, match="needs its weights decoded"):
         load_model(path, device="cpu", quantization="int4", keep_blocks=True)
+
+
+def test_loading_and_generating_never_decode_a_whole_quantized_matrix(tmp_path, monkeypatch):
+    """A kept-block model reads its device and dtype off a norm, not off a quantized layer's `.weight`
+    (which decodes the whole matrix: the token table of a real model is 113 MB in fp32). Prepared,
+    every product runs in the kernels; only an unprepared grouped layer decodes (its fallback)."""
+    need_kernel()
+    _, path = _file("llama", True, tmp_path)
+    decoded = []
+    for kind in (Int8Linear, Int8Embedding, Int4Linear):
+        monkeypatch.setattr(kind, "dequantize", lambda self, *a, **k: decoded.append(type(self)) or 1 / 0)
+    model = prepare_for_inference(load_gguf(path, "cpu", torch.float32, keep_blocks=True))
+    with torch.inference_mode():
+        out = list(generate_ids(model, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0)))
+    assert len(out) == 4 and decoded == []

@@ -49,8 +49,7 @@ class RewardModel(nn.Module):
         self.config = cfg
         self.model = backbone.model
         self.register_buffer("rope_inv_freq", backbone.rope_inv_freq, persistent=False)
-        weight = backbone.model.embed_tokens.weight
-        self.score = nn.Linear(cfg.hidden_size, 1, bias=False, device=weight.device, dtype=weight.dtype)
+        self.score = nn.Linear(cfg.hidden_size, 1, bias=False, device=backbone.device, dtype=backbone.dtype)
         nn.init.normal_(self.score.weight, std=cfg.initializer_range)
 
     def forward(self, input_ids: Tensor, last_index: Tensor | None = None) -> Tensor:
