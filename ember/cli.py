@@ -334,7 +334,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
             raise EmberError("--prompt-ids must be comma-separated integers, e.g. 1,2,3.") from None
         print(tok.decode(ids), end="", flush=True)
     else:
-        ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
+        ids = tok.encode(a.prompt, allowed_special="all", add_bos=bool(getattr(tok, "add_bos_token", False)))
         print(a.prompt, end="", flush=True)
     for piece in stream_text(model, tok, ids, params, compile=a.compile):
         print(piece, end="", flush=True)

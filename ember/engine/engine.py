@@ -187,7 +187,9 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise EmberError("A text prompt needs a tokenizer; pass token ids instead.")
-            ids = self.tokenizer.encode(prompt, add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))
+            # A raw prompt's special-token text becomes the special ids, as transformers encodes it.
+            ids = self.tokenizer.encode(prompt, allowed_special="all",
+                                        add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))
             text = prompt
         else:
             ids, text = [int(t) for t in prompt], None

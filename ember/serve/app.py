@@ -65,8 +65,12 @@ class ServerState:
                            param="model", code="model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A raw prompt's ids. Special-token text in it becomes the special ids (as transformers,
+        vLLM and llama.cpp tokenize a prompt): a completion prompt is the caller's own, template
+        markers included. Chat message content is fenced instead (`chat_ids`)."""
         tok = self.tokenizer
-        return tok.encode(text, add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+        return tok.encode(text, allowed_special="all",
+                          add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
 
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
@@ -300,11 +304,9 @@ async def tokenize(req: TokenizeRequest, server: ServerState = Depends(server_st
     server.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
-    tok = server.tokenizer
-    # Special-token strings in the text become their ids here (as HF and vLLM tokenize), so a
-    # client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
-    ids = (tok.encode(req.prompt, allowed_special="all",
-                      add_bos=req.add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+    # Special-token strings in the text become their ids here (as a completion prompt's do), so
+    # a client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
+    ids = (server.encode(req.prompt, req.add_special_tokens)
            if req.prompt is not None else server.chat_ids(req.messages, req.add_generation_prompt))
     return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
 
