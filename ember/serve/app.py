@@ -450,5 +450,6 @@ def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int =
           max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
+    print(llm.pool_size.describe(), flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
