@@ -82,12 +82,14 @@ class ServerState:
             raise APIError(400, str(e), param="messages") from None
 
 
-def server_state(request: Request) -> ServerState:
+# The dependencies are coroutines: FastAPI runs a plain function dependency in a worker thread,
+# two thread hand-offs a request for what is an attribute read.
+async def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def require_key(request: Request, authorization: str | None = Header(None)) -> None:
-    api_key = server_state(request).api_key
+async def require_key(request: Request, authorization: str | None = Header(None)) -> None:
+    api_key = request.app.state.server.api_key
     if api_key is None:
         return
     # compare_digest: the time taken does not reveal how much of the key matched
