@@ -14,8 +14,6 @@ import asyncio
 import base64
 import hmac
 import json
-import signal
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,7 +34,6 @@ from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, Completion
                                   EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
                                   reject_unsupported, resolve_max_tokens, sampling_params, usage)
 
-HTTP_CLEANUP_WAIT_S = 1.0  # after the app shut down, for the HTTP thread to finish on its own
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
 
@@ -395,7 +392,7 @@ async def metrics(server: ServerState = Depends(server_state)) -> PlainTextRespo
 # --- the application -----------------------------------------------------------------------------
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The engine loop runs while the application does (on its own thread unless `serve` runs it)."""
+    """The engine thread runs while the application does."""
     engine = app.state.server.engine
     engine.start()
     yield
@@ -457,40 +454,4 @@ def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int =
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(llm.pool_size.describe(), flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
-    if threading.current_thread() is not threading.main_thread():  # signals are the main thread's
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-        return
-    engine: AsyncEngine = app.state.engine
-    engine.runs_on_caller = True  # the model runs here, on the thread that loaded it (see async_engine)
-    http = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5))
-
-    def serve_http() -> None:
-        try:
-            http.run()  # off the main thread uvicorn installs no signal handlers: ours below stop it
-        finally:
-            engine.stop()  # a server that could not start, or that stopped, ends the engine loop too
-
-    received: list[int] = []
-
-    def shut_down(signum: int, frame: Any) -> None:
-        if http.should_exit:  # a second Ctrl+C: do not wait for open streams
-            http.force_exit = True
-        http.should_exit = True
-        received.append(signum)
-
-    previous = {sig: signal.signal(sig, shut_down) for sig in (signal.SIGINT, signal.SIGTERM)}
-    thread = threading.Thread(target=serve_http, name="ember-http", daemon=True)
-    thread.start()
-    try:
-        engine.run()
-    finally:
-        http.should_exit = True
-        # The engine loop ends once the app has shut down; what may remain is asyncio's cleanup of
-        # cancelled streams, which the process's exit ends as well.
-        thread.join(timeout=HTTP_CLEANUP_WAIT_S)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if not http.started:
-        raise EmberError(f"The server could not start on {host}:{port}; the lines above say why.")
-    if received:  # end the way the signal asks, as uvicorn does on the main thread
-        signal.raise_signal(received[0])
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,12 +1,5 @@
 """The engine loop: one thread owns the `LLM`; HTTP handlers talk to it through an inbox.
 
-`ember serve` runs this loop on the main thread, the one that loaded the model, and the HTTP
-server on a second one: the OpenMP workers that run the model's kernels then belong to the only
-thread team in the process, and keep spinning between kernels instead of sleeping (OpenMP
-runtimes shorten spin-waits once a process has more worker threads than CPUs, which a second
-team brings about; a sleeping worker is woken once per kernel, hundreds of times a token).
-`start()` runs the loop on a thread of its own instead, for an application that embeds the app.
-
 The engine is not thread-safe, so handlers never call it. They put requests and aborts in
 an inbox; the loop thread drains the inbox, runs `step()`, and hands the step's snapshots to
 the asyncio queues of their streams with one `loop.call_soon_threadsafe` a step (one wake-up
@@ -113,16 +106,12 @@ class AsyncEngine:
         self._tracked: dict[str, _Tracked] = {}  # engine thread only
         self._stopped = False
         self._thread: threading.Thread | None = None
-        self.runs_on_caller = False  # set before the app starts when the caller will call run() itself
         self.gauges: dict[str, Any] = {}
         self._publish()
 
     # --- called from the event loop --------------------------------------------------------
     def start(self) -> None:
-        """Run the loop on a thread of its own (nothing to do when the caller runs it)."""
-        if self.runs_on_caller:
-            return
-        self._thread = threading.Thread(target=self.run, name="ember-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="ember-engine", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -164,8 +153,7 @@ class AsyncEngine:
         stream.unfinished.clear()
 
     # --- the engine thread -----------------------------------------------------------------
-    def run(self) -> None:
-        """The loop: admit and abort what the handlers queued, step, hand out the outputs; until stop()."""
+    def _run(self) -> None:
         llm = self.llm
         while True:
             with self._lock:
