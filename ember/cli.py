@@ -48,12 +48,15 @@ SAMPLING_DEFAULTS = {"max_tokens": 128, "temperature": 0.8, "top_p": 0.95}
 ENGINE_HELP = {
     "block_size": "tokens per KV-cache block",
     "num_kv_blocks": "KV pool size in blocks (overrides --kv-cache-memory)",
-    "kv_cache_memory": "KV pool size, e.g. 2GB (default: 1GB on CPU, 90% of free GPU memory)",
+    "kv_cache_memory": "cap on the KV pool, e.g. 2GB: the pool holds --max-num-seqs sequences of --max-model-len "
+                       "tokens within it, and never less than one full-length sequence (default: 256MB on CPU, "
+                       "90% of free GPU memory)",
     "max_num_batched_tokens": "token budget per engine step",
     "max_num_seqs": "sequences in the running batch at most",
     "enable_prefix_caching": "reuse the KV blocks of prompts' shared prefixes",
     "enable_chunked_prefill": "split long prompts across steps so running sequences keep decoding",
-    "max_model_len": "longest prompt + output (default: the model's context)",
+    "max_model_len": "longest prompt + output (default: the model's context, e.g. a GGUF file's context_length, "
+                     "cut to what half the available memory holds but not below 4096 tokens)",
     "speculative": "speculative decoding: prompt lookup (ngram) or a small draft model with the same tokenizer "
                    "(draft:DIR)",
     "num_speculative_tokens": "tokens guessed per step",
@@ -364,7 +367,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
             raise EmberError("--prompt-ids must be comma-separated integers, e.g. 1,2,3.") from None
         print(tok.decode(ids), end="", flush=True)
     else:
-        ids = tok.encode(a.prompt, add_bos=bool(getattr(tok, "add_bos_token", False)))
+        ids = tok.encode(a.prompt, allowed_special="all", add_bos=bool(getattr(tok, "add_bos_token", False)))
         print(a.prompt, end="", flush=True)
     for piece in stream_text(model, tok, ids, params, compile=a.compile):
         print(piece, end="", flush=True)

@@ -9,6 +9,11 @@
 and samples the next tokens; the output processor (`ember.engine.output_processor`)
 detokenizes them, applies stop strings and returns each request's output (whole, delta or
 final, as its `output_kind` asks).
+
+The KV pool (`ember.engine.pool_size`): by default `max_model_len` is the model's context (cut
+to fit half the available memory, not below 4096 tokens) and the pool holds `max_num_seqs`
+sequences of it, capped by `kv_cache_memory` (default 256 MiB on CPU, 90% of free GPU memory),
+never under one full-length sequence. `llm.pool_size.describe()` says what was chosen.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.core import EngineCore, Proposer
 from ember.engine.output_processor import CompletionOutput, OutputProcessor, RequestMetrics, RequestOutput
 from ember.engine.paged_cache import KVPool
+from ember.engine.pool_size import available_memory, bytes_per_token, default_max_model_len, size_pool
 from ember.engine.sequence import Sequence, SpecState
 from ember.engine.speculative import DraftProposer, NgramProposer, can_speculate
 from ember.errors import EmberError
@@ -42,13 +48,16 @@ __all__ = ["LLM", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestM
 @dataclass
 class EngineConfig:
     block_size: int = 16
-    num_kv_blocks: int | None = None  # overrides kv_cache_memory
-    kv_cache_memory: int | None = None  # bytes for the KV pool (default: 1 GiB on CPU, 90% of free GPU memory)
+    # The KV pool: max_num_seqs sequences of max_model_len tokens, capped by kv_cache_memory (bytes,
+    # or '512MB'; default 256 MiB on CPU, 90% of free GPU memory), never under one full-length
+    # sequence; num_kv_blocks sets it directly. The whole rule: ember.engine.pool_size.
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | str | None = None
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 64
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True  # off: a prompt is computed in one step, stalling decodes
-    max_model_len: int | None = None
+    max_model_len: int | None = None  # default: the model's context, fitted to memory (see pool_size)
     # Speculative decoding: "ngram" (prompt lookup), "draft:DIR", or a CausalLM to draft with.
     speculative: Any = None
     num_speculative_tokens: int = 4
@@ -64,10 +73,13 @@ def parse_bytes(value: int | str | None) -> int | None:
     if value is None or isinstance(value, int):
         return value
     s = str(value).strip().upper().replace("IB", "B")
-    for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[:-len(unit)]) * mult)
-    return int(float(s))
+    try:
+        for unit, mult in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10), ("B", 1)):
+            if s.endswith(unit):
+                return int(float(s[:-len(unit)]) * mult)
+        return int(float(s))
+    except ValueError:
+        raise EmberError(f"Cannot read {value!r} as a size; write e.g. 512MB, 2GB or a number of bytes.") from None
 
 
 class LLM:
@@ -96,12 +108,17 @@ class LLM:
         mcfg = self.model.config
         weight = self.model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
         self.device = weight.device
-        self.max_model_len = min(cfg.max_model_len or mcfg.max_position_embeddings, mcfg.max_position_embeddings)
-        if cfg.block_size < 1:
-            raise EmberError("block_size must be at least 1.")
-        num_blocks = cfg.num_kv_blocks or self._blocks_from_memory(weight.device, weight.dtype)
-        if num_blocks * cfg.block_size < self.max_model_len and cfg.num_kv_blocks is None:
-            num_blocks = -(-self.max_model_len // cfg.block_size)
+        context = mcfg.max_position_embeddings
+        per_token = bytes_per_token(mcfg, weight.dtype)
+        if cfg.max_model_len is not None:
+            if cfg.max_model_len < 1:
+                raise EmberError("max_model_len must be at least 1.")
+            self.max_model_len = min(cfg.max_model_len, context)
+        else:
+            self.max_model_len = default_max_model_len(context, per_token, available_memory(weight.device))
+        self.pool_size = size_pool(per_token, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
+                                   parse_bytes(cfg.kv_cache_memory), cfg.num_kv_blocks, weight.device)
+        num_blocks = self.pool_size.num_blocks
         self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.core = EngineCore(self.model, self.pool, self.block_manager, self.max_model_len,
@@ -161,22 +178,6 @@ class LLM:
         steps = self.stats["spec_verify_steps"]
         return (self.stats["spec_accepted_tokens"] + steps) / steps if steps else 0.0
 
-    def _blocks_from_memory(self, device: torch.device, dtype: torch.dtype) -> int:
-        per_block = KVPool.bytes_per_block(self.model.config, self.config.block_size, dtype)
-        budget = parse_bytes(self.config.kv_cache_memory)
-        if budget is None:
-            if device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(device)
-                budget = int(free * 0.9)
-            else:
-                budget = 1 << 30
-        blocks = budget // per_block
-        if self.config.kv_cache_memory is None:  # never more than every sequence at full length needs
-            blocks = min(blocks, self.config.max_num_seqs * -(-self.max_model_len // self.config.block_size))
-        if blocks < 1:
-            raise EmberError(f"kv_cache_memory {budget} bytes is smaller than one KV block ({per_block} bytes).")
-        return int(blocks)
-
     # --- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, arrival_time: float | None = None) -> str:
@@ -187,15 +188,18 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise EmberError("A text prompt needs a tokenizer; pass token ids instead.")
-            ids = self.tokenizer.encode(prompt, add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))
+            # A raw prompt's special-token text becomes the special ids, as transformers encodes it.
+            ids = self.tokenizer.encode(prompt, allowed_special="all",
+                                        add_bos=bool(getattr(self.tokenizer, "add_bos_token", False)))
             text = prompt
         else:
             ids, text = [int(t) for t in prompt], None
         check_prompt_ids(ids, self.model.config.vocab_size, self.max_model_len)
         need = -(-min(len(ids) + params.max_tokens, self.max_model_len) // self.config.block_size)
         if need > self.block_manager.num_blocks:
-            raise EmberError(f"One request needs {need} KV blocks but the pool has {self.block_manager.num_blocks}; "
-                             "raise num_kv_blocks or kv_cache_memory, or lower max_tokens.")
+            raise EmberError(f"This request needs {need} KV blocks ({len(ids)} prompt + up to {params.max_tokens} new "
+                             f"tokens) but the pool holds {self.block_manager.num_blocks} blocks of "
+                             f"{self.config.block_size}; raise num_kv_blocks, or lower max_tokens.")
         stop_ids = stop_token_ids(params, self.model, self.tokenizer)
         speculate = self.proposer is not None and can_speculate(params)
         vocab = self.model.config.vocab_size

@@ -65,8 +65,12 @@ class ServerState:
                            param="model", code="model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A raw prompt's ids. Special-token text in it becomes the special ids (as transformers,
+        vLLM and llama.cpp tokenize a prompt): a completion prompt is the caller's own, template
+        markers included. Chat message content is fenced instead (`chat_ids`)."""
         tok = self.tokenizer
-        return tok.encode(text, add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+        return tok.encode(text, allowed_special="all",
+                          add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
 
     def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
@@ -78,12 +82,14 @@ class ServerState:
             raise APIError(400, str(e), param="messages") from None
 
 
-def server_state(request: Request) -> ServerState:
+# The dependencies are coroutines: FastAPI runs a plain function dependency in a worker thread,
+# two thread hand-offs a request for what is an attribute read.
+async def server_state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def require_key(request: Request, authorization: str | None = Header(None)) -> None:
-    api_key = server_state(request).api_key
+async def require_key(request: Request, authorization: str | None = Header(None)) -> None:
+    api_key = request.app.state.server.api_key
     if api_key is None:
         return
     # compare_digest: the time taken does not reveal how much of the key matched
@@ -300,11 +306,9 @@ async def tokenize(req: TokenizeRequest, server: ServerState = Depends(server_st
     server.check_model(req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "Send exactly one of 'prompt' or 'messages'.", param="prompt")
-    tok = server.tokenizer
-    # Special-token strings in the text become their ids here (as HF and vLLM tokenize), so a
-    # client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
-    ids = (tok.encode(req.prompt, allowed_special="all",
-                      add_bos=req.add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
+    # Special-token strings in the text become their ids here (as a completion prompt's do), so
+    # a client can find e.g. the EOS id by tokenizing `eos_token` from /tokenizer_info.
+    ids = (server.encode(req.prompt, req.add_special_tokens)
            if req.prompt is not None else server.chat_ids(req.messages, req.add_generation_prompt))
     return {"tokens": ids, "count": len(ids), "max_model_len": server.max_model_len}
 
@@ -448,5 +452,6 @@ def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int =
           max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
+    print(llm.pool_size.describe(), flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,9 +1,10 @@
 """The engine loop: one thread owns the `LLM`; HTTP handlers talk to it through an inbox.
 
 The engine is not thread-safe, so handlers never call it. They put requests and aborts in
-an inbox; the loop thread drains the inbox, runs `step()`, and hands every snapshot to the
-asyncio queue of its stream with `loop.call_soon_threadsafe`. The model runs in that
-thread, so the event loop stays free to accept connections and notice disconnects.
+an inbox; the loop thread drains the inbox, runs `step()`, and hands the step's snapshots to
+the asyncio queues of their streams with one `loop.call_soon_threadsafe` a step (one wake-up
+of the event loop however many requests progressed). The model runs in that thread, so the
+event loop stays free to accept connections and notice disconnects.
 
 The server asks the engine for deltas (streaming) or one final output (otherwise), so each
 completion's finish reason arrives exactly once; latency histograms come from the engine's
@@ -46,10 +47,7 @@ class RequestStream:
 
     def put(self, item: Any) -> None:
         """Called from the engine thread."""
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            pass
+        hand_over(self.loop, [(self, item)])
 
     async def accepted(self) -> None:
         """Wait until the engine added the requests; re-raise its error (e.g. a bad prompt) if not."""
@@ -67,6 +65,19 @@ class RequestStream:
             if item.finished:
                 self.unfinished.discard(item.request_id)
             yield item
+
+
+def _put_all(items: list[tuple[RequestStream, Any]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)
+
+
+def hand_over(loop: asyncio.AbstractEventLoop, items: list[tuple[RequestStream, Any]]) -> None:
+    """Queue items on their streams (all of `loop`) in one event-loop callback; from the engine thread."""
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:  # the event loop is closed: the server is shutting down
+        pass
 
 
 @dataclass
@@ -150,11 +161,12 @@ class AsyncEngine:
                     self._wake.wait()
                 if self._stopped:
                     break
-                # Admit under the lock so `_has_room` never sees a request in neither count.
-                for item in self._inbox:
-                    self._add(item) if isinstance(item, _Add) else self._abort(item)
-                self._inbox, self._pending = [], 0
-                self._publish()
+                if self._inbox:  # else the gauges are as the last step left them
+                    # Admit under the lock so `_has_room` never sees a request in neither count.
+                    for item in self._inbox:
+                        self._add(item) if isinstance(item, _Add) else self._abort(item)
+                    self._inbox, self._pending = [], 0
+                    self._publish()
             if not llm.has_unfinished():
                 continue
             try:
@@ -163,8 +175,13 @@ class AsyncEngine:
                 traceback.print_exc()  # the operator's log gets the whole story; clients get one line
                 self._fail_all(EngineFailed(f"The engine failed: {e}"))
                 continue
+            ready: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
             for out in outputs:
-                self._deliver(out)
+                stream = self._deliver(out)
+                if stream is not None:
+                    ready.setdefault(stream.loop, []).append((stream, out))
+            for loop, items in ready.items():
+                hand_over(loop, items)
             with self._lock:
                 self._publish()
 
@@ -190,10 +207,11 @@ class AsyncEngine:
                 self.llm.abort(rid)
                 self.metrics.finished["abort"] += 1
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, out: RequestOutput) -> RequestStream | None:
+        """Record `out`'s metrics; returns the stream it goes to (None: the request was aborted)."""
         tracked = self._tracked.get(out.request_id)
         if tracked is None:
-            return
+            return None
         m = out.metrics
         if not tracked.ttft_observed and m.first_token_time is not None:
             tracked.ttft_observed = True
@@ -205,7 +223,7 @@ class AsyncEngine:
             del self._tracked[out.request_id]
             if m.first_token_time is not None and m.num_generated_tokens > 1:
                 self.metrics.tpot.observe((m.finished_time - m.first_token_time) / (m.num_generated_tokens - 1))
-        tracked.stream.put(out)
+        return tracked.stream
 
     def _fail_all(self, error: Exception) -> None:
         for rid, tracked in list(self._tracked.items()):
