@@ -106,28 +106,27 @@ class LLM:
             has_tokenizer = is_gguf(model) or (Path(model) / "tokenizer.json").exists()
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
         mcfg = self.model.config
-        weight = self.model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
-        self.device = weight.device
+        self.device, dtype = self.model.device, self.model.dtype
         context = mcfg.max_position_embeddings
-        per_token = bytes_per_token(mcfg, weight.dtype)
+        per_token = bytes_per_token(mcfg, dtype)
         if cfg.max_model_len is not None:
             if cfg.max_model_len < 1:
                 raise EmberError("max_model_len must be at least 1.")
             self.max_model_len = min(cfg.max_model_len, context)
         else:
-            self.max_model_len = default_max_model_len(context, per_token, available_memory(weight.device))
+            self.max_model_len = default_max_model_len(context, per_token, available_memory(self.device))
         self.pool_size = size_pool(per_token, cfg.block_size, self.max_model_len, cfg.max_num_seqs,
-                                   parse_bytes(cfg.kv_cache_memory), cfg.num_kv_blocks, weight.device)
+                                   parse_bytes(cfg.kv_cache_memory), cfg.num_kv_blocks, self.device)
         num_blocks = self.pool_size.num_blocks
-        self.pool = KVPool(mcfg, num_blocks, cfg.block_size, weight.device, weight.dtype)
+        self.pool = KVPool(mcfg, num_blocks, cfg.block_size, self.device, dtype)
         self.block_manager = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.core = EngineCore(self.model, self.pool, self.block_manager, self.max_model_len,
                                cfg.max_num_batched_tokens, cfg.max_num_seqs, cfg.enable_chunked_prefill,
-                               self._make_proposer(cfg, weight), cfg.num_speculative_tokens)
+                               self._make_proposer(cfg), cfg.num_speculative_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.core.stop_at)
         self._counter = itertools.count()
 
-    def _make_proposer(self, cfg: EngineConfig, weight: torch.Tensor) -> Proposer | None:
+    def _make_proposer(self, cfg: EngineConfig) -> Proposer | None:
         spec = cfg.speculative
         if spec is None:
             return None
@@ -138,10 +137,10 @@ class LLM:
                 raise EmberError("Prompt lookup needs 1 <= prompt_lookup_min <= prompt_lookup_max.")
             return NgramProposer(cfg.prompt_lookup_max, cfg.prompt_lookup_min)
         if isinstance(spec, CausalLM):
-            draft = spec.to(device=weight.device, dtype=weight.dtype)  # the caller's own model, as above
+            draft = spec.to(device=self.device, dtype=self.model.dtype)  # the caller's own model, as above
         elif isinstance(spec, str) and spec.startswith("draft:"):
-            draft = prepare_for_inference(load_model(spec[len("draft:"):], device=weight.device,
-                                                     dtype=weight.dtype).eval())
+            draft = prepare_for_inference(load_model(spec[len("draft:"):], device=self.device,
+                                                     dtype=self.model.dtype).eval())
         else:
             raise EmberError(f"Unknown speculative method {spec!r}; use 'ngram' or 'draft:MODEL_DIR'.")
         if draft.config.vocab_size != self.model.config.vocab_size:

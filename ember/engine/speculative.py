@@ -130,8 +130,7 @@ class DraftProposer:
         # The longest sequence it drafts for (the target's context): like the paged pool, the
         # static cache may run past the draft's own trained context.
         self.max_len = max_len or model.config.max_position_embeddings
-        w = model.model.embed_tokens.weight  # device and dtype (the head may be quantized)
-        self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, w.device, w.dtype)
+        self.pool = KVPool(model.config, target_pool.num_blocks, target_pool.block_size, model.device, model.dtype)
         self._structure: int | None = None  # ember.compiled_step.structure_key of the model, on first compiled step
 
     @torch.inference_mode()
@@ -181,8 +180,7 @@ class DraftProposer:
             return spec.draft_cache
         need = min(len(seq.prompt_ids) + seq.params.max_tokens + k + 1, self.max_len + k)
         size = -(-need // 256) * 256  # nearby lengths share one compiled graph
-        w = self.model.model.embed_tokens.weight
-        spec.draft_cache = StaticKVCache(self.model.config, size, w.device, w.dtype)
+        spec.draft_cache = StaticKVCache(self.model.config, size, self.model.device, self.model.dtype)
         return spec.draft_cache
 
     def _propose_static(self, seq: Sequence, k: int) -> tuple[list[int], list[Tensor]]:

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ember.cpu_inference import prepare_for_inference
 from ember.engine import LLM, SamplingParams
 from ember.errors import EmberError
 from ember.load import is_gguf, load_model, load_tokenizer
@@ -46,11 +47,12 @@ class LocalLM:
                  max_batch_tokens: int = 4096) -> None:
         if isinstance(model, (str,)) or hasattr(model, "__fspath__"):
             tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model)
-            model = load_model(model, device=device, dtype=dtype or "float32")
+            # Scoring is inference: the CPU kernels serve it (a GGUF file's kept blocks among them).
+            model = prepare_for_inference(load_model(model, device=device, dtype=dtype or "float32"))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length = model.config.max_position_embeddings
         self.max_batch_tokens = max_batch_tokens
-        self.device = model.lm_head.weight.device
+        self.device = model.device
 
     # --- tokens --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
