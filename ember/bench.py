@@ -135,7 +135,11 @@ async def serve_benchmark(base_url: str, requests: list[tuple[list[int], int]], 
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     base_url = base_url.rstrip("/")
-    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0)) as client:
+    # A fresh connection a request: a server may close an idle keep-alive connection at any moment
+    # (llama-server's HTTP library does after a few requests), and a request sent on it fails with no
+    # response. A loopback connect costs far under a millisecond against a streamed completion's seconds.
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0), limits=limits) as client:
         if model is None:
             try:
                 listing = (await client.get(base_url + "/v1/models", headers=headers)).json()

@@ -100,7 +100,9 @@ def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], para
 
 def generate(model: CausalLM, tokenizer: Any, prompt: str, params: SamplingParams | None = None,
              compile: bool = False) -> str:
-    """Complete `prompt` and return the new text (params.temperature 0 = greedy)."""
-    prompt_ids = tokenizer.encode(prompt, add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
+    """Complete `prompt` and return the new text (params.temperature 0 = greedy). A raw prompt's
+    special-token text (`<|im_start|>`) becomes the special ids, as in the engine and the server."""
+    prompt_ids = tokenizer.encode(prompt, allowed_special="all",
+                                  add_bos=bool(getattr(tokenizer, "add_bos_token", False)))
     return "".join(stream_text(model, tokenizer, prompt_ids, params or SamplingParams(max_tokens=128),
                                compile=compile))

@@ -19,6 +19,7 @@ import torch
 from conftest import need, need_module
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
+from ember.generation import generate, generate_ids
 from ember.model import CausalLM
 from ember.tokenizer import train_tokenizer
 
@@ -91,3 +92,16 @@ def test_engine_text_prompt_encodes_specials_like_the_server(tiny_tok):
     out = llm.generate(text, SamplingParams(temperature=0, max_tokens=1))[0]
     assert list(out.prompt_token_ids) == server_for(tiny_tok).encode(text)
     assert len(out.prompt_token_ids) < len(tiny_tok.encode(text))  # as plain text it would be longer
+
+
+def test_simple_generator_text_prompt_encodes_specials_like_the_engine(tiny_tok):
+    torch.manual_seed(0)
+    model = CausalLM(preset("tiny", vocab_size=tiny_tok.vocab_size, eos_token_id=tiny_tok.eos_id,
+                            max_position_embeddings=256)).eval()
+    text = "<|im_start|>user\nhi<|im_end|>\n"
+    params = SamplingParams(temperature=0, max_tokens=6)
+    llm = LLM(model, tokenizer=tiny_tok, block_size=8, num_kv_blocks=32)
+    from_engine = llm.generate(text, params)[0].outputs[0].text
+    assert generate(model, tiny_tok, text, params) == from_engine
+    as_plain_text = tiny_tok.decode(list(generate_ids(model, tiny_tok.encode(text), params)))
+    assert from_engine != as_plain_text  # the prompts differ, so a random model's greedy text does
