@@ -70,7 +70,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     from ember.settings import add_flags
     from ember.train.sft import SFTOptions
 
-    p.add_argument("--model", required=True, help="base model directory (HF layout, with tokenizer)")
+    p.add_argument("--model", required=True, help="base model: a directory (HF layout, with tokenizer) or a .gguf file (every tensor decoded to float32 to train)")
     p.add_argument("--data", required=True, help="training JSONL")
     p.add_argument("--val-data", default=None, help="validation JSONL (val_loss in metrics)")
     p.add_argument("--out", required=True, help="run directory")

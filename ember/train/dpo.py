@@ -33,9 +33,8 @@ from torch import Tensor, nn
 from ember.checkpoint import save_pretrained
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.load import load_model
+from ember.load import load_model, load_tokenizer
 from ember.lora import apply_lora, describe_trainable, disable_adapters, lora_layers, save_adapter
-from ember.tokenizer import load_tokenizer
 from ember.train.loop import train
 from ember.train.preference import RenderedPair, collate_pairs, load_preferences, render_pairs, sequence_logps
 

@@ -24,9 +24,8 @@ from ember.config import ModelConfig
 from ember.device import pick_device, pick_dtype
 from ember.errors import EmberError
 from ember.files import atomic_dir, read_json, write_json
-from ember.load import load_model
+from ember.load import load_model, load_tokenizer
 from ember.model import CausalLM
-from ember.tokenizer import load_tokenizer
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.loop import train
 from ember.train.preference import RenderedPair, collate_pairs, load_preferences, render_pairs

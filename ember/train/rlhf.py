@@ -25,10 +25,9 @@ from ember.checkpoint import save_pretrained
 from ember.device import pick_device
 from ember.engine import LLM
 from ember.errors import EmberError
-from ember.load import load_model
+from ember.load import load_model, load_tokenizer
 from ember.model import CausalLM
 from ember.plot import read_metrics
-from ember.tokenizer import load_tokenizer
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
 from ember.train.loop import CHECKPOINT, TrainConfig, learning_rate, load_checkpoint, make_optimizer, save_checkpoint

@@ -24,10 +24,9 @@ from ember.checkpoint import save_pretrained
 from ember.device import pick_device
 from ember.errors import EmberError
 from ember.files import read_json, write_json
-from ember.load import load_model
+from ember.load import load_model, load_tokenizer
 from ember.lora import (LoraConfig, apply_lora, base_weight_bytes, dequantize_base, describe_trainable, load_adapter,
                         quantize_base, save_adapter)
-from ember.tokenizer import load_tokenizer
 from ember.train.examples import (Row, block_diagonal_mask, collate, example_row, load_sft_examples,
                                   pack_examples, render_messages)
 from ember.train.loop import RUN_FILE, TrainConfig, lm_loss, read_run, train
@@ -232,7 +231,7 @@ def load_finetuned(out_dir: str | Path, device: str | None = None) -> tuple[nn.M
     run = read_json(out_dir / RUN_FILE, "Run file")
     if run["method"] == "full":
         return load_model(out_dir / "model", device=device, dtype=torch.float32), load_tokenizer(out_dir / "model")
-    model = load_model(run["model"], device=device, dtype=torch.float32)
+    model = load_model(run["model"], device=device, dtype=torch.float32, keep_blocks=False)  # adapters need floats
     load_adapter(model, out_dir / "adapter")
     if run["method"] == "qlora":  # evaluate what was trained: the adapter over the NF4 base's values,
         dequantize_base(quantize_base(model))  # decoded once rather than at every forward
