@@ -115,7 +115,9 @@ class CPULinear(nn.Linear):
 class Int8KernelLinear(Int8Linear):
     """`Int8Linear` whose products of up to `gemv.MAX_ROWS` rows without a gradient run in
     `ember.gemv.gemv` (each activation row rounded once to int16, integer multiply-adds);
-    the rest take `Int8Linear`'s own path. Same tensors, same state dict."""
+    the rest take `Int8Linear`'s own path. With a scale per group of columns (a GGUF file's
+    Q8_0), products of up to `gemv.DEQUANTIZE_ROWS` rows run in the kernel and larger ones in
+    PyTorch's float GEMM over the weight decoded once. Same tensors, same state dict."""
 
     @classmethod
     def of(cls, layer: Int8Linear) -> "Int8KernelLinear":
@@ -131,6 +133,9 @@ class Int8KernelLinear(Int8Linear):
             # the alternative, Int8Linear's own path, dequantizes the whole matrix.
             if (gemv.serves(x, frozen_weights=True) and self.qweight.device.type == "cpu"
                     and x.shape[-1] == self.in_features and x.numel()):
+                if x.numel() // x.shape[-1] > gemv.DEQUANTIZE_ROWS:  # a matrix product: float GEMM
+                    weight = gemv.dequantize_int8(self.qweight, self.scales).to(x.dtype)
+                    return F.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
                 return gemv.gemv(x, self.qweight, self.scales, self.bias)
         elif gemv.applies(x, self.qweight):
             return gemv.gemv(x, self.qweight, self.scales, self.bias)
@@ -138,10 +143,11 @@ class Int8KernelLinear(Int8Linear):
 
 
 class Int4KernelLinear(Int4Linear):
-    """`Int4Linear` whose products run in `ember.gemv.gemv_int4` (any number of rows: each weight
-    row is read once for all of them) straight from the portable layout, wherever no gradient
-    has to flow through the input (the weights are frozen buffers) and the group size is one
-    the kernel takes; the rest take `Int4Linear`'s own path. Same tensors, same state dict."""
+    """`Int4Linear` whose products of up to `gemv.DEQUANTIZE_ROWS` rows run in `ember.gemv.gemv_int4`
+    (each weight row read once for all of them) straight from the portable layout, and larger ones
+    in PyTorch's float GEMM over the weight decoded once by `gemv.dequantize_int4`, wherever no
+    gradient has to flow through the input (the weights are frozen buffers) and the group size is
+    one the kernel takes; the rest take `Int4Linear`'s own path. Same tensors, same state dict."""
 
     def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - Int4Linear's
         super().__init__(*args, **kwargs)
@@ -187,7 +193,11 @@ class Int4KernelLinear(Int4Linear):
         if self.cpu_layout:  # back from PyTorch's layout, where its kernel ran in between
             self.qweight, self.cpu_layout = self._portable_qweight(), False
         scale, offset = self.kernel_scales()
-        y = gemv.gemv_int4(x2, self.qweight, scale, offset, self.group_size, self.bias)
+        if x2.shape[0] > gemv.DEQUANTIZE_ROWS:  # a matrix product: the float GEMM over the decoded weight
+            weight = gemv.dequantize_int4(self.qweight, scale, offset, self.group_size).to(x2.dtype)
+            y = F.linear(x2, weight, None if self.bias is None else self.bias.to(x2.dtype))
+        else:
+            y = gemv.gemv_int4(x2, self.qweight, scale, offset, self.group_size, self.bias)
         return y.view(*shape[:-1], self.out_features)
 
 

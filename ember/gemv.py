@@ -95,6 +95,11 @@ def _build() -> bool:
     torch.library.register_fake("ember_gemv::gemv_int4_many")(
         lambda x, qweights, scales, offsets, group, biases: x.new_empty(*x.shape[:-1],
                                                                         sum(w.shape[0] for w in qweights)))
+    torch.library.register_fake("ember_gemv::dequantize_int4")(
+        lambda qweight, scale, offset, group: qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2,
+                                                                dtype=torch.float32))
+    torch.library.register_fake("ember_gemv::dequantize_int8")(
+        lambda qweight, scales: qweight.new_empty(*qweight.shape, dtype=torch.float32))
     torch.library.register_fake("ember_gemv::decode_attention")(lambda q, k, v, visible: torch.empty_like(q))
     torch.library.register_fake("ember_gemv::paged_decode_attention")(
         lambda q, pool, slots, visible: torch.empty_like(q))
@@ -171,6 +176,22 @@ def gemv_int4(x: Tensor, qweight: Tensor, scale: Tensor, offset: Tensor, group: 
     (a few rows: each weight row is read once for all of them), qweight uint8 [N, K/2], `scale` and
     `offset` [N, K/group] (a group's s and z - 8s; both fp32 or both fp16), plus `bias`; returns [..., N]."""
     return torch.ops.ember_gemv.gemv_int4(x, qweight, scale, offset, group, bias)
+
+
+# Products of more rows than this are matrix products: the layers decode the weights to fp32 once
+# (`dequantize_int4` / `dequantize_int8`) and hand them to PyTorch's float GEMM, which outruns the
+# row kernels' integer multiply-adds there (see benchmarks/results/real_model.md's prefill rows).
+DEQUANTIZE_ROWS = 32
+
+
+def dequantize_int4(qweight: Tensor, scale: Tensor, offset: Tensor, group: int) -> Tensor:
+    """The fp32 weight [N, K] of `gemv_int4`'s operands: w = q s + offset within each group."""
+    return torch.ops.ember_gemv.dequantize_int4(qweight, scale, offset, group)
+
+
+def dequantize_int8(qweight: Tensor, scales: Tensor) -> Tensor:
+    """The fp32 weight [N, K] of int8 `qweight` with `scales` [N, G] (a scale per K / G columns)."""
+    return torch.ops.ember_gemv.dequantize_int8(qweight, scales)
 
 
 def instruction_set() -> str:

@@ -1,6 +1,7 @@
 """SFT data, chat rendering with loss masks, packing, synthetic tasks and the SFT recipe."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -258,3 +259,30 @@ def test_recipe_options_are_the_sft_keywords():
     params = inspect.signature(sft).parameters
     for f in dataclasses.fields(SFTOptions):
         assert f.name in params and params[f.name].default == f.default, f.name
+
+
+def test_a_gguf_base_fine_tunes_decoded_to_float_and_its_lora_run_reloads(base_dir, tmp_path):
+    """`ember finetune --model base.gguf`: the file's tokenizer, its tensors decoded to float32 (a
+    kept int8 block layer has no weight to train or wrap), and the run reloads for evaluation as
+    the decoded base plus the adapter."""
+    from ember import cli
+    from ember.gguf import load_gguf
+    from ember.lora import LoraConfig, load_adapter
+    from ember.train.sft import load_finetuned
+
+    pytest.importorskip("gguf")  # a dependency of Ember itself; named for the reader
+    path = tmp_path / "base.gguf"
+    assert cli.main(["convert", str(base_dir), "--to", "gguf", "--type", "q8_0", "--out", str(path)]) == 0
+    data = write_synth("sort", tmp_path / "train.jsonl", n=16)
+    lora = LoraConfig(r=4, alpha=8, target_modules="all-linear")
+    sft(path, data, tmp_path / "run", method="lora", lora=lora, train_config=_cfg(lr=5e-2, max_steps=3),
+        progress=False, log=lambda s: None)
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    model, tokenizer = load_finetuned(tmp_path / "run", device="cpu")
+    assert tokenizer.vocab_size >= 400  # the file's own tokenizer
+    expected = load_adapter(load_gguf(path, "cpu", torch.float32), tmp_path / "run" / "adapter").eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # One decoded base and one adapter reached two ways: the same arithmetic, so equal exactly.
+        assert torch.equal(model(x), expected(x))

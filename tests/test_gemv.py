@@ -247,6 +247,52 @@ def test_int4_fp16_scales_give_the_fp32_scales_result_exactly(group):
         gemv.gemv_int4(x, q, scale, offset.float(), group)
 
 
+@pytest.mark.parametrize("half", [False, True])
+def test_dequantize_int4_and_int8_decode_what_the_kernels_multiply(half):
+    """The decoded weights, against float64: int4's w = q s + o is one fp32 product and one sum
+    (at most two roundings of 2^-24 relative to |q s| + |o|); int8's q s with fp16 scales is exact
+    in fp32 (8 + 11 significant bits), with fp32 scales one rounding."""
+    torch.manual_seed(7)
+    n, k, group = 40, 256, 32
+    q4 = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8)
+    scale = torch.rand(n, k // group) * 0.1 + 0.01
+    offset = torch.randn(n, k // group) * 0.5
+    if half:
+        scale, offset = scale.half(), offset.half()
+    w4 = gemv.dequantize_int4(q4, scale, offset, group)
+    nibbles = unpack_nibbles(q4).double()
+    s, o = (t.double().repeat_interleave(group, 1) for t in (scale, offset))
+    exact = nibbles * s + o
+    assert w4.dtype == torch.float32 and ((w4.double() - exact).abs() <= 2 * 2**-24 * ((nibbles * s).abs() + o.abs())).all()
+    q8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    w8 = gemv.dequantize_int8(q8, scale)
+    exact8 = q8.double() * s
+    if half:
+        assert torch.equal(w8.double(), exact8)
+    else:
+        assert ((w8.double() - exact8).abs() <= 2**-24 * exact8.abs()).all()
+
+
+def test_products_of_many_rows_run_in_the_float_gemm_over_the_decoded_weight():
+    """More rows than gemv.DEQUANTIZE_ROWS: the layer decodes its weight once and multiplies in
+    fp32, so it equals F.linear over the decoded weight exactly and carries no int16 activation
+    rounding; up to that many rows, the row kernel runs."""
+    torch.manual_seed(3)
+    lin = torch.nn.Linear(256, 96)
+    int4 = Int4KernelLinear.of(Int4Linear.from_linear(lin, 32))
+    grouped = Int8Linear(256, 96, bias=True, group_size=32, scale_dtype=torch.float16)  # a GGUF Q8_0 layout
+    grouped.qweight.copy_(torch.randint(-127, 128, (96, 256), dtype=torch.int8))
+    grouped.scales.copy_((torch.rand(96, 8) * 0.01 + 0.001).half())
+    grouped.bias.data.normal_()
+    grouped = Int8KernelLinear.of(grouped)
+    with torch.inference_mode():
+        many, few = torch.randn(gemv.DEQUANTIZE_ROWS + 1, 256), torch.randn(gemv.DEQUANTIZE_ROWS, 256)
+        for layer in (int4, grouped):
+            w = layer.dequantize(torch.float32)
+            torch.testing.assert_close(layer(many), F.linear(many, w, layer.bias), rtol=0, atol=0)
+            assert not torch.equal(layer(few), F.linear(few, w, layer.bias))  # the kernel's int16 rounding
+
+
 def test_int4_layer_leaves_inputs_that_need_a_gradient_to_pytorch():
     layer = Int4KernelLinear.of(Int4Linear.from_linear(torch.nn.Linear(128, 32), 64))
     x = torch.randn(2, 128, requires_grad=True)

@@ -868,6 +868,70 @@ torch::Tensor gemv_int4(const torch::Tensor& x, const torch::Tensor& qweight, co
   return gemv_int4_many(x, {qweight}, {scale}, {offset}, group, {bias});
 }
 
+// The float matrix [N, K] that int4 weights stand for, w = q s + (z - 8 s) per group (the same
+// scale and offset tensors as gemv_int4: fp32 or fp16). A product of many rows is a matrix product,
+// which a float GEMM does faster than the row kernel once the weights are decoded.
+torch::Tensor dequantize_int4(const torch::Tensor& qweight, const torch::Tensor& scale, const torch::Tensor& offset,
+                              int64_t group) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kByte,
+              "dequantize_int4: qweight must be contiguous uint8 [N, K / 2]");
+  const int64_t N = qweight.size(0), K = qweight.size(1) * 2;
+  TORCH_CHECK(group > 0 && group % 2 == 0 && K % group == 0, "dequantize_int4: group ", group, " must divide K = ", K);
+  const int64_t G = K / group;
+  TORCH_CHECK(scale.sizes() == offset.sizes() && scale.dim() == 2 && scale.size(0) == N && scale.size(1) == G &&
+              scale.scalar_type() == offset.scalar_type() &&
+              (scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kHalf) && scale.is_contiguous() &&
+              offset.is_contiguous(), "dequantize_int4: scale and offset must be contiguous [N, K / group], both fp32 or both fp16");
+  torch::Tensor out = torch::empty({N, K}, qweight.options().dtype(torch::kFloat));
+  const uint8_t* w = qweight.data_ptr<uint8_t>();
+  float* y = out.data_ptr<float>();
+  auto run = [&](const auto* s, const auto* o) {
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float sg = as_float(s[n * G + g]), og = as_float(o[n * G + g]);
+        const uint8_t* b = w + n * (K / 2) + g * (group / 2);
+        float* yo = y + n * K + g * group;
+        for (int64_t j = 0; j < group / 2; ++j) {
+          yo[2 * j] = static_cast<float>(b[j] & 0x0F) * sg + og;
+          yo[2 * j + 1] = static_cast<float>(b[j] >> 4) * sg + og;
+        }
+      }
+  };
+  if (scale.scalar_type() == at::kFloat) run(scale.data_ptr<float>(), offset.data_ptr<float>());
+  else run(reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>()),
+           reinterpret_cast<const uint16_t*>(offset.data_ptr<at::Half>()));
+  return out;
+}
+
+// The float matrix [N, K] that int8 weights with a scale per group of K / G columns stand for,
+// scales [N, G] fp32 or fp16 (as gemv takes them): w = q s.
+torch::Tensor dequantize_int8(const torch::Tensor& qweight, const torch::Tensor& scales) {
+  TORCH_CHECK(qweight.dim() == 2 && qweight.is_contiguous() && qweight.scalar_type() == at::kChar,
+              "dequantize_int8: qweight must be contiguous int8 [N, K]");
+  const int64_t N = qweight.size(0), K = qweight.size(1);
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) > 0 && K % scales.size(1) == 0 &&
+              scales.is_contiguous() && (scales.scalar_type() == at::kFloat || scales.scalar_type() == at::kHalf),
+              "dequantize_int8: scales must be contiguous fp32 or fp16 [N, G] with G dividing K");
+  const int64_t G = scales.size(1), group = K / G;
+  torch::Tensor out = torch::empty({N, K}, qweight.options().dtype(torch::kFloat));
+  const int8_t* w = qweight.data_ptr<int8_t>();
+  float* y = out.data_ptr<float>();
+  auto run = [&](const auto* s) {
+#pragma omp parallel for num_threads(at::get_num_threads()) schedule(static)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t g = 0; g < G; ++g) {
+        const float sg = as_float(s[n * G + g]);
+        const int8_t* q = w + n * K + g * group;
+        float* yo = y + n * K + g * group;
+        for (int64_t j = 0; j < group; ++j) yo[j] = static_cast<float>(q[j]) * sg;
+      }
+  };
+  if (scales.scalar_type() == at::kFloat) run(scales.data_ptr<float>());
+  else run(reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()));
+  return out;
+}
+
 // Where one (sequence, KV head) pair's keys and values are: position t's rows at k + offsets[t]
 // and v + offsets[t] (a paged pool), or, with no offsets, at k + t * k_stride and v + t * v_stride.
 template <typename T>
@@ -994,6 +1058,8 @@ TORCH_LIBRARY(ember_gemv, m) {
   m.def("gemv_int4(Tensor x, Tensor qweight, Tensor scale, Tensor offset, int group, Tensor? bias) -> Tensor");
   m.def("gemv_int4_many(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] offsets, int group, "
         "Tensor?[] biases) -> Tensor");
+  m.def("dequantize_int4(Tensor qweight, Tensor scale, Tensor offset, int group) -> Tensor");
+  m.def("dequantize_int8(Tensor qweight, Tensor scales) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor visible) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor pool, Tensor slots, Tensor visible) -> Tensor");
 }
@@ -1002,6 +1068,8 @@ TORCH_LIBRARY_IMPL(ember_gemv, CPU, m) {
   m.impl("gemv_many", gemv_many);
   m.impl("gemv_int4", gemv_int4);
   m.impl("gemv_int4_many", gemv_int4_many);
+  m.impl("dequantize_int4", dequantize_int4);
+  m.impl("dequantize_int8", dequantize_int8);
   m.impl("decode_attention", decode_attention);
   m.impl("paged_decode_attention", paged_decode_attention);
 }
