@@ -286,7 +286,7 @@ def _throughput_flags(t: argparse.ArgumentParser) -> None:
     from ember.cli import add_engine_flags, add_model_flags
 
     src = t.add_mutually_exclusive_group()
-    src.add_argument("--model", help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float)")
+    src.add_argument("--model", help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     src.add_argument("--preset", default="llama-20m", help="random-weight model of this preset (default llama-20m)")
     t.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the --preset model (default 4096)")
     t.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")

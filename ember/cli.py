@@ -199,7 +199,7 @@ def _pretrain_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _generate_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float)")
+    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
@@ -212,14 +212,14 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout, with a chat template) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float)")
+    p.add_argument("--model", required=True, help="model directory (HF layout, with a chat template) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     p.add_argument("--system", default=None, help="system prompt")
     _add_sampling(p)
     _add_device(p)
 
 
 def _serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float)")
+    p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")

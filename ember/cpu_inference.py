@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ember import gemv
 from ember.model import MLP, Attention, CausalLM, Expert, MoE
 from ember.modules import replace_modules, set_module
+from ember.quant.f16 import F16Linear
 from ember.quant.int4 import Int4Linear
 from ember.quant.int8 import Int8Linear
 
@@ -142,6 +143,24 @@ class Int8KernelLinear(Int8Linear):
         return super().forward(x)
 
 
+class F16KernelLinear(F16Linear):
+    """`F16Linear` whose products of up to `gemv.MAX_ROWS` rows run in `ember.gemv.gemv` straight from
+    the fp16 weights (widened in registers: the same values as the decoded fp32 weights, half the
+    bytes read); the rest take `F16Linear`'s own path. Same tensors, same state dict."""
+
+    @classmethod
+    def of(cls, layer: F16Linear) -> "F16KernelLinear":
+        new = cls(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
+        new.load_state_dict(layer.state_dict(keep_vars=True), assign=True)
+        new.compute_dtype = layer.compute_dtype
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        if gemv.applies(x, self.qweight):
+            return gemv.gemv(x, self.qweight, None, self.bias)
+        return super().forward(x)
+
+
 class Int4KernelLinear(Int4Linear):
     """`Int4Linear` whose products of up to `gemv.DEQUANTIZE_ROWS` rows run in `ember.gemv.gemv_int4`
     (each weight row read once for all of them) straight from the portable layout, and larger ones
@@ -231,6 +250,8 @@ def _inference_layer(module: nn.Module) -> nn.Module | None:
         return Int8KernelLinear.of(module)
     if type(module) is Int4Linear and kernels:
         return Int4KernelLinear.of(module)
+    if type(module) is F16Linear and kernels:
+        return F16KernelLinear.of(module)
     return None
 
 
@@ -239,7 +260,7 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
     too, zeros for a layer without one), or None where they are not of one fusable kind."""
     first = layers[0]
     kind = type(first)
-    if kind not in (nn.Linear, Int8Linear, Int4Linear) or any(type(m) is not kind for m in layers):
+    if kind not in (nn.Linear, Int8Linear, Int4Linear, F16Linear) or any(type(m) is not kind for m in layers):
         return None
     if not all(_on_cpu(m) for m in layers) or len({m.in_features for m in layers}) != 1:
         return None
@@ -264,6 +285,8 @@ def _stack(layers: list[nn.Module]) -> nn.Module | None:
     out_features = sum(m.out_features for m in layers)
     if kind is nn.Linear:
         fused: nn.Module = nn.Linear(first.in_features, out_features, bias=with_bias, device="meta")
+    elif kind is F16Linear:
+        fused = F16Linear(first.in_features, out_features, bias=with_bias, device="meta")
     elif kind is Int8Linear:
         fused = Int8Linear(first.in_features, out_features, bias=with_bias, device="meta",
                            group_size=first.group_size, scale_dtype=first.scales.dtype)

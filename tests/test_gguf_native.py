@@ -18,19 +18,21 @@ from torch import nn
 import test_gguf
 from conftest import need_kernel
 from ember import gemv
-from ember.cpu_inference import FusedProjection, Int4KernelLinear, Int8KernelLinear, prepare_for_inference
+from ember.cpu_inference import (F16KernelLinear, FusedProjection, Int4KernelLinear, Int8KernelLinear,
+                                  prepare_for_inference)
 from ember.errors import EmberError
 from ember.generation import generate_ids
 from ember.gguf import GGUFFile, gguf_tokenizer, load_gguf
 from ember.gguf.blocks import q4_exact
 from ember.load import load_model
 from ember.quant.api import quantize_model, weight_bytes
+from ember.quant.f16 import F16Embedding, F16Linear
 from ember.quant.int4 import Int4Linear
 from ember.quant.int8 import Int8Embedding, Int8Linear
 from ember.quant.io import save_quantized
 from ember.sampling import SamplingParams
 
-KEPT_TYPES = {Q.Q4_0, Q.Q4_1, Q.Q8_0}
+KEPT_TYPES = {Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.F16}
 ARCHS = [("llama", True), ("mistral", False), ("qwen2", False), ("gpt2", True), ("mixtral", False)]
 
 
@@ -50,11 +52,11 @@ def _pair(path):
 
 
 def _expected_kept(g, tied: bool) -> set[str]:
-    """The GGUF matrices a kept model must hold in blocks: every Q4_0/Q4_1/Q8_0 tensor but the router
-    (a Q4 token table has no int4 embedding in Ember: decoded) and a tied model's copy of its table."""
+    """The GGUF matrices a kept model must hold as they are: every Q4_0/Q4_1/Q8_0/F16 tensor but the
+    router (a Q4 token table has no int4 embedding in Ember: decoded) and a tied model's copy of its table."""
     return {name for name, _, kind in g.tensors
             if kind in KEPT_TYPES and "ffn_gate_inp" not in name and not (tied and name == "output.weight")
-            and not (name == "token_embd.weight" and kind != Q.Q8_0)}
+            and not (name == "token_embd.weight" and kind not in (Q.Q8_0, Q.F16))}
 
 
 @pytest.mark.parametrize("arch,tied", ARCHS)
@@ -63,7 +65,8 @@ def test_kept_layers_hold_the_files_weights_exactly(arch, tied, tmp_path):
     kept, decoded = _pair(path)
     assert _expected_kept(g, tied) and kept.quantization_config["method"] == "gguf"
     modules = kept.quantization_config["modules"]
-    quantized = {n: m for n, m in kept.named_modules() if isinstance(m, (Int4Linear, Int8Linear, Int8Embedding))}
+    quantized = {n: m for n, m in kept.named_modules()
+                 if isinstance(m, (Int4Linear, Int8Linear, Int8Embedding, F16Linear, F16Embedding))}
     assert set(quantized) == set(modules)
     # Every Q4/Q8 matrix is kept: gpt2's fused q/k/v as three layers, stacked experts as one per expert,
     # and a tied Q8_0 table once more as the head.
@@ -84,9 +87,11 @@ def test_kept_layers_hold_the_files_weights_exactly(arch, tied, tmp_path):
         if isinstance(module, Int4Linear):
             assert module.group_size == 32 and kind in ("q4_0", "q4_1")
             assert module.scales_and_zeros.dtype == (torch.float16 if kind == "q4_0" else torch.float32)
+        elif isinstance(module, (F16Linear, F16Embedding)):
+            assert kind == "f16" and module.qweight.dtype == torch.float16
         else:
             assert module.group_size == 32 and kind == "q8_0" and module.scales.dtype == torch.float16
-    # Types Ember does not keep (F32, F16, BF16, Q4_K) are float layers as before.
+    # Types Ember does not keep (F32, BF16, Q4_K) are float layers as before.
     assert any(type(m) is nn.Linear for n, m in kept.named_modules() if n.startswith("model.layers."))
 
 
@@ -283,3 +288,28 @@ def test_the_engine_lets_go_of_the_parsed_file_once_model_and_tokenizer_are_load
     assert reader._opened.cache_info().currsize == 0
     out = llm.generate("<|im_start|>user\nHi<|im_end|>\n", SamplingParams(max_tokens=3, temperature=0.0))[0]
     assert len(out.outputs[0].token_ids) == 3 and out.outputs[0].text
+
+
+def test_f16_matrices_and_table_stay_fp16_and_compute_as_the_decoded_model(tmp_path, monkeypatch):
+    """F16 is kept as the file's fp16 values (half the bytes of the fp32 decoding). Widening fp16 to
+    fp32 is exact, so unprepared the products are the decoded model's own, bit for bit; prepared,
+    Ember's kernel sums the same products in another order (fp32 rounding, 1e-5 of the logits' scale)."""
+    need_kernel()
+    add = test_gguf.RandomGGUF.add
+    monkeypatch.setattr(test_gguf.RandomGGUF, "add",  # the writer's table is Q8_0: make it F16 here
+                        lambda self, name, target, w, kind=None, **kw: add(
+                            self, name, target, w, Q.F16 if name == "token_embd.weight" else kind, **kw))
+    _, path = _file("llama", True, tmp_path, [Q.F16], monkeypatch)
+    kept, decoded = _pair(path)
+    assert isinstance(kept.model.embed_tokens, F16Embedding) and type(kept.lm_head) is F16Linear
+    assert kept.lm_head.qweight is kept.model.embed_tokens.qweight  # the tied head reads the table
+    assert kept.model.layers[0].mlp.down_proj.qweight.dtype == torch.float16
+    assert set(kept.quantization_config["modules"].values()) == {"f16"}
+    ids = torch.randint(0, kept.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        assert torch.equal(kept(ids), decoded(ids))
+        prepare_for_inference(kept)
+        assert type(kept.model.layers[0].mlp.down_proj) is F16KernelLinear
+        one = torch.tensor([[5]])
+        want = decoded(one)
+        torch.testing.assert_close(kept(one), want, rtol=0, atol=1e-5 * want.abs().max().item())

@@ -17,7 +17,7 @@ from ember.files import read_jsonl
 
 
 def _add_target(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="an Ember or Hugging Face checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float), scored in this process")
+    p.add_argument("--model", help="an Ember or Hugging Face checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float), scored in this process")
     p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) that honours "
                                       "echo + logprobs on /v1/completions and offers /tokenize")
     p.add_argument("--served-model", help="the model name to send to --endpoint")

@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType as Q
 
 BLOCK = 32
 # GGUF type -> Ember's layer for it (the types whose blocks are kept; every other type is decoded).
-KEPT = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8"}
+KEPT = {Q.Q4_0: "int4", Q.Q4_1: "int4", Q.Q8_0: "int8", Q.F16: "f16"}  # F16: the values themselves
 _BLOCK_BYTES = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}
 
 

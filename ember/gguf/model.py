@@ -5,7 +5,8 @@ Metadata keys are `{arch}.…` (llama.cpp's names); tensors are `token_embd`, `b
 either stacked (`ffn_gate_exps`, …) or one tensor per expert (`ffn_gate.E`, older files). A
 tensor is decoded to float32 with the gguf package's own dequantization (F32, F16, BF16, Q8_0,
 Q4_0, Q4_1, K-quants, …), then cast to the dtype asked for; or, with `keep_blocks`, a Q4_0, Q4_1
-or Q8_0 matrix keeps its blocks as an Ember int4 or int8 layer (`ember.gguf.blocks`).
+or Q8_0 matrix keeps its blocks as an Ember int4 or int8 layer (`ember.gguf.blocks`) and an F16 one its
+fp16 values (`ember.quant.f16`).
 
 llama.cpp's converter reorders the rows of the query and key projections of llama-family models
 (`llama`, `mistral`): within each head it interleaves the two rotary halves, because ggml's rotary
@@ -36,6 +37,7 @@ from ember.gguf.blocks import BLOCK, KEPT, q4_exact, q4_to_int4, q8_to_int8
 from ember.gguf.reader import GGUFFile
 from ember.model import CausalLM, rope_inv_freq
 from ember.modules import set_module
+from ember.quant.f16 import F16Embedding, F16Linear
 from ember.quant.int4 import Int4Linear
 from ember.quant.int8 import Int8Embedding, Int8Linear
 
@@ -308,14 +310,26 @@ def _kept_modules(f: GGUFFile, cfg: ModelConfig, plan: dict[str, list[tuple[str,
         kind = t.tensor_type
         if kind not in KEPT or not all(_KEEPABLE_LINEAR.match(target) or target == _TABLE for target, _ in targets):
             continue
-        if any(target == _TABLE for target, _ in targets) and KEPT[kind] != "int8":
+        if any(target == _TABLE for target, _ in targets) and KEPT[kind] == "int4":
             continue
         raw = t.data
-        if kind != Q.Q8_0 and not q4_exact(raw, kind):
+        if KEPT[kind] == "int4" and not q4_exact(raw, kind):
             continue  # decoded instead: see ember.gguf.blocks
         for target, rows in targets:
             module_name = target.removesuffix(".weight")
             part = rows(raw)
+            if kind == Q.F16:  # the file's fp16 values, kept (widening to fp32 is exact)
+                weight = torch.from_numpy(np.array(part, dtype=np.float16)).to(device)  # a copy, not the mapping
+                old = model.get_submodule(module_name)
+                if target == _TABLE:
+                    new16: nn.Module = F16Embedding(old.num_embeddings, old.embedding_dim, device="meta")
+                else:
+                    new16 = F16Linear(old.in_features, old.out_features, old.bias is not None, device="meta")
+                _check_shape(f, target, tuple(weight.shape), tuple(old.weight.shape))
+                new16.qweight = weight
+                modules[module_name] = new16
+                types[module_name] = "f16"
+                continue
             if target == _TABLE:
                 table = model.get_submodule(module_name)
                 qweight, scales = q8_to_int8(part)
@@ -356,9 +370,10 @@ def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | N
     `path` may be an opened `GGUFFile`, so that the tokenizer reads the same parsed header. Every
     tensor is decoded to `dtype`, except with `keep_blocks=True`: then the file's Q4_0 and Q4_1
     matrices become `Int4Linear` layers (groups of 32) and its Q8_0 matrices `Int8Linear` layers
-    (a scale per 32), over the same values as the file (see `ember.gguf.blocks`); a Q8_0 token
-    table becomes an `Int8Embedding`, which a tied LM head reads too. Other types (K-quants, Q5_x,
-    IQ, F16, BF16, F32), norms, biases and the MoE router are decoded. `model.quantization_config`
+    (a scale per 32), over the same values as the file (see `ember.gguf.blocks`), and its F16
+    matrices `F16Linear` layers over the file's fp16 values; a Q8_0 or F16 token table becomes an
+    `Int8Embedding` or `F16Embedding`, which a tied LM head reads too. Other types (K-quants, Q5_x,
+    IQ, BF16, F32), norms, biases and the MoE router are decoded. `model.quantization_config`
     then names the modules kept and their GGUF types."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     cfg = gguf_config(f)
@@ -388,7 +403,7 @@ def load_gguf(path: str | os.PathLike | GGUFFile, device: str | torch.device | N
     model.load_state_dict(sd, strict=False, assign=True)  # the decoded tensors become the parameters
     table = model.model.embed_tokens
     if cfg.tie_word_embeddings:
-        if isinstance(table, Int8Embedding):
+        if isinstance(table, (Int8Embedding, F16Embedding)):
             model.lm_head = table.head()
             kept_types["lm_head"] = kept_types["model.embed_tokens"]
         else:

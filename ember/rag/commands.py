@@ -49,7 +49,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     q.add_argument("question")
     q.add_argument("--db", required=True)
     g = q.add_mutually_exclusive_group(required=True)
-    g.add_argument("--model", help="local Ember checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, other types decoded to float)")
+    g.add_argument("--model", help="local Ember checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     g.add_argument("--endpoint", help="OpenAI-compatible server URL (e.g. http://localhost:8000)")
     q.add_argument("--api", default="chat", choices=["chat", "completions"], help="endpoint API (default chat)")
     q.add_argument("--endpoint-model", default=None, help="model name sent to the endpoint")
