@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope", "alibi")
 NORM_POSITIONS = ("pre", "post")
 # Ember's own config.json fields for the switches above (written where they differ from the
 # family's own choice, so transformers-made configs and Ember's existing ones stay as they were).
-EMBER_FIELDS = ("position_embedding", "norm_position", "dropout")
+EMBER_FIELDS = ("position_embedding", "norm_position", "dropout", "scale_embeddings")
 
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
@@ -77,6 +78,10 @@ class ModelConfig:
     # Probability of dropping an element of the embeddings, of the attention weights and of each
     # sublayer's output before its residual add; in training only (a model in eval() drops nothing).
     dropout: float = 0.0
+    # Multiply the token embeddings by sqrt(hidden_size) before positions are added (Vaswani et al.,
+    # section 3.4), which then start at std hidden_size^-0.5: unit scale, like the sinusoids added to
+    # them (drawn at initializer_range, they would drown in them). None: only with sinusoidal positions.
+    scale_embeddings: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF fields, written back as-is
 
     def __post_init__(self) -> None:
@@ -94,6 +99,8 @@ class ModelConfig:
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise EmberError(f"dropout is a probability in [0, 1); got {self.dropout!r}.")
         self.dropout = float(self.dropout)
+        if self.scale_embeddings not in (None, True, False):
+            raise EmberError(f"scale_embeddings is true, false or null; got {self.scale_embeddings!r}.")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise EmberError(
@@ -124,6 +131,12 @@ class ModelConfig:
     def embedding_norm(self) -> bool:
         """A layer norm on the token embeddings before the first block (BLOOM's)."""
         return self.model_type == "bloom"
+
+    @property
+    def embedding_scale(self) -> float:
+        """What the token embeddings are multiplied by: sqrt(hidden_size) or 1 (see `scale_embeddings`)."""
+        scaled = self.scale_embeddings if self.scale_embeddings is not None else self.position_embedding == "sinusoidal"
+        return math.sqrt(self.hidden_size) if scaled else 1.0
 
     @property
     def final_norm(self) -> bool:
@@ -293,6 +306,8 @@ class ModelConfig:
             out["norm_position"] = self.norm_position
         if self.dropout:
             out["dropout"] = self.dropout
+        if self.scale_embeddings is not None:
+            out["scale_embeddings"] = self.scale_embeddings
         return out
 
     def to_hf(self) -> dict[str, Any]:

@@ -307,6 +307,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope, mask, cache) -> Tensor:
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        if self.post_norm or (self.dropout and self.training):
+            return self._forward_with_switches(x, ffn, rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        return x + ffn(self.post_attention_layernorm(x))
+
+    def _forward_with_switches(self, x: Tensor, ffn: nn.Module, rope, mask, cache) -> Tensor:
+        """The block under post-norm or residual dropout (the plain pre-norm path stays as short as it was)."""
         if self.post_norm:
             x = self.input_layernorm(x + self._drop(self.self_attn(x, rope, mask, cache)))
             return self.post_attention_layernorm(x + self._drop(ffn(x)))
@@ -350,6 +357,10 @@ class CausalLM(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+        if cfg.embedding_scale != 1.0:
+            # Scaled embeddings (Vaswani et al.) start at std hidden_size^-0.5, as tensor2tensor and fairseq
+            # draw them: times sqrt(hidden_size) they have unit scale, like the sinusoids added to them.
+            nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=cfg.hidden_size ** -0.5)
 
     def _norm_weight(self) -> Tensor:
         """The last norm's weight: the final norm's, or in a post-norm model the last block's."""
@@ -393,6 +404,8 @@ class CausalLM(nn.Module):
             positions = (cache.positions(T, input_ids.device) if cache is not None
                          else torch.arange(T, device=input_ids.device))
         x = self.model.embed_tokens(input_ids)
+        if cfg.embedding_scale != 1.0:
+            x = x * cfg.embedding_scale
         rope = None
         if cfg.uses_rope:
             rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
