@@ -16,7 +16,9 @@ What is measured:
   * training wall time (noisy on a shared machine; the runs are not timed in ABBA rounds because
     their quality, not their speed, is the point).
 The model is GPT-2's block (LayerNorm, GELU MLP, biases, tied embeddings), dropout 0, its
-position table (where learned) as long as the longest evaluation. One seed per contender: a
+position table (where learned) as long as the longest evaluation, every weight drawn at std
+width^-0.5 (`--init-std`); sinusoidal runs scale the token embeddings by sqrt(width), as the paper
+pairs them (`scale_embeddings`). One seed per contender: a
 difference smaller than the seed-to-seed spread (a few hundredths of a nat at these sizes)
 says nothing. Writes benchmarks/results/positions.{json,md} and positions.png.
 """
@@ -62,6 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-lengths", default="1,2,4", help="evaluation lengths as multiples of --block")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation length")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--init-std", type=float, default=None,
+                   help="std of every initial weight (default: width^-0.5, the original transformer's scale; "
+                   "at GPT-2's 0.02 the unit-scale sinusoids drown the small blocks' outputs for many steps)")
     p.add_argument("--warmup", type=int, default=100, help="warmup steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temporary one)")
@@ -83,7 +88,8 @@ def base_config(a: argparse.Namespace, max_len: int) -> ModelConfig:
     return ModelConfig(model_type="gpt2", hidden_size=a.hidden, intermediate_size=4 * a.hidden,
                        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.heads,
                        max_position_embeddings=max_len, hidden_act="gelu", attention_bias=True,
-                       o_proj_bias=True, mlp_bias=True, tie_word_embeddings=True)
+                       o_proj_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                       initializer_range=a.init_std or a.hidden ** -0.5)
 
 
 @torch.no_grad()
@@ -147,7 +153,8 @@ def plot(results: list[dict], block: int, out: Path) -> Path:
     right.set(xlabel="evaluation length (tokens)", ylabel="perplexity (all tokens)", xscale="log", yscale="log",
               title="length extrapolation")
     right.set_xticks(sorted(int(k) for k in results[0]["by_length"]))
-    right.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (left, right):
         ax.grid(alpha=0.3)
     right.legend(fontsize=8)
@@ -175,8 +182,9 @@ def markdown(result: dict, a: argparse.Namespace) -> str:
         "",
         f"One GPT-2-style decoder ({s['parameters']:,} parameters with the learned table; {a.layers} layers, width "
         f"{a.hidden}, {a.heads} heads), trained {a.steps} steps of {a.batch} x {a.block} tokens on {a.corpus_mb} MB of "
-        f"the Python standard library ({a.vocab}-token BPE), same seed, data order, lr {a.lr} and {a.warmup} warmup "
-        "steps for every run. Validation loss on the same held-out windows; perplexity on held-out windows "
+        f"the Python standard library ({a.vocab}-token BPE), same seed, data order, initial weights' std "
+        f"{a.init_std or a.hidden ** -0.5:.3g}, lr {a.lr} and {a.warmup} warmup steps for every run; sinusoidal runs "
+        "scale the token embeddings by sqrt(width), as the paper pairs them. Validation loss on the same held-out windows; perplexity on held-out windows "
         f"up to {lengths[-1]} tokens, longer than any training sequence ({a.block}).",
         "",
         *rows,
