@@ -157,7 +157,7 @@ def plot(results: list[dict], block: int, out: Path) -> Path:
     right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for ax in (left, right):
         ax.grid(alpha=0.3)
-    right.legend(fontsize=8)
+    right.legend(fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
