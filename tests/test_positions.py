@@ -354,16 +354,13 @@ def data_dir(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("source", ["flags", "config"])
-def test_pretrain_trains_alibi_and_sinusoidal_post_ln_models_whose_loss_falls(data_dir, tmp_path, source):
-    if source == "flags":
-        model_args = ["--preset", "tiny", "--position-embedding", "alibi", "--dropout", "0.1"]
-        expected = {"position_embedding": "alibi", "dropout": 0.1}
-    else:
-        config = preset("tiny", position_embedding="sinusoidal", norm_position="post").to_hf()
-        (tmp_path / "config.json").write_text(json.dumps(config))
-        model_args = ["--config", tmp_path / "config.json"]
-        expected = {"position_embedding": "sinusoidal", "norm_position": "post"}
+def test_pretrain_from_a_config_with_switch_flags_trains_a_model_whose_loss_falls(data_dir, tmp_path):
+    """`--config` brings sinusoidal positions and post-LN; the flags then switch positions to ALiBi and
+    add dropout: one run through the CLI, the one training loop and the saved checkpoint."""
+    config = preset("tiny", position_embedding="sinusoidal", norm_position="post").to_hf()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model_args = ["--config", tmp_path / "config.json", "--position-embedding", "alibi", "--dropout", "0.1"]
+    expected = {"position_embedding": "alibi", "norm_position": "post", "dropout": 0.1}
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "ember.cli", "pretrain", *map(str, model_args), "--data", str(data_dir),
                         "--out", str(out), "--max-steps", "16", "--batch-size", "4", "--block-size", "32",
@@ -378,3 +375,11 @@ def test_pretrain_trains_alibi_and_sinusoidal_post_ln_models_whose_loss_falls(da
     model = load_model(out / "model", device="cpu")
     assert all(getattr(model.config, k) == v for k, v in expected.items())
     assert list(generate_ids(model, [1, 2, 3], GREEDY)) == full_forward_greedy(model, [1, 2, 3], GREEDY.max_tokens)
+
+
+def test_pretrain_refuses_a_bad_switch_in_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "ember.cli", "pretrain", "--preset", "tiny", "--dropout", "1.5",
+                        "--data", str(tmp_path), "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120)
+    lines = [x for x in r.stderr.strip().splitlines() if x.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "dropout is a probability" in lines[0], r.stderr
