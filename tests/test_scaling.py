@@ -177,3 +177,42 @@ def test_sweep_cli_trains_and_skips_on_the_second_call(data_dir, tmp_path, capsy
     assert main(argv) == 0
     assert (out / "RUNS.jsonl").read_text() == first
     assert "1 runs in" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_continues_from_its_checkpoint(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "sweep"
+    cfg = TrainConfig(batch_size=2, block_size=16, lr=3e-3, eval_every=0, save_every=0, log_every=1)
+    # A run that stopped at step 3 of its 10 (320 tokens / 32 a step), checkpoint written.
+    sweep_module.pretrain(data_dir, out / "runs" / "32x1-320", model_for_size("32x1"),
+                          TrainConfig(**{**cfg.__dict__, "max_steps": 3, "warmup_steps": 1}), device="cpu",
+                          eval_batches=1, progress=False)
+    calls = []
+    real_pretrain = sweep_module.pretrain
+
+    def recording_pretrain(data, run_dir, model_config, train_config, **kwargs):
+        calls.append((run_dir.name, kwargs["resume"], model_config))
+        return real_pretrain(data, run_dir, model_config, train_config, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "pretrain", recording_pretrain)
+    (record,) = sweep(data_dir, out, ["32x1"], [320], cfg, SweepOptions(eval_batches=1), device="cpu", progress=False)
+    assert calls == [("32x1-320", True, None)]  # resumed: the model comes from the checkpoint
+    assert record["steps"] == 10
+    logged = [json.loads(x)["step"] for x in (out / "runs" / "32x1-320" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 11))  # steps 1-3 from the first leg, 4-10 from the resumed one
+
+
+def test_sweep_flags_reach_the_sweep(monkeypatch):
+    seen = {}
+
+    def fake_sweep(data, out, sizes, tokens, train_config, options=None, device=None, progress=True):
+        seen.update(data=data, sizes=sizes, tokens=tokens, cfg=train_config, options=options, progress=progress)
+        return []
+
+    monkeypatch.setattr(sweep_module, "sweep", fake_sweep)
+    assert main(["scaling", "sweep", "--data", "d", "--sizes", "tiny", "64x2", "--tokens", "20k", "1.5M", "--out", "o",
+                 "--lr", "0.01", "--batch-size", "3", "--budget-minutes", "2", "--warmup-fraction", "0.1",
+                 "--no-progress"]) == 0
+    assert seen["sizes"] == ["tiny", "64x2"] and seen["tokens"] == [20_000, 1_500_000]
+    assert (seen["cfg"].lr, seen["cfg"].batch_size, seen["cfg"].eval_every) == (0.01, 3, 0)
+    assert (seen["options"].budget_minutes, seen["options"].warmup_fraction) == (2.0, 0.1)
+    assert seen["progress"] is False
