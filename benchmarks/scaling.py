@@ -1,7 +1,7 @@
 """Scaling laws on a real (small) sweep: fit Chinchilla's L(N, D) on the standard library and
 predict a larger run held out of the fit.
 
-    python benchmarks/scaling.py [--sizes 32x1 64x1 64x2] [--tokens 8k 16k 32k] [--holdout 96x2:48k]
+    python benchmarks/scaling.py [--sizes 32x1 64x1 64x2 128x2] [--tokens 16k 32k 64k 128k] [--holdout 160x3:192k]
 
 Data: the first --corpus-mb MB of this interpreter's Python standard library (Ember's default
 corpus, as benchmarks/train_throughput.py uses), a --vocab-size byte-level BPE trained by Ember,
@@ -73,9 +73,9 @@ def fit_summary(runs: list[Run], held: Run, non_embedding: bool, bootstrap: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", nargs="+", default=["32x1", "64x1", "64x2"])
-    ap.add_argument("--tokens", nargs="+", default=["8k", "16k", "32k"])
-    ap.add_argument("--holdout", default="96x2:48k", help="SIZE:TOKENS of the larger run predicted from the fit")
+    ap.add_argument("--sizes", nargs="+", default=["32x1", "64x1", "64x2", "128x2"])
+    ap.add_argument("--tokens", nargs="+", default=["16k", "32k", "64k", "128k"])
+    ap.add_argument("--holdout", default="160x3:192k", help="SIZE:TOKENS of the larger run predicted from the fit")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (runs this small gain little from more)")
     ap.add_argument("--corpus-mb", type=float, default=2.0)
     ap.add_argument("--vocab-size", type=int, default=512)
@@ -114,7 +114,9 @@ def main() -> None:
     png = out.with_suffix(".png")
     plot_fit(total["fit"], fitted + [held], png)
 
-    records = [json.loads(x) for x in (work / "sweep" / RUNS_FILE).read_text().splitlines() if x.strip()]
+    used = {r.name for r in fitted} | {held.name}  # --work may hold runs of other invocations
+    records = [r for r in (json.loads(x) for x in (work / "sweep" / RUNS_FILE).read_text().splitlines() if x.strip())
+               if r["name"] in used]
     result = stamp({"benchmark": "scaling", "sizes": a.sizes, "tokens": tokens, "holdout": a.holdout,
                     "corpus_mb": a.corpus_mb, "vocab_size": a.vocab_size, "batch_size": a.batch_size,
                     "block_size": a.block_size, "lr": a.lr, "bootstrap": a.bootstrap,
@@ -147,8 +149,10 @@ def main() -> None:
         md.append(f"| {label} | {h['name']} | {h['predicted_loss']:.4f} [{h['predicted_low']:.4f}, "
                   f"{h['predicted_high']:.4f}] | {h['measured_loss']:.4f} | {100 * h['relative_error']:+.1f}% |")
     md += ["", "Approach 1 against approach 3 (N = all params): "
-           + ("; ".join(t["disagreements"]) or "they agree within the intervals."), "",
+           + (" ".join(t["disagreements"]) or "they agree within the intervals."),
+           *([""] + [f"Note: {w}" for w in t["warnings"]] if t["warnings"] else []), "",
            "| run | params | non-embedding | tokens | FLOPs | val loss | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    # seconds: as trained, possibly in an earlier invocation and beside other jobs on a shared machine
     for r in sorted(records, key=lambda r: r["flops"]):
         md.append(f"| {r['name']} | {r['params']} | {r['non_embedding_params']} | {r['tokens']} | {r['flops']:.3g} | "
                   f"{r['loss']:.4f} | {r['seconds']:.0f} |")
@@ -157,7 +161,7 @@ def main() -> None:
            "run) on models of tens of thousands of parameters trained for tens of thousands of tokens, three to "
            "four orders of magnitude below Chinchilla's smallest runs. At this scale the token table is most of "
            "the parameters, the learning rate is not tuned per size, a few hundred optimizer steps leave runs "
-           "far from converged, and a 3 x 3 grid spans a factor of a few in N and D: the fitted exponents carry "
+           "far from converged, and a small grid spans a factor of a few in N and D: the fitted exponents carry "
            "wide intervals and are not evidence about large models. The constants E, A and B are in nats per "
            "token of a 512-token vocabulary on Python source, not comparable to Chinchilla's.", "",
            f"![loss against compute, iso-loss contours]({png.name})"]

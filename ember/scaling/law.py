@@ -50,6 +50,9 @@ INIT_GRID = {"a": [0.0, 5.0, 10.0, 15.0, 20.0, 25.0], "b": [0.0, 5.0, 10.0, 15.0
 # L-BFGS runs from this many of the grid's points, those where the objective starts lowest: on
 # synthetic and real sweeps they reach the same optimum as all 4500, in a fraction of the time.
 DEFAULT_STARTS = 100
+DEGENERATE = ("The fit runs off to an infinite constant: these runs do not pin the law down. Add model sizes "
+              "or token counts spanning a wider range.")
+MAX_LOG_CONSTANT = 700.0  # exp(700) is near float64's largest value
 LAW_FIELDS = ("E", "A", "B", "alpha", "beta")
 REQUIRED_FIELDS = ("params", "tokens", "loss")
 OPTIONAL_FIELDS = ("non_embedding_params", "flops")
@@ -121,7 +124,8 @@ class Law:
     beta: float
 
     def loss(self, params: Any, tokens: Any) -> Any:
-        return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
+        with np.errstate(over="ignore"):  # a loosely pinned fit may overflow far from its runs: inf is the answer
+            return self.E + self.A / np.power(params, self.alpha) + self.B / np.power(tokens, self.beta)
 
     def compute_optimal(self, flops: Any) -> tuple[Any, Any]:
         """(N_opt, D_opt) minimising the loss at C = 6 N D FLOPs (closed form; see the module doc)."""
@@ -270,8 +274,12 @@ def _fit_theta(objective: Objective, grid: np.ndarray, starts: int | None) -> np
     return theta[int(values.argmin())]
 
 
-def _law(theta: np.ndarray) -> Law:
+def _law(theta: np.ndarray) -> Law | None:
+    """The law of a row (a, b, e, alpha, beta); None when a constant runs past float range (a
+    degenerate fit: e.g. alpha -> 0 with A -> infinity describes the same flat losses)."""
     a, b, e, alpha, beta = (float(x) for x in theta)
+    if max(a, b, e) > MAX_LOG_CONSTANT:
+        return None
     return Law(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
 
 
@@ -281,7 +289,10 @@ def fit_law(params: Sequence[float], tokens: Sequence[float], losses: Sequence[f
     from the `starts` best points of Chinchilla's initialisation grid (None: all 4500), keeping
     the best result."""
     log_n, log_d, log_l = (np.log(np.asarray(x, dtype=float)) for x in (params, tokens, losses))
-    return _law(_fit_theta(Objective(log_n, log_d, log_l, np.ones_like(log_l), delta), _grid(), starts))
+    law = _law(_fit_theta(Objective(log_n, log_d, log_l, np.ones_like(log_l), delta), _grid(), starts))
+    if law is None:
+        raise EmberError(DEGENERATE)
+    return law
 
 
 # --- the full analysis ---------------------------------------------------------------------
@@ -299,9 +310,10 @@ class ScalingFit:
     law: Law
     intervals: dict[str, dict[str, float]]
     budget: float
-    compute_optimal: dict[str, Any]
+    compute_optimal: dict[str, Any] | None  # None when alpha or beta is not positive
     approach1: dict[str, Any] | None
-    disagreements: list[str]
+    disagreements: list[str]  # where approaches 1 and 3 disagree
+    warnings: list[str]  # what limits the fit (degenerate refits, no optimum)
     runs: int
     bootstrap: int
     size_field: str
@@ -309,7 +321,8 @@ class ScalingFit:
 
     def to_json(self) -> dict[str, Any]:
         return {**self.intervals, "compute_optimal": self.compute_optimal, "approach1": self.approach1,
-                "disagreements": self.disagreements, "runs": self.runs, "bootstrap": self.bootstrap,
+                "disagreements": self.disagreements, "warnings": self.warnings, "runs": self.runs,
+                "bootstrap": self.bootstrap,
                 "params_field": self.size_field, "huber_delta": HUBER_DELTA}
 
 
@@ -333,7 +346,7 @@ def _approach1(runs: Sequence[Run], sizes: np.ndarray) -> dict[str, Any] | None:
 
 
 def _bootstrap(theta: np.ndarray, grid: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
-               resamples: int, rng: np.random.Generator, progress: bool, chunk: int = 50) -> list[Law]:
+               resamples: int, rng: np.random.Generator, progress: bool, chunk: int = 50) -> list[Law | None]:
     """Refits on runs resampled with replacement (as multiplicity weights), each L-BFGS started
     from the full-data optimum and the two best grid points of its resample; `chunk` resamples
     optimise together as rows of one batch."""
@@ -357,7 +370,28 @@ def _bootstrap(theta: np.ndarray, grid: np.ndarray, log_n: np.ndarray, log_d: np
         laws += [_law(row) for row in best]
         bar.update(m)
     bar.close()
-    return laws
+    return laws  # None for a degenerate refit
+
+
+def _compute_optimal(law: Law, laws: list[Law], budget: float) -> dict[str, Any] | None:
+    """N_opt, D_opt, tokens per parameter at `budget` and the exponents of N_opt and D_opt in C,
+    with intervals over the refits whose exponents are positive (None if the fit's are not)."""
+    if law.alpha <= 0 or law.beta <= 0:
+        return None
+    n_opt, d_opt = law.compute_optimal(budget)
+    usable = [x for x in laws if x.alpha > 0 and x.beta > 0] or [law]
+    boot_opt = [x.compute_optimal(budget) for x in usable]
+    exp_n = law.beta / (law.alpha + law.beta)
+    boot_exp_n = [x.beta / (x.alpha + x.beta) for x in usable]
+    return {
+        "flops": budget,
+        "params": interval([float(n) for n, _ in boot_opt], float(n_opt)),
+        "tokens": interval([float(d) for _, d in boot_opt], float(d_opt)),
+        "tokens_per_param": interval([float(d / n) for n, d in boot_opt], float(d_opt / n_opt)),
+        "loss": float(law.loss(n_opt, d_opt)),
+        "params_exponent": interval(boot_exp_n, exp_n),
+        "tokens_exponent": interval([1 - x for x in boot_exp_n], 1 - exp_n),
+    }
 
 
 def fit_runs(runs: Sequence[Run], *, budget: float | None = None, bootstrap: int = 200, seed: int = 0,
@@ -380,29 +414,25 @@ def fit_runs(runs: Sequence[Run], *, budget: float | None = None, bootstrap: int
     grid = _grid()
     theta = _fit_theta(Objective(log_n, log_d, log_l, np.ones_like(log_l)), grid, starts)
     law = _law(theta)
-    laws = _bootstrap(theta, grid, log_n, log_d, log_l, bootstrap, np.random.default_rng(seed), progress)
+    if law is None:
+        raise EmberError(DEGENERATE)
+    refits = _bootstrap(theta, grid, log_n, log_d, log_l, bootstrap, np.random.default_rng(seed), progress)
+    laws = [x for x in refits if x is not None]
     samples = {name: [getattr(x, name) for x in laws] or [getattr(law, name)] for name in LAW_FIELDS}
     intervals = {name: interval(samples[name], getattr(law, name)) for name in LAW_FIELDS}
 
-    n_opt, d_opt = law.compute_optimal(budget)
-    boot_opt = [x.compute_optimal(budget) for x in laws] or [(n_opt, d_opt)]
-    exp_n = law.beta / (law.alpha + law.beta)
-    boot_exp_n = [x.beta / (x.alpha + x.beta) for x in laws] or [exp_n]
-    compute_optimal = {
-        "flops": budget,
-        "params": interval([float(n) for n, _ in boot_opt], float(n_opt)),
-        "tokens": interval([float(d) for _, d in boot_opt], float(d_opt)),
-        "tokens_per_param": interval([float(d / n) for n, d in boot_opt], float(d_opt / n_opt)),
-        "loss": float(law.loss(n_opt, d_opt)),
-        "params_exponent": interval(boot_exp_n, exp_n),
-        "tokens_exponent": interval([1 - x for x in boot_exp_n], 1 - exp_n),
-    }
-
+    compute_optimal = _compute_optimal(law, laws, budget)
     a1 = _approach1(runs, sizes)
-    disagreements = []
+    disagreements, warnings = [], []
+    if len(laws) < len(refits):
+        warnings.append(f"{len(refits) - len(laws)} of {len(refits)} bootstrap refits ran off to an infinite "
+                             "constant and are left out of the intervals: the runs pin the law down only loosely.")
+    if compute_optimal is None:
+        warnings.append(f"The fit has alpha = {law.alpha:.3g} and beta = {law.beta:.3g}: without both positive "
+                             "there is no compute-optimal split.")
     if a1 is None:
         disagreements.append("Approach 1 needs at least two runs on the loss-compute frontier; it was not fitted.")
-    else:
+    elif compute_optimal is not None:
         e3 = compute_optimal["params_exponent"]
         if not e3["low"] <= a1["params_exponent"] <= e3["high"]:
             disagreements.append(
@@ -415,7 +445,7 @@ def fit_runs(runs: Sequence[Run], *, budget: float | None = None, bootstrap: int
                 f"At {budget:.3g} FLOPs approach 1 puts N_opt at {n1:.3g} parameters, outside approach 3's "
                 f"95% interval {co['low']:.3g}..{co['high']:.3g}.")
     return ScalingFit(law=law, intervals=intervals, budget=budget, compute_optimal=compute_optimal, approach1=a1,
-                      disagreements=disagreements, runs=len(runs), bootstrap=bootstrap,
+                      disagreements=disagreements, warnings=warnings, runs=len(runs), bootstrap=len(laws),
                       size_field="non_embedding_params" if use_non_embedding else "params", bootstrap_laws=laws)
 
 
@@ -428,15 +458,18 @@ def describe_fit(fit: ScalingFit) -> str:
         x = iv[name]
         lines.append(f"  {name:<5} = {x['value']:.4g}   [{x['low']:.4g}, {x['high']:.4g}]")
     co = fit.compute_optimal
-    lines.append(f"Compute-optimal at C = {co['flops']:.3g} FLOPs (C = 6ND): N = {co['params']['value']:.3g} "
-                 f"[{co['params']['low']:.3g}, {co['params']['high']:.3g}], D = {co['tokens']['value']:.3g} "
-                 f"[{co['tokens']['low']:.3g}, {co['tokens']['high']:.3g}], "
-                 f"{co['tokens_per_param']['value']:.3g} tokens per parameter, loss {co['loss']:.4g}")
-    lines.append(f"  approach 3: N_opt ~ C^{co['params_exponent']['value']:.2f}, "
-                 f"D_opt ~ C^{co['tokens_exponent']['value']:.2f}")
+    if co is not None:
+        lines.append(f"Compute-optimal at C = {co['flops']:.3g} FLOPs (C = 6ND): N = {co['params']['value']:.3g} "
+                     f"[{co['params']['low']:.3g}, {co['params']['high']:.3g}], D = {co['tokens']['value']:.3g} "
+                     f"[{co['tokens']['low']:.3g}, {co['tokens']['high']:.3g}], "
+                     f"{co['tokens_per_param']['value']:.3g} tokens per parameter, loss {co['loss']:.4g}")
+        lines.append(f"  approach 3: N_opt ~ C^{co['params_exponent']['value']:.2f}, "
+                     f"D_opt ~ C^{co['tokens_exponent']['value']:.2f}")
     if fit.approach1 is not None:
         a1 = fit.approach1
         lines.append(f"  approach 1 ({len(a1['frontier'])} frontier runs): N_opt ~ C^{a1['params_exponent']:.2f}, "
                      f"D_opt ~ C^{a1['tokens_exponent']:.2f}")
-    lines += [f"  disagree: {d}" for d in fit.disagreements] or ["  approaches 1 and 3 agree within the intervals"]
+    if fit.approach1 is not None and co is not None:
+        lines += [f"  disagree: {d}" for d in fit.disagreements] or ["  approaches 1 and 3 agree within the intervals"]
+    lines += [f"  note: {w}" for w in fit.warnings]
     return "\n".join(lines)

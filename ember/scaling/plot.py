@@ -32,8 +32,10 @@ def plot_fit(fit: ScalingFit, runs: Sequence[Run], path: str | Path) -> Path:
         shade = cmap(float((np.log(n) - np.log(sizes).min()) / max(np.ptp(np.log(sizes)), 1e-9)))
         left.plot(c, law.loss(n, c / (6 * n)), color=shade, alpha=0.5, lw=1)
     left.scatter(flops, losses, c=shades, cmap=cmap, edgecolor="k", zorder=3, label="runs (colour: size)")
-    n_opt, d_opt = law.compute_optimal(c)
-    left.plot(c, law.loss(n_opt, d_opt), "k--", lw=2, label="compute-optimal frontier (approach 3)")
+    optimum = fit.compute_optimal is not None  # alpha and beta both positive
+    if optimum:
+        n_opt, d_opt = law.compute_optimal(c)
+        left.plot(c, law.loss(n_opt, d_opt), "k--", lw=2, label="compute-optimal frontier (approach 3)")
     if fit.approach1 is not None:
         front = fit.approach1["frontier"]
         left.plot([f["flops"] for f in front], [f["loss"] for f in front], "rs", mfc="none", ms=11,
@@ -51,7 +53,8 @@ def plot_fit(fit: ScalingFit, runs: Sequence[Run], path: str | Path) -> Path:
     levels = np.quantile(field, np.linspace(0.02, 0.9, 14))
     contours = right.contour(cc, nn, field, levels=np.unique(levels), cmap="magma", linewidths=0.8)
     right.clabel(contours, fmt="%.2f", fontsize=7)
-    right.plot(c, n_opt, "k--", lw=2, label="efficient frontier N_opt(C) (approach 3)")
+    if optimum:
+        right.plot(c, n_opt, "k--", lw=2, label="efficient frontier N_opt(C) (approach 3)")
     if fit.approach1 is not None:
         a1 = fit.approach1
         right.plot(c, a1["params_coefficient"] * c ** a1["params_exponent"], "r:", lw=2,
