@@ -216,3 +216,13 @@ def test_sweep_flags_reach_the_sweep(monkeypatch):
     assert (seen["cfg"].lr, seen["cfg"].batch_size, seen["cfg"].eval_every) == (0.01, 3, 0)
     assert (seen["options"].budget_minutes, seen["options"].warmup_fraction) == (2.0, 0.1)
     assert seen["progress"] is False
+
+
+def test_fit_prints_the_law_the_split_and_both_approaches(tmp_path, capsys):
+    path = tmp_path / "RUNS.jsonl"
+    path.write_text("".join(json.dumps({"params": r.params, "tokens": r.tokens, "loss": r.loss}) + "\n"
+                            for r in synthetic_runs(TRUE, noise=0.005)))
+    assert main(["scaling", "fit", str(path), "--bootstrap", "10", "--budget", "1e22"]) == 0
+    text = capsys.readouterr().out
+    assert "alpha" in text and "Compute-optimal at C = 1e+22 FLOPs" in text
+    assert "approach 3: N_opt ~ C^" in text and "approach 1 (" in text
