@@ -265,7 +265,7 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
 # These modules import only argparse and ember.settings at top level, and a command adds its
 # flags (from dataclasses in heavier modules) only when it runs, so `ember --help` stays instant.
 COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.train.align_commands",
-                   "ember.rag.commands", "ember.eval.commands"]
+                   "ember.rag.commands", "ember.eval.commands", "ember.scaling.commands"]
 
 
 def _command_modules() -> list:
