@@ -679,3 +679,93 @@ def test_consistency_draws_k_samples_from_an_endpoint(monkeypatch, capsys, tmp_p
     assert res["agreement"] == pytest.approx((2 / 3 + 1 / 3 + 1) / 3) and res["all_agree"] == pytest.approx(1 / 3)
     assert res["k=3"]["maj@3"] == 0.5 and res["k=3"]["pass@1"] == 0.5 and res["with_answers"] == 2
     assert res["tokens"] == 4 + 7 + 3 and res["k=3"]["tokens"] == 11 and res["k=1"]["tokens"] == 2 + 3
+
+
+# --- did my change help? (ember eval diff) ------------------------------------------------------
+def _write_run(run: Path, task: str, acc: list[float], contexts: list[str] | None = None) -> Path:
+    """A run directory as `ember eval run --out` lays it out: <task>.samples.jsonl, one item a line."""
+    run.mkdir(parents=True, exist_ok=True)
+    rows = [{"doc_id": i, "context": (contexts[i] if contexts else f"q{i}"), "metrics": {"acc": a, "_nll": 1.0}}
+            for i, a in enumerate(acc)]
+    (run / f"{task}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return run
+
+
+@pytest.mark.parametrize("a_only, b_only", [(0, 0), (3, 9), (12, 12), (40, 61), (2, 700)])
+def test_mcnemar_exact_equals_the_binomial_test(a_only, b_only):
+    from ember.eval.diff import mcnemar_exact
+
+    stats = need_module("scipy.stats", "the binomial-test peer")
+    n = a_only + b_only
+    expected = 1.0 if n == 0 else stats.binomtest(b_only, n, 0.5, alternative="two-sided").pvalue
+    # Both sum the same binomial terms; ours in log space: agreement to fp64 rounding over <= 700 terms.
+    assert mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation():
+    from ember.eval.diff import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 2000).astype(float)
+    b = np.where(rng.random(2000) < 0.1, 1 - a, a)  # 10% of items flip, in either direction
+    low, high = paired_bootstrap(a, b, iters=20000, seed=1)
+    d = b - a
+    half = 1.959964 * d.std() / math.sqrt(len(d))
+    # With 2000 items the mean difference is close to normal (CLT); the percentile interval's ends carry
+    # Monte Carlo error ~ sd/sqrt(iters) of the bootstrap distribution, well under 3% of its half-width.
+    assert (high - low) / 2 == pytest.approx(half, rel=0.03)
+    assert (low + high) / 2 == pytest.approx(d.mean(), abs=0.03 * half)
+
+
+def test_diff_pairs_items_and_reports_only_the_changed_ones(tmp_path):
+    from ember.eval.diff import diff_runs
+
+    rng = np.random.default_rng(3)
+    a = (rng.random(300) < 0.5).astype(float)
+    b = a.copy()
+    fixed = np.flatnonzero(a == 0)[:40]  # B gets 40 of A's wrong items right and breaks 10 of its right ones
+    broken = np.flatnonzero(a == 1)[:10]
+    b[fixed], b[broken] = 1.0, 0.0
+    res = diff_runs(_write_run(tmp_path / "A", "toy", list(a)), _write_run(tmp_path / "B", "toy", list(b)),
+                    iters=4000)
+    m = res["tasks"]["toy"]["metrics"]["acc"]
+    assert set(res["tasks"]["toy"]["metrics"]) == {"acc"}  # private fields (_nll) are not metrics
+    assert (m["n"], m["a_only"], m["b_only"]) == (300, 10, 40)
+    assert m["diff"] == pytest.approx(30 / 300)
+    assert 0 < m["ci_low"] < 0.1 < m["ci_high"]
+    assert m["mcnemar_p"] < 1e-4  # 10 against 40 discordant items: p = 2 P(Bin(50, 1/2) <= 10) ~ 2e-5
+
+    same = diff_runs(tmp_path / "A", tmp_path / "A", iters=500)["tasks"]["toy"]["metrics"]["acc"]
+    assert (same["diff"], same["ci_low"], same["ci_high"], same["mcnemar_p"]) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_diff_cli_on_two_real_runs_and_its_errors(model_dir, tmp_path, capsys):
+    from ember.cli import main
+
+    task = write_task(tmp_path)
+    for run, shots in (("A", "0"), ("B", "2")):
+        assert main(["eval", "run", "--task", str(task), "--model", str(model_dir), "--num-fewshot", shots,
+                     "--bootstrap-iters", "10", "--out", str(tmp_path / run), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "B"), "--json",
+                 "--bootstrap-iters", "200"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    toy = res["tasks"]["toy"]
+    assert toy["shared_items"] == 12 and toy["prompts_differ"] == 12  # 0-shot and 2-shot prompts differ
+    samples = [[json.loads(x) for x in (tmp_path / r / "toy.samples.jsonl").read_text().splitlines()]
+               for r in ("A", "B")]
+    for name in ("acc", "acc_norm", "acc_bytes"):
+        a, b = ([s["metrics"][name] for s in run] for run in samples)
+        assert toy["metrics"][name]["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+        assert toy["metrics"][name]["a_only"] == sum(1 for x, y in zip(a, b) if x > y)
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "B")]) == 0
+    assert "McNemar" in capsys.readouterr().out
+
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "toy.samples.jsonl").write_text('{"doc_id": 0, "metrics": {"acc": 1}}\n{"doc": 1}\n')
+    assert main(["eval", "diff", str(tmp_path / "A"), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "toy.samples.jsonl, line 2" in err and err.count("\n") == 1

@@ -1,4 +1,4 @@
-"""`ember eval perplexity|run|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
+"""`ember eval perplexity|run|diff|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
 
 Only argparse, the standard library and Ember's torch-free leaves (errors, files) are imported at module
 level, so `ember --help` stays fast; each handler imports what it needs.
@@ -86,6 +86,15 @@ def cmd_run(args: argparse.Namespace) -> None:
                 print(f"{cfg.task:<20} {metric:<16} {v['value']:.4f} ± {v['stderr']:.4f}  (n={v['n']})")
     if args.json:
         print(json.dumps(summary))
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from ember.eval.diff import diff_runs, format_diff
+
+    res = diff_runs(args.run_a, args.run_b, iters=args.bootstrap_iters, seed=args.seed)
+    if args.out:
+        _dump(res, Path(args.out))
+    print(json.dumps(res) if args.json else format_diff(res))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -266,6 +275,20 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--out", help="directory for <task>.json and per-sample <task>.samples.jsonl")
     p.add_argument("--cache", help="SQLite response cache; a rerun after an interruption repeats no call")
 
+    p = acts.add_parser("diff", help="did my change help? two runs compared item by item: paired bootstrap CI, "
+                                     "McNemar's test",
+                        description="Compare two directories written by `ember eval run --out` on the tasks both "
+                                    "hold. For each metric: the means of A and B over the items both scored, the "
+                                    "difference B - A with a paired bootstrap 95% interval (the same resampled "
+                                    "items in both runs), and for 0/1 metrics the items right only in A, right "
+                                    "only in B, and McNemar's exact p-value on those discordant items.")
+    p.add_argument("run_a", help="the baseline run directory")
+    p.add_argument("run_b", help="the changed run directory")
+    p.add_argument("--bootstrap-iters", type=int, default=10000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the bootstrap resampling")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--out", help="also write the comparison JSON here")
+
     p = acts.add_parser("compare", help="pairwise battles -> win rates, Bradley-Terry and Elo with bootstrap CIs")
     p.add_argument("files", nargs="+", help="battles JSONL ({model_a, model_b, winner: a|b|tie}) or two or more "
                                             "systems' outputs JSONL ({instruction, output}) to judge")
@@ -320,7 +343,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--out", help="(with --questions) write the drawn samples as JSONL that --input reads")
     p.add_argument("--json", action="store_true")
 
-    return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "compare"): cmd_compare,
+    return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "diff"): cmd_diff, ("eval", "compare"): cmd_compare,
             ("eval", "judge"): cmd_judge, ("eval", "groundedness"): cmd_groundedness}
 
 
