@@ -125,8 +125,8 @@ def diff_runs(run_a: str | Path, run_b: str | Path, iters: int = 10000, seed: in
 def format_diff(res: dict[str, Any]) -> str:
     """A table for the terminal: one row per task and metric."""
     lines = [f"A = {res['run_a']}", f"B = {res['run_b']}", "",
-             f"{'task':<20} {'metric':<12} {'n':>6} {'A':>8} {'B':>8} {'B − A':>8} {'95% CI':>20} "
-             f"{'A✓B✗':>6} {'A✗B✓':>6} {'McNemar p':>10}"]
+             (f"{'task':<20} {'metric':<12} {'n':>6} {'A':>8} {'B':>8} {'B - A':>8} {'95% CI':>20} "
+              f"{'A only':>6} {'B only':>6} {'McNemar p':>10}")]
     for task, t in res["tasks"].items():
         for name, m in t["metrics"].items():
             ci = f"[{m['ci_low']:+.4f}, {m['ci_high']:+.4f}]"
