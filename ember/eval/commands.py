@@ -18,8 +18,12 @@ from ember.files import read_jsonl
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an Ember or Hugging Face checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float), scored in this process")
-    p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) that honours "
-                                      "echo + logprobs on /v1/completions and offers /tokenize")
+    p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1); log-likelihood "
+                                      "tasks need echo + logprobs on /v1/completions and /tokenize (Ember's, "
+                                      "vLLM's), generation tasks only completions or, with --apply-chat-template, "
+                                      "chat completions (llama-server, hosted APIs)")
+    p.add_argument("--tokenizer", help="(with --endpoint) the served model's DIR or .gguf, to render its chat "
+                                       "template on this side; log-likelihood tasks with --apply-chat-template need it")
     p.add_argument("--served-model", help="the model name to send to --endpoint")
     p.add_argument("--api-key", help="bearer key for --endpoint")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
@@ -29,8 +33,10 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 def _lm(args: argparse.Namespace) -> Any:
     from ember.eval.lm import open_lm
 
+    if args.tokenizer and not args.endpoint:
+        raise EmberError("--tokenizer goes with --endpoint; with --model the model's own tokenizer is used.")
     return open_lm(args.model, args.endpoint, served_model=args.served_model, api_key=args.api_key,
-                   device=args.device, dtype=args.dtype)
+                   device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
 def _rows(path: str) -> list[Any]:
@@ -61,8 +67,10 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from ember.eval.tasks import TaskConfig, run_task
+    from ember.eval.tasks import PromptFormat, TaskConfig, run_task
 
+    fmt = PromptFormat(apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction,
+                       fewshot_as_multiturn=args.fewshot_as_multiturn)
     lm = _lm(args)
     if args.cache:  # resumable: answers already in the cache are not asked again
         from ember.eval.report import CachedLM
@@ -73,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     for name in args.task:
         cfg = TaskConfig.load(name)
         res = run_task(lm, cfg, limit=args.limit, num_fewshot=args.num_fewshot,
-                       data_dir=Path(args.data) if args.data else None, bootstrap_iters=args.bootstrap_iters)
+                       data_dir=Path(args.data) if args.data else None, bootstrap_iters=args.bootstrap_iters,
+                       prompt_format=fmt)
         summary[cfg.task] = {k: v for k, v in res.items() if k != "samples"}
         if args.out:
             out = Path(args.out)
@@ -264,10 +273,21 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
     p = acts.add_parser("run", help="run benchmark tasks (lm-eval YAML subset, or a ready task name)")
     p.add_argument("--task", nargs="+", required=True,
-                   help="FILE.yaml or a ready task: arc_easy, arc_challenge, piqa, hellaswag, truthfulqa_mc2, "
-                        "gsm8k, nq_open, lambada_openai")
+                   help="FILE.yaml or a ready task: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, "
+                        "openbookqa, truthfulqa_mc2, lambada_openai, gsm8k, nq_open (files and formats: "
+                        "docs/eval_tasks.md)")
     _add_target(p)
-    p.add_argument("--data", help="directory holding the task's data files (default: ../shared/data/eval)")
+    p.add_argument("--data", help="directory holding the task's data files (default: ../shared/data/eval, or "
+                                  "$EMBER_SHARED_DATA/eval)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each prompt through the model's chat template, as lm-eval does for chat models "
+                        "(a multiple-choice answer then follows the assistant header directly)")
+    p.add_argument("--system-instruction", help="a system turn before the prompt (joined to the task's "
+                                                "description); plain text when no template is applied")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
+                   help="(with --apply-chat-template) each solved example as its own user and assistant turns "
+                        "(the default with a template, as in lm-eval); --no-fewshot-as-multiturn puts them all in "
+                        "one user turn")
     p.add_argument("--limit", type=int, help="only the first N documents")
     p.add_argument("--num-fewshot", type=int, help="override the task's number of solved examples")
     p.add_argument("--bootstrap-iters", type=int, default=1000)
