@@ -333,13 +333,15 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
     from ember.train.loop import TrainConfig
     from ember.train.pretrain import describe_run, pretrain
 
+    from ember.train.commands import resume_changes
+
     model_config = None
-    if not a.resume:
-        if a.config:
-            model_config = ModelConfig.from_json_file(a.config)
-        else:
-            model_config = preset(a.preset or "small")
-    pretrain(a.data, a.out, model_config, values(TrainConfig, a), device=a.device, resume=a.resume,
+    if a.config:
+        model_config = ModelConfig.from_json_file(a.config)
+    elif a.preset or not a.resume:
+        model_config = preset(a.preset or "small")
+    train_config = resume_changes(a) if a.resume else values(TrainConfig, a)
+    pretrain(a.data, a.out, model_config, train_config, device=a.device, resume=a.resume,
              eval_batches=a.eval_batches, progress=not a.no_progress)
     print(f"Done: {describe_run(a.out)}")
     print(f"Model: {Path(a.out) / 'model'}   Curves: ember plot {a.out}")
