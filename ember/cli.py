@@ -222,7 +222,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay "
+                   "open); a key typed here shows in `ps`: prefer --api-key-file or the EMBER_API_KEY variable")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from this file (surrounding whitespace ignored)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     p.add_argument("--embedding-model", default="default",
                    help="encoder for /v1/embeddings: a BERT-family directory, 'default' (all-MiniLM-L6-v2 from "
@@ -427,11 +430,13 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from ember.engine import LLM
     from ember.serve import serve
+    from ember.serve.auth import resolve_api_key
 
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
+    api_key = resolve_api_key(a.api_key, a.api_key_file)  # or EMBER_API_KEY
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args(a))
-    serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
+    serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=api_key,
           max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
 
 
