@@ -102,12 +102,13 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA foreign_keys=ON")
             self.db.execute("PRAGMA synchronous=NORMAL")
-            with self.transaction(write=True):
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        self.db.execute(statement)
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
-                self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            if not self._has_schema():  # a new index (or one from before checksums): the one write at opening
+                with self.transaction(write=True):
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            self.db.execute(statement)
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('format', ?)", (FORMAT,))
+                    self.db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
         except sqlite3.DatabaseError as e:
             if _corrupt(e):
                 raise EmberError(f"The RAG index {self.path} is corrupt or not an Ember RAG index ({e}); rebuild "
@@ -116,6 +117,13 @@ class Store:
         fmt = self.get_meta("format")
         if fmt != FORMAT:
             raise EmberError(f"{self.path} has index format {fmt!r}; this Ember reads {FORMAT!r}.")
+
+    def _has_schema(self) -> bool:
+        """Whether every table exists: then opening only reads, and never waits for a writer's lock (an
+        `ember rag index` run holds it until it commits)."""
+        with self.transaction():
+            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        return {"meta", "sources", "documents", "chunks", "vectors", "checksums"} <= tables
 
     def close(self) -> None:
         self.db.close()
@@ -216,7 +224,11 @@ class Store:
         self._verify(rows, expected)
         vecs = None
         if rows and dim is not None and all(r[10] is not None for r in rows):
-            vecs = np.frombuffer(b"".join(r[10] for r in rows), dtype=np.float32).reshape(len(rows), int(dim))
+            try:
+                vecs = np.frombuffer(b"".join(r[10] for r in rows), dtype=np.float32).reshape(len(rows), int(dim))
+            except ValueError:
+                raise EmberError(f"The RAG index {self.path} is corrupt: its vectors do not have the {dim!r} "
+                                 "dimensions it records; rebuild it with `ember rag index`.") from None
         return Snapshot(gen, np.array([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows],
                         [r[2] for r in rows], [r[3] or "" for r in rows], [r[4] for r in rows],
                         [r[5] for r in rows], [r[6] for r in rows], [r[7] or "" for r in rows],

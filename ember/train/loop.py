@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ember.checkpoint import read_weights, write_failed, write_model_files
 from ember.device import autocast_dtype
 from ember.errors import EmberError
-from ember.files import atomic_dir, complete_version, read_json, remove_leftovers, write_json
+from ember.files import (atomic_dir, atomic_write_text, complete_version, read_json, remove_leftovers,
+                         write_json)
 from ember.manifest import write_manifest
 
 SCHEDULES = ("cosine", "constant", "wsd")
@@ -206,11 +207,18 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads as one clean run."""
+    """On resume, drop log lines past the checkpoint so the log reads as one clean run (and a line a
+    kill cut short); rewritten atomically, so a kill here loses nothing."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 RUN_FILE = "run.json"  # what a recipe was started with, so --resume needs no flags again

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +23,11 @@ from ember.config import ModelConfig
 from ember.data import TokenShards
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.files import write_json
+from ember.files import complete_version, write_json
 from ember.load import load_model
 from ember.model import CausalLM
 from ember.tokenizer import load_tokenizer
-from ember.train.loop import RUN_FILE, TrainConfig, find_checkpoint, lm_loss, read_run, train
+from ember.train.loop import CHECKPOINT, RUN_FILE, TrainConfig, find_checkpoint, lm_loss, read_run, train
 
 
 
@@ -69,12 +70,17 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
 
     run_file = out_dir / RUN_FILE
     if resume:
-        _, train_config = read_run(out_dir, train_config)
-        saved = load_config(find_checkpoint(out_dir))
+        run, train_config = read_run(out_dir, train_config)
+        has_checkpoint = complete_version(out_dir / CHECKPOINT) is not None
+        saved = load_config(find_checkpoint(out_dir)) if has_checkpoint else ModelConfig.from_hf(run["model_config"])
         if model_config is not None and model_config_for(model_config, tokenizer, train_config.block_size) != saved:
             raise EmberError(f"The model given (--preset or --config) is not the one the run in {out_dir} trains; "
                              "leave it out to resume.")
         model_config = saved
+        if not has_checkpoint:  # killed before its first checkpoint: the same run from step 0 is where it was
+            print(f"No checkpoint in {out_dir} yet: the run starts over from step 0 with its saved settings.",
+                  file=sys.stderr)
+            resume, init_from = False, run.get("init_from")
     else:
         if model_config is None:
             raise EmberError("Give a model preset or config to pretrain.")
@@ -83,6 +89,7 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
         model_config = model_config_for(model_config, tokenizer, train_config.block_size)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, {"model_config": model_config.to_hf(), "train_config": asdict(train_config),
+                              "init_from": str(Path(init_from).resolve()) if init_from is not None else None,
                               "data": str(data_dir.resolve()), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     if model_config.vocab_size < tokenizer.vocab_size:
         raise EmberError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than the "
