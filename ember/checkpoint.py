@@ -150,18 +150,20 @@ def _load_safetensors(file: Path) -> dict[str, Tensor]:
 
 
 def save_safetensors(tensors: dict[str, Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
-    """`save_file`, with a failed write (a full disk, a file-size limit) as an EmberError naming the file."""
+    """`save_file`, with safetensors' own write errors (a full disk, a file-size limit) as the OSError
+    of `file`, which `write_failed` turns into one sentence."""
     try:
         save_file(tensors, str(file), metadata=metadata)
-    except (SafetensorError, OSError) as e:
-        raise write_failed(file, e) from None
+    except SafetensorError as e:
+        raise OSError(0, str(e), str(file)) from None
 
 
-def write_failed(file: Path, error: BaseException) -> EmberError:
-    """The message for a checkpoint file that could not be written (the previous checkpoint stays whole)."""
-    reason = getattr(error, "strerror", None) or str(error)
-    return EmberError(f"Could not write {file} ({reason}); is the disk full? The previous version, if any, "
-                      "is left untouched.")
+def write_failed(target: Path, error: OSError) -> EmberError:
+    """The message for a directory that could not be written; `atomic_dir` has left the previous one whole."""
+    reason = error.strerror or str(error)
+    file = f"{Path(error.filename).name}: " if error.filename else ""
+    return EmberError(f"Could not write {target} ({file}{reason}); is the disk full? The previous {target.name}, "
+                      "if any, is left as it was.")
 
 
 def load_config(path: str | Path) -> ModelConfig:
