@@ -20,6 +20,14 @@ from ember.files import read_json, write_json
 MANIFEST = "manifest.json"
 FORMAT = "ember-manifest-v1"
 CHUNK = 1 << 20
+# Files nobody edits by hand: any difference from the manifest is damage.
+STRICT_SUFFIXES = (".safetensors", ".pt")
+STRICT_NAMES = ("trainer_state.json", "model.safetensors.index.json")
+
+
+def editable(name: str) -> bool:
+    """Config, tokenizer and template files, which people do edit in a saved model."""
+    return not (name.endswith(STRICT_SUFFIXES) or Path(name).name in STRICT_NAMES)
 
 
 def file_sha256(path: Path) -> str:
@@ -57,11 +65,14 @@ def verify_files(folder: str | Path, names: Iterable[str] | None = None) -> bool
 
     Returns False when there is no manifest (nothing to check); raises an EmberError naming the first
     file that is missing, of the wrong size or with the wrong SHA-256. A named file the manifest does
-    not list (added to the directory later) is not checked."""
+    not list (added to the directory later) is not checked, and neither is an `editable` file saved
+    after the manifest: a person changed it on purpose (a flipped bit or a cut on disk leaves the
+    modification time alone, or leaves JSON that no longer parses)."""
     folder = Path(folder)
     files = read_manifest(folder)
     if files is None:
         return False
+    written = (folder / MANIFEST).stat().st_mtime_ns
     for name in (sorted(files) if names is None else names):
         path = folder / name
         entry = files.get(name)
@@ -69,7 +80,10 @@ def verify_files(folder: str | Path, names: Iterable[str] | None = None) -> bool
             continue
         if not path.is_file():
             raise EmberError(f"{path} is missing (listed in {folder / MANIFEST}).")
-        size = path.stat().st_size
+        stat = path.stat()
+        if editable(name) and stat.st_mtime_ns > written:
+            continue
+        size = stat.st_size
         if size != entry.get("bytes"):
             raise EmberError(f"{path} is truncated or damaged: {size} bytes, {entry.get('bytes')} when written.")
         if file_sha256(path) != entry.get("sha256"):

@@ -317,12 +317,16 @@ def run_dir(zygote, data_dir, tmp_path_factory):
 
 
 def damage(path: Path, how: str) -> None:
+    """Damage as a disk does it: the content changes, the modification time does not (a person's edit
+    of a config or tokenizer file, which changes it, is not damage)."""
+    times = path.stat()
     data = bytearray(path.read_bytes())
     if how == "truncate":
         path.write_bytes(data[: len(data) // 2])
     else:  # one bit in the middle: the kind of damage that parses fine and loads silently wrong
         data[len(data) // 2] ^= 0x10
         path.write_bytes(bytes(data))
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
 def resume_state(run: Path) -> dict:
@@ -369,6 +373,20 @@ def test_without_a_manifest_a_model_loads_as_before_and_damage_is_still_named(ru
     damage(out / "model" / "model.safetensors", "truncate")
     with pytest.raises(EmberError, match=f"{out / 'model' / 'model.safetensors'} is corrupt or truncated"):
         load_model(out / "model", device="cpu")
+
+
+def test_an_edited_config_file_is_not_damage(run_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(run_dir / "model", model)
+    time.sleep(0.01)  # the edit comes after the manifest, on any file-system clock
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.5}))
+    load_model(model, device="cpu")
+    weights = model / "model.safetensors"  # weights are never edited: a newer file that differs is damage
+    damage(weights, "flip")
+    os.utime(weights)
+    with pytest.raises(EmberError, match=f"{weights} is corrupt"):
+        load_model(model, device="cpu")
 
 
 def test_a_damaged_shard_is_named(tmp_path):
