@@ -333,19 +333,19 @@ def cmd_data_synth(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from ember.config import ModelConfig, preset
     from ember.settings import values
+    from ember.train.commands import resume_changes
     from ember.train.loop import TrainConfig
     from ember.train.pretrain import describe_run, pretrain
 
-    from ember.train.commands import resume_changes
-
     model_config = None
-    if a.config:
-        model_config = ModelConfig.from_json_file(a.config)
-    elif a.preset or not a.resume:
-        model_config = preset(a.preset or "small")
-    train_config = resume_changes(a) if a.resume else values(TrainConfig, a)
-    pretrain(a.data, a.out, model_config, train_config, device=a.device, resume=a.resume,
-             eval_batches=a.eval_batches, progress=not a.no_progress)
+    if not a.resume:
+        if a.config:
+            model_config = ModelConfig.from_json_file(a.config)
+        else:
+            model_config = preset(a.preset or "small")
+    # --resume: the run's own settings, changed only by the flags typed (ember.train.loop.read_run)
+    pretrain(a.data, a.out, model_config, resume_changes(a) if a.resume else values(TrainConfig, a), device=a.device,
+             resume=a.resume, eval_batches=a.eval_batches, progress=not a.no_progress)
     print(f"Done: {describe_run(a.out)}")
     print(f"Model: {Path(a.out) / 'model'}   Curves: ember plot {a.out}")
 
@@ -432,11 +432,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from ember.serve import serve
     from ember.serve.auth import resolve_api_key
 
+    a.api_key = resolve_api_key(a.api_key, a.api_key_file)  # or EMBER_API_KEY
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
-    api_key = resolve_api_key(a.api_key, a.api_key_file)  # or EMBER_API_KEY
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args(a))
-    serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=api_key,
+    serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
           max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
 
 

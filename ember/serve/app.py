@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hmac
 import json
 import sys
 import uuid
@@ -30,7 +31,7 @@ from ember.engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from ember.errors import EmberError
 from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
-from ember.serve.auth import exposure_warning, key_matches
+from ember.serve.auth import exposure_warning
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
                                   EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
                                   reject_unsupported, resolve_max_tokens, sampling_params, usage)
@@ -93,7 +94,8 @@ async def require_key(request: Request, authorization: str | None = Header(None)
     api_key = request.app.state.server.api_key
     if api_key is None:
         return
-    if not key_matches(authorization, api_key):  # in constant time (hmac.compare_digest)
+    # compare_digest: the time taken does not reveal how much of the key matched
+    if authorization is None or not hmac.compare_digest(authorization.encode(), f"Bearer {api_key}".encode()):
         raise APIError(401, "Missing or wrong API key; send 'Authorization: Bearer <key>'.",
                        type="authentication_error", code="invalid_api_key")
 
@@ -451,9 +453,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
-    app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
-    if (warning := exposure_warning(host, api_key)) is not None:
+    if (warning := exposure_warning(host, api_key)) is not None:  # beyond loopback without a key
         print(warning, file=sys.stderr, flush=True)
+
+    app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(llm.pool_size.describe(), flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

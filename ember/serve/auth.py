@@ -1,14 +1,14 @@
 """Where `ember serve` gets its API key, how it checks one, and when it warns about exposure.
 
 A key typed on the command line shows in `ps` and shell history, so the key may also come from
-the `EMBER_API_KEY` environment variable or from a file (`--api-key-file`). Keys are compared with
-`hmac.compare_digest`, whose time does not depend on how much of the key matched. A server that
+the `EMBER_API_KEY` environment variable or from a file (`--api-key-file`). The server compares keys
+with `hmac.compare_digest` (`app.require_key`), whose time does not depend on how much of the key
+matched. A server that
 listens beyond the loopback interface without a key is open to anyone who can reach it: it says so.
 """
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 from pathlib import Path
@@ -45,13 +45,6 @@ def resolve_api_key(flag: str | None = None, key_file: str | Path | None = None,
     if not key:
         raise EmberError(f"The API key from {where} is empty.")
     return key
-
-
-def key_matches(authorization: str | None, api_key: str) -> bool:
-    """Whether an Authorization header carries `api_key`, in time independent of where they differ."""
-    if authorization is None:
-        return False
-    return hmac.compare_digest(authorization.encode("utf-8"), f"Bearer {api_key}".encode("utf-8"))
 
 
 def is_loopback(host: str) -> bool:
