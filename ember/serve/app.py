@@ -453,10 +453,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
     """Run the server until interrupted."""
-    if (warning := exposure_warning(host, api_key)) is not None:  # beyond loopback without a key
-        print(warning, file=sys.stderr, flush=True)
-
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(llm.pool_size.describe(), flush=True)
+    if (warning := exposure_warning(host, api_key)) is not None:  # beyond loopback without a key
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
