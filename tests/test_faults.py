@@ -508,3 +508,20 @@ def test_any_flipped_byte_in_an_index_is_an_error_or_harmless(tmp_path):
         assert (snap.vectors == whole.vectors).all()
         outcomes["harmless"] += 1
     assert outcomes["error"] > 0  # the flips did reach the data
+
+
+def test_an_index_locked_by_another_writer_says_so(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "i.db"
+    build_index(db)
+    other = sqlite3.connect(str(db), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another `ember rag index`, mid-run
+    idx = Index(db, embedder=BowEmbedder(), chunking="none")  # opening only reads: no wait
+    assert len(idx.snapshot()) == 40  # and reading still works
+    idx.store.db.execute("PRAGMA busy_timeout = 50")  # instead of the minute a real run waits
+    with pytest.raises(EmberError, match=f"The RAG index {db} stayed locked by another writer"):
+        idx.add([{"_id": "new", "text": "more"}])
+    other.execute("ROLLBACK")
+    idx.add([{"_id": "new", "text": "more"}])
+    assert len(idx.snapshot()) == 41

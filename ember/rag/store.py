@@ -141,6 +141,9 @@ class Store:
             if _corrupt(e):
                 raise EmberError(f"The RAG index {self.path} is corrupt ({e}); rebuild it with "
                                  "`ember rag index`.") from None
+            if getattr(e, "sqlite_errorname", "") == "SQLITE_BUSY":
+                raise EmberError(f"The RAG index {self.path} stayed locked by another writer (an `ember rag index` "
+                                 "still running?); try again once it finishes.") from None
             raise
 
     def get_meta(self, key: str) -> str | None:
