@@ -3,7 +3,8 @@
 A model directory holds `config.json`, `model.safetensors` (or shards plus
 `model.safetensors.index.json`), `generation_config.json` and the tokenizer files.
 Ember's module names follow HF Llama, so llama/mistral/qwen2/mixtral weights map by
-name; GPT-2 stores q, k, v in one `Conv1D` (weights transposed) and is translated here.
+name; GPT-2 stores q, k, v in one `Conv1D` (weights transposed) and BLOOM in one linear layer
+whose rows run head by head (each head's q, k, v in turn): both are translated here.
 Every directory is written to a temporary path beside the target and renamed into place,
 so a run killed mid-write leaves the previous checkpoint intact, and carries a checksum manifest
 (`ember.manifest`) that loading verifies, so a damaged file is named rather than loaded. The weights here are plain ones:
@@ -36,6 +37,8 @@ IGNORED_KEYS = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias|\.attn\.masked_bi
 def hf_to_ember(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
     """Translate an HF state dict of `cfg.model_type` into Ember's module names."""
     hf = {k: v for k, v in hf.items() if not IGNORED_KEYS.search(k)}
+    if cfg.model_type == "bloom":
+        return _bloom_to_ember(cfg, hf)
     if cfg.model_type != "gpt2":
         out = {}
         for k, v in hf.items():
@@ -82,8 +85,77 @@ def hf_to_ember(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+# BLOOM's module names, Ember's on the left (per layer, then the decoder's own).
+_BLOOM_LAYER = {"input_layernorm": "input_layernorm", "post_attention_layernorm": "post_attention_layernorm",
+                "self_attn.o_proj": "self_attention.dense", "mlp.up_proj": "mlp.dense_h_to_4h",
+                "mlp.down_proj": "mlp.dense_4h_to_h"}
+_BLOOM_TOP = {"model.embed_tokens.weight": "transformer.word_embeddings.weight",
+              "model.embed_norm.weight": "transformer.word_embeddings_layernorm.weight",
+              "model.embed_norm.bias": "transformer.word_embeddings_layernorm.bias",
+              "model.norm.weight": "transformer.ln_f.weight", "model.norm.bias": "transformer.ln_f.bias"}
+
+
+def _bloom_to_ember(cfg: ModelConfig, hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """BLOOM's names to Ember's. Its `query_key_value` holds, head by head, that head's q rows, then
+    its k rows, then its v rows ([H, 3, D] along the output axis): split into q_proj, k_proj, v_proj."""
+    top = {v: k for k, v in _BLOOM_TOP.items()}
+    layer_names = {v: k for k, v in _BLOOM_LAYER.items()}
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    out = {}
+    for k, v in hf.items():
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # a bare BloomModel's names
+        if k == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[k] = v
+            continue
+        if k in top:
+            out[top[k]] = v
+            continue
+        m = re.match(r"transformer\.h\.(\d+)\.(.+)\.(weight|bias)$", k)
+        if m is None:
+            raise EmberError(f"Unexpected BLOOM weight '{k}' in checkpoint.")
+        i, module, kind = m.groups()
+        p = f"model.layers.{i}."
+        if module == "self_attention.query_key_value":
+            per_head = v.reshape(H, 3, D, *v.shape[1:])
+            for j, name in enumerate("qkv"):
+                out[p + f"self_attn.{name}_proj.{kind}"] = per_head[:, j].reshape(H * D, *v.shape[1:]).contiguous()
+            continue
+        if module not in layer_names:
+            raise EmberError(f"Unexpected BLOOM weight '{k}' in checkpoint.")
+        out[p + f"{layer_names[module]}.{kind}"] = v
+    return out
+
+
+def _ember_to_bloom(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Inverse of `_bloom_to_ember`: q, k and v interleaved head by head into `query_key_value`."""
+    H, D = cfg.num_attention_heads, cfg.head_dim
+    out = {}
+    for k, v in sd.items():
+        if k in _BLOOM_TOP:
+            out[_BLOOM_TOP[k]] = v
+            continue
+        if k == "lm_head.weight":
+            if not cfg.tie_word_embeddings:
+                out[k] = v
+            continue
+        i, module, kind = re.match(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$", k).groups()
+        p = f"transformer.h.{i}."
+        if module == "self_attn.q_proj":
+            parts = [sd[f"model.layers.{i}.self_attn.{n}_proj.{kind}"] for n in "qkv"]
+            per_head = torch.stack([t.reshape(H, D, *t.shape[1:]) for t in parts], dim=1)  # [H, 3, D, ...]
+            out[p + f"self_attention.query_key_value.{kind}"] = per_head.reshape(3 * H * D, *parts[0].shape[1:])
+            continue
+        if module in ("self_attn.k_proj", "self_attn.v_proj"):
+            continue
+        out[p + f"{_BLOOM_LAYER[module]}.{kind}"] = v.contiguous()
+    return out
+
+
 def ember_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """Inverse of `hf_to_ember`: the names and layouts `transformers` expects."""
+    if cfg.model_type == "bloom":
+        return _ember_to_bloom(cfg, sd)
     if cfg.model_type != "gpt2":
         out = dict(sd)
         if cfg.tie_word_embeddings:

@@ -194,6 +194,16 @@ def _pretrain_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="directory written by 'ember data prepare'")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--eval-batches", type=int, default=20, help="validation batches per evaluation (default: 20)")
+    p.add_argument("--position-embedding", choices=["learned", "sinusoidal", "rope", "alibi"], default=None,
+                   help="how positions enter, over the preset's or config's choice: a learned table (GPT-2), "
+                   "the original transformer's fixed sines and cosines, rotary (Llama) or ALiBi's per-head "
+                   "distance penalty on the attention scores (BLOOM)")
+    p.add_argument("--norm-position", choices=["pre", "post"], default=None,
+                   help="normalise each sublayer's input (pre, today's default) or after its residual add "
+                   "(post, the original transformer's)")
+    p.add_argument("--dropout", type=float, default=None,
+                   help="embedding, attention and residual dropout probability while training (default: the "
+                   "preset's or config's, 0 for most)")
     add_training_flags(p)
     add_run_flags(p)
 
@@ -343,6 +353,12 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
             model_config = ModelConfig.from_json_file(a.config)
         else:
             model_config = preset(a.preset or "small")
+        switches = {"position_embedding": a.position_embedding, "norm_position": a.norm_position,
+                    "dropout": a.dropout}
+        model_config = ModelConfig(**{**vars(model_config), **{k: v for k, v in switches.items() if v is not None}})
+    elif any(v is not None for v in (a.position_embedding, a.norm_position, a.dropout)):
+        raise EmberError("--position-embedding, --norm-position and --dropout shape a new model; a resumed run "
+                         "keeps its own.")
     # --resume: the run's own settings, changed only by the flags typed (ember.train.loop.read_run)
     pretrain(a.data, a.out, model_config, resume_changes(a) if a.resume else values(TrainConfig, a), device=a.device,
              resume=a.resume, eval_batches=a.eval_batches, progress=not a.no_progress)

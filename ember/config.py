@@ -1,9 +1,10 @@
 """ModelConfig: one dataclass for every decoder family Ember runs.
 
-A family (gpt2, llama, mistral, qwen2, mixtral) is just a choice of a few switches:
-learned or rotary positions, LayerNorm or RMSNorm, GELU or SwiGLU (or a mixture of
-SwiGLU experts), which projections carry a bias, and whether the LM head is tied to the
-embeddings. `from_hf` and `to_hf` translate to and from Hugging Face `config.json`, so a
+A family (gpt2, llama, mistral, qwen2, mixtral, bloom) is just a choice of a few switches:
+how positions enter (`position_embedding`: learned, sinusoidal, rotary or ALiBi), LayerNorm or
+RMSNorm and where it sits (`norm_position`: before each sublayer, or after its residual add as in
+the original transformer), GELU or SwiGLU (or a mixture of SwiGLU experts), which projections
+carry a bias, whether the LM head is tied to the embeddings, and the training-time `dropout`. `from_hf` and `to_hf` translate to and from Hugging Face `config.json`, so a
 checkpoint trained here opens in `transformers` and the other way round.
 """
 
@@ -11,13 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "bloom")
+
+# How a token's position enters the model:
+# - learned: a trained table of position vectors added to the token embeddings (GPT-2);
+# - sinusoidal: sines and cosines of geometrically spaced frequencies added to the embeddings,
+#   nothing learned (Vaswani et al. 2017, section 3.5);
+# - rope: queries and keys rotated by position-dependent angles (Su et al.; Llama);
+# - alibi: no position embedding; each head adds a penalty linear in the query-key distance to
+#   its attention scores (Press et al. 2022; BLOOM).
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rope", "alibi")
+# Where each sublayer's normalisation sits: "pre" normalises its input, x + f(norm(x)) (GPT-2 and
+# after); "post" normalises after the residual add, norm(x + f(x)) (the original transformer).
+NORM_POSITIONS = ("pre", "post")
+# Ember's own config.json fields for the switches above (written where they differ from the
+# family's own choice, so transformers-made configs and Ember's existing ones stay as they were).
+EMBER_FIELDS = ("position_embedding", "norm_position", "dropout", "scale_embeddings")
 
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
@@ -25,6 +42,7 @@ ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "bloom": "BloomForCausalLM",
 }
 
 
@@ -55,6 +73,15 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    position_embedding: str | None = None  # POSITION_EMBEDDINGS; None: the family's own
+    norm_position: str = "pre"  # NORM_POSITIONS
+    # Probability of dropping an element of the embeddings, of the attention weights and of each
+    # sublayer's output before its residual add; in training only (a model in eval() drops nothing).
+    dropout: float = 0.0
+    # Multiply the token embeddings by sqrt(hidden_size) before positions are added (Vaswani et al.,
+    # section 3.4), which then start at std hidden_size^-0.5: unit scale, like the sinusoids added to
+    # them (drawn at initializer_range, they would drown in them). None: only with sinusoidal positions.
+    scale_embeddings: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # unknown HF fields, written back as-is
 
     def __post_init__(self) -> None:
@@ -62,6 +89,18 @@ class ModelConfig:
             raise EmberError(
                 f"Unknown model_type '{self.model_type}'; Ember supports {', '.join(FAMILIES)}."
             )
+        if self.position_embedding is None:
+            self.position_embedding = family_position_embedding(self.model_type)
+        if self.position_embedding not in POSITION_EMBEDDINGS:
+            raise EmberError(f"position_embedding must be one of {', '.join(POSITION_EMBEDDINGS)}; "
+                             f"got {self.position_embedding!r}.")
+        if self.norm_position not in NORM_POSITIONS:
+            raise EmberError(f"norm_position must be one of {', '.join(NORM_POSITIONS)}; got {self.norm_position!r}.")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise EmberError(f"dropout is a probability in [0, 1); got {self.dropout!r}.")
+        self.dropout = float(self.dropout)
+        if self.scale_embeddings not in (None, True, False):
+            raise EmberError(f"scale_embeddings is true, false or null; got {self.scale_embeddings!r}.")
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise EmberError(
@@ -78,11 +117,32 @@ class ModelConfig:
     # --- what the switches mean -------------------------------------------------------
     @property
     def uses_rope(self) -> bool:
-        return self.model_type != "gpt2"
+        return self.position_embedding == "rope"
+
+    @property
+    def uses_alibi(self) -> bool:
+        return self.position_embedding == "alibi"
 
     @property
     def uses_rmsnorm(self) -> bool:
-        return self.model_type != "gpt2"
+        return self.model_type not in ("gpt2", "bloom")
+
+    @property
+    def embedding_norm(self) -> bool:
+        """A layer norm on the token embeddings before the first block (BLOOM's)."""
+        return self.model_type == "bloom"
+
+    @property
+    def embedding_scale(self) -> float:
+        """What the token embeddings are multiplied by: sqrt(hidden_size) or 1 (see `scale_embeddings`)."""
+        scaled = self.scale_embeddings if self.scale_embeddings is not None else self.position_embedding == "sinusoidal"
+        return math.sqrt(self.hidden_size) if scaled else 1.0
+
+    @property
+    def final_norm(self) -> bool:
+        """A norm after the last block: pre-LN models need one; in a post-LN model the last
+        sublayer's own norm already ends the stack (the original transformer has none)."""
+        return self.norm_position == "pre"
 
     @property
     def gated_mlp(self) -> bool:
@@ -97,12 +157,14 @@ class ModelConfig:
         if self.num_local_experts:
             mlp = mlp * self.num_local_experts + h * self.num_local_experts
         norms = 2 * h * (1 if self.uses_rmsnorm else 2)
-        total = L * (attn + mlp + norms) + h
+        total = L * (attn + mlp + norms) + (h if self.final_norm else 0)
+        if self.embedding_norm:
+            total += 2 * h
         if include_embeddings:
             total += self.vocab_size * h
             if not self.tie_word_embeddings:
                 total += self.vocab_size * h
-            if not self.uses_rope:
+            if self.position_embedding == "learned":
                 total += self.max_position_embeddings * h
         return total
 
@@ -118,10 +180,14 @@ class ModelConfig:
             raise EmberError(
                 f"config.json has model_type {model_type!r}; Ember supports {', '.join(FAMILIES)}."
             )
+        switches = {k: hf[k] for k in EMBER_FIELDS if k in hf}  # Ember's own fields, where written
         try:
+            if model_type == "bloom":
+                return cls._from_hf_bloom(hf, switches)
             if model_type == "gpt2":
                 n_embd = hf.get("n_embd", 768)
                 cfg = cls(
+                    **switches,
                     model_type="gpt2",
                     vocab_size=hf.get("vocab_size", 50257),
                     hidden_size=n_embd,
@@ -167,6 +233,7 @@ class ModelConfig:
             if model_type == "qwen2" and not hf.get("use_sliding_window", False):
                 sliding = None
             return cls(
+                **switches,
                 model_type=model_type,
                 vocab_size=hf["vocab_size"],
                 hidden_size=hf["hidden_size"],
@@ -198,8 +265,57 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise EmberError(f"config.json has a field of the wrong type: {e}.") from None
 
+    @classmethod
+    def _from_hf_bloom(cls, hf: dict[str, Any], switches: dict[str, Any]) -> "ModelConfig":
+        """BLOOM: ALiBi, LayerNorm (also on the embeddings), a 4x GELU MLP, biases everywhere, a tied
+        head. Its config names no context length (ALiBi has none): `seq_length` where a checkpoint
+        records it, else the 2048 tokens BLOOM was trained on."""
+        if hf.get("apply_residual_connection_post_layernorm"):
+            raise EmberError("BLOOM variants with apply_residual_connection_post_layernorm (the residual taken "
+                             "after the norm) are not supported.")
+        hidden = hf.get("hidden_size", hf.get("n_embed", 64))
+        heads = hf.get("n_head", hf.get("num_attention_heads", 8))
+        return cls(
+            **switches,
+            model_type="bloom",
+            vocab_size=hf.get("vocab_size", 250880),
+            hidden_size=hidden,
+            intermediate_size=4 * hidden,
+            num_hidden_layers=hf.get("n_layer", hf.get("num_hidden_layers", 2)),
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=hf.get("seq_length") or hf.get("max_position_embeddings") or 2048,
+            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            hidden_act="gelu_pytorch_tanh",
+            attention_bias=True,
+            o_proj_bias=True,
+            mlp_bias=True,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
+            initializer_range=hf.get("initializer_range", 0.02),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+
+    def ember_fields(self) -> dict[str, Any]:
+        """Ember's switches where they differ from what the family's own config implies."""
+        out: dict[str, Any] = {}
+        if self.position_embedding != family_position_embedding(self.model_type):
+            out["position_embedding"] = self.position_embedding
+        if self.norm_position != "pre":
+            out["norm_position"] = self.norm_position
+        if self.dropout:
+            out["dropout"] = self.dropout
+        if self.scale_embeddings is not None:
+            out["scale_embeddings"] = self.scale_embeddings
+        return out
+
     def to_hf(self) -> dict[str, Any]:
-        """An HF `config.json` dict that `transformers` 4.x and 5.x both read."""
+        """An HF `config.json` dict that `transformers` 4.x and 5.x both read (Ember's own switches
+        ride along where they differ from the family's: transformers ignores them)."""
+        return {**self._to_hf_family(), **self.ember_fields()}
+
+    def _to_hf_family(self) -> dict[str, Any]:
         common = {
             "architectures": [ARCHITECTURES[self.model_type]],
             "model_type": self.model_type,
@@ -222,7 +338,24 @@ class ModelConfig:
                 "n_ctx": self.max_position_embeddings,
                 "layer_norm_epsilon": self.norm_eps,
                 "activation_function": self.hidden_act,
-                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+                "resid_pdrop": self.dropout, "embd_pdrop": self.dropout, "attn_pdrop": self.dropout,
+                **self.extra,
+            }
+        if self.model_type == "bloom":
+            if self.intermediate_size != 4 * self.hidden_size or self.num_key_value_heads != self.num_attention_heads:
+                raise EmberError("A bloom config has intermediate_size 4 x hidden_size and one KV head per query head.")
+            if not (self.attention_bias and self.o_proj_bias and self.mlp_bias):
+                raise EmberError("A bloom config has a bias on every projection.")
+            return {
+                **common,
+                "hidden_size": self.hidden_size,
+                "n_layer": self.num_hidden_layers,
+                "n_head": self.num_attention_heads,
+                "seq_length": self.max_position_embeddings,
+                "layer_norm_epsilon": self.norm_eps,
+                "apply_residual_connection_post_layernorm": False,
+                "hidden_dropout": self.dropout, "attention_dropout": self.dropout,
+                "pretraining_tp": 1, "slow_but_exact": False,
                 **self.extra,
             }
         out = {
@@ -277,6 +410,11 @@ class ModelConfig:
         return cls.from_hf(data)
 
 
+def family_position_embedding(model_type: str) -> str:
+    """How a family's own checkpoints encode positions."""
+    return {"gpt2": "learned", "bloom": "alibi"}.get(model_type, "rope")
+
+
 def _default_theta(model_type: str) -> float:
     return 1e6 if model_type in ("mixtral", "qwen2") else 10000.0
 
@@ -312,6 +450,18 @@ PRESETS: dict[str, dict[str, Any]] = {
                  num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                  max_position_embeddings=1024, hidden_act="gelu_new", attention_bias=True,
                  o_proj_bias=True, mlp_bias=True, tie_word_embeddings=True, vocab_size=50257),
+    # the original transformer's choices on a GPT-2-sized-down decoder: sinusoidal positions,
+    # LayerNorm after each residual add, dropout 0.1 (Vaswani et al. 2017)
+    "vaswani-mini": dict(model_type="gpt2", hidden_size=256, intermediate_size=1024,
+                         num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
+                         max_position_embeddings=512, hidden_act="relu", attention_bias=True,
+                         o_proj_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                         position_embedding="sinusoidal", norm_position="post", dropout=0.1),
+    # BLOOM's architecture (ALiBi, a norm on the embeddings) at the size of "mini"
+    "bloom-mini": dict(model_type="bloom", hidden_size=192, intermediate_size=768, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=512,
+                       hidden_act="gelu_pytorch_tanh", attention_bias=True, o_proj_bias=True,
+                       mlp_bias=True, tie_word_embeddings=True),
     "moe-tiny": dict(model_type="mixtral", hidden_size=128, intermediate_size=256,
                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=512,

@@ -5,7 +5,8 @@ Contract (other modules rely on it): call it once on a model that will only run 
 engine's own model, the generator's); it returns the same model; it is a no-op off the CPU and where
 neither Ember's kernels nor oneDNN's packed weights are available; calling it twice is harmless.
 Nothing else in Ember switches a linear layer's kernel; attention's decode kernels live in the
-KV-cache backends (`ember.kv_cache`, `ember.engine.paged_cache`).
+KV-cache backends (`ember.kv_cache`, `ember.engine.paged_cache`), which route ALiBi models (whose
+scores carry a bias the C++ decode kernels do not add) to SDPA at every step, prepared or not.
 
 What it does to a `CausalLM` on the CPU:
 - q, k and v (and gate and up in a gated MLP) become one layer over their stacked weights,

@@ -7,6 +7,8 @@ its slice in place: nothing is allocated per token. The engine's paged cache
 
 A decoding step (one query a sequence) attends through `decode_attention`, which picks the
 kernel for that shape; longer queries (a prompt) go through `ember.model.attention` (SDPA).
+ALiBi models attend through `alibi_attention` at every step: SDPA with ALiBi's bias as its float
+mask (Ember's C++ decode kernels add no bias, so these models never take them).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import Tensor
 
 from ember import gemv
 from ember.config import ModelConfig
-from ember.model import attention, causal_mask
+from ember.model import alibi_mask, alibi_slopes, attention, causal_mask
 
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor | None = None) -> Tensor:
@@ -35,6 +37,20 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor | 
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
         return attention(q.float(), keys.float(), values.float(), mask, causal=False).to(q.dtype)
     return attention(q, keys, values, mask, causal=False)
+
+
+def alibi_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of q [B, H, Tq, D] over keys and values [B, Hkv, Tk, D] under ALiBi's float mask
+    (`ember.model.alibi_mask`); computed in the mask's dtype (float32 for bf16/fp16 queries on the
+    CPU, where PyTorch's fp32 kernel is both faster and more accurate), returned in q's."""
+    if q.dtype != mask.dtype:
+        return attention(q.to(mask.dtype), keys.to(mask.dtype), values.to(mask.dtype), mask).to(q.dtype)
+    return attention(q, keys, values, mask)
+
+
+def alibi_mask_dtype(device: torch.device | str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype ALiBi's attention runs in for a cache of `dtype` on `device` (see `alibi_attention`)."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
 
 
 _ALL_VISIBLE = torch.ones(256, dtype=torch.bool)
@@ -58,6 +74,9 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # tokens already cached
         self.sliding_window = cfg.sliding_window
+        # ALiBi's per-head slopes (None: no bias on the scores) and the dtype its attention runs in.
+        self.alibi_slopes = alibi_slopes(cfg.num_attention_heads).to(device) if cfg.uses_alibi else None
+        self.alibi_dtype = alibi_mask_dtype(device, dtype)
         if torch.device(device).type == "cpu":
             gemv.available()  # build the decode kernel now (once a process), not while a step is compiled
 
@@ -74,6 +93,10 @@ class KVCache:
         cached_v.narrow(2, start, T).copy_(v)
         keys, values = cached_k.narrow(2, 0, end), cached_v.narrow(2, 0, end)
         window = self.sliding_window
+        if self.alibi_slopes is not None:
+            q_pos, k_pos = torch.arange(start, end, device=q.device), torch.arange(0, end, device=q.device)
+            mask = alibi_mask(self.alibi_slopes, q_pos, k_pos, causal_mask(q_pos, k_pos, window), self.alibi_dtype)
+            return alibi_attention(q, keys, values, mask)
         if T == 1 and (window is None or end <= window):
             return decode_attention(q, keys, values)  # one new token sees everything cached
         if start == 0 and (window is None or end <= window):
@@ -123,6 +146,9 @@ class StaticKVCache(KVCache):
         visible = self.slots <= self.pos
         if self.sliding_window is not None:
             visible = visible & (self.slots > self.pos - self.sliding_window)
+        if self.alibi_slopes is not None:
+            return alibi_attention(q, self.k[layer], self.v[layer],
+                                   alibi_mask(self.alibi_slopes, self.pos, self.slots, visible, self.alibi_dtype))
         return decode_attention(q, self.k[layer], self.v[layer], visible)
 
     def advance(self, num_tokens: int) -> None:

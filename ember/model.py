@@ -1,7 +1,8 @@
 """The transformer: one decoder for every family in `ember.config`.
 
-Read it top to bottom: normalisation, rotary positions, attention, the MLP (plain, gated,
-or a mixture of experts), the block, and the causal LM that stacks them. Module names
+Read it top to bottom: normalisation, positions (rotary, sinusoidal, ALiBi; learned ones are
+a table), attention, the MLP (plain, gated, or a mixture of experts), the block (its norms before
+each sublayer or after each residual add), and the causal LM that stacks them. Module names
 follow Hugging Face's Llama layout (`model.layers.0.self_attn.q_proj`, ...), so weights
 and PEFT adapters map onto them by name; GPT-2's fused projections are split on load
 (see `ember.checkpoint`).
@@ -108,16 +109,58 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.addcmul(x * cos, swapped, sin)
 
 
+# --- sinusoidal positions (Vaswani et al. 2017, section 3.5) ---------------------------------
+def sinusoidal_embedding(positions: Tensor, dim: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The fixed position vectors added to the embeddings, [..., dim] for `positions` [...]:
+    PE(pos, 2i) = sin(pos / 10000^(2i/dim)), PE(pos, 2i+1) = cos(pos / 10000^(2i/dim)).
+    Computed for any position (nothing is learned, so nothing limits the length); the angles in
+    float32, whose rounding of pos x frequency is the table's only error."""
+    inv_freq = 10000.0 ** (-torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)
+    angles = positions.float()[..., None] * inv_freq  # [..., ceil(dim/2)]
+    table = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(-2)  # sin, cos interleaved
+    return table[..., :dim].to(dtype)
+
+
+# --- ALiBi (Press et al. 2022) -------------------------------------------------------------
+def alibi_slopes(num_heads: int) -> Tensor:
+    """Each head's penalty per token of distance, [num_heads] float32: for n a power of two the
+    geometric sequence 2^(-8/n), 2^(-16/n), ..., 2^(-8); otherwise those of the nearest power of two
+    below n, then every other slope of twice that power for the remaining heads (the paper's rule,
+    as BLOOM builds them)."""
+    def geometric(n: int) -> list[float]:
+        return [2.0 ** (-8.0 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = geometric(closest) + geometric(2 * closest)[0::2][:num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_mask(slopes: Tensor, q_positions: Tensor, k_positions: Tensor, visible: Tensor | None,
+               dtype: torch.dtype) -> Tensor:
+    """The additive attention mask of ALiBi: -slope x (query position - key position) for each head,
+    -inf where `visible` (boolean, True = may attend, broadcasting to [.., Tq, Tk]) is False.
+    q_positions [.., Tq], k_positions [.., Tk]; returns [.., H, Tq, Tk] in `dtype`."""
+    distance = (q_positions[..., :, None] - k_positions[..., None, :]).float()  # [.., Tq, Tk]
+    bias = -slopes.float()[:, None, None] * distance[..., None, :, :]  # [.., H, Tq, Tk]
+    if visible is not None:
+        # [Tq, Tk] and [B, 1, Tq, Tk] broadcast over the heads as they are; [B, Tq, Tk] gains a head axis.
+        bias = bias.masked_fill(~(visible[:, None] if visible.dim() == 3 else visible), float("-inf"))
+    return bias.to(dtype)
+
+
 # --- attention -------------------------------------------------------------------------
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = True) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = True,
+              dropout: float = 0.0) -> Tensor:
     """Scaled dot-product attention with grouped KV heads, through PyTorch's fused kernels.
 
-    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend.
+    q [B, H, Tq, D]; k, v [B, Hkv, Tk, D]; mask (optional) boolean, True = may attend, or a float
+    mask added to the scores (ALiBi's); `dropout` drops attention weights (training only).
     """
     gqa = k.shape[1] != q.shape[1]  # grouped-query attention: each KV head serves a group of q heads
     if mask is not None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, dropout_p=dropout,
+                                          enable_gqa=gqa)
 
 
 def causal_mask(q_positions: Tensor, k_positions: Tensor, sliding_window: int | None = None) -> Tensor:
@@ -140,6 +183,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(h, kv, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(q, h, bias=cfg.o_proj_bias)
+        self.dropout = cfg.dropout  # on the attention weights, in training
         # q, k and v from one layer over their stacked weights, once a model is prepared for
         # inference (ember.cpu_inference installs it and removes the three); None: the three layers.
         self.qkv_proj: nn.Module | None = None
@@ -159,7 +203,7 @@ class Attention(nn.Module):
         if cache is not None:
             out = cache.attend(self.layer_idx, q, k, v)
         else:
-            out = attention(q, k, v, mask)
+            out = attention(q, k, v, mask, dropout=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -244,8 +288,15 @@ class MoE(nn.Module):
 
 # --- the block and the model -------------------------------------------------------------
 class Block(nn.Module):
+    """Attention then the MLP, each added to the residual stream. Pre-norm (`norm_position`
+    "pre"): x + f(norm(x)). Post-norm ("post", the original transformer's): norm(x + f(x)), so
+    `input_layernorm` follows the attention's residual add and `post_attention_layernorm` the MLP's.
+    In training each sublayer's output is dropped out (`dropout`) before its add."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.post_norm = cfg.norm_position == "post"
+        self.dropout = cfg.dropout
         self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
@@ -255,19 +306,36 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope, mask, cache) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        if self.post_norm or (self.dropout and self.training):
+            return self._forward_with_switches(x, ffn, rope, mask, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
         return x + ffn(self.post_attention_layernorm(x))
+
+    def _forward_with_switches(self, x: Tensor, ffn: nn.Module, rope, mask, cache) -> Tensor:
+        """The block under post-norm or residual dropout (the plain pre-norm path stays as short as it was)."""
+        if self.post_norm:
+            x = self.input_layernorm(x + self._drop(self.self_attn(x, rope, mask, cache)))
+            return self.post_attention_layernorm(x + self._drop(ffn(x)))
+        x = x + self._drop(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self._drop(ffn(self.post_attention_layernorm(x)))
+
+    def _drop(self, x: Tensor) -> Tensor:
+        """Residual dropout: only in training, and only where asked for (no op otherwise)."""
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
 
 class Decoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        if not cfg.uses_rope:
+        if cfg.position_embedding == "learned":
             self.embed_positions = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        if cfg.embedding_norm:
+            self.embed_norm = make_norm(cfg)  # BLOOM's word_embeddings_layernorm
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = make_norm(cfg)
+        # Post-norm blocks end normalised already: no final norm (an identity keeps the name).
+        self.norm = make_norm(cfg) if cfg.final_norm else nn.Identity()
 
 
 class CausalLM(nn.Module):
@@ -282,27 +350,41 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("rope_inv_freq", rope_inv_freq(cfg) if cfg.uses_rope else torch.empty(0),
                              persistent=False)
+        self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads) if cfg.uses_alibi
+                             else torch.empty(0), persistent=False)
         self.apply(self._init_weights)
         # GPT-2's trick: shrink projections that write into the residual stream by depth.
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight", "w2.weight")):
                 nn.init.normal_(p, mean=0.0, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+        if cfg.embedding_scale != 1.0:
+            # Scaled embeddings (Vaswani et al.) start at std hidden_size^-0.5, as tensor2tensor and fairseq
+            # draw them: times sqrt(hidden_size) they have unit scale, like the sinusoids added to them.
+            nn.init.normal_(self.model.embed_tokens.weight, mean=0.0, std=cfg.hidden_size ** -0.5)
+
+    def _norm_weight(self) -> Tensor:
+        """The last norm's weight: the final norm's, or in a post-norm model the last block's."""
+        if isinstance(self.model.norm, nn.Identity):
+            return self.model.layers[-1].post_attention_layernorm.weight
+        return self.model.norm.weight
 
     @property
     def device(self) -> torch.device:
-        """Where the model runs (read off the final norm: a quantized layer's `.weight` dequantizes)."""
-        return self.model.norm.weight.device
+        """Where the model runs (read off the last norm: a quantized layer's `.weight` dequantizes)."""
+        return self._norm_weight().device
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype activations run in (the final norm's; quantized layers compute in it too)."""
-        return self.model.norm.weight.dtype
+        """The dtype activations run in (the last norm's; quantized layers compute in it too)."""
+        return self._norm_weight().dtype
 
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device)."""
         device = self.device
         self.rope_inv_freq = (rope_inv_freq(self.config) if self.config.uses_rope
                               else torch.empty(0)).to(device)
+        self.alibi_slopes = (alibi_slopes(self.config.num_attention_heads) if self.config.uses_alibi
+                             else torch.empty(0)).to(device)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -322,14 +404,26 @@ class CausalLM(nn.Module):
             positions = (cache.positions(T, input_ids.device) if cache is not None
                          else torch.arange(T, device=input_ids.device))
         x = self.model.embed_tokens(input_ids)
+        if cfg.embedding_scale != 1.0:
+            x = x * cfg.embedding_scale
+        rope = None
         if cfg.uses_rope:
             rope = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
-        else:
-            rope = None
+        elif cfg.position_embedding == "learned":
             x = x + self.model.embed_positions(positions)
+        elif cfg.position_embedding == "sinusoidal":
+            x = x + sinusoidal_embedding(positions, cfg.hidden_size, x.dtype)
+        if cfg.embedding_norm:
+            x = self.model.embed_norm(x)
+        if cfg.dropout and self.training:
+            x = F.dropout(x, cfg.dropout, training=True)
         mask = attn_mask
         if mask is None and cache is None and cfg.sliding_window is not None and T > cfg.sliding_window:
             mask = causal_mask(positions, positions, cfg.sliding_window)
+        if cfg.uses_alibi and cache is None:  # the caches add ALiBi's bias themselves
+            if mask is None:
+                mask = causal_mask(positions, positions)
+            mask = alibi_mask(self.alibi_slopes, positions, positions, mask, x.dtype)
         for layer in self.model.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:

@@ -9,6 +9,8 @@ query each) on the CPU instead go through `ember.gemv.paged_decode_attention`, w
 position's keys and values where its slot lies, with no gathered copy, wherever it serves the
 shapes (no autograd, up to 8 query heads a KV head, head size a multiple of 8 up to 256); where
 it does not, their gathered keys and values go through `ember.kv_cache.decode_attention`.
+ALiBi models take neither decode kernel: every group attends through SDPA under ALiBi's float
+mask (`ember.kv_cache.alibi_attention`), made once a step for all layers.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from torch import Tensor
 
 from ember import gemv
 from ember.config import ModelConfig
-from ember.kv_cache import decode_attention
-from ember.model import attention
+from ember.kv_cache import alibi_attention, alibi_mask_dtype, decode_attention
+from ember.model import alibi_mask, alibi_slopes, attention
 
 
 class KVPool:
@@ -30,6 +32,9 @@ class KVPool:
         self.kv = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.num_kv_heads = cfg.num_key_value_heads
         self.num_blocks, self.block_size = num_blocks, block_size
+        # ALiBi's per-head slopes (None: no bias on the scores), and the dtype its attention runs in
+        self.alibi_slopes = alibi_slopes(cfg.num_attention_heads) if cfg.uses_alibi else None
+        self.alibi_dtype = alibi_mask_dtype(device, dtype)
         if torch.device(device).type == "cpu":
             gemv.available()  # build the decode kernel now (once a process), not inside a step
 
@@ -44,7 +49,7 @@ class _Group:
     (padding a decode to a prefill chunk's length would multiply its attention work)."""
 
     def __init__(self, members: list[tuple[int, int, int, list[int]]], block_size: int,
-                 sliding_window: int | None, device: torch.device) -> None:
+                 sliding_window: int | None, device: torch.device, alibi: tuple[Tensor, torch.dtype] | None = None) -> None:
         # members: (first row in the flat batch, query length, context length, block table)
         B = len(members)
         rows, q_lens, ctx_lens = (torch.tensor([m[i] for m in members]) for i in range(3))
@@ -77,6 +82,16 @@ class _Group:
                 mask &= diff < sliding_window
             mask[:, :, 0] |= ~q_valid  # padded query rows see one key, so softmax stays finite
             self.mask = mask[:, None].to(device)  # [B, 1, max_q, max_ctx]
+        # ALiBi (slopes and dtype given): the whole float mask, bias and visibility, for every layer.
+        self.alibi = None
+        if alibi is not None:
+            k_pos = ctx_pos[None, None, :]
+            diff = q_pos[:, :, None] - k_pos
+            visible = (diff >= 0) & (k_pos < ctx_lens[:, None, None])
+            if sliding_window is not None:
+                visible &= diff < sliding_window
+            visible[:, :, 0] |= ~q_valid  # as above: padded query rows see one key
+            self.alibi = alibi_mask(alibi[0], q_pos, ctx_pos, visible[:, None], alibi[1]).to(device)
         # For the paged decode kernel: which of the positions each sequence sees.
         self.visible = None
         if self.decode:
@@ -133,8 +148,9 @@ class PagedBatch:
             row += ql
         device = positions.device
         decodes = [m for m in members if m[1] == 1]
-        self.groups = [_Group(g, pool.block_size, sliding_window, device) for g in split_by_length(decodes)]
-        self.groups += [_Group([m], pool.block_size, sliding_window, device) for m in members if m[1] > 1]
+        alibi = (pool.alibi_slopes, pool.alibi_dtype) if pool.alibi_slopes is not None else None
+        self.groups = [_Group(g, pool.block_size, sliding_window, device, alibi) for g in split_by_length(decodes)]
+        self.groups += [_Group([m], pool.block_size, sliding_window, device, alibi) for m in members if m[1] > 1]
         self.num_tokens = row
         # one group whose rows are the batch in order (all decodes, or one prefill): no scatter needed
         self.single_ordered = len(self.groups) == 1 and (len(members) == 1 or all(m[1] == 1 for m in members))
@@ -148,7 +164,11 @@ class PagedBatch:
         pool.index_copy_(0, self.slot_mapping, torch.cat((k[0], v[0]), dim=0).transpose(0, 1))
         out = None if self.single_ordered else torch.empty_like(q[0])  # [H, N, D]
         for g in self.groups:
-            if g.decode:  # one query a sequence: pick the rows directly (in batch order: take them all)
+            if g.alibi is not None:  # ALiBi: SDPA under its float mask, prefill and decode alike
+                kv = pool.index_select(0, g.gather).view(*g.shape, 2 * hkv, -1).transpose(1, 2)
+                queries = q[0][:, g.q_index].transpose(0, 1)  # [B, H, max_q, D]
+                o = alibi_attention(queries, kv[:, :hkv], kv[:, hkv:], g.alibi).transpose(0, 1)[:, g.q_valid]
+            elif g.decode:  # one query a sequence: pick the rows directly (in batch order: take them all)
                 rows = q[0] if self.single_ordered else q[0][:, g.rows]
                 queries = rows.transpose(0, 1).unsqueeze(2)  # [B, H, 1, D]
                 if gemv.paged_decode_attention_applies(queries, pool):  # keys and values read in place

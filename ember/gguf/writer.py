@@ -158,6 +158,9 @@ def gguf_architecture(cfg: ModelConfig) -> str:
         kind = "mixture of experts" if cfg.num_local_experts else "model"
         raise EmberError(f"Ember writes GGUF files of {', '.join(GGUF_ARCHITECTURES)} models; this is a "
                          f"{cfg.model_type} {kind}.")
+    if cfg.ember_fields().keys() & {"position_embedding", "norm_position"}:
+        raise EmberError(f"This {cfg.model_type} model has {cfg.position_embedding} positions and {cfg.norm_position}-"
+                         f"norm blocks, which llama.cpp's {GGUF_ARCHITECTURES[cfg.model_type]} architecture cannot express.")
     if cfg.sliding_window and cfg.sliding_window < cfg.max_position_embeddings:
         raise EmberError(f"This {cfg.model_type} model attends over a sliding window of {cfg.sliding_window} tokens, "
                          "which llama.cpp's llama architecture cannot express; it would attend further.")

@@ -40,14 +40,15 @@ class RewardModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig, backbone: CausalLM | None = None) -> None:
         super().__init__()
-        if cfg.model_type == "gpt2":
-            # The training loop's checkpoints translate GPT-2 names and know no extra head.
+        if cfg.model_type in ("gpt2", "bloom"):
+            # The training loop's checkpoints translate GPT-2's and BLOOM's names and know no extra head.
             raise EmberError("Reward models are built on Llama-family bases (llama, mistral, qwen2, mixtral); "
-                             "GPT-2 is not supported yet.")
+                             f"{cfg.model_type} is not supported yet.")
         backbone = backbone if backbone is not None else CausalLM(cfg)
         self.config = cfg
         self.model = backbone.model
         self.register_buffer("rope_inv_freq", backbone.rope_inv_freq, persistent=False)
+        self.register_buffer("alibi_slopes", backbone.alibi_slopes, persistent=False)
         self.score = nn.Linear(cfg.hidden_size, 1, bias=False, device=backbone.device, dtype=backbone.dtype)
         nn.init.normal_(self.score.weight, std=cfg.initializer_range)
 
