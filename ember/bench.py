@@ -217,6 +217,11 @@ def _print_table(title: str, figures: dict[str, Any]) -> None:
         print("error:", e)
 
 
+def _workload(a: argparse.Namespace) -> dict:
+    """The flags of the run as recorded beside its figures (the parser's own bookkeeping left out)."""
+    return {k: v for k, v in vars(a).items() if k != "func" and not k.startswith("_")}
+
+
 def _write_json(path: str | None, record: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(record, indent=2) + "\n")
@@ -261,7 +266,7 @@ def cmd_throughput(a: argparse.Namespace) -> None:
     print(f"Model: {source}; {a.num_prompts} requests, input {a.input_len}, output {a.output_len} tokens")
     _print_table("Offline throughput", figures)
     _write_json(a.json, {"benchmark": "throughput", "model": source, "engine_args": engine_args,
-                         "workload": vars(a) | {"func": None}, "results": figures})
+                         "workload": _workload(a), "results": figures})
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -276,7 +281,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     print(f"Server: {a.base_url}; {a.num_prompts} requests at rate {a.request_rate}/s, input {a.input_len}, "
           f"output {a.output_len} tokens")
     _print_table("Serving benchmark", figures)
-    _write_json(a.json, {"benchmark": "serve", "base_url": a.base_url, "workload": vars(a) | {"func": None},
+    _write_json(a.json, {"benchmark": "serve", "base_url": a.base_url, "workload": _workload(a),
                          "results": figures})
     if figures["completed"] == 0:
         raise EmberError("No request completed; see the errors above.")

@@ -51,7 +51,7 @@ class CommandParser(argparse.ArgumentParser):
         self.ensure_built()
         self._typed = set()
         parsed, rest = super().parse_known_args(args, namespace)
-        setattr(parsed, GIVEN, set(getattr(parsed, GIVEN, ())) | self._typed)  # a subcommand's, then ours
+        setattr(parsed, GIVEN, sorted(set(getattr(parsed, GIVEN, ())) | self._typed))  # a subcommand's, then ours
         return parsed, rest
 
     def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
