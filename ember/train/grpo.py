@@ -144,8 +144,9 @@ def k3_kl(logps: Tensor, ref_logps: Tensor) -> Tensor:
 
 def per_token_loss(logps: Tensor, old_logps: Tensor, ref_logps: Tensor | None, advantages: Tensor,
                    cfg: GRPOConfig) -> tuple[Tensor, Tensor | None, Tensor]:
-    """The clipped objective plus beta * KL per token [B, T], the KL [B, T] (None when beta is 0),
-    and where clipping zeroes the gradient (ratio past the clip on the side the advantage pushes)."""
+    """The clipped objective plus beta * KL per token [B, T], the KL term [B, T] (None when beta is 0;
+    times the ratio with `kl_importance_weight`), and where clipping zeroes the gradient (the ratio
+    past the clip on the side the advantage pushes it)."""
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(logps - old_logps)
     clipped_ratio = torch.clamp(ratio, 1 - cfg.epsilon, 1 + cfg.clip_high)
@@ -153,7 +154,9 @@ def per_token_loss(logps: Tensor, old_logps: Tensor, ref_logps: Tensor | None, a
     kl = None
     if cfg.beta != 0:
         kl = k3_kl(logps, ref_logps)
-        loss = loss + cfg.beta * (kl * ratio if cfg.kl_importance_weight else kl)
+        if cfg.kl_importance_weight:  # the replies came from pi_old: reweighted, k3 estimates KL(pi || ref)
+            kl = kl * ratio
+        loss = loss + cfg.beta * kl
     clipped = ((ratio < 1 - cfg.epsilon) & (adv < 0)) | ((ratio > 1 + cfg.clip_high) & (adv > 0))
     return loss, kl, clipped
 
