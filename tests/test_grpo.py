@@ -388,6 +388,21 @@ def test_cli_grpo_end_to_end_with_resume(tok, tmp_path, capsys):
     assert {"reward/answer", "reward/format", "eval/reward", "eval/kl"} <= lines[-1].keys()
 
 
+def test_cli_grpo_takes_a_gguf_file(tok, tmp_path, capsys):
+    from ember.checkpoint import save_pretrained
+    from ember.gguf.convert import checkpoint_to_gguf
+
+    save_pretrained(tiny_model(tok), tok, tmp_path / "base")
+    gguf = checkpoint_to_gguf(tmp_path / "base", tmp_path / "base.gguf", "f32")
+    prompts = tmp_path / "arith.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in synth_rows("arithmetic", 6, seed=3, shape="prompt")))
+    run_cli("grpo", "--model", gguf, "--prompts", prompts, "--out", tmp_path / "run", "--reward", "answer",
+            "--num-generations", 2, "--batch-size", 4, "--max-new-tokens", 3, "--max-steps", 1, "--no-progress",
+            "--device", "cpu", "--eval-fraction", 0)
+    assert "done at step 1" in capsys.readouterr().out
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
 def test_cli_bad_input_is_one_sentence_and_a_nonzero_exit(tok, tmp_path):
     from ember.checkpoint import save_pretrained
 
