@@ -421,3 +421,17 @@ def test_cli_bad_input_is_one_sentence_and_a_nonzero_exit(tok, tmp_path):
                        capture_output=True, text=True, cwd=REPO, timeout=120)
     assert r.returncode != 0
     assert "not a valid regular expression" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_teaches_grpo():
+    from ember.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    text = " ".join(sub.choices["grpo"].format_help().split())
+    for phrase in ("--num-generations", "--beta", "k3", "--loss-type {grpo,bnpo,dapo,dr_grpo}", "--scale-rewards",
+                   "--num-iterations", "--reward RULE", "--reward-model", "--resume", "ember data synth --task arithmetic",
+                   "sampled replies per micro-batch"):
+        assert phrase in text, phrase
+    by_flag = {s: a for a in sub.choices["grpo"]._actions for s in a.option_strings}
+    for flag in ("--beta", "--epsilon", "--num-generations", "--lr", "--max-steps", "--temperature"):
+        assert "default" in by_flag[flag].help, flag
