@@ -5,7 +5,8 @@ A model directory holds `config.json`, `model.safetensors` (or shards plus
 Ember's module names follow HF Llama, so llama/mistral/qwen2/mixtral weights map by
 name; GPT-2 stores q, k, v in one `Conv1D` (weights transposed) and is translated here.
 Every directory is written to a temporary path beside the target and renamed into place,
-so a run killed mid-write leaves the previous checkpoint intact. The weights here are plain ones:
+so a run killed mid-write leaves the previous checkpoint intact, and carries a checksum manifest
+(`ember.manifest`) that loading verifies, so a damaged file is named rather than loaded. The weights here are plain ones:
 `ember.load.load_model` composes a LoRA adapter and quantization on top of `load_pretrained`.
 """
 
@@ -23,6 +24,7 @@ from torch import Tensor
 from ember.config import ModelConfig
 from ember.errors import EmberError
 from ember.files import atomic_dir, read_json, write_json
+from ember.manifest import verify_files, write_manifest
 from ember.model import CausalLM
 
 WEIGHTS_NAME = "model.safetensors"
@@ -119,25 +121,49 @@ def ember_to_hf(cfg: ModelConfig, sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 # --- loading ---------------------------------------------------------------------------
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """All tensors of a model dir (single file or shards), on CPU, in their stored dtype."""
+    """All tensors of a model dir (single file or shards), on CPU, in their stored dtype.
+
+    A directory Ember wrote is checked against its checksum manifest first, every file of it."""
+    verify_files(path)
     single, index = path / WEIGHTS_NAME, path / INDEX_NAME
-    try:
-        if single.is_file():
-            return load_file(str(single))
-        if index.is_file():
-            weight_map = read_json(index, "Shard index").get("weight_map", {})
-            sd: dict[str, Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise EmberError(f"Shard {path / shard} named in {index.name} is missing.")
-                sd.update(load_file(str(path / shard)))
-            return sd
-    except SafetensorError as e:
-        raise EmberError(f"The weights in {path} are corrupt or truncated ({e}).") from None
+    if single.is_file():
+        return _load_safetensors(single)
+    if index.is_file():
+        weight_map = read_json(index, "Shard index").get("weight_map", {})
+        sd: dict[str, Tensor] = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (path / shard).is_file():
+                raise EmberError(f"Shard {path / shard} named in {index.name} is missing.")
+            sd.update(_load_safetensors(path / shard))
+        return sd
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise EmberError(f"{path} holds only pickled weights (.bin/.pt); Ember loads safetensors only. "
                          "Convert them with transformers' save_pretrained(safe_serialization=True).")
     raise EmberError(f"No {WEIGHTS_NAME} or {INDEX_NAME} in {path}.")
+
+
+def _load_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise EmberError(f"The weights file {file} is corrupt or truncated ({e}).") from None
+
+
+def save_safetensors(tensors: dict[str, Tensor], file: Path, metadata: dict[str, str] | None = None) -> None:
+    """`save_file`, with safetensors' own write errors (a full disk, a file-size limit) as the OSError
+    of `file`, which `write_failed` turns into one sentence."""
+    try:
+        save_file(tensors, str(file), metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(0, str(e), str(file)) from None
+
+
+def write_failed(target: Path, error: OSError) -> EmberError:
+    """The message for a directory that could not be written; `atomic_dir` has left the previous one whole."""
+    reason = error.strerror or str(error)
+    file = f"{Path(error.filename).name}: " if error.filename else ""
+    return EmberError(f"Could not write {target} ({file}{reason}); is the disk full? The previous {target.name}, "
+                      "if any, is left as it was.")
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -210,7 +236,7 @@ def write_model_files(model: CausalLM, out: Path, max_shard_bytes: int = 4 << 30
     write_json(out / "config.json", hf_cfg)
     total = sum(v.numel() * v.element_size() for v in sd.values())
     if total <= max_shard_bytes:
-        save_file(sd, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_safetensors(sd, out / WEIGHTS_NAME, metadata={"format": "pt"})
         return
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -224,7 +250,7 @@ def write_model_files(model: CausalLM, out: Path, max_shard_bytes: int = 4 << 30
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
+        save_safetensors(shard, out / name, metadata={"format": "pt"})
         weight_map.update({k: name for k in shard})
     write_json(out / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
 
@@ -240,11 +266,15 @@ def save_pretrained(model: CausalLM, tokenizer: Any, path: str | Path, max_shard
                     extra_files: dict[str, Any] | None = None) -> Path:
     """Save model (+ tokenizer) as an HF-layout directory, atomically."""
     path = Path(path)
-    with atomic_dir(path) as tmp:
-        write_model_files(model, tmp, max_shard_bytes)
-        write_json(tmp / "generation_config.json", generation_config(model.config))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        for name, data in (extra_files or {}).items():
-            write_json(tmp / name, data)
+    try:
+        with atomic_dir(path) as tmp:
+            write_model_files(model, tmp, max_shard_bytes)
+            write_json(tmp / "generation_config.json", generation_config(model.config))
+            if tokenizer is not None:
+                tokenizer.save(tmp)
+            for name, data in (extra_files or {}).items():
+                write_json(tmp / name, data)
+            write_manifest(tmp)
+    except OSError as e:
+        raise write_failed(path, e) from None
     return path

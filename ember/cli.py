@@ -222,7 +222,10 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF layout) or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay open)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (health and metrics stay "
+                   "open); a key typed here shows in `ps`: prefer --api-key-file or the EMBER_API_KEY variable")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from this file (surrounding whitespace ignored)")
     p.add_argument("--served-model-name", default=None, help="model name clients send (default: the directory name)")
     p.add_argument("--embedding-model", default="default",
                    help="encoder for /v1/embeddings: a BERT-family directory, 'default' (all-MiniLM-L6-v2 from "
@@ -265,7 +268,7 @@ def _convert_flags(p: argparse.ArgumentParser) -> None:
 # These modules import only argparse and ember.settings at top level, and a command adds its
 # flags (from dataclasses in heavier modules) only when it runs, so `ember --help` stays instant.
 COMMAND_MODULES = ["ember.bench", "ember.quant.commands", "ember.train.commands", "ember.train.align_commands",
-                   "ember.rag.commands", "ember.eval.commands"]
+                   "ember.rag.commands", "ember.eval.commands", "ember.scaling.commands"]
 
 
 def _command_modules() -> list:
@@ -330,6 +333,7 @@ def cmd_data_synth(a: argparse.Namespace) -> None:
 def cmd_pretrain(a: argparse.Namespace) -> None:
     from ember.config import ModelConfig, preset
     from ember.settings import values
+    from ember.train.commands import resume_changes
     from ember.train.loop import TrainConfig
     from ember.train.pretrain import describe_run, pretrain
 
@@ -339,8 +343,9 @@ def cmd_pretrain(a: argparse.Namespace) -> None:
             model_config = ModelConfig.from_json_file(a.config)
         else:
             model_config = preset(a.preset or "small")
-    pretrain(a.data, a.out, model_config, values(TrainConfig, a), device=a.device, resume=a.resume,
-             eval_batches=a.eval_batches, progress=not a.no_progress)
+    # --resume: the run's own settings, changed only by the flags typed (ember.train.loop.read_run)
+    pretrain(a.data, a.out, model_config, resume_changes(a) if a.resume else values(TrainConfig, a), device=a.device,
+             resume=a.resume, eval_batches=a.eval_batches, progress=not a.no_progress)
     print(f"Done: {describe_run(a.out)}")
     print(f"Model: {Path(a.out) / 'model'}   Curves: ember plot {a.out}")
 
@@ -425,7 +430,9 @@ def cmd_quickstart(a: argparse.Namespace) -> None:
 def cmd_serve(a: argparse.Namespace) -> None:
     from ember.engine import LLM
     from ember.serve import serve
+    from ember.serve.auth import resolve_api_key
 
+    a.api_key = resolve_api_key(a.api_key, a.api_key_file)  # or EMBER_API_KEY
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
     llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args(a))

@@ -26,12 +26,77 @@ def _permissions(full: int) -> int:
     return full & ~mask
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporary directories that killed writes of `path` left beside it.
+
+    A temp dir's name carries the id of the process writing it (`.NAME.tmp-PID-XXXX`); only those of
+    processes no longer alive (or of this one, which is not writing `path` now) are removed, so a
+    concurrent writer's work in progress is never touched. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{path.name}.tmp-").split("-", 1)[0]
+        if tmp.is_dir() and (not pid.isdigit() or int(pid) == os.getpid() or not _pid_alive(int(pid))):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def previous_version(path: str | Path) -> Path:
+    """Where `atomic_dir` keeps the previous version of `path` while it commits a new one."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.old")
+
+
+def complete_version(path: str | Path) -> Path | None:
+    """`path` if it exists, else the previous version a commit killed between its renames left, else None."""
+    path = Path(path)
+    if path.exists():
+        return path
+    old = previous_version(path)
+    return old if old.exists() else None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames inside `path` durable (a crash of the machine, not only of the process)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a fresh temp dir; on success it replaces `path` whole, on error it vanishes."""
+    """Yield a fresh temp dir; on success it replaces `path` whole, on error it vanishes.
+
+    The commit survives a kill at any instant, any number of times in a row. It moves the current
+    version aside to `.NAME.old`, renames the new one into place, then deletes `.NAME.old`; the
+    previous version is deleted only while a complete `path` exists. So at every moment `path` or
+    `.NAME.old` is a complete version (`complete_version` finds it), and a kill between the two
+    renames followed by a kill at the same point of the next commit still leaves `.NAME.old` whole.
+    Temp dirs of earlier killed writes are removed first (`remove_leftovers`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    remove_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     os.chmod(tmp, _permissions(0o777))  # mkdtemp's 0700 would make the result private
     try:
         yield tmp
@@ -39,12 +104,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        old = path.with_name(f".{path.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
+        _fsync_dir(tmp)
+        old = previous_version(path)
         if path.exists():
+            if old.exists():  # left by a kill after the last commit's second rename: redundant
+                shutil.rmtree(old)
             path.rename(old)
+        # Here `path` is missing and `old` holds the only complete version: never delete it yet.
         tmp.rename(path)
+        _fsync_dir(path.parent)
         if old.exists():
             shutil.rmtree(old)
     except BaseException:

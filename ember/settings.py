@@ -24,6 +24,7 @@ import typing
 from typing import Any, Callable, Iterable, NoReturn, TypeVar
 
 T = TypeVar("T")
+GIVEN = "_given_flags"  # the namespace attribute `given_flags` reads
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -38,6 +39,7 @@ class CommandParser(argparse.ArgumentParser):
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._build = build
+        self._typed: set[str] = set()
 
     def ensure_built(self) -> "CommandParser":
         if self._build is not None:
@@ -47,7 +49,14 @@ class CommandParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self.ensure_built()
-        return super().parse_known_args(args, namespace)
+        self._typed = set()
+        parsed, rest = super().parse_known_args(args, namespace)
+        setattr(parsed, GIVEN, set(getattr(parsed, GIVEN, ())) | self._typed)  # a subcommand's, then ours
+        return parsed, rest
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> Any:
+        self._typed.add(action.dest)  # argparse converts the values of exactly the flags typed
+        return super()._get_values(action, arg_strings)
 
     def format_help(self) -> str:
         self.ensure_built()
@@ -182,3 +191,9 @@ def kwargs_of(cls: type, args: argparse.Namespace, prefix: str = "") -> dict[str
 def values(cls: type[T], args: argparse.Namespace, prefix: str = "", **overrides: Any) -> T:
     """The dataclass `cls` from parsed flags (fields without a flag keep their defaults)."""
     return cls(**{**kwargs_of(cls, args, prefix), **overrides})
+
+
+def given_flags(args: argparse.Namespace) -> set[str]:
+    """The dests of the flags typed on the command line, as opposed to those left at their defaults
+    (a `CommandParser` records them; `--resume` takes only these as changes to a run)."""
+    return set(getattr(args, GIVEN, ()))

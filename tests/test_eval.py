@@ -679,3 +679,239 @@ def test_consistency_draws_k_samples_from_an_endpoint(monkeypatch, capsys, tmp_p
     assert res["agreement"] == pytest.approx((2 / 3 + 1 / 3 + 1) / 3) and res["all_agree"] == pytest.approx(1 / 3)
     assert res["k=3"]["maj@3"] == 0.5 and res["k=3"]["pass@1"] == 0.5 and res["with_answers"] == 2
     assert res["tokens"] == 4 + 7 + 3 and res["k=3"]["tokens"] == 11 and res["k=1"]["tokens"] == 2 + 3
+
+
+# --- did my change help? (ember eval diff) ------------------------------------------------------
+def _write_run(run: Path, task: str, acc: list[float], contexts: list[str] | None = None) -> Path:
+    """A run directory as `ember eval run --out` lays it out: <task>.samples.jsonl, one item a line."""
+    run.mkdir(parents=True, exist_ok=True)
+    rows = [{"doc_id": i, "context": (contexts[i] if contexts else f"q{i}"), "metrics": {"acc": a, "_nll": 1.0}}
+            for i, a in enumerate(acc)]
+    (run / f"{task}.samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return run
+
+
+@pytest.mark.parametrize("a_only, b_only", [(0, 0), (3, 9), (12, 12), (40, 61), (2, 700)])
+def test_mcnemar_exact_equals_the_binomial_test(a_only, b_only):
+    from ember.eval.diff import mcnemar_exact
+
+    stats = need_module("scipy.stats", "the binomial-test peer")
+    n = a_only + b_only
+    expected = 1.0 if n == 0 else stats.binomtest(b_only, n, 0.5, alternative="two-sided").pvalue
+    # Both sum the same binomial terms; ours in log space: agreement to fp64 rounding over <= 700 terms.
+    assert mcnemar_exact(a_only, b_only) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation():
+    from ember.eval.diff import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 2, 2000).astype(float)
+    b = np.where(rng.random(2000) < 0.1, 1 - a, a)  # 10% of items flip, in either direction
+    low, high = paired_bootstrap(a, b, iters=20000, seed=1)
+    d = b - a
+    half = 1.959964 * d.std() / math.sqrt(len(d))
+    # With 2000 items the mean difference is close to normal (CLT); the percentile interval's ends carry
+    # Monte Carlo error ~ sd/sqrt(iters) of the bootstrap distribution, well under 3% of its half-width.
+    assert (high - low) / 2 == pytest.approx(half, rel=0.03)
+    assert (low + high) / 2 == pytest.approx(d.mean(), abs=0.03 * half)
+
+
+def test_diff_pairs_items_and_reports_only_the_changed_ones(tmp_path):
+    from ember.eval.diff import diff_runs
+
+    rng = np.random.default_rng(3)
+    a = (rng.random(300) < 0.5).astype(float)
+    b = a.copy()
+    fixed = np.flatnonzero(a == 0)[:40]  # B gets 40 of A's wrong items right and breaks 10 of its right ones
+    broken = np.flatnonzero(a == 1)[:10]
+    b[fixed], b[broken] = 1.0, 0.0
+    res = diff_runs(_write_run(tmp_path / "A", "toy", list(a)), _write_run(tmp_path / "B", "toy", list(b)),
+                    iters=4000)
+    m = res["tasks"]["toy"]["metrics"]["acc"]
+    assert set(res["tasks"]["toy"]["metrics"]) == {"acc"}  # private fields (_nll) are not metrics
+    assert (m["n"], m["a_only"], m["b_only"]) == (300, 10, 40)
+    assert m["diff"] == pytest.approx(30 / 300)
+    assert 0 < m["ci_low"] < 0.1 < m["ci_high"]
+    assert m["mcnemar_p"] < 1e-4  # 10 against 40 discordant items: p = 2 P(Bin(50, 1/2) <= 10) ~ 2e-5
+
+    same = diff_runs(tmp_path / "A", tmp_path / "A", iters=500)["tasks"]["toy"]["metrics"]["acc"]
+    assert (same["diff"], same["ci_low"], same["ci_high"], same["mcnemar_p"]) == (0.0, 0.0, 0.0, 1.0)
+
+
+def test_diff_cli_on_two_real_runs_and_its_errors(model_dir, tmp_path, capsys):
+    from ember.cli import main
+
+    task = write_task(tmp_path)
+    for run, shots in (("A", "0"), ("B", "2")):
+        assert main(["eval", "run", "--task", str(task), "--model", str(model_dir), "--num-fewshot", shots,
+                     "--bootstrap-iters", "10", "--out", str(tmp_path / run), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "B"), "--json",
+                 "--bootstrap-iters", "200"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    toy = res["tasks"]["toy"]
+    assert toy["shared_items"] == 12 and toy["prompts_differ"] == 12  # 0-shot and 2-shot prompts differ
+    samples = [[json.loads(x) for x in (tmp_path / r / "toy.samples.jsonl").read_text().splitlines()]
+               for r in ("A", "B")]
+    for name in ("acc", "acc_norm", "acc_bytes"):
+        a, b = ([s["metrics"][name] for s in run] for run in samples)
+        assert toy["metrics"][name]["diff"] == pytest.approx(np.mean(b) - np.mean(a))
+        assert toy["metrics"][name]["a_only"] == sum(1 for x, y in zip(a, b) if x > y)
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "B")]) == 0
+    assert "McNemar" in capsys.readouterr().out
+
+    assert main(["eval", "diff", str(tmp_path / "A"), str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "toy.samples.jsonl").write_text('{"doc_id": 0, "metrics": {"acc": 1}}\n{"doc": 1}\n')
+    assert main(["eval", "diff", str(tmp_path / "A"), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "toy.samples.jsonl, line 2" in err and err.count("\n") == 1
+
+
+# --- chat models: lm-eval's --apply-chat-template, --system-instruction, --fewshot-as-multiturn -----
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory) -> Path:
+    """A tiny model with a ChatML template, its window wide enough that no prompt here is truncated
+    (the markup is plain text to its 300-token vocabulary: ~270 tokens for two examples as turns)."""
+    from ember.checkpoint import save_pretrained
+    from ember.config import preset
+    from ember.model import CausalLM
+    from ember.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([TEXT, "Question: what is it?\nAnswer: a test corpus for evaluation."] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, max_position_embeddings=512)
+    path = tmp_path_factory.mktemp("chat") / "model"
+    save_pretrained(CausalLM(config), tok, path)
+    cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps(cfg | {"chat_template": CHATML}))
+    return path
+
+
+def lm_eval_task(tmp_path: Path, name: str, data: Path, **extra) -> Path:
+    """A task YAML both harnesses read (lm-eval resolves data_files from the working directory: absolute)."""
+    cfg = {"task": name, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+           "test_split": "test", "fewshot_split": "test",  # lm-eval excludes the evaluated doc only when named
+           "output_type": "multiple_choice", "doc_to_text": "{{q}}\nAnswer:", "doc_to_choice": "{{choices}}",
+           "doc_to_target": "{{gold}}", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]} | extra
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(cfg), encoding="utf-8")
+    return path
+
+
+def lm_eval_samples(model_dir: Path, task: Path, limit: int, **options) -> list[dict]:
+    """lm-eval's own `hf` backend on the same checkpoint: its per-document requests and log-likelihoods."""
+    lm_eval = need_module("lm_eval", "the lm-evaluation-harness peer")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    hf_lm = HFLM(pretrained=str(model_dir), dtype="float32", device="cpu", batch_size=8)
+    out = lm_eval.simple_evaluate(model=hf_lm, tasks=[task.stem], task_manager=TaskManager(include_path=str(task.parent)),
+                                  limit=limit, log_samples=True, bootstrap_iters=0, **options)
+    return sorted(out["samples"][task.stem], key=lambda s: s["doc_id"])
+
+
+@pytest.mark.parametrize("options", [
+    {"system_instruction": "Answer with the right choice."},
+    {"apply_chat_template": True, "fewshot_as_multiturn": False, "num_fewshot": 2},
+    {"apply_chat_template": True, "system_instruction": "Be brief.", "num_fewshot": 2},  # multiturn by default
+], ids=["system-plain", "chat-single-turn", "chat-multiturn"])
+def test_chat_prompts_and_scores_equal_lm_eval_hf(chat_model_dir, tmp_path, options):
+    from ember.eval.tasks import PromptFormat
+
+    docs = [{"q": f"Question: is {i} even?", "choices": ["yes", "no", "maybe not"], "gold": i % 2} for i in range(10)]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    task = lm_eval_task(tmp_path, "chattoy", data)
+    theirs = lm_eval_samples(chat_model_dir, task, limit=6, **options)
+    fmt = PromptFormat(**{k: v for k, v in options.items() if k != "num_fewshot"})
+    ours = run_task(LocalLM(chat_model_dir), TaskConfig.load(task), limit=6, num_fewshot=options.get("num_fewshot", 0),
+                    bootstrap_iters=10, prompt_format=fmt)["samples"]
+    assert len(theirs) == len(ours) == 6
+    for t, o in zip(theirs, ours):
+        # The same prompt text, few-shot examples included (lm-eval's sampler, seed 1234), and the same
+        # continuations: with a template, an answer follows the assistant header with no delimiter.
+        assert [a[0] for a in t["arguments"]] == [o["context"]] * 3
+        delimiter = "" if options.get("apply_chat_template") else " "
+        assert [a[1] for a in t["arguments"]] == [delimiter + c for c in o["choices"]]
+        # Two fp32 forwards of the same weights (transformers' and Ember's kernels): ~1e-6 a token on
+        # sums of ~10-60 tokens; 1e-4 is the issue's bound, and a token more or less moves a sum by ~1.
+        assert [r[0][0] for r in t["resps"]] == pytest.approx(o["loglikelihoods"], abs=1e-4)
+        assert t["acc"] == o["metrics"]["acc"]
+    if options.get("system_instruction") == "Be brief.":
+        assert ours[0]["context"].count("<|im_start|>user") == 3 and "<|im_start|>system\nBe brief." in ours[0]["context"]
+
+
+def test_winogrande_style_partial_scoring_equals_lm_eval_hf(chat_model_dir, tmp_path):
+    """Multiple input: each option becomes a context and the same continuation is scored after each."""
+    docs = [{"context_options": [f"Ann gave Bo {i} apples because Ann", f"Ann gave Bo {i} apples because Bo"],
+             "continuation": "had too many.", "gold": i % 2} for i in range(8)]
+    data = tmp_path / "w.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    task = lm_eval_task(tmp_path, "winotoy", data, doc_to_text="gold", doc_to_choice="{{context_options}}",
+                        doc_to_target="{{continuation}}", metric_list=[{"metric": "acc"}])
+    theirs = lm_eval_samples(chat_model_dir, task, limit=8, num_fewshot=1)
+    ours = run_task(LocalLM(chat_model_dir), TaskConfig.load(task), limit=8, num_fewshot=1, bootstrap_iters=10)
+    for t, o in zip(theirs, ours["samples"]):
+        assert [a[0] for a in t["arguments"]] == o["context"]  # one context per option, the shot before each
+        assert {a[1] for a in t["arguments"]} == {" had too many."}
+        assert [r[0][0] for r in t["resps"]] == pytest.approx(o["loglikelihoods"], abs=1e-4)  # as above
+        assert t["acc"] == o["metrics"]["acc"]
+
+
+def test_chat_only_endpoint_runs_generation_tasks_and_refuses_loglikelihood_clearly(tmp_path, monkeypatch):
+    """A server with /v1/chat/completions only: generation through chat turns; scoring says what it needs."""
+    from ember.errors import EmberError
+    from ember.eval.lm import EndpointLM
+
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/chat/completions":
+            body = json.loads(request.content)
+            seen.append(body["messages"])
+            return httpx.Response(200, json={"choices": [{"index": 0, "message": {"role": "assistant",
+                                                                                   "content": "#### 4"}}]})
+        return httpx.Response(404, json={"error": {"message": "not found"}})
+
+    client = httpx.Client
+    monkeypatch.setattr(httpx, "Client", lambda **kw: client(transport=httpx.MockTransport(handler), **kw))
+    lm = EndpointLM("http://chat-only.test/v1")  # no /tokenizer_info: optional now
+    data = tmp_path / "g.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{i}+{4 - i}?", "answer": "... #### 4"}) + "\n" for i in range(3)))
+    task = tmp_path / "gen.yaml"
+    task.write_text(json.dumps({"task": "gen", "data_files": {"test": str(data)}, "output_type": "generate_until",
+                                "doc_to_text": "Q: {{question}}\nA:", "doc_to_target": "{{answer}}",
+                                "metric_list": [{"metric": "exact_match", "regexes_to_ignore": ["(?s).*#### "]}]}))
+    from ember.eval.tasks import PromptFormat
+
+    res = run_task(lm, TaskConfig.load(task), bootstrap_iters=10,
+                   prompt_format=PromptFormat(apply_chat_template=True, system_instruction="Think."))
+    assert res["results"]["exact_match"]["value"] == 1.0
+    assert seen[0] == [{"role": "system", "content": "Think."}, {"role": "user", "content": "Q: 0+4?\nA:"}]
+    (tmp_path / "mc.jsonl").write_text(json.dumps({"q": "2+2?", "choices": ["4", "5"], "gold": 0}) + "\n")
+    mc = lm_eval_task(tmp_path, "mc", tmp_path / "mc.jsonl")
+    with pytest.raises(EmberError, match="needs a completions endpoint with echo and logprobs"):
+        run_task(lm, TaskConfig.load(mc), bootstrap_iters=10)
+
+
+def test_missing_or_malformed_task_data_names_the_file_and_line(tmp_path, monkeypatch):
+    from ember.errors import EmberError
+
+    monkeypatch.setenv("EMBER_SHARED_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(EmberError, match=r"winogrande/winogrande_val.jsonl \(JSONL, one \{context_options.*put it at "):
+        run_task(None, TaskConfig.load("winogrande"))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"q": "a", "choices": ["x"], "gold": 0}\n\n{"q": "b", "choices": ["x"]\n')
+    with pytest.raises(EmberError, match=r"d.jsonl, line 3: not valid JSON"):
+        run_task(None, TaskConfig.load(lm_eval_task(tmp_path, "bad", data)))
+    data.write_text('{"q": "a", "choices": ["x"], "gold": 0}\n{"question": "b", "choices": ["x"], "gold": 0}\n')
+    with pytest.raises(EmberError, match=r"d.jsonl, line 2: 'q' is undefined"):
+        run_task(None, TaskConfig.load(lm_eval_task(tmp_path, "bad", data)))

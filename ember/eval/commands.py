@@ -1,4 +1,4 @@
-"""`ember eval perplexity|run|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
+"""`ember eval perplexity|run|diff|compare|judge|groundedness|consistency|safety|report ...`: thin handlers over ember.eval's library functions.
 
 Only argparse, the standard library and Ember's torch-free leaves (errors, files) are imported at module
 level, so `ember --help` stays fast; each handler imports what it needs.
@@ -18,8 +18,12 @@ from ember.files import read_jsonl
 
 def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="an Ember or Hugging Face checkpoint directory or a .gguf file (llama.cpp's format; Q4_0/Q4_1 blocks kept as int4, Q8_0 as int8, F16 as fp16, other types decoded to float), scored in this process")
-    p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1) that honours "
-                                      "echo + logprobs on /v1/completions and offers /tokenize")
+    p.add_argument("--endpoint", help="an OpenAI-compatible server (e.g. http://127.0.0.1:8000/v1); log-likelihood "
+                                      "tasks need echo + logprobs on /v1/completions and /tokenize (Ember's, "
+                                      "vLLM's), generation tasks only completions or, with --apply-chat-template, "
+                                      "chat completions (llama-server, hosted APIs)")
+    p.add_argument("--tokenizer", help="(with --endpoint) the served model's DIR or .gguf, to render its chat "
+                                       "template on this side; log-likelihood tasks with --apply-chat-template need it")
     p.add_argument("--served-model", help="the model name to send to --endpoint")
     p.add_argument("--api-key", help="bearer key for --endpoint")
     p.add_argument("--device", help="cpu, cuda, mps (default: the best available)")
@@ -29,8 +33,10 @@ def _add_target(p: argparse.ArgumentParser) -> None:
 def _lm(args: argparse.Namespace) -> Any:
     from ember.eval.lm import open_lm
 
+    if args.tokenizer and not args.endpoint:
+        raise EmberError("--tokenizer goes with --endpoint; with --model the model's own tokenizer is used.")
     return open_lm(args.model, args.endpoint, served_model=args.served_model, api_key=args.api_key,
-                   device=args.device, dtype=args.dtype)
+                   device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
 
 
 def _rows(path: str) -> list[Any]:
@@ -61,8 +67,10 @@ def cmd_perplexity(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from ember.eval.tasks import TaskConfig, run_task
+    from ember.eval.tasks import PromptFormat, TaskConfig, run_task
 
+    fmt = PromptFormat(apply_chat_template=args.apply_chat_template, system_instruction=args.system_instruction,
+                       fewshot_as_multiturn=args.fewshot_as_multiturn)
     lm = _lm(args)
     if args.cache:  # resumable: answers already in the cache are not asked again
         from ember.eval.report import CachedLM
@@ -73,7 +81,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     for name in args.task:
         cfg = TaskConfig.load(name)
         res = run_task(lm, cfg, limit=args.limit, num_fewshot=args.num_fewshot,
-                       data_dir=Path(args.data) if args.data else None, bootstrap_iters=args.bootstrap_iters)
+                       data_dir=Path(args.data) if args.data else None, bootstrap_iters=args.bootstrap_iters,
+                       prompt_format=fmt)
         summary[cfg.task] = {k: v for k, v in res.items() if k != "samples"}
         if args.out:
             out = Path(args.out)
@@ -86,6 +95,15 @@ def cmd_run(args: argparse.Namespace) -> None:
                 print(f"{cfg.task:<20} {metric:<16} {v['value']:.4f} ± {v['stderr']:.4f}  (n={v['n']})")
     if args.json:
         print(json.dumps(summary))
+
+
+def cmd_diff(args: argparse.Namespace) -> None:
+    from ember.eval.diff import diff_runs, format_diff
+
+    res = diff_runs(args.run_a, args.run_b, iters=args.bootstrap_iters, seed=args.seed)
+    if args.out:
+        _dump(res, Path(args.out))
+    print(json.dumps(res) if args.json else format_diff(res))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -255,16 +273,41 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
 
     p = acts.add_parser("run", help="run benchmark tasks (lm-eval YAML subset, or a ready task name)")
     p.add_argument("--task", nargs="+", required=True,
-                   help="FILE.yaml or a ready task: arc_easy, arc_challenge, piqa, hellaswag, truthfulqa_mc2, "
-                        "gsm8k, nq_open, lambada_openai")
+                   help="FILE.yaml or a ready task: arc_easy, arc_challenge, hellaswag, piqa, winogrande, boolq, "
+                        "openbookqa, truthfulqa_mc2, lambada_openai, gsm8k, nq_open (files and formats: "
+                        "docs/eval_tasks.md)")
     _add_target(p)
-    p.add_argument("--data", help="directory holding the task's data files (default: ../shared/data/eval)")
+    p.add_argument("--data", help="directory holding the task's data files (default: ../shared/data/eval, or "
+                                  "$EMBER_SHARED_DATA/eval)")
+    p.add_argument("--apply-chat-template", action="store_true",
+                   help="render each prompt through the model's chat template, as lm-eval does for chat models "
+                        "(a multiple-choice answer then follows the assistant header directly)")
+    p.add_argument("--system-instruction", help="a system turn before the prompt (joined to the task's "
+                                                "description); plain text when no template is applied")
+    p.add_argument("--fewshot-as-multiturn", action=argparse.BooleanOptionalAction, default=None,
+                   help="(with --apply-chat-template) each solved example as its own user and assistant turns "
+                        "(the default with a template, as in lm-eval); --no-fewshot-as-multiturn puts them all in "
+                        "one user turn")
     p.add_argument("--limit", type=int, help="only the first N documents")
     p.add_argument("--num-fewshot", type=int, help="override the task's number of solved examples")
     p.add_argument("--bootstrap-iters", type=int, default=1000)
     p.add_argument("--json", action="store_true", help="print results as one JSON object")
     p.add_argument("--out", help="directory for <task>.json and per-sample <task>.samples.jsonl")
     p.add_argument("--cache", help="SQLite response cache; a rerun after an interruption repeats no call")
+
+    p = acts.add_parser("diff", help="did my change help? two runs compared item by item: paired bootstrap CI, "
+                                     "McNemar's test",
+                        description="Compare two directories written by `ember eval run --out` on the tasks both "
+                                    "hold. For each metric: the means of A and B over the items both scored, the "
+                                    "difference B - A with a paired bootstrap 95% interval (the same resampled "
+                                    "items in both runs), and for 0/1 metrics the items right only in A, right "
+                                    "only in B, and McNemar's exact p-value on those discordant items.")
+    p.add_argument("run_a", help="the baseline run directory")
+    p.add_argument("run_b", help="the changed run directory")
+    p.add_argument("--bootstrap-iters", type=int, default=10000, help="paired bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the bootstrap resampling")
+    p.add_argument("--json", action="store_true", help="print the comparison as one JSON object")
+    p.add_argument("--out", help="also write the comparison JSON here")
 
     p = acts.add_parser("compare", help="pairwise battles -> win rates, Bradley-Terry and Elo with bootstrap CIs")
     p.add_argument("files", nargs="+", help="battles JSONL ({model_a, model_b, winner: a|b|tie}) or two or more "
@@ -320,7 +363,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     p.add_argument("--out", help="(with --questions) write the drawn samples as JSONL that --input reads")
     p.add_argument("--json", action="store_true")
 
-    return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "compare"): cmd_compare,
+    return {("eval", "consistency"): cmd_consistency, ("eval", "safety"): cmd_safety, ("eval", "report"): cmd_report, ("eval", "perplexity"): cmd_perplexity, ("eval", "run"): cmd_run, ("eval", "diff"): cmd_diff, ("eval", "compare"): cmd_compare,
             ("eval", "judge"): cmd_judge, ("eval", "groundedness"): cmd_groundedness}
 
 

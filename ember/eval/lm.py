@@ -5,7 +5,8 @@ context once, then every continuation after it, each seeing the context and itse
 not its siblings (a tree attention mask, positions restarting after the context). Rows
 are sorted by length and batched under a token budget, and the LM head runs only on the
 positions that predict a continuation token. `EndpointLM` asks any OpenAI-compatible
-server for the same numbers through `/v1/completions` with `echo` and `logprobs`.
+server for the same numbers through `/v1/completions` with `echo` and `logprobs`, and
+generates through `/v1/completions` or, for chat prompts, `/v1/chat/completions`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,12 @@ class LocalLM:
 
     # --- tokens --------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        """Special-token text (a chat template's `<|im_start|>`) becomes its id, as transformers encodes."""
+        return self.tokenizer.encode(text, allowed_special="all")
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        """The conversation through the model's chat template, ending with the assistant's header."""
+        return chat_prompt(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
@@ -153,30 +159,42 @@ class LocalLM:
             self._llm = LLM(self.model, self.tokenizer)
         return self._llm
 
-    def sample(self, prompts: list[str], until: list[str], max_tokens: int = 256, temperature: float = 0.0,
-               seeds: list[int | None] | None = None) -> list[Any]:
-        """One engine request per (prompt, seed): `RequestOutput`s in that order, prompt-major."""
+    def sample(self, prompts: list[str | list[dict[str, str]]], until: list[str], max_tokens: int = 256,
+               temperature: float = 0.0, seeds: list[int | None] | None = None) -> list[Any]:
+        """One engine request per (prompt, seed): `RequestOutput`s in that order, prompt-major.
+
+        A prompt is text, or chat messages that the model's template renders.
+        """
         L = self.engine().max_model_len
         budget = min(max_tokens, L // 2)  # lm-eval: the context keeps max_length - max_gen_toks tokens
         add_bos = bool(getattr(self.tokenizer, "add_bos_token", False))
-        ids = [self.tokenizer.encode(p, add_bos=add_bos)[-(L - budget):] for p in prompts]
+        texts = [self.chat_prompt(p) if isinstance(p, list) else p for p in prompts]
+        ids = [self.tokenizer.encode(p, allowed_special="all", add_bos=add_bos)[-(L - budget):] for p in texts]
         seeds = seeds or [None]
         reqs = [i for i in ids for _ in seeds]
         params = [SamplingParams(temperature=temperature, max_tokens=max(1, min(max_tokens, L - len(i))),
                                  stop=[u for u in until if u], seed=s) for i in ids for s in seeds]
         return self.engine().generate(reqs, params)
 
-    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
+    def generate(self, prompts: list[str | list[dict[str, str]]], until: list[str], max_tokens: int = 256,
                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
         outs = self.sample(prompts, until, max_tokens, temperature, [seed])
         return [o.outputs[0].text for o in outs]
 
 
 class EndpointLM:
-    """Any OpenAI-compatible server that honours `echo` + `logprobs` on `/v1/completions`."""
+    """Any OpenAI-compatible server.
+
+    Log-likelihood tasks need `/v1/completions` with `echo` and `logprobs` and a `/tokenize`
+    route (Ember's and vLLM's servers have them). Generation tasks need only a completions or
+    a chat endpoint: with `chat=True` (`--apply-chat-template`) prompts go to
+    `/v1/chat/completions` as messages and the server renders its own template, so servers
+    that offer only chat (llama-server's chat mode, hosted APIs) can be evaluated. A local
+    `tokenizer` renders the template on this side instead, which log-likelihood tasks need.
+    """
 
     def __init__(self, base_url: str, model: str | None = None, api_key: str | None = None,
-                 batch_size: int = 32, timeout: float = 300.0) -> None:
+                 batch_size: int = 32, timeout: float = 300.0, tokenizer: Any = None) -> None:
         try:  # httpx is needed only to evaluate a server, so a missing one fails here, not on import
             import httpx
         except ImportError:
@@ -187,10 +205,12 @@ class EndpointLM:
         self.http = httpx.Client(base_url=self.base, headers=headers, timeout=timeout)
         self.model = model
         self.batch_size = batch_size
-        info = self._get("/tokenizer_info")
+        self.tokenizer = tokenizer
+        self.info = self._optional_get("/tokenizer_info")  # Ember's and vLLM's; {} where a server has none
         # A scored prompt is context + continuation, and the server must still fit one token after it.
-        self.max_length = int(info.get("max_model_len") or 2048) - 2
-        self._prefix = info.get("bos_token_id") if info.get("bos_token_id") is not None else info.get("eos_token_id")
+        self.max_length = int(self.info.get("max_model_len") or 2048) - 2
+        self._prefix = next((self.info[k] for k in ("bos_token_id", "eos_token_id") if self.info.get(k) is not None),
+                            None)
 
     def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         if self.model:
@@ -200,31 +220,57 @@ class EndpointLM:
             raise EmberError(f"The endpoint answered {r.status_code} to {path}: {r.text[:300]}")
         return r.json()
 
-    def _get(self, path: str) -> dict[str, Any]:
+    def _optional_get(self, path: str) -> dict[str, Any]:
         r = self.http.get(path)
-        if r.status_code != 200:
-            raise EmberError(f"The endpoint answered {r.status_code} to GET {path}; it needs /tokenizer_info.")
-        return r.json()
+        return r.json() if r.status_code == 200 else {}
+
+    def _needs_scoring_routes(self, what: str) -> EmberError:
+        return EmberError(f"{what} needs a completions endpoint with echo and logprobs and a /tokenize route "
+                          f"(Ember's and vLLM's servers have them); {self.base} has no /tokenize. Evaluate "
+                          "generation tasks here (with --apply-chat-template for a chat-only server), or score "
+                          "log-likelihoods with --model.")
 
     @property
     def prefix_token(self) -> int:
-        return int(self._prefix or 0)
+        if self._prefix is None:
+            raise self._needs_scoring_routes("Scoring a continuation with no context")
+        return int(self._prefix)
 
     def encode(self, text: str) -> list[int]:
-        return self._post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"]
+        r = self.http.post("/tokenize", json={"prompt": text, "add_special_tokens": False,
+                                              **({"model": self.model} if self.model else {})})
+        if r.status_code == 404:
+            raise self._needs_scoring_routes("A log-likelihood task")
+        if r.status_code != 200:
+            raise EmberError(f"The endpoint answered {r.status_code} to /tokenize: {r.text[:300]}")
+        return r.json()["tokens"]
 
     def decode(self, ids: list[int]) -> str:
         return self._post("/detokenize", {"tokens": ids})["prompt"]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        if self.tokenizer is None:
+            raise EmberError("Scoring log-likelihoods with --apply-chat-template on an endpoint needs the model's "
+                             "chat template on this side: add --tokenizer DIR|FILE.gguf (the served model's).")
+        return chat_prompt(self.tokenizer, messages)
 
     def loglikelihood(self, requests: Sequence[tuple[list[int], list[int]]]) -> list[LLResult]:
         out = []
         for s in range(0, len(requests), self.batch_size):
             chunk = requests[s:s + self.batch_size]
             prompts = [(list(c) + list(t))[-self.max_length:] for c, t in chunk]
-            reply = self._post("/v1/completions", {"prompt": prompts, "echo": True, "max_tokens": 0,
-                                                   "logprobs": 1, "temperature": 0})
+            r = self.http.post("/v1/completions", json={"prompt": prompts, "echo": True, "max_tokens": 0,
+                                                        "logprobs": 1, "temperature": 0,
+                                                        **({"model": self.model} if self.model else {})})
+            if r.status_code != 200:
+                raise EmberError(f"Log-likelihood tasks need /v1/completions with echo and logprobs, and "
+                                 f"{self.base} answered {r.status_code}: {r.text[:300]}")
+            reply = r.json()
             for (ctx, cont), choice in zip(chunk, sorted(reply["choices"], key=lambda c: c["index"])):
-                lp = choice["logprobs"]
+                lp = choice.get("logprobs") or {}
+                if not lp.get("token_logprobs") or not lp.get("top_logprobs"):
+                    raise EmberError(f"{self.base} returned no prompt logprobs for echo=true; log-likelihood tasks "
+                                     "need a server that scores the prompt (Ember's, vLLM's).")
                 n = len(cont)
                 toks = lp["token_logprobs"][-n:]
                 tops = lp["top_logprobs"][-n:]
@@ -232,17 +278,29 @@ class EndpointLM:
                 out.append(LLResult(float(sum(toks)), greedy, n))
         return out
 
-    def generate(self, prompts: list[str], until: list[str], max_tokens: int = 256,
+    def generate(self, prompts: list[str | list[dict[str, str]]], until: list[str], max_tokens: int = 256,
                  temperature: float = 0.0, seed: int | None = None) -> list[str]:
         out = []
         for p in prompts:
-            body: dict[str, Any] = {"prompt": p, "max_tokens": max_tokens, "temperature": temperature}
+            body: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
             if until:
                 body["stop"] = [u for u in until if u][:4]
             if seed is not None:
                 body["seed"] = seed
-            out.append(self._post("/v1/completions", body)["choices"][0]["text"])
+            if isinstance(p, list) and self.tokenizer is None:  # the server renders its own template
+                out.append(self._post("/v1/chat/completions", {"messages": p, **body})["choices"][0]["message"]
+                           .get("content") or "")
+            else:
+                prompt = self.chat_prompt(p) if isinstance(p, list) else p
+                out.append(self._post("/v1/completions", {"prompt": prompt, **body})["choices"][0]["text"])
         return out
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """What lm-eval's `apply_chat_template` gives: the template's text, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise EmberError("--apply-chat-template needs a model with a chat template; this tokenizer has none.")
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def open_lm(model: str | None = None, endpoint: str | None = None, **kwargs: Any) -> LocalLM | EndpointLM:
@@ -250,7 +308,8 @@ def open_lm(model: str | None = None, endpoint: str | None = None, **kwargs: Any
     if (model is None) == (endpoint is None):
         raise EmberError("Give exactly one of --model DIR or --endpoint URL.")
     if endpoint is not None:
-        return EndpointLM(endpoint, model=kwargs.get("served_model"), api_key=kwargs.get("api_key"))
+        tok = load_tokenizer(kwargs["tokenizer"]) if kwargs.get("tokenizer") else None
+        return EndpointLM(endpoint, model=kwargs.get("served_model"), api_key=kwargs.get("api_key"), tokenizer=tok)
     if not is_gguf(model) and not (Path(model) / "config.json").exists():
         raise EmberError(f"No model at {model} (config.json is missing).")
     return LocalLM(Path(model), device=kwargs.get("device"), dtype=kwargs.get("dtype"))

@@ -1,7 +1,7 @@
 """Benchmark tasks in a subset of lm-evaluation-harness's YAML, run against any `LocalLM`/`EndpointLM`.
 
 Keys read: `task`, `dataset_path` (`json`, `csv`, `hellaswag_txt`, or a file) with
-`data_files` ({split: path}) and `test_split`/`fewshot_split`, `description`,
+`data_files` ({split: path}, also as lm-eval's `dataset_kwargs: {data_files: ...}`) and `test_split`/`fewshot_split`, `description`,
 `doc_to_text`, `doc_to_choice`, `doc_to_target`, `doc_to_labels` (MC2), `target_delimiter`,
 `fewshot_delimiter`, `num_fewshot`, `output_type` (multiple_choice, loglikelihood,
 loglikelihood_rolling, generate_until), `generation_kwargs` (`until`, `max_gen_toks`),
@@ -10,6 +10,15 @@ loglikelihood_rolling, generate_until), `generation_kwargs` (`until`, `max_gen_t
 
 Context/continuation pairs are tokenized as lm-eval does: trailing spaces of the context
 move to the continuation, and the continuation's ids are what encoding the whole adds.
+
+A prompt is built as lm-eval 0.4 builds it: an optional system turn (`--system-instruction`
+joined to the task's description), each solved example as a user turn (the question) and
+an assistant turn (its answer), then the question. Without a chat template the turns are
+concatenated with the task's delimiters; with `--apply-chat-template` the model's template
+renders them, as one user turn holding the examples or, with `--fewshot-as-multiturn`, as
+alternating turns, and a multiple-choice answer follows the assistant header with no
+delimiter. Tasks whose `doc_to_text` gives a choice index and whose choices are contexts
+(WinoGrande's partial scoring) score the same continuation after each context.
 """
 
 from __future__ import annotations
@@ -72,6 +81,11 @@ class TaskConfig:
             raise EmberError(f"{path} is not valid YAML: {e}.") from None
         if not isinstance(raw, dict) or "task" not in raw:
             raise EmberError(f"{path} must be a mapping with at least a 'task' key.")
+        if isinstance(raw.get("dataset_kwargs"), dict):  # lm-eval's spelling of the same files
+            kwargs = raw.pop("dataset_kwargs")
+            if not isinstance(kwargs.get("data_files"), dict) or set(kwargs) - {"data_files"}:
+                raise EmberError(f"{path}: dataset_kwargs may hold only data_files, a mapping of split to file.")
+            raw.setdefault("data_files", kwargs["data_files"])
         known_keys = set(cls.__dataclass_fields__) - {"base_dir"}
         unknown = set(raw) - known_keys - {"dataset_name", "validation_split", "training_split", "metadata",
                                           "should_decontaminate", "doc_to_decontamination_query", "tag"}
@@ -90,6 +104,22 @@ DEFAULT_METRICS = {"multiple_choice": ["acc", "acc_norm"], "loglikelihood": ["pe
                    "generate_until": ["exact_match"]}
 
 
+# What each ready task's file holds, for the message a user without it gets (docs/eval_tasks.md says more).
+DATA_FORMATS = {
+    "arc_easy": "JSONL, one {query, choices: [...], gold: index} a line",
+    "arc_challenge": "JSONL, one {query, choices: [...], gold: index} a line",
+    "boolq": "JSONL, one {query: 'Passage: ...\\nQuestion: ...?', choices: ['no', 'yes'], gold} a line",
+    "openbookqa": "JSONL, one {query, choices: [4 answers], gold} a line",
+    "piqa": "JSONL, one {query: 'Question: ...\\nAnswer: ', choices: [2 solutions], gold} a line",
+    "winogrande": "JSONL, one {context_options: [2 sentence starts], continuation, gold} a line",
+    "hellaswag": "llama.cpp's HellaSwag text, bzip2: 6 lines an item (context, gold index, 4 endings)",
+    "truthfulqa_mc2": "TruthfulQA's mc_task.json: a list of {question, mc2_targets: {answer: 0|1}}",
+    "lambada_openai": "JSONL, one {context, continuation: the last word} a line",
+    "gsm8k": "JSONL, one {question, answer: '... #### <number>'} a line",
+    "nq_open": "JSONL, one {question, answer: [...]} a line",
+}
+
+
 # --- data ----------------------------------------------------------------------------------
 def default_data_dir() -> Path:
     root = os.environ.get("EMBER_SHARED_DATA")
@@ -104,7 +134,8 @@ def _resolve(cfg: TaskConfig, rel: str, data_dir: Path | None) -> Path:
                 return cand
     if Path(rel).is_file():
         return Path(rel)
-    raise EmberError(f"Task '{cfg.task}' needs the data file '{rel}'; pass --data DIR holding it.")
+    raise EmberError(f"Task '{cfg.task}' needs the data file {rel} ({DATA_FORMATS.get(cfg.task, 'see the task YAML')}): "
+                     f"put it at {default_data_dir() / rel}, or pass --data DIR holding {rel}.")
 
 
 def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
@@ -118,8 +149,25 @@ def _read(path: Path, fmt: str) -> list[dict[str, Any]]:
             return list(csv.DictReader(f))
         text = f.read()
     if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EmberError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}).") from None
+    else:
+        rows = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise EmberError(f"{path}, line {line_no}: not valid JSON ({e.msg}).") from None
+            rows[-1]["_line"] = line_no
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise EmberError(f"{path}, item {i + 1}: a row must be a JSON object, not {type(row).__name__}.")
+        row.setdefault("_source", str(path))
+    return rows
 
 
 def load_split(cfg: TaskConfig, split: str, data_dir: Path | None = None) -> list[dict[str, Any]]:
@@ -146,7 +194,8 @@ def render(spec: Any, doc: dict[str, Any]) -> Any:
     try:
         out = _env.from_string(spec).render(**doc)
     except Exception as e:  # a template naming a missing field is the user's to fix
-        raise EmberError(f"Template {spec!r} failed on a document: {e}.") from None
+        where = doc.get("_source", "a document") + (f", line {doc['_line']}" if "_line" in doc else "")
+        raise EmberError(f"Template {spec!r} failed on {where}: {e}.") from None
     if out.startswith("[") and out.endswith("]"):  # a rendered list, e.g. "{{choices}}"
         try:
             return ast.literal_eval(out)
@@ -170,16 +219,109 @@ def _target_text(cfg: TaskConfig, doc: dict[str, Any]) -> str:
     return str(t[0] if isinstance(t, list) else t)
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts are rendered: lm-evaluation-harness's options of the same names."""
+
+    apply_chat_template: bool = False
+    system_instruction: str | None = None
+    fewshot_as_multiturn: bool | None = None  # None: on exactly when a chat template is applied (lm-eval's default)
+
+    def __post_init__(self) -> None:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise EmberError("--fewshot-as-multiturn renders examples as chat turns; it needs --apply-chat-template.")
+        if self.fewshot_as_multiturn is None:
+            object.__setattr__(self, "fewshot_as_multiturn", self.apply_chat_template)
+
+
+@dataclass
+class Turn:
+    role: str  # system, user or assistant
+    content: str
+    delimiter: str = ""  # what follows the content when turns are joined as plain text
+
+
+def _join(prefix: str | None, suffix: str | None, delimiter: str) -> str:
+    """lm-eval's maybe_delimit: the delimiter only where neither side brings whitespace."""
+    if not prefix or not suffix:
+        return (prefix or "") + (suffix or "")
+    return prefix + suffix if prefix[-1].isspace() or suffix[0].isspace() else prefix + delimiter + suffix
+
+
+def multiple_input(cfg: TaskConfig, doc: dict[str, Any]) -> bool:
+    """WinoGrande-style: `doc_to_text` gives the gold index and the choices are whole contexts."""
+    return cfg.doc_to_choice is not None and isinstance(render(cfg.doc_to_text, doc), int)
+
+
+def sample_fewshot(pool: list[dict[str, Any]], k: int, rng: random.Random, exclude: dict[str, Any] | None):
+    """lm-eval's default sampler: k + 1 drawn and the evaluated document dropped (same split), or k."""
+    if k <= 0:
+        return []
+    if exclude is None:
+        return rng.sample(pool, min(k, len(pool)))
+    picked = [d for d in rng.sample(pool, min(k + 1, len(pool))) if d != exclude][:k]
+    if len(picked) < k:
+        rest = [d for d in pool if d != exclude]
+        picked = rng.sample(rest, min(k, len(rest)))
+    return picked
+
+
+def _question(cfg: TaskConfig, doc: dict[str, Any]) -> str:
+    q = render(cfg.doc_to_text, doc)
+    if isinstance(q, int) and cfg.doc_to_choice is not None:  # multiple input: the gold context
+        return str(render(cfg.doc_to_choice, doc)[q])
+    return str(q)
+
+
+def build_turns(cfg: TaskConfig, doc: dict[str, Any], shots: list[dict[str, Any]],
+                fmt: PromptFormat = PromptFormat()) -> list[Turn]:
+    """The system turn, the solved examples and the question, before any rendering."""
+    turns = []
+    system = _join(fmt.system_instruction, cfg.description, cfg.fewshot_delimiter)
+    if system:
+        turns.append(Turn("system", system))
+    for shot in shots:
+        answer = str(render(cfg.doc_to_target, shot)) if multiple_input(cfg, shot) else _target_text(cfg, shot)
+        turns += [Turn("user", _question(cfg, shot), cfg.target_delimiter),
+                  Turn("assistant", answer, cfg.fewshot_delimiter)]
+    turns.append(Turn("user", _question(cfg, doc)))
+    return turns
+
+
+def render_turns(turns: list[Turn], fmt: PromptFormat) -> str | list[dict[str, str]]:
+    """Plain text, or the chat messages the model's template will render."""
+    if not fmt.apply_chat_template:
+        return "".join(t.content + t.delimiter for t in turns)
+    system = [{"role": "system", "content": turns[0].content}] if turns[0].role == "system" else []
+    rest = turns[len(system):]
+    if fmt.fewshot_as_multiturn:
+        return system + [{"role": t.role, "content": t.content} for t in rest]
+    # One user turn holding the examples as plain text (lm-eval's multiturn_to_singleturn).
+    text = "".join(t.content + t.delimiter for t in rest[:-1]) + rest[-1].content
+    return system + [{"role": "user", "content": text}]
+
+
 def build_context(cfg: TaskConfig, doc: dict[str, Any], pool: list[dict[str, Any]], k: int,
-                  rng: random.Random) -> str:
-    """Description, k solved examples (never the doc itself), then the doc's question."""
-    shots = []
-    if k > 0:
-        candidates = [d for d in pool if d is not doc]
-        picked = rng.sample(candidates, min(k, len(candidates)))
-        shots = [str(render(cfg.doc_to_text, d)) + cfg.target_delimiter + _target_text(cfg, d) for d in picked]
-    text = str(render(cfg.doc_to_text, doc))
-    return cfg.description + "".join(s + cfg.fewshot_delimiter for s in shots) + text
+                  rng: random.Random, fmt: PromptFormat = PromptFormat(), same_split: bool = True,
+                  ) -> str | list[dict[str, str]] | list[str | list[dict[str, str]]]:
+    """Description, k solved examples (never the doc itself), then the doc's question.
+
+    A multiple-input document gives one context per choice (the same examples before each).
+    """
+    shots = sample_fewshot(pool, k, rng, doc if same_split else None)
+    if not multiple_input(cfg, doc):
+        return render_turns(build_turns(cfg, doc, shots, fmt), fmt)
+    head = build_turns(cfg, doc, shots, fmt)[:-1]
+    return [render_turns(head + [Turn("user", str(c))], fmt) for c in render(cfg.doc_to_choice, doc)]
+
+
+def _rendered(lm: Any, ctx: Any) -> Any:
+    """Chat messages through the model's template (lm.chat_prompt); text and lists of contexts as they are."""
+    if isinstance(ctx, list) and ctx and isinstance(ctx[0], dict):
+        return lm.chat_prompt(ctx)
+    if isinstance(ctx, list):
+        return [_rendered(lm, c) for c in ctx]
+    return ctx
 
 
 def encode_pair(lm: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -207,15 +349,27 @@ def _filter(cfg: TaskConfig, text: str) -> str:
 
 # --- running -------------------------------------------------------------------------------
 def run_task(lm: Any, cfg: TaskConfig, limit: int | None = None, num_fewshot: int | None = None,
-             data_dir: Path | None = None, bootstrap_iters: int = 1000) -> dict[str, Any]:
+             data_dir: Path | None = None, bootstrap_iters: int = 1000,
+             prompt_format: PromptFormat = PromptFormat()) -> dict[str, Any]:
     """Score every document; returns {task, results: {metric: {value, stderr, n}}, samples: [...]}."""
+    fmt = prompt_format
     docs = load_split(cfg, cfg.test_split, data_dir)
     k = cfg.num_fewshot if num_fewshot is None else num_fewshot
-    pool = load_split(cfg, cfg.fewshot_split, data_dir) if (k and cfg.fewshot_split) else docs
+    # Examples drawn from the evaluated split never include the evaluated document (lm-eval drops it
+    # when a task names that split as its fewshot_split; Ember always does).
+    same_split = cfg.fewshot_split in (None, cfg.test_split)
+    pool = docs if same_split or not k else load_split(cfg, cfg.fewshot_split, data_dir)
     docs = docs[:limit] if limit else docs
     rng = random.Random(cfg.fewshot_seed)
     rolling = cfg.output_type == "loglikelihood_rolling"  # whole documents: no prompt to build
-    contexts = [""] * len(docs) if rolling else [build_context(cfg, d, pool, k, rng) for d in docs]
+    if rolling and fmt.apply_chat_template:
+        raise EmberError(f"Task '{cfg.task}' scores whole documents (loglikelihood_rolling): there is no prompt "
+                         "for a chat template to render; run it without --apply-chat-template.")
+    contexts = [""] * len(docs) if rolling else [build_context(cfg, d, pool, k, rng, fmt, same_split) for d in docs]
+    if fmt.apply_chat_template and cfg.output_type != "generate_until":
+        contexts = [_rendered(lm, c) for c in contexts]  # scoring needs the text; generation sends the turns
+    # With a chat template an answer follows the assistant header directly (lm-eval's rule).
+    delimiter = "" if fmt.apply_chat_template else cfg.target_delimiter
     metric_names = [m["metric"] for m in cfg.metric_list]
     samples: list[dict[str, Any]] = []
 
@@ -225,11 +379,15 @@ def run_task(lm: Any, cfg: TaskConfig, limit: int | None = None, num_fewshot: in
             choices = [str(c) for c in render(cfg.doc_to_choice, doc)]
             all_choices.append(choices)
             spans.append((len(reqs), len(reqs) + len(choices)))
-            reqs += [encode_pair(lm, ctx, cfg.target_delimiter + c) for c in choices]
+            if isinstance(ctx, list):  # multiple input: one context per choice, the same continuation
+                cont = delimiter + str(render(cfg.doc_to_target, doc))
+                reqs += [encode_pair(lm, c, cont) for c in ctx]
+            else:
+                reqs += [encode_pair(lm, ctx, delimiter + c) for c in choices]
         results = lm.loglikelihood(reqs)
         for i, (doc, ctx, choices, (a, b)) in enumerate(zip(docs, contexts, all_choices, spans)):
             lls = [r.logprob for r in results[a:b]]
-            gold = _target(cfg, doc, choices)
+            gold = render(cfg.doc_to_text, doc) if isinstance(ctx, list) else _target(cfg, doc, choices)
             scores = {m: v for m, v in M.mc_scores(lls, choices, gold).items() if m in metric_names}
             if "mc2" in metric_names:
                 scores["mc2"] = M.mc2(lls, [int(x) for x in render(cfg.doc_to_labels, doc)])

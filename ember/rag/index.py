@@ -6,7 +6,8 @@
     answer = idx.ask("how do I resume training?", endpoint="http://localhost:8000")
 
 Adding is incremental: a file whose content hash is unchanged is skipped, a changed
-one has its chunks replaced in one transaction. Searching reads one consistent snapshot
+one has its chunks replaced. One `add` is one transaction: until it commits, every reader
+keeps the index as it was, and an `add` killed midway leaves it so. Searching reads one consistent snapshot
 of the store and keeps it (with its BM25 postings and vector index) until the store's
 generation moves on.
 """
@@ -101,27 +102,29 @@ class Index:
             items = [items] if items is not None else ["stdlib"]
         report = AddReport()
         emb = self.embedder
-        with self.store.transaction(write=True):
+        tokenize = self._tokenize()
+        # One transaction for the whole call: readers (a server, another search) keep the index as it
+        # was until every item is in, and a run killed midway leaves it exactly as it was.
+        with self.store.reading(), self.store.transaction(write=True):
             if emb is not None:
                 self.store.check_embedder(emb.name, emb.dim, writing=True)
             elif self.store.get_meta("embedder") is not None:
                 raise EmberError(f"The index at {self.store.path} holds vectors from "
                                  f"{self.store.get_meta('embedder')!r}; open it with that embedder to add documents.")
-        tokenize = self._tokenize()
-        pending: list[tuple[str, str, list[tuple[Document, list[ChunkRow]]]]] = []
-        for source, digest, load in self._units(items, report):
-            if self.store.source_hash(source) == digest:
-                report.skipped += 1
-                continue
-            try:
-                docs = load()
-            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest indexed
-                report.errors.append((source, f"{type(e).__name__}: {e}"))
-                continue
-            pending.append((source, digest, [(d, self._chunk(d, tokenize)) for d in docs]))
-            if sum(len(c) for _, _, ds in pending for _, c in ds) >= EMBED_GROUP:
-                self._flush(pending, report, progress)
-        self._flush(pending, report, progress)
+            pending: list[tuple[str, str, list[tuple[Document, list[ChunkRow]]]]] = []
+            for source, digest, load in self._units(items, report):
+                if self.store.source_hash(source) == digest:
+                    report.skipped += 1
+                    continue
+                try:
+                    docs = load()
+                except Exception as e:  # noqa: BLE001 - any unreadable file is reported, the rest indexed
+                    report.errors.append((source, f"{type(e).__name__}: {e}"))
+                    continue
+                pending.append((source, digest, [(d, self._chunk(d, tokenize)) for d in docs]))
+                if sum(len(c) for _, _, ds in pending for _, c in ds) >= EMBED_GROUP:
+                    self._flush(pending, report, progress)
+            self._flush(pending, report, progress)
         return report
 
     def _units(self, items: Iterable[Any], report: AddReport):

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hmac
 import json
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -30,6 +31,7 @@ from ember.engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from ember.errors import EmberError
 from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
+from ember.serve.auth import exposure_warning
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
                                   EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
                                   reject_unsupported, resolve_max_tokens, sampling_params, usage)
@@ -453,5 +455,7 @@ def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int =
     """Run the server until interrupted."""
     app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
     print(llm.pool_size.describe(), flush=True)
+    if (warning := exposure_warning(host, api_key)) is not None:  # beyond loopback without a key
+        print(warning, file=sys.stderr, flush=True)
     print(f"Serving '{served_model_name}' (context {llm.max_model_len} tokens) at http://{host}:{port}/v1", flush=True)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

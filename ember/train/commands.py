@@ -53,9 +53,21 @@ def add_training_flags(p: argparse.ArgumentParser, *, defaults: dict | None = No
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """Where a training run happens and how it reports: --resume, --device, --no-progress."""
     g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue exactly from OUT/checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue exactly from OUT/checkpoint with the run's own settings (OUT/run.json); "
+                        "only --max-steps, --time-budget, --eval-every, --save-every and --log-every may be "
+                        "given to change them")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps (default: best available)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+
+
+def resume_changes(a: argparse.Namespace) -> dict:
+    """The training settings typed on a `--resume` command line: changes to the run, not its defaults."""
+    from ember.settings import given_flags, kwargs_of
+    from ember.train.loop import TrainConfig
+
+    typed = given_flags(a)
+    return {k: v for k, v in kwargs_of(TrainConfig, a).items() if k in typed}
 
 
 def add_commands(sub: argparse._SubParsersAction) -> dict:
@@ -118,6 +130,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     lora = values(LoraConfig, a, prefix="lora_", trainable_token_indices=tokens if isinstance(tokens, list) else None)
     options = values(SFTOptions, a)
     cfg = values(TrainConfig, a, lr=a.lr if a.lr is not None else LR_DEFAULTS[options.method])
+    if a.resume:
+        cfg = resume_changes(a)  # the run's own settings, changed only where a flag was typed
     last = sft(a.model, a.data, a.out, lora=lora, train_config=cfg, train_template_tokens=tokens == "template",
                val_file=a.val_data, device=a.device, resume=a.resume, progress=not a.no_progress, **asdict(options))
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "val_loss") if k in last)

@@ -17,7 +17,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ember.checkpoint import read_weights, write_model_files
+from ember.checkpoint import read_weights, write_failed, write_model_files
 from ember.device import autocast_dtype
 from ember.errors import EmberError
-from ember.files import atomic_dir, read_json, write_json
+from ember.files import (atomic_dir, atomic_write_text, complete_version, read_json, remove_leftovers,
+                         write_json)
+from ember.manifest import write_manifest
 
 SCHEDULES = ("cosine", "constant", "wsd")
 
@@ -145,35 +147,56 @@ OPTIMIZER = "optimizer.pt"
 
 def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int,
                     cfg: TrainConfig, extra_state: dict[str, Any], save_extra: Callable[[Path], None] | None) -> None:
-    """Model (HF layout) + optimizer + RNG + step, replacing the previous checkpoint atomically."""
-    with atomic_dir(out_dir / CHECKPOINT) as tmp:
-        write_model_files(model, tmp)
-        if save_extra is not None:
-            save_extra(tmp)  # tokenizer, adapters, ...
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / OPTIMIZER)
-        write_json(tmp / STATE, {"step": step, "train_config": asdict(cfg), **extra_state})
+    """Model (HF layout) + optimizer + RNG + step + checksum manifest, replacing the previous
+    checkpoint atomically (see `ember.files.atomic_dir` for how a kill at any instant is survived)."""
+    target = out_dir / CHECKPOINT
+    try:
+        with atomic_dir(target) as tmp:
+            write_model_files(model, tmp)
+            if save_extra is not None:
+                save_extra(tmp)  # tokenizer, adapters, ...
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, tmp / OPTIMIZER)
+            write_json(tmp / STATE, {"step": step, "train_config": asdict(cfg), **extra_state})
+            write_manifest(tmp)
+    except OSError as e:
+        raise write_failed(target, e) from None
+
+
+def find_checkpoint(out_dir: str | Path) -> Path:
+    """The run's complete checkpoint: `checkpoint`, or `.checkpoint.old` when a kill fell between the two
+    renames that commit one. Temp dirs of killed checkpoint writes are removed on the way."""
+    out_dir = Path(out_dir)
+    remove_leftovers(out_dir / CHECKPOINT)
+    ckpt = complete_version(out_dir / CHECKPOINT)
+    if ckpt is None:
+        raise EmberError(f"No checkpoint to resume from in {out_dir} (expected {out_dir / CHECKPOINT}).")
+    return ckpt
 
 
 def load_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore model, optimizer and RNG; return the saved trainer state (with `step`)."""
-    ckpt = out_dir / CHECKPOINT
-    if not (ckpt / STATE).is_file():
-        old = out_dir / f".{CHECKPOINT}.old"  # killed between the two renames of atomic_dir
-        if (old / STATE).is_file():
-            ckpt = old
-        else:
-            raise EmberError(f"No checkpoint to resume from in {out_dir} (expected {ckpt / STATE}).")
+    """Restore model, optimizer and RNG; return the saved trainer state (with `step`).
+
+    Every file is checked against the checkpoint's manifest first (when it has one)."""
+    ckpt = find_checkpoint(out_dir)
+    weights = read_weights(ckpt, model)  # checks every file of the checkpoint against its manifest
     state = read_json(ckpt / STATE, "Trainer state")
-    model.load_state_dict(read_weights(ckpt, model), strict=False)  # strict=False: a tied head is not stored
-    # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
-    blob = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
-    torch.set_rng_state(blob["rng"]["torch"])
-    if "cuda" in blob["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    model.load_state_dict(weights, strict=False)  # strict=False: a tied head is not stored
+    try:
+        # weights_only=True: tensors and plain containers only, never arbitrary pickled objects.
+        blob = torch.load(ckpt / OPTIMIZER, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(blob["optimizer"])
+        rng = blob["rng"]
+        torch.set_rng_state(rng["torch"])
+    except FileNotFoundError:
+        raise EmberError(f"Optimizer state {ckpt / OPTIMIZER} is missing.") from None
+    except Exception as e:  # noqa: BLE001 - torch.load's errors on a damaged file have many types
+        raise EmberError(f"Optimizer state {ckpt / OPTIMIZER} is corrupt or truncated "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}).") from None
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return state
 
 
@@ -184,26 +207,54 @@ def _log(path: Path, record: dict[str, Any]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint so the log reads as one clean run."""
+    """On resume, drop log lines past the checkpoint so the log reads as one clean run (and a line a
+    kill cut short); rewritten atomically, so a kill here loses nothing."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in keep))
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 RUN_FILE = "run.json"  # what a recipe was started with, so --resume needs no flags again
+# What a resumed run may change: when it stops and how often it reports and saves, never what it
+# computes. A new max_steps (or time budget) stretches or cuts the schedule, as asked.
+RESUME_OVERRIDES = ("max_steps", "time_budget_s", "eval_every", "save_every", "log_every")
 
 
-def read_run(out_dir: Path, train_config: TrainConfig | None) -> tuple[dict[str, Any], TrainConfig]:
-    """A run's saved settings for --resume; a given `train_config` may only raise max_steps."""
+def _flag(name: str) -> str:
+    spelled = next(f.metadata.get("flag") for f in fields(TrainConfig) if f.name == name)
+    return spelled or "--" + name.replace("_", "-")
+
+
+def read_run(out_dir: Path, train_config: TrainConfig | dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], TrainConfig]:
+    """A run's saved settings for --resume: the run continues as it was configured.
+
+    `train_config` says what to change: a dict of the settings a user gave (the command line passes only
+    the flags typed), or a whole TrainConfig (library callers). Only `RESUME_OVERRIDES` may differ from
+    the run's own values; any other difference is refused, since it would not be the same run."""
     run_file = out_dir / RUN_FILE
     if not run_file.is_file():
         raise EmberError(f"Nothing to resume in {out_dir}: it has no {RUN_FILE}.")
     run = read_json(run_file, "Run file")
     saved = TrainConfig.from_dict(run["train_config"])
-    if train_config is not None:
-        saved.max_steps = train_config.max_steps  # allow extending a finished run
-    return run, saved
+    given = asdict(train_config) if isinstance(train_config, TrainConfig) else dict(train_config or {})
+    changes = {}
+    for name, value in given.items():
+        if value == getattr(saved, name):
+            continue
+        if name not in RESUME_OVERRIDES or (name == "time_budget_s" and saved.schedule_by_time):
+            raise EmberError(f"{_flag(name)} cannot change when resuming: the run in {out_dir} was started with "
+                             f"{name}={getattr(saved, name)!r} ({run_file.name}). On --resume only "
+                             f"{', '.join(_flag(n) for n in RESUME_OVERRIDES)} may change.")
+        changes[name] = value
+    return run, replace(saved, **changes)
 
 
 def train(model: nn.Module, cfg: TrainConfig, get_batch: Callable[[int, int], Any],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,11 +23,11 @@ from ember.config import ModelConfig
 from ember.data import TokenShards
 from ember.device import pick_device
 from ember.errors import EmberError
-from ember.files import write_json
+from ember.files import complete_version, write_json
 from ember.load import load_model
 from ember.model import CausalLM
 from ember.tokenizer import load_tokenizer
-from ember.train.loop import CHECKPOINT, RUN_FILE, TrainConfig, lm_loss, read_run, train
+from ember.train.loop import CHECKPOINT, RUN_FILE, TrainConfig, find_checkpoint, lm_loss, read_run, train
 
 
 
@@ -56,9 +57,12 @@ def val_loss_fn(data: TokenShards, batch_size: int, block_size: int, max_batches
 
 
 def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfig | None,
-             train_config: TrainConfig, device: str | None = None, resume: bool = False,
+             train_config: TrainConfig | dict[str, Any] | None, device: str | None = None, resume: bool = False,
              eval_batches: int = 20, progress: bool = True, init_from: str | Path | None = None) -> dict[str, Any]:
-    """Train a model on prepared shards; returns the last logged metrics (with val_loss)."""
+    """Train a model on prepared shards; returns the last logged metrics (with val_loss).
+
+    With `resume`, the run continues with the settings in OUT/run.json; `train_config` may then be None,
+    or name changes that `ember.train.loop.read_run` allows (the step budget, how often to log and save)."""
     out_dir, data_dir = Path(out_dir), Path(data_dir)
     data = TokenShards(data_dir)
     tokenizer = load_tokenizer(data.tokenizer_dir)
@@ -66,14 +70,26 @@ def pretrain(data_dir: str | Path, out_dir: str | Path, model_config: ModelConfi
 
     run_file = out_dir / RUN_FILE
     if resume:
-        _, train_config = read_run(out_dir, train_config)
-        model_config = load_config(out_dir / CHECKPOINT)
+        run, train_config = read_run(out_dir, train_config)
+        has_checkpoint = complete_version(out_dir / CHECKPOINT) is not None
+        saved = load_config(find_checkpoint(out_dir)) if has_checkpoint else ModelConfig.from_hf(run["model_config"])
+        if model_config is not None and model_config_for(model_config, tokenizer, train_config.block_size) != saved:
+            raise EmberError(f"The model given (--preset or --config) is not the one the run in {out_dir} trains; "
+                             "leave it out to resume.")
+        model_config = saved
+        if not has_checkpoint:  # killed before its first checkpoint: the same run from step 0 is where it was
+            print(f"No checkpoint in {out_dir} yet: the run starts over from step 0 with its saved settings.",
+                  file=sys.stderr)
+            resume, init_from = False, run.get("init_from")
     else:
         if model_config is None:
             raise EmberError("Give a model preset or config to pretrain.")
+        if not isinstance(train_config, TrainConfig):
+            raise EmberError("Give a TrainConfig to start a run (a dict of changes is for resume=True).")
         model_config = model_config_for(model_config, tokenizer, train_config.block_size)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_file, {"model_config": model_config.to_hf(), "train_config": asdict(train_config),
+                              "init_from": str(Path(init_from).resolve()) if init_from is not None else None,
                               "data": str(data_dir.resolve()), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     if model_config.vocab_size < tokenizer.vocab_size:
         raise EmberError(f"The model's vocabulary ({model_config.vocab_size}) is smaller than the "
