@@ -54,7 +54,7 @@ from ember.load import load_model, load_tokenizer
 from ember.plot import read_metrics
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
-from ember.train.loop import CHECKPOINT, TrainConfig, train
+from ember.train.loop import TrainConfig, find_checkpoint, train
 from ember.train.ppo import (Rollout, encode_prompt, entropy_from_logits, load_prompts, penalize_unfinished,
                              reward_model_fn, rollout, rule_reward)
 from ember.train.preference import token_logps
@@ -389,8 +389,8 @@ def grpo_train(policy: nn.Module, tok: Any, prompts: Sequence[PromptRow], out_di
         return Generation(cycle, tensors, stats)
 
     current: dict[str, Generation] = {}
-    rollout_path = out_dir / CHECKPOINT / ROLLOUT_FILE
-    if resume and rollout_path.is_file():  # the batch the interrupted run was updating on
+    rollout_path = find_checkpoint(out_dir) / ROLLOUT_FILE if resume else None
+    if rollout_path is not None and rollout_path.is_file():  # the batch the interrupted run was updating on
         with safe_open(str(rollout_path), "pt", device=str(device)) as f:
             meta = f.metadata() or {}
             current["gen"] = Generation(int(meta["cycle"]), {k: f.get_tensor(k) for k in f.keys()},
