@@ -87,7 +87,7 @@ GRPO_DEFAULTS = {"max_steps": 100, "batch_size": 16, "lr": 1e-5, "warmup_steps":
                  "weight_decay": 0.0, "beta2": 0.999, "save_every": 0, "eval_every": 0, "log_every": 1}
 GRPO_EPILOG = """example (a checked answer plus a format reward on synthetic arithmetic):
   ember data synth --task arithmetic --shape prompt --n 500 --out arith.jsonl
-  ember grpo --model SmolLM2-135M-Instruct-Q4_1.gguf --prompts arith.jsonl --out runs/grpo \\
+  ember grpo --model SmolLM2-135M-Instruct.Q4_1.gguf --prompts arith.jsonl --out runs/grpo \\
       --reward answer --reward 'format=-?[0-9]+' --reward-weight 1 --reward-weight 0.2 \\
       --num-generations 8 --batch-size 16 --max-new-tokens 16 --max-steps 50
 Each step samples --batch-size x --grad-accum replies (G = --num-generations per prompt) with the
