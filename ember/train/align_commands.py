@@ -1,4 +1,4 @@
-"""`ember dpo`, `ember reward-model`, `ember ppo`, `ember align constitutional` (argparse only at import)."""
+"""`ember dpo`, `ember reward-model`, `ember ppo`, `ember grpo`, `ember align constitutional` (argparse only at import)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,46 @@ def _ppo_flags(p: argparse.ArgumentParser) -> None:
     add_run_flags(p)
 
 
+# GRPO's optimizer settings: a constant learning rate from the first step, no weight decay, a line in
+# metrics.jsonl every step. Its batches are groups of sampled replies (--batch-size replies a micro-batch),
+# so the token-length setting does not apply (--max-new-tokens bounds a reply).
+GRPO_DEFAULTS = {"max_steps": 100, "batch_size": 16, "lr": 1e-5, "warmup_steps": 0, "schedule": "constant",
+                 "weight_decay": 0.0, "beta2": 0.999, "save_every": 0, "eval_every": 0, "log_every": 1}
+GRPO_EPILOG = """example (a checked answer plus a format reward on synthetic arithmetic):
+  ember data synth --task arithmetic --shape prompt --n 500 --out arith.jsonl
+  ember grpo --model SmolLM2-135M-Instruct.Q4_1.gguf --prompts arith.jsonl --out runs/grpo \\
+      --reward answer --reward 'format=-?[0-9]+' --reward-weight 1 --reward-weight 0.2 \\
+      --num-generations 8 --batch-size 16 --max-new-tokens 16 --max-steps 50
+Each step samples --batch-size x --grad-accum replies (G = --num-generations per prompt) with the
+engine, scores them, standardises each reward within its group (the advantage), and takes
+--num-iterations optimizer steps on the clipped objective with beta x KL to the starting model.
+Writes OUT/model, metrics.jsonl (reward, kl, clipfrac, loss, ...), grpo.png; --resume continues exactly."""
+
+
+def _grpo_flags(p: argparse.ArgumentParser) -> None:
+    from ember.settings import add_flags
+    from ember.train.grpo import GRPOConfig
+
+    p.add_argument("--model", required=True, help="policy to start from, a directory or a .gguf file "
+                   "(also the KL reference)")
+    p.add_argument("--prompts", required=True, help="JSONL with 'prompt' (string or messages) and, for the answer "
+                   "reward, 'answer'; or one prompt a line")
+    p.add_argument("--out", required=True, help="run directory")
+    r = p.add_argument_group("rewards", "summed, each times its --reward-weight")
+    r.add_argument("--reward", action="append", default=[], metavar="RULE",
+                   help="answer (the reply's last number, or the whole reply, equals the row's 'answer') | "
+                   "format=REGEX (the whole reply matches) | char=SET | contains=TEXT | concise | "
+                   "python=module:function; repeat for several")
+    r.add_argument("--reward-model", default=None, help="a directory written by `ember reward-model`")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out (default: 0.1)")
+    p.add_argument("--raw-prompts", action="store_true", help="feed prompts as plain text, not via the chat template")
+    add_flags(p.add_argument_group("GRPO"), GRPOConfig)
+    add_training_flags(p, defaults=GRPO_DEFAULTS, exclude=("block_size",),
+                       help={"batch_size": "sampled replies per micro-batch (G of each prompt)",
+                             "eval_every": "steps between held-out evaluations (0 = start and end only)"})
+    add_run_flags(p)
+
+
 def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_command(sub, "dpo", _dpo_flags, help="Direct Preference Optimization on {prompt, chosen, rejected} JSONL",
                 description="DPO (sigmoid), IPO or hinge loss against the starting model as reference. "
@@ -92,6 +132,11 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     add_command(sub, "ppo", _ppo_flags, help="RLHF with PPO against a reward model or a rule",
                 description="Rollouts with the engine, per-token KL penalty to the frozen starting policy, "
                 "GAE, clipped policy and value losses. Writes OUT/model, metrics.jsonl and ppo.png.")
+    add_command(sub, "grpo", _grpo_flags, help="RL with GRPO: group-relative advantages, no value model",
+                description="Group Relative Policy Optimization (DeepSeekMath): G sampled replies per prompt, "
+                "rewards from rules (a checked answer, a format) or a reward model standardised within each "
+                "group, the clipped policy objective with a k3 KL penalty to the starting model.",
+                epilog=GRPO_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     a = sub.add_parser("align", help="alignment data tools").add_subparsers(dest="action", required=True)
     c = a.add_parser("constitutional", help="critique and revise answers against principles",
@@ -111,7 +156,7 @@ def add_commands(sub: argparse._SubParsersAction) -> dict:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--device", default=None)
     c.add_argument("--no-progress", action="store_true")
-    return {"dpo": cmd_dpo, "reward-model": cmd_reward_model, "ppo": cmd_ppo,
+    return {"dpo": cmd_dpo, "reward-model": cmd_reward_model, "ppo": cmd_ppo, "grpo": cmd_grpo,
             ("align", "constitutional"): cmd_constitutional}
 
 
@@ -165,6 +210,19 @@ def cmd_ppo(a: argparse.Namespace) -> None:
                    resume=a.resume, progress=not a.no_progress, train_cfg=train_cfg)
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "kl", "eval/reward", "eval/kl") if k in last)
     print(f"done after {last['step']} iterations: {shown}; policy in {a.out}/model, curves in {a.out}/ppo.png")
+
+
+def cmd_grpo(a: argparse.Namespace) -> None:
+    from ember.settings import values
+    from ember.train.grpo import GRPOConfig, run_grpo
+    from ember.train.loop import TrainConfig
+
+    last = run_grpo(a.model, a.prompts, a.out, values(TrainConfig, a), values(GRPOConfig, a), reward_rules=a.reward,
+                    reward_model_dir=a.reward_model, eval_fraction=a.eval_fraction,
+                    chat=False if a.raw_prompts else None, device=a.device, resume=a.resume,
+                    progress=not a.no_progress)
+    shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("reward", "kl", "eval/reward", "eval/kl") if k in last)
+    print(f"done at step {last['step']}: {shown}; policy in {a.out}/model, curves in {a.out}/grpo.png")
 
 
 def cmd_constitutional(a: argparse.Namespace) -> None:
