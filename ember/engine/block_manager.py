@@ -19,6 +19,12 @@ def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
     return hash((prev, tokens))
 
 
+def chain_seed(seq: Sequence) -> int | None:
+    """What a sequence's first block hash chains from: its LoRA adapter, so that blocks computed
+    under different adapters (or none) never share a hash, nor their KV."""
+    return hash(("lora", seq.lora_id)) if seq.lora_id else None
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -83,7 +89,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return 0
-        bs, prev = self.block_size, None
+        bs, prev = self.block_size, chain_seed(seq)
         eligible = (seq.num_tokens - 1) // bs
         self.prefix_queries += eligible
         for i in range(eligible):
@@ -114,7 +120,7 @@ class BlockManager:
         full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else chain_seed(seq), tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[block] is None:

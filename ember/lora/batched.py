@@ -1,0 +1,262 @@
+"""Many LoRA adapters over one base, unmerged, mixed in one batch (S-LoRA, Sheng et al., 2023;
+Punica, Chen et al., 2023).
+
+`attach_lora_slots(model, max_loras, max_rank)` swaps every linear layer of the model's blocks for a
+`BatchedLoraLinear`: the base layer, whose forward is left as it is (float, fp16, or a GGUF file's
+kept int4/int8 blocks), plus the A and B matrices of every adapter slot stacked into one tensor each.
+A loaded adapter owns one slot; a rank below `max_rank` is padded with zero rows and columns, and its
+scaling is folded into B (float32, as adapters train).
+
+Which adapter each token uses is set for one forward by the engine's model runner
+(`LoraSlots.active(token_slots)`), a context every wrapped layer reads; a token of the base has slot -1.
+For that forward each layer computes, over the slots the batch uses (K of them, each W columns wide):
+
+    h = x @ A_used^T            [tokens, K*W]   one product for every adapter at once
+    h *= mask                   a token keeps only its own slot's W columns
+    y = base(x) + h @ B_used^T  [tokens, out]
+
+so each row gets exactly its own adapter's update B_s A_s x in two dense products per layer, whatever
+the mix (Punica's gather: the used slots' stacked weights are selected once, not one product per
+adapter). A layer that q, k and v (gate and up) share after `prepare_for_inference` fused them keeps
+one slot block for all its parts: A's rows part after part, B block-diagonal, each part's rows of B
+holding that part's update only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ember.cpu_inference import FusedProjection
+from ember.errors import EmberError
+from ember.lora.layers import is_linear
+from ember.lora.peft_format import TOKEN_KEY, read_adapter
+from ember.model import MLP, Attention
+from ember.modules import set_module
+
+# A fused inference layer's parts, in the order `prepare_for_inference` stacks them.
+FUSED_PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+class UnknownAdapter(EmberError):
+    """No adapter of that name is loaded (the server answers 404)."""
+
+
+class AdapterInUse(EmberError):
+    """The adapter still has unfinished requests (the server answers 409)."""
+
+
+class LoraBatch:
+    """The adapter slot of every token of one forward, and what the layers derive from it once."""
+
+    def __init__(self, token_slots: Tensor, used: tuple[int, ...]) -> None:
+        self.token_slots = token_slots  # [N] long, -1: the base
+        self.used = used  # the slots some token uses, ascending
+        self._derived: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+    def columns_and_mask(self, slots: tuple[int, ...], width: int) -> tuple[Tensor, Tensor]:
+        """For the stacked columns of `slots` (each `width` wide): their indices [K*W] and the mask
+        [N, K*W] that keeps, on each token's row, only its own slot's columns."""
+        key = (slots, width)
+        if key not in self._derived:
+            device = self.token_slots.device
+            chosen = torch.tensor(slots, device=device)
+            cols = (chosen[:, None] * width + torch.arange(width, device=device)).flatten()
+            owner = chosen.repeat_interleave(width)  # the slot of each selected column
+            mask = (self.token_slots[:, None] == owner[None, :]).to(torch.float32)
+            self._derived[key] = (cols, mask)
+        return self._derived[key]
+
+
+class BatchedLoraLinear(nn.Module):
+    """A base linear layer plus the low-rank updates of every adapter slot, each token taking its own."""
+
+    def __init__(self, base_layer: nn.Module, part_sizes: list[int], slots: "LoraSlots") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        self.part_sizes = part_sizes
+        self.width = len(part_sizes) * slots.max_rank  # one slot's columns
+        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
+        total = slots.max_loras * self.width
+        self.register_buffer("lora_a", torch.zeros(total, self.in_features, device=device), persistent=False)
+        self.register_buffer("lora_b", torch.zeros(self.out_features, total, device=device), persistent=False)
+        self.filled: set[int] = set()  # slots whose adapter adapts this layer
+        self._slots = [slots]  # a list: the shared context, not a submodule
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        batch = self._slots[0].batch
+        if batch is None or not self.filled:
+            return out
+        slots = tuple(s for s in batch.used if s in self.filled)
+        if not slots:
+            return out
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] != batch.token_slots.shape[0]:
+            raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} tokens, the layer got {x2.shape[0]}.")
+        cols, mask = batch.columns_and_mask(slots, self.width)
+        if len(slots) == self._slots[0].max_loras:  # every slot: the stacks as they are
+            a, b = self.lora_a, self.lora_b
+        else:
+            a, b = self.lora_a.index_select(0, cols), self.lora_b.index_select(1, cols)
+        h = (x2.to(a.dtype) @ a.t()) * mask
+        return out + (h @ b.t()).view(out.shape).to(out.dtype)
+
+    def extra_repr(self) -> str:
+        return f"parts={self.part_sizes}, width={self.width}"
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    name: str
+    path: Path
+    id: int  # never reused: the prefix cache keys blocks by it, so a reloaded name shares nothing stale
+    slot: int
+    rank: int
+
+
+class LoraSlots:
+    """The adapter slots of one model: which adapter is in which slot, and the batch's token slots.
+
+    `lock` is held by whoever changes the slots or runs a forward that reads them (the engine's step),
+    so loading and unloading at run time never meet a forward halfway."""
+
+    def __init__(self, max_loras: int, max_rank: int) -> None:
+        if max_loras < 1:
+            raise EmberError(f"max_loras must be at least 1, got {max_loras}.")
+        if max_rank < 1:
+            raise EmberError(f"max_lora_rank must be at least 1, got {max_rank}.")
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.targets: dict[str, tuple[BatchedLoraLinear, int]] = {}  # q_proj path -> (layer, part)
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.batch: LoraBatch | None = None
+        self.lock = threading.RLock()
+        self._ids = itertools.count(1)
+
+    # --- adapters ------------------------------------------------------------------------------
+    def slot_of(self, adapter_id: int) -> int:
+        for a in self.adapters.values():
+            if a.id == adapter_id:
+                return a.slot
+        return -1
+
+    def get(self, name: str) -> LoadedAdapter:
+        if name not in self.adapters:
+            known = ", ".join(sorted(self.adapters)) or "none"
+            raise UnknownAdapter(f"No LoRA adapter named '{name}' is loaded (loaded: {known}).")
+        return self.adapters[name]
+
+    def load(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Read the PEFT-format adapter in `path` into a free slot under `name`."""
+        if not name:
+            raise EmberError("An adapter needs a name.")
+        if name in self.adapters:
+            raise EmberError(f"An adapter named '{name}' is already loaded ({self.adapters[name].path}).")
+        path = Path(path)
+        cfg, state = read_adapter(path)
+        if TOKEN_KEY in state:
+            raise EmberError(f"The adapter in {path} trains token-table rows; served unmerged, only LoRA A/B "
+                             "matrices are batched. Merge it into the model instead (--adapter).")
+        if cfg.r > self.max_rank:
+            raise EmberError(f"The adapter in {path} has rank {cfg.r}, above max_lora_rank {self.max_rank}; "
+                             "start with a larger --max-lora-rank.")
+        updates = self._updates(path, cfg.target_modules, state, cfg.scaling)
+        with self.lock:
+            taken = {a.slot for a in self.adapters.values()}
+            free = [s for s in range(self.max_loras) if s not in taken]
+            if not free:
+                raise EmberError(f"All {self.max_loras} adapter slots are in use; unload one first, or start with "
+                                 "a larger --max-loras.")
+            slot = free[0]
+            self._write(slot, updates)
+            loaded = LoadedAdapter(name, path, next(self._ids), slot, cfg.r)
+            self.adapters[name] = loaded
+        return loaded
+
+    def unload(self, name: str) -> None:
+        with self.lock:
+            slot = self.get(name).slot
+            self._write(slot, [])
+            del self.adapters[name]
+
+    def _updates(self, path: Path, modules: list[str], state: dict[str, Tensor],
+                 scaling: float) -> list[tuple[BatchedLoraLinear, int, Tensor, Tensor]]:
+        """(layer, part, A [r, in], B * scaling [out_part, r]) for every module the adapter adapts,
+        checked against the base before any slot changes."""
+        out = []
+        for module in modules:
+            if module not in self.targets:
+                raise EmberError(f"The adapter in {path} adapts {module}, which is not a linear layer of this "
+                                 "base's blocks (a different base model, or an adapted LM head).")
+            layer, part = self.targets[module]
+            a, b = state[f"{module}.lora_A.weight"].float(), state[f"{module}.lora_B.weight"].float()
+            want_a = (a.shape[0], layer.in_features)
+            want_b = (layer.part_sizes[part], a.shape[0])
+            if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise EmberError(f"The adapter in {path} was made for a different base model: {module} has A "
+                                 f"{tuple(a.shape)} and B {tuple(b.shape)}, this base needs {want_a} and {want_b}.")
+            out.append((layer, part, a, b * scaling))
+        return out
+
+    @torch.no_grad()
+    def _write(self, slot: int, updates: list[tuple[BatchedLoraLinear, int, Tensor, Tensor]]) -> None:
+        """Clear `slot` in every layer, then write `updates` into it."""
+        r = self.max_rank
+        layers = {id(layer): layer for layer, _ in self.targets.values()}.values()
+        for layer in layers:
+            cols = slice(slot * layer.width, (slot + 1) * layer.width)
+            layer.lora_a[cols] = 0
+            layer.lora_b[:, cols] = 0
+            layer.filled.discard(slot)
+        for layer, part, a, b in updates:
+            first = slot * layer.width + part * r
+            rows = sum(layer.part_sizes[:part])
+            layer.lora_a[first:first + a.shape[0]] = a.to(layer.lora_a.device)
+            layer.lora_b[rows:rows + b.shape[0], first:first + a.shape[0]] = b.to(layer.lora_b.device)
+            layer.filled.add(slot)
+
+    # --- the batch -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def active(self, token_slots: list[int], device: torch.device) -> Iterator[None]:
+        """Within the block, the wrapped layers give token i the update of slot token_slots[i]."""
+        used = tuple(sorted({s for s in token_slots if s >= 0}))
+        self.batch = LoraBatch(torch.tensor(token_slots, device=device), used) if used else None
+        try:
+            yield
+        finally:
+            self.batch = None
+
+
+def attach_lora_slots(model: nn.Module, max_loras: int, max_rank: int) -> LoraSlots:
+    """Swap every linear layer of the model's attention and MLP blocks (fused or not) for a
+    `BatchedLoraLinear` with `max_loras` empty slots of rank `max_rank`; returns the slots, also
+    kept as `model.lora_slots`."""
+    if getattr(model, "lora_slots", None) is not None:
+        raise EmberError("This model already has adapter slots.")
+    slots = LoraSlots(max_loras, max_rank)
+    for owner_name, owner in list(model.named_modules()):
+        if not isinstance(owner, (Attention, MLP)):
+            continue
+        for child_name, child in list(owner.named_children()):
+            path = f"{owner_name}.{child_name}" if owner_name else child_name
+            if isinstance(child, FusedProjection) and child_name in FUSED_PARTS:
+                layer = BatchedLoraLinear(child.layer, list(child.sizes), slots)
+                set_module(model, f"{path}.layer", layer)
+                for part, short in enumerate(FUSED_PARTS[child_name]):
+                    slots.targets[f"{owner_name}.{short}"] = (layer, part)
+            elif is_linear(child):
+                layer = BatchedLoraLinear(child, [child.out_features], slots)
+                set_module(model, path, layer)
+                slots.targets[path] = (layer, 0)
+    if not slots.targets:
+        raise EmberError("This model has no attention or MLP linear layers to put adapter slots on.")
+    model.lora_slots = slots
+    return slots
