@@ -306,25 +306,53 @@ def test_serve_flags_refuse_a_malformed_lora(capsys):
 
 
 # --- the real model --------------------------------------------------------------------------------
+def random_peft_adapter(out, slots, short_names, r, seed):
+    """A PEFT-format adapter (config and safetensors, as `peft` writes them) with random A and B on
+    the named layers of every block; B large enough that greedy text changes."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for path, (layer, part) in slots.targets.items():
+        if path.rsplit(".", 1)[-1] in short_names:
+            a = torch.randn(r, layer.in_features, generator=g) / layer.in_features ** 0.5
+            state[f"base_model.model.{path}.lora_A.weight"] = a
+            state[f"base_model.model.{path}.lora_B.weight"] = torch.randn(layer.part_sizes[part], r, generator=g) * 0.2
+    out.mkdir()
+    save_file(state, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 2 * r,
+                                                         "target_modules": list(short_names), "lora_dropout": 0.0}))
+    return out
+
+
 def test_smollm2_mixed_batch_equals_each_adapter_merged_alone(tmp_path):
+    """The real model with adapters loaded at run time. On its weights decoded to float, each row of a
+    mixed batch gives the greedy tokens of its adapter merged and run alone. On the file's kept Q4_1
+    blocks (whose integer kernel rounds differently from any float merge, so no merged twin exists),
+    each row gives what its adapter gives run alone, and the adapters change the text."""
+    from ember.checkpoint import save_pretrained
+    from ember.load import load_tokenizer
+
     gguf = smollm2_gguf()
-    dirs = {}
-    for i, targets in enumerate((["q_proj", "v_proj"], ["o_proj", "down_proj"], "all-linear")):
-        model = apply_lora(load_model(gguf, device="cpu", dtype=torch.float32),
-                           LoraConfig(r=4 + 2 * i, alpha=8, target_modules=targets))
-        g = torch.Generator().manual_seed(i)
-        for layer in lora_layers(model).values():
-            layer.lora_B.weight.data = torch.randn(layer.lora_B.weight.shape, generator=g) * 0.02
-        dirs[f"a{i}"] = save_adapter(model, tmp_path / f"a{i}")
-        del model
-    engine = dict(device="cpu", num_kv_blocks=64, block_size=16, max_model_len=256)
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
-    llm = LLM(gguf, lora_adapters=dirs, **engine)
-    prompt = "The three most useful kitchen tools are"
-    names = ["a0", "a1", "a2", None]
-    got = tokens(llm.generate([prompt] * 4, params, lora_name=names))
-    base_alone = tokens(llm.generate([prompt], params))[0]
-    assert got[3] == base_alone
-    for name, ids in zip(names[:3], got):
-        assert ids == tokens(LLM(gguf, adapter=dirs[name], **engine).generate([prompt], params))[0], name
-    assert len({tuple(t) for t in got}) > 1
+    engine = dict(device="cpu", num_kv_blocks=32, block_size=16, max_model_len=128)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = "My favourite kitchen tool is"
+    names = ["qv", "mlp", None]
+    kept = LLM(gguf, lora_adapters={}, max_loras=2, max_lora_rank=8, **engine)
+    dirs = {"qv": random_peft_adapter(tmp_path / "qv", kept.lora, ("q_proj", "v_proj"), 8, seed=1),
+            "mlp": random_peft_adapter(tmp_path / "mlp", kept.lora, ("o_proj", "gate_proj", "down_proj"), 4, seed=2)}
+    for name, path in dirs.items():
+        kept.load_lora(name, path)
+    mixed = tokens(kept.generate([prompt] * 3, params, lora_name=names))
+    for name, ids in zip(names, mixed):
+        assert ids == tokens(kept.generate([prompt], params, lora_name=name))[0], name
+        assert name is None or ids != mixed[2], name  # the adapter changes the text
+    del kept
+
+    decoded = tmp_path / "smollm2"  # the file's weights decoded to float, as a model directory
+    save_pretrained(load_model(gguf, device="cpu", dtype=torch.bfloat16, keep_blocks=False), load_tokenizer(gguf),
+                    decoded)
+    floats = dict(engine, dtype="float32")
+    mixed = tokens(LLM(decoded, lora_adapters=dirs, **floats).generate([prompt] * 3, params, lora_name=names))
+    for name, ids in zip(names[:2], mixed):
+        assert ids == tokens(LLM(decoded, adapter=dirs[name], **floats).generate([prompt], params))[0], name
