@@ -2,7 +2,8 @@
 
 The KV pool is `num_blocks` blocks of `block_size` token slots. A sequence owns a block
 table (its logical blocks -> physical block ids). A full block is named by a hash chained
-over every token up to its end, so two requests that share a prefix share its blocks
+over every token up to its end (seeded with the sequence's LoRA adapter, if any), so two
+requests that share a prefix, under the same adapter, share its blocks
 (reference counted). A block whose last user finishes keeps its contents and its hash in
 an LRU list: it is evicted only when no free block is left. Invariant, checked by
 `check()`: free + cached + used == total.

@@ -14,6 +14,11 @@ The KV pool (`ember.engine.pool_size`): by default `max_model_len` is the model'
 to fit half the available memory, not below 4096 tokens) and the pool holds `max_num_seqs`
 sequences of it, capped by `kv_cache_memory` (default 256 MiB on CPU, 90% of free GPU memory),
 never under one full-length sequence. `llm.pool_size.describe()` says what was chosen.
+
+LoRA adapters served unmerged (`ember.lora.batched`): `LLM(base, lora_adapters={"sql": "runs/sql/adapter"})`
+puts adapter slots on the base's layers; a request names its adapter (`generate(..., lora_name="sql")`)
+and requests of different adapters, and of none, share each forward. `load_lora` and `unload_lora`
+change the adapters while the engine runs (an adapter with unfinished requests is not unloaded).
 """
 
 from __future__ import annotations

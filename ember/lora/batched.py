@@ -9,17 +9,17 @@ scaling is folded into B (float32, as adapters train).
 
 Which adapter each token uses is set for one forward by the engine's model runner
 (`LoraSlots.active(token_slots)`), a context every wrapped layer reads; a token of the base has slot -1.
-For that forward each layer computes, over the slots the batch uses (K of them, each W columns wide):
+For that forward each layer computes, over the slots the batch uses (K of them, each R = max_rank wide):
 
-    h = x @ A_used^T            [tokens, K*W]   one product for every adapter at once
-    h *= mask                   a token keeps only its own slot's W columns
-    y = base(x) + h @ B_used^T  [tokens, out]
+    h = x @ A_used^T            [tokens, K*R]   one product for every adapter at once
+    h *= mask                   a token keeps only its own slot's R columns
+    y = base(x) + h @ B_used    [tokens, out]
 
 so each row gets exactly its own adapter's update B_s A_s x in two dense products per layer, whatever
 the mix (Punica's gather: the used slots' stacked weights are selected once, not one product per
-adapter). A layer that q, k and v (gate and up) share after `prepare_for_inference` fused them keeps
-one slot block for all its parts: A's rows part after part, B block-diagonal, each part's rows of B
-holding that part's update only.
+adapter). A layer that q, k and v (gate and up) share after `prepare_for_inference` fused them has
+its parts' A rows side by side in each slot (one product for all parts) and one B stack per part,
+whose update lands on that part's output columns.
 """
 
 from __future__ import annotations
@@ -61,17 +61,17 @@ class LoraBatch:
         self.used = used  # the slots some token uses, ascending
         self._derived: dict[tuple, tuple[Tensor, Tensor]] = {}
 
-    def columns_and_mask(self, slots: tuple[int, ...], width: int) -> tuple[Tensor, Tensor]:
-        """For the stacked columns of `slots` (each `width` wide): their indices [K*W] and the mask
-        [N, K*W] that keeps, on each token's row, only its own slot's columns."""
+    def rows_and_mask(self, slots: tuple[int, ...], width: int) -> tuple[Tensor, Tensor]:
+        """For the stacked rows of `slots` (each `width` wide): their indices [K*W] and the mask
+        [N, K*W] that keeps, on each token's row of a product with them, only its own slot's."""
         key = (slots, width)
         if key not in self._derived:
             device = self.token_slots.device
             chosen = torch.tensor(slots, device=device)
-            cols = (chosen[:, None] * width + torch.arange(width, device=device)).flatten()
-            owner = chosen.repeat_interleave(width)  # the slot of each selected column
+            rows = (chosen[:, None] * width + torch.arange(width, device=device)).flatten()
+            owner = chosen.repeat_interleave(width)  # the slot of each selected row
             mask = (self.token_slots[:, None] == owner[None, :]).to(torch.float32)
-            self._derived[key] = (cols, mask)
+            self._derived[key] = (rows, mask)
         return self._derived[key]
 
 
@@ -83,11 +83,15 @@ class BatchedLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.part_sizes = part_sizes
-        self.width = len(part_sizes) * slots.max_rank  # one slot's columns
+        self.rank = slots.max_rank
+        self.width = len(part_sizes) * self.rank  # one slot's rows of A: every part's, side by side
         device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
-        total = slots.max_loras * self.width
-        self.register_buffer("lora_a", torch.zeros(total, self.in_features, device=device), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(self.out_features, total, device=device), persistent=False)
+        self.register_buffer("lora_a", torch.zeros(slots.max_loras * self.width, self.in_features, device=device),
+                             persistent=False)
+        # B of each part, transposed and stacked by slot: [max_loras * rank, part size].
+        for p, size in enumerate(part_sizes):
+            self.register_buffer(f"lora_b{p}", torch.zeros(slots.max_loras * self.rank, size, device=device),
+                                 persistent=False)
         self.filled: set[int] = set()  # slots whose adapter adapts this layer
         self._slots = [slots]  # a list: the shared context, not a submodule
 
@@ -102,13 +106,23 @@ class BatchedLoraLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] != batch.token_slots.shape[0]:
             raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} tokens, the layer got {x2.shape[0]}.")
-        cols, mask = batch.columns_and_mask(slots, self.width)
-        if len(slots) == self._slots[0].max_loras:  # every slot: the stacks as they are
-            a, b = self.lora_a, self.lora_b
-        else:
-            a, b = self.lora_a.index_select(0, cols), self.lora_b.index_select(1, cols)
-        h = (x2.to(a.dtype) @ a.t()) * mask
-        return out + (h @ b.t()).view(out.shape).to(out.dtype)
+        every = len(slots) == self._slots[0].max_loras  # every slot: the stacks as they are
+        rows_a, mask = batch.rows_and_mask(slots, self.width)
+        a = self.lora_a if every else self.lora_a.index_select(0, rows_a)
+        h = (x2.to(a.dtype) @ a.t()) * mask  # [N, K * parts * R]
+        rows_b = None if every else batch.rows_and_mask(slots, self.rank)[0]
+        if len(self.part_sizes) == 1:
+            b = self.lora_b0 if every else self.lora_b0.index_select(0, rows_b)
+            return out + (h @ b).view(out.shape).to(out.dtype)
+        out2 = out.view(-1, self.out_features)
+        parts = h.view(h.shape[0], len(slots), len(self.part_sizes), self.rank)
+        first = 0
+        for p, size in enumerate(self.part_sizes):  # the fused layer's 2 or 3 parts, not the adapters
+            b = getattr(self, f"lora_b{p}")
+            b = b if every else b.index_select(0, rows_b)
+            out2[:, first:first + size] += (parts[:, :, p].reshape(h.shape[0], -1) @ b).to(out.dtype)
+            first += size
+        return out
 
     def extra_repr(self) -> str:
         return f"parts={self.part_sizes}, width={self.width}"
@@ -212,15 +226,14 @@ class LoraSlots:
         r = self.max_rank
         layers = {id(layer): layer for layer, _ in self.targets.values()}.values()
         for layer in layers:
-            cols = slice(slot * layer.width, (slot + 1) * layer.width)
-            layer.lora_a[cols] = 0
-            layer.lora_b[:, cols] = 0
+            layer.lora_a[slot * layer.width:(slot + 1) * layer.width] = 0
+            for p in range(len(layer.part_sizes)):
+                getattr(layer, f"lora_b{p}")[slot * r:(slot + 1) * r] = 0
             layer.filled.discard(slot)
         for layer, part, a, b in updates:
             first = slot * layer.width + part * r
-            rows = sum(layer.part_sizes[:part])
             layer.lora_a[first:first + a.shape[0]] = a.to(layer.lora_a.device)
-            layer.lora_b[rows:rows + b.shape[0], first:first + a.shape[0]] = b.to(layer.lora_b.device)
+            getattr(layer, f"lora_b{part}")[slot * r:slot * r + a.shape[0]] = b.t().to(layer.lora_a.device)
             layer.filled.add(slot)
 
     # --- the batch -----------------------------------------------------------------------------

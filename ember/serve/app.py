@@ -119,6 +119,8 @@ async def start(server: ServerState, prompts: list[list[int]], params: list[Samp
         raise APIError(429, str(e), type="server_busy_error", code="server_busy") from None
     try:
         await stream.accepted()
+    except UnknownAdapter as e:  # unloaded between the model check and the engine taking the request
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
     except EmberError as e:  # e.g. token ids out of range, or a request bigger than the KV pool
         raise APIError(400, str(e), param="prompt") from None
     return stream
