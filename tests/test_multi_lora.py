@@ -37,7 +37,7 @@ def base_dir(tmp_path_factory):
     config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=512, initializer_range=0.2,
-                                      eos_token_id=tok.eos_id, tie_word_embeddings=False)
+                                      eos_token_id=tok.eos_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("multi_lora") / "base"
     transformers.LlamaForCausalLM(config).save_pretrained(path)
@@ -58,7 +58,8 @@ def peft_adapter(base_dir, out, r, alpha, targets, seed):
 
 @pytest.fixture(scope="module")
 def adapters(base_dir, tmp_path_factory):
-    """Three adapters of different ranks and targets: two by `peft`, one by Ember's SFT recipe."""
+    """Three adapters of different ranks and targets: two by `peft`, one by Ember's SFT recipe (which
+    also trains the chat template's token rows, read by the tied head too)."""
     from ember.train.loop import TrainConfig
     from ember.train.sft import sft
 
@@ -69,8 +70,9 @@ def adapters(base_dir, tmp_path_factory):
     cfg = TrainConfig(max_steps=6, batch_size=4, block_size=64, lr=5e-2, warmup_steps=1, save_every=0,
                       log_every=1, eval_every=0, weight_decay=0.0, schedule="constant")
     sft(base_dir, data, root / "sft", method="lora", lora=LoraConfig(r=6, alpha=12, target_modules="all-linear"),
-        train_config=cfg, pack=True, progress=False, log=lambda s: None, train_template_tokens=False)
+        train_config=cfg, pack=True, progress=False, log=lambda s: None)
     out["sft"] = root / "sft" / "adapter"
+    assert json.loads((out["sft"] / "adapter_config.json").read_text())["trainable_token_indices"]
     return out
 
 
@@ -125,6 +127,24 @@ def test_each_rows_update_equals_its_merged_weights_output(base_dir, adapters):
     torch.testing.assert_close(y, expected, atol=2e-5, rtol=1e-5)
     with torch.no_grad():  # outside a batch the layer is its base exactly
         assert torch.equal(layer(x), layer.base_layer(x))
+
+    # Token rows (the SFT adapter's template tokens 2 and 3): the table and the tied head read the
+    # adapter's rows on its slot's rows, the base's elsewhere.
+    sft = slots.get("sft").slot
+    base = load_model(base_dir, device="cpu", dtype=torch.float32)
+    merged = load_model(base_dir, device="cpu", dtype=torch.float32, adapter=adapters["sft"])
+    ids, owners = torch.tensor([[2, 3, 7, 3]]), [sft, sft, sft, -1]
+    h = torch.randn(4, base.config.hidden_size, generator=g)
+    with torch.no_grad():
+        with slots.active(owners, ids.device):
+            emb = llm.model.model.embed_tokens(ids)[0]
+        with slots.active(owners, h.device):
+            logits = llm.model.lm_head(h)
+        want_emb = torch.cat([merged.model.embed_tokens(ids)[0, :3], base.model.embed_tokens(ids)[0, 3:]])
+        want_logits = torch.cat([merged.lm_head(h[:3]), base.lm_head(h[3:])])
+    assert not torch.equal(merged.model.embed_tokens.weight[3], base.model.embed_tokens.weight[3])
+    assert torch.equal(emb, want_emb)  # rows copied, not computed
+    torch.testing.assert_close(logits, want_logits, atol=2e-5, rtol=1e-5)  # 64-term float32 dot products
 
 
 def test_the_update_rides_on_int8_and_int4_base_layers_unchanged(base_dir, adapters):
@@ -190,12 +210,6 @@ def test_loading_unloading_and_bad_adapters(base_dir, adapters, tmp_path):
         llm.load_lora("qv", adapters["qv"])
     with pytest.raises(UnknownAdapter, match="No LoRA adapter named 'nope'"):
         llm.generate([PROMPTS[0]], GREEDY, lora_name="nope")
-    # Token-table rows (Ember's fine-tuning trains the chat template's by default) are not batched.
-    model = apply_lora(load_model(base_dir, device="cpu", dtype=torch.float32),
-                       LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[3]))
-    save_adapter(model, tmp_path / "rows")
-    with pytest.raises(EmberError, match="trains token-table rows"):
-        llm.load_lora("rows", tmp_path / "rows")
     # An adapter of another shape of base.
     other = tmp_path / "other"
     shutil.copytree(adapters["qv"], other)

@@ -48,14 +48,21 @@ class ModelRunner:
                 sample_rows.extend(range(row - 1 - k, row))
                 sample_seqs.append(seq)
                 counts.append(k + 1)
-        with (self.lora.active(token_slots, self.pool.kv[0].device) if self.lora is not None
-              else contextlib.nullcontext()):
+        with self._adapters(token_slots):
             hidden = hidden_states(self.model, self.pool, items)
-        logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
+        with self._adapters([token_slots[r] for r in sample_rows] if token_slots else []):
+            logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
         for seq, n in scheduled:
             if seq.seq_id in prompt_rows:
-                self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
+                row, start = prompt_rows[seq.seq_id]
+                with self._adapters(token_slots[row:row + min(n, seq.num_prompt_tokens - start)]):
+                    self._prompt_logprobs(seq, hidden, row, start, n)
         return sample_seqs, logits, counts
+
+    def _adapters(self, token_slots: list[int]) -> contextlib.AbstractContextManager:
+        """With adapter slots: the rows of the next forward (or head) take these slots' adapters."""
+        return self.lora.active(token_slots, self.pool.kv[0].device) if self.lora is not None \
+            else contextlib.nullcontext()
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor, row: int, start: int, n: int) -> None:
         """Log-probabilities of each prompt token given the ones before it (None for the first)."""

@@ -20,6 +20,11 @@ the mix (Punica's gather: the used slots' stacked weights are selected once, not
 adapter). A layer that q, k and v (gate and up) share after `prepare_for_inference` fused them has
 its parts' A rows side by side in each slot (one product for all parts) and one B stack per part,
 whose update lands on that part's output columns.
+
+An adapter's trainable token rows (PEFT's `trainable_token_indices`, which Ember's fine-tuning
+trains for the chat template's tokens) ride the same context: the token table's wrapper gives a
+token of such a slot its adapter's row, and with tied embeddings the head's wrapper gives the rows
+it scores (the model runner sets their slots too) those tokens' logits from the same rows.
 """
 
 from __future__ import annotations
@@ -128,6 +133,91 @@ class BatchedLoraLinear(nn.Module):
         return f"parts={self.part_sizes}, width={self.width}"
 
 
+class BatchedTokenRows(nn.Module):
+    """The token table plus every slot's trainable token rows: a token whose slot's adapter lists
+    it reads that adapter's row instead of the table's."""
+
+    def __init__(self, base_layer: nn.Module, vocab_size: int, hidden_size: int, slots: "LoraSlots") -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
+        # lookup[slot, token]: the token's row in `rows`, -1 where the slot's adapter keeps the table's
+        self.register_buffer("lookup", torch.full((slots.max_loras, vocab_size), -1, dtype=torch.long,
+                                                  device=device), persistent=False)
+        self.register_buffer("rows", torch.zeros(0, hidden_size, device=device), persistent=False)
+        self.register_buffer("row_slot", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("row_token", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
+        self.by_slot: dict[int, tuple[Tensor, Tensor]] = {}  # slot -> (token ids [n], rows [n, hidden])
+        self._slots = [slots]
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def set_rows(self, slot: int, rows: tuple[Tensor, Tensor] | None) -> None:
+        """Give `slot` these (token ids, rows), or none, and rebuild the stacked rows."""
+        self.by_slot.pop(slot, None)
+        if rows is not None:
+            self.by_slot[slot] = rows
+        self.lookup.fill_(-1)
+        ids, new, owner = [], [], []
+        for s, (tokens, values) in sorted(self.by_slot.items()):
+            start = sum(len(t) for t in ids)
+            self.lookup[s, tokens.to(self.lookup.device)] = torch.arange(start, start + len(tokens),
+                                                                          device=self.lookup.device)
+            ids.append(tokens)
+            new.append(values)
+            owner.append(torch.full((len(tokens),), s, dtype=torch.long))
+        device = self.lookup.device
+        self.rows = torch.cat(new).float().to(device) if new else self.rows[:0]
+        self.row_token = torch.cat(ids).to(device) if ids else self.row_token[:0]
+        self.row_slot = torch.cat(owner).to(device) if owner else self.row_slot[:0]
+
+    def forward(self, ids: Tensor) -> Tensor:
+        out = self.base_layer(ids)
+        batch = self._slots[0].batch
+        if batch is None or not any(s in self.by_slot for s in batch.used):
+            return out
+        flat = ids.reshape(-1)
+        if flat.shape[0] != batch.token_slots.shape[0]:
+            raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} tokens, the table got {flat.shape[0]}.")
+        slot = batch.token_slots
+        row = torch.where(slot >= 0, self.lookup[slot.clamp(min=0), flat], -1)
+        hit = (row >= 0)[:, None]
+        out2 = out.reshape(flat.shape[0], -1)
+        return torch.where(hit, self.rows[row.clamp(min=0)].to(out.dtype), out2).view(out.shape)
+
+
+class BatchedTiedHead(nn.Module):
+    """The LM head of a tied model over `BatchedTokenRows`: on a row of a slot whose adapter has
+    token rows, those tokens' logits come from the adapter's rows, as its inputs do."""
+
+    def __init__(self, base_layer: nn.Module, table: BatchedTokenRows) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._table = [table]  # a list: the rows are stored once, in the table's wrapper
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.base_layer(h)
+        table = self._table[0]
+        batch = table._slots[0].batch
+        if batch is None or not any(s in table.by_slot for s in batch.used):
+            return out
+        h2 = h.reshape(-1, h.shape[-1])
+        if h2.shape[0] != batch.token_slots.shape[0]:
+            raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} rows, the head got {h2.shape[0]}.")
+        mine = batch.token_slots[:, None] == table.row_slot[None, :]  # [rows, token rows]: a row's own slot's
+        i, j = mine.nonzero(as_tuple=True)
+        scores = h2.to(table.rows.dtype) @ table.rows.t()
+        out2 = out.view(h2.shape[0], -1)
+        out2[i, table.row_token[j]] = scores[i, j].to(out.dtype)
+        return out
+
+
 @dataclass(frozen=True)
 class LoadedAdapter:
     name: str
@@ -150,6 +240,7 @@ class LoraSlots:
             raise EmberError(f"max_lora_rank must be at least 1, got {max_rank}.")
         self.max_loras, self.max_rank = max_loras, max_rank
         self.targets: dict[str, tuple[BatchedLoraLinear, int]] = {}  # q_proj path -> (layer, part)
+        self.token_rows: BatchedTokenRows | None = None
         self.adapters: dict[str, LoadedAdapter] = {}
         self.batch: LoraBatch | None = None
         self.lock = threading.RLock()
@@ -176,9 +267,15 @@ class LoraSlots:
             raise EmberError(f"An adapter named '{name}' is already loaded ({self.adapters[name].path}).")
         path = Path(path)
         cfg, state = read_adapter(path)
+        rows = None
         if TOKEN_KEY in state:
-            raise EmberError(f"The adapter in {path} trains token-table rows; served unmerged, only LoRA A/B "
-                             "matrices are batched. Merge it into the model instead (--adapter).")
+            rows = (torch.tensor(cfg.trainable_token_indices, dtype=torch.long), state.pop(TOKEN_KEY).float())
+            table = self.token_rows
+            vocab, hidden = table.lookup.shape[1], table.rows.shape[1]
+            if rows[0].max() >= vocab or rows[1].shape[1] != hidden:
+                raise EmberError(f"The adapter in {path} was made for a different base model: its token rows are "
+                                 f"{rows[1].shape[1]} wide for tokens up to {int(rows[0].max())}, this base has "
+                                 f"{hidden} for {vocab} tokens.")
         if cfg.r > self.max_rank:
             raise EmberError(f"The adapter in {path} has rank {cfg.r}, above max_lora_rank {self.max_rank}; "
                              "start with a larger --max-lora-rank.")
@@ -191,6 +288,7 @@ class LoraSlots:
                                  "a larger --max-loras.")
             slot = free[0]
             self._write(slot, updates)
+            self.token_rows.set_rows(slot, rows)
             loaded = LoadedAdapter(name, path, next(self._ids), slot, cfg.r)
             self.adapters[name] = loaded
         return loaded
@@ -199,6 +297,7 @@ class LoraSlots:
         with self.lock:
             slot = self.get(name).slot
             self._write(slot, [])
+            self.token_rows.set_rows(slot, None)
             del self.adapters[name]
 
     def _updates(self, path: Path, modules: list[str], state: dict[str, Tensor],
@@ -271,5 +370,10 @@ def attach_lora_slots(model: nn.Module, max_loras: int, max_rank: int) -> LoraSl
                 slots.targets[path] = (layer, 0)
     if not slots.targets:
         raise EmberError("This model has no attention or MLP linear layers to put adapter slots on.")
+    cfg = model.config
+    slots.token_rows = BatchedTokenRows(model.model.embed_tokens, cfg.vocab_size, cfg.hidden_size, slots)
+    model.model.embed_tokens = slots.token_rows
+    if cfg.tie_word_embeddings:
+        model.lm_head = BatchedTiedHead(model.lm_head, slots.token_rows)
     model.lora_slots = slots
     return slots
