@@ -37,9 +37,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ember.cpu_inference import FusedProjection
+from ember import gemv
+from ember.cpu_inference import CPULinear, FusedProjection, onednn_packing_available
 from ember.errors import EmberError
 from ember.lora.layers import is_linear
 from ember.lora.peft_format import TOKEN_KEY, read_adapter
@@ -91,12 +93,11 @@ class BatchedLoraLinear(nn.Module):
         self.rank = slots.max_rank
         self.width = len(part_sizes) * self.rank  # one slot's rows of A: every part's, side by side
         device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
-        self.register_buffer("lora_a", torch.zeros(slots.max_loras * self.width, self.in_features, device=device),
-                             persistent=False)
-        # B of each part, transposed and stacked by slot: [max_loras * rank, part size].
-        for p, size in enumerate(part_sizes):
-            self.register_buffer(f"lora_b{p}", torch.zeros(slots.max_loras * self.rank, size, device=device),
-                                 persistent=False)
+        # Every slot's A stacked by rows, and each part's B with every slot's columns side by side,
+        # as linear layers: when a batch uses every slot they run whole, through the CPU inference
+        # layer where there is one (a product of a few rows in Ember's GEMV kernel).
+        self.lora_A = _stack_layer(self.in_features, slots.max_loras * self.width, device)
+        self.lora_B = nn.ModuleList([_stack_layer(slots.max_loras * self.rank, size, device) for size in part_sizes])
         self.filled: set[int] = set()  # slots whose adapter adapts this layer
         self._slots = [slots]  # a list: the shared context, not a submodule
 
@@ -113,24 +114,33 @@ class BatchedLoraLinear(nn.Module):
             raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} tokens, the layer got {x2.shape[0]}.")
         every = len(slots) == self._slots[0].max_loras  # every slot: the stacks as they are
         rows_a, mask = batch.rows_and_mask(slots, self.width)
-        a = self.lora_a if every else self.lora_a.index_select(0, rows_a)
-        h = (x2.to(a.dtype) @ a.t()) * mask  # [N, K * parts * R]
         rows_b = None if every else batch.rows_and_mask(slots, self.rank)[0]
+        x2 = x2.to(self.lora_A.weight.dtype)
+        h = (self.lora_A(x2) if every else F.linear(x2, self.lora_A.weight.index_select(0, rows_a))) * mask
         if len(self.part_sizes) == 1:
-            b = self.lora_b0 if every else self.lora_b0.index_select(0, rows_b)
-            return out + (h @ b).view(out.shape).to(out.dtype)
+            b = self.lora_B[0]
+            y = b(h) if every else F.linear(h, b.weight.index_select(1, rows_b))
+            return out + y.view(out.shape).to(out.dtype)
+        out = out.contiguous()  # each part's update is added in place, on its own columns
         out2 = out.view(-1, self.out_features)
         parts = h.view(h.shape[0], len(slots), len(self.part_sizes), self.rank)
         first = 0
         for p, size in enumerate(self.part_sizes):  # the fused layer's 2 or 3 parts, not the adapters
-            b = getattr(self, f"lora_b{p}")
-            b = b if every else b.index_select(0, rows_b)
-            out2[:, first:first + size] += (parts[:, :, p].reshape(h.shape[0], -1) @ b).to(out.dtype)
+            hp, b = parts[:, :, p].reshape(h.shape[0], -1), self.lora_B[p]
+            out2[:, first:first + size] += (b(hp) if every else F.linear(hp, b.weight.index_select(1, rows_b))).to(out.dtype)
             first += size
         return out
 
     def extra_repr(self) -> str:
         return f"parts={self.part_sizes}, width={self.width}"
+
+
+def _stack_layer(in_features: int, out_features: int, device: torch.device) -> nn.Module:
+    """A frozen float32 linear layer of zeros: the CPU inference layer on a CPU that has one."""
+    layer = nn.Linear(in_features, out_features, bias=False, device=device).requires_grad_(False)
+    nn.init.zeros_(layer.weight)
+    on_cpu = layer.weight.device.type == "cpu"
+    return CPULinear.of(layer) if on_cpu and (gemv.available() or onednn_packing_available()) else layer
 
 
 class BatchedTokenRows(nn.Module):
@@ -325,14 +335,15 @@ class LoraSlots:
         r = self.max_rank
         layers = {id(layer): layer for layer, _ in self.targets.values()}.values()
         for layer in layers:
-            layer.lora_a[slot * layer.width:(slot + 1) * layer.width] = 0
-            for p in range(len(layer.part_sizes)):
-                getattr(layer, f"lora_b{p}")[slot * r:(slot + 1) * r] = 0
+            layer.lora_A.weight[slot * layer.width:(slot + 1) * layer.width] = 0
+            for b in layer.lora_B:
+                b.weight[:, slot * r:(slot + 1) * r] = 0
             layer.filled.discard(slot)
         for layer, part, a, b in updates:
             first = slot * layer.width + part * r
-            layer.lora_a[first:first + a.shape[0]] = a.to(layer.lora_a.device)
-            getattr(layer, f"lora_b{part}")[slot * r:slot * r + a.shape[0]] = b.t().to(layer.lora_a.device)
+            device = layer.lora_A.weight.device
+            layer.lora_A.weight[first:first + a.shape[0]] = a.to(device)
+            layer.lora_B[part].weight[:, slot * r:slot * r + a.shape[0]] = b.to(device)
             layer.filled.add(slot)
 
     # --- the batch -----------------------------------------------------------------------------
