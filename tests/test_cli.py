@@ -285,13 +285,14 @@ def test_engine_flags_cover_the_engine_config(command):
                                    "--num-kv-blocks", "40", "--kv-cache-memory", "2GB", "--max-num-batched-tokens",
                                    "96", "--max-num-seqs", "3", "--max-model-len", "30", "--speculative", "ngram",
                                    "--num-speculative-tokens", "2", "--prompt-lookup-max", "4", "--prompt-lookup-min",
-                                   "2", "--compile-draft"])
+                                   "2", "--compile-draft", "--max-loras", "2", "--max-lora-rank", "32"])
     got = engine_args(a)
     assert set(got) == names
     assert got == {"enable_prefix_caching": False, "enable_chunked_prefill": False, "block_size": 8,
                    "num_kv_blocks": 40, "kv_cache_memory": "2GB", "max_num_batched_tokens": 96, "max_num_seqs": 3,
                    "max_model_len": 30, "speculative": "ngram", "num_speculative_tokens": 2,
-                   "prompt_lookup_max": 4, "prompt_lookup_min": 2, "compile_draft": True}
+                   "prompt_lookup_max": 4, "prompt_lookup_min": 2, "compile_draft": True, "max_loras": 2,
+                   "max_lora_rank": 32}
     EngineConfig(**got)
     untouched = engine_args(build_parser().parse_args(command))
     assert untouched == {k: getattr(EngineConfig(), k) for k in names}

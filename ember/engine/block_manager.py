@@ -2,7 +2,8 @@
 
 The KV pool is `num_blocks` blocks of `block_size` token slots. A sequence owns a block
 table (its logical blocks -> physical block ids). A full block is named by a hash chained
-over every token up to its end, so two requests that share a prefix share its blocks
+over every token up to its end (seeded with the sequence's LoRA adapter, if any), so two
+requests that share a prefix, under the same adapter, share its blocks
 (reference counted). A block whose last user finishes keeps its contents and its hash in
 an LRU list: it is evicted only when no free block is left. Invariant, checked by
 `check()`: free + cached + used == total.
@@ -17,6 +18,12 @@ from ember.engine.sequence import Sequence
 
 def chain_hash(prev: int | None, tokens: tuple[int, ...]) -> int:
     return hash((prev, tokens))
+
+
+def chain_seed(seq: Sequence) -> int | None:
+    """What a sequence's first block hash chains from: its LoRA adapter, so that blocks computed
+    under different adapters (or none) never share a hash, nor their KV."""
+    return hash(("lora", seq.lora_id)) if seq.lora_id else None
 
 
 class BlockManager:
@@ -83,7 +90,7 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.block_table or seq.params.prompt_logprobs is not None:
             return 0
-        bs, prev = self.block_size, None
+        bs, prev = self.block_size, chain_seed(seq)
         eligible = (seq.num_tokens - 1) // bs
         self.prefix_queries += eligible
         for i in range(eligible):
@@ -114,7 +121,7 @@ class BlockManager:
         full = seq.num_computed_tokens // bs
         for i in range(len(seq.block_hashes), full):
             tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else None, tokens)
+            h = chain_hash(seq.block_hashes[-1] if seq.block_hashes else chain_seed(seq), tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.hash_to_block and self.block_hash[block] is None:

@@ -14,12 +14,18 @@ The KV pool (`ember.engine.pool_size`): by default `max_model_len` is the model'
 to fit half the available memory, not below 4096 tokens) and the pool holds `max_num_seqs`
 sequences of it, capped by `kv_cache_memory` (default 256 MiB on CPU, 90% of free GPU memory),
 never under one full-length sequence. `llm.pool_size.describe()` says what was chosen.
+
+LoRA adapters served unmerged (`ember.lora.batched`): `LLM(base, lora_adapters={"sql": "runs/sql/adapter"})`
+puts adapter slots on the base's layers; a request names its adapter (`generate(..., lora_name="sql")`)
+and requests of different adapters, and of none, share each forward. `load_lora` and `unload_lora`
+change the adapters while the engine runs (an adapter with unfinished requests is not unloaded).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,8 @@ from ember.engine.speculative import DraftProposer, NgramProposer, can_speculate
 from ember.errors import EmberError
 from ember.gguf import forget_parsed_files
 from ember.load import is_gguf, load_model, load_tokenizer
+from ember.lora.batched import AdapterInUse, LoadedAdapter, LoraSlots, attach_lora_slots
+from ember.lora.peft_format import read_adapter
 from ember.model import CausalLM
 from ember.request import check_prompt_ids, stop_token_ids
 from ember.sampling import PenaltyTracker, SamplingParams, seeded_generator
@@ -67,6 +75,10 @@ class EngineConfig:
     # A draft model's guesses for a sequence running alone come from a compiled one-token step
     # on a static cache (see DraftProposer): the first use compiles for about half a minute.
     compile_draft: bool = False
+    # LoRA adapters served unmerged (LLM(lora_adapters=...)): slots for this many at once, each of
+    # rank up to max_lora_rank (both raised to fit the adapters given at start).
+    max_loras: int = 4
+    max_lora_rank: int = 16
 
 
 def parse_bytes(value: int | str | None) -> int | None:
@@ -86,7 +98,8 @@ def parse_bytes(value: int | str | None) -> int | None:
 class LLM:
     def __init__(self, model: str | Path | CausalLM, tokenizer: Any = None, device: str | None = None,
                  dtype: str | torch.dtype | None = None, quantization: str | None = None,
-                 adapter: str | Path | None = None, **engine_args: Any) -> None:
+                 adapter: str | Path | None = None, lora_adapters: dict[str, str | Path] | None = None,
+                 **engine_args: Any) -> None:
         known = EngineConfig.__dataclass_fields__
         unknown = set(engine_args) - set(known)
         if unknown:
@@ -108,6 +121,7 @@ class LLM:
             self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model) if has_tokenizer else None
             if is_gguf(model):
                 forget_parsed_files()  # the weights are copied out and the tokenizer built: free the file's pages
+        self.lora = self._attach_lora(model, lora_adapters, cfg)
         mcfg = self.model.config
         self.device, dtype = self.model.device, self.model.dtype
         context = mcfg.max_position_embeddings
@@ -128,6 +142,54 @@ class LLM:
                                self._make_proposer(cfg), cfg.num_speculative_tokens)
         self.output_processor = OutputProcessor(self.tokenizer, self.core.stop_at)
         self._counter = itertools.count()
+
+    # --- LoRA adapters served unmerged (ember.lora.batched) -------------------------------------------
+    def _attach_lora(self, model: Any, lora_adapters: dict[str, str | Path] | None,
+                     cfg: EngineConfig) -> LoraSlots | None:
+        """Adapter slots on the model and the adapters given at start in them; None: no slots (the
+        model's layers stay as they are). An empty dict makes slots for adapters loaded later."""
+        self._lora_lock = threading.RLock()
+        if lora_adapters is None:
+            return None
+        if isinstance(model, CausalLM):
+            raise EmberError("lora_adapters= applies when LLM loads a model directory or GGUF file; a model "
+                             "object is used as it is.")
+        ranks = [read_adapter(path)[0].r for path in lora_adapters.values()]
+        slots = attach_lora_slots(self.model, max(cfg.max_loras, len(lora_adapters)),
+                                  max([cfg.max_lora_rank, *ranks]))
+        for name, path in lora_adapters.items():
+            slots.load(name, path)
+        self._lora_lock = slots.lock
+        return slots
+
+    @property
+    def lora_adapters(self) -> dict[str, LoadedAdapter]:
+        """The adapters loaded now, by name."""
+        return dict(self.lora.adapters) if self.lora is not None else {}
+
+    def load_lora(self, name: str, path: str | Path) -> LoadedAdapter:
+        """Load the PEFT-format adapter in `path` into a free slot; requests then pick it by `name`.
+        Safe from another thread than the one stepping the engine."""
+        if self.lora is None:
+            raise EmberError("This engine has no adapter slots; create it with lora_adapters= (e.g. {}).")
+        return self.lora.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Free an adapter's slot; refused (AdapterInUse) while a request of it is unfinished.
+        Safe from another thread than the one stepping the engine."""
+        if self.lora is None:
+            raise EmberError("This engine has no adapter slots.")
+        with self._lora_lock:
+            adapter_id = self.lora.get(name).id
+            users = [s for s in self._live_sequences() if s.lora_id == adapter_id]
+            if users:
+                raise AdapterInUse(f"The adapter '{name}' has {len({s.request_id for s in users})} unfinished "
+                                   "request(s); unload it when they finish.")
+            self.lora.unload(name)
+
+    def _live_sequences(self) -> list[Sequence]:
+        siblings = [s for _, rest in self.core._forks.values() for s in rest]
+        return [*self.scheduler.running, *self.scheduler.waiting, *siblings]
 
     def _make_proposer(self, cfg: EngineConfig) -> Proposer | None:
         spec = cfg.speculative
@@ -182,9 +244,21 @@ class LLM:
 
     # --- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None,
+                    lora_name: str | None = None) -> str:
         """Queue a prompt (text or token ids); returns its request id. `arrival_time`
-        (perf_counter()) is when it reached the caller, for its time-to-first-token."""
+        (perf_counter()) is when it reached the caller, for its time-to-first-token. `lora_name`:
+        a loaded adapter to run it with (None: the base)."""
+        with self._lora_lock:  # an adapter is not unloaded between the name's check and the queueing
+            return self._add_request(prompt, params, request_id, arrival_time, lora_name)
+
+    def _add_request(self, prompt: str | list[int], params: SamplingParams | None, request_id: str | None,
+                     arrival_time: float | None, lora_name: str | None) -> str:
+        lora_id = 0
+        if lora_name is not None:
+            if self.lora is None:
+                raise EmberError(f"lora_name={lora_name!r} needs an engine with adapter slots (lora_adapters=).")
+            lora_id = self.lora.get(lora_name).id
         params = params or SamplingParams()
         request_id = request_id or str(next(self._counter))
         if isinstance(prompt, str):
@@ -208,7 +282,7 @@ class LLM:
         seqs = [Sequence(list(ids), params, request_id=request_id, index=i, stop_ids=stop_ids,
                          generator=seeded_generator(params.seed + i, self.device) if params.seed is not None else None,
                          penalties=PenaltyTracker(params, ids, vocab, self.device) if params.has_penalties else None,
-                         spec=SpecState() if speculate else None)
+                         spec=SpecState() if speculate else None, lora_id=lora_id)
                 for i in range(params.n)]
         fork = len(seqs) > 1 and self.config.enable_prefix_caching and params.prompt_logprobs is None
         self.output_processor.add(request_id, text, seqs, arrival_time or time.perf_counter())
@@ -226,15 +300,17 @@ class LLM:
     def step(self) -> list[RequestOutput]:
         """One forward pass; returns an output for every request that made progress in it (in
         its `output_kind`). An output's `finished` says whether the request is done."""
-        updates = self.core.step()
+        with self._lora_lock:  # adapters are not loaded or unloaded in the middle of a forward
+            updates = self.core.step()
         return self.output_processor.process(updates, time.perf_counter())
 
     # --- offline API -------------------------------------------------------------------------
     def generate(self, prompts: str | list[int] | Seq[str | list[int]],
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_name: str | None | Seq[str | None] = None) -> list[RequestOutput]:
         """Run every prompt to completion; outputs come back in prompt order (each request's
-        final output: generate asks for nothing in between, whatever `output_kind` says)."""
+        final output: generate asks for nothing in between, whatever `output_kind` says).
+        `lora_name`: the adapter of every prompt, or a list with one per prompt (None: the base)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -242,7 +318,11 @@ class LLM:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise EmberError(f"Got {len(params)} sampling params for {len(prompts)} prompts.")
-        ids = [self.add_request(p, dataclasses.replace(sp, output_kind="final")) for p, sp in zip(prompts, params)]
+        loras = list(lora_name) if isinstance(lora_name, (list, tuple)) else [lora_name] * len(prompts)
+        if len(loras) != len(prompts):
+            raise EmberError(f"Got {len(loras)} adapter names for {len(prompts)} prompts.")
+        ids = [self.add_request(p, dataclasses.replace(sp, output_kind="final"), lora_name=lo)
+               for p, sp, lo in zip(prompts, params, loras)]
         done: dict[str, RequestOutput] = {}
         bar = tqdm(total=len(ids), disable=not use_tqdm, unit="req")
         t0 = time.perf_counter()

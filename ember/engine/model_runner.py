@@ -4,10 +4,13 @@ The flat batch: every scheduled token of every sequence in one row `[1, N]`, wit
 position and its KV slot. Only sequences whose tokens are now all computed get logits
 (the last row of each, or the last 1 + k rows when k guessed tokens are verified), so a
 prefill chunk that is not the last costs no LM-head work. Sampling is the engine core's
-(one `ember.sampling.sample` call per step).
+(one `ember.sampling.sample` call per step). With adapter slots (`ember.lora.batched`), the
+forward runs with each token's adapter slot set, so rows of different adapters share it.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import Tensor
@@ -20,6 +23,7 @@ from ember.model import CausalLM
 class ModelRunner:
     def __init__(self, model: CausalLM, pool: KVPool) -> None:
         self.model, self.pool = model, pool
+        self.lora = getattr(model, "lora_slots", None)  # set by LLM(lora_adapters=...)
 
     @torch.inference_mode()
     def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], Tensor | None, list[int]]:
@@ -27,12 +31,15 @@ class ModelRunner:
         (one row per position to sample: 1, or 1 + k with k guessed tokens) and the row counts."""
         items, sample_rows, sample_seqs, counts = [], [], [], []
         prompt_rows: dict[int, tuple[int, int]] = {}
+        token_slots: list[int] = []  # each token's adapter slot (-1: the base), with adapter slots
         row = 0
         for seq, n in scheduled:
             start = seq.num_computed_tokens
             guesses = seq.draft_ids
             tokens = seq.token_ids + guesses if guesses else seq.token_ids
             items.append((tokens[start:start + n], start, seq.block_table))
+            if self.lora is not None:
+                token_slots += [self.lora.slot_of(seq.lora_id) if seq.lora_id else -1] * n
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 prompt_rows[seq.seq_id] = (row, start)
             row += n
@@ -41,12 +48,21 @@ class ModelRunner:
                 sample_rows.extend(range(row - 1 - k, row))
                 sample_seqs.append(seq)
                 counts.append(k + 1)
-        hidden = hidden_states(self.model, self.pool, items)
-        logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
+        with self._adapters(token_slots):
+            hidden = hidden_states(self.model, self.pool, items)
+        with self._adapters([token_slots[r] for r in sample_rows] if token_slots else []):
+            logits = self.model.lm_head(hidden[sample_rows]).float() if sample_rows else None
         for seq, n in scheduled:
             if seq.seq_id in prompt_rows:
-                self._prompt_logprobs(seq, hidden, *prompt_rows[seq.seq_id], n)
+                row, start = prompt_rows[seq.seq_id]
+                with self._adapters(token_slots[row:row + min(n, seq.num_prompt_tokens - start)]):
+                    self._prompt_logprobs(seq, hidden, row, start, n)
         return sample_seqs, logits, counts
+
+    def _adapters(self, token_slots: list[int]) -> contextlib.AbstractContextManager:
+        """With adapter slots: the rows of the next forward (or head) take these slots' adapters."""
+        return self.lora.active(token_slots, self.pool.kv[0].device) if self.lora is not None \
+            else contextlib.nullcontext()
 
     def _prompt_logprobs(self, seq: Sequence, hidden: Tensor, row: int, start: int, n: int) -> None:
         """Log-probabilities of each prompt token given the ones before it (None for the first)."""

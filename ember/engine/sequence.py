@@ -73,6 +73,7 @@ class Sequence:
     penalties: PenaltyTracker | None = None  # set by the engine when the request has penalties
     spec: SpecState | None = None  # set when this sequence speculates
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
+    lora_id: int = 0  # the LoRA adapter it runs with (`LoadedAdapter.id`); 0: the base alone
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_ids)

@@ -10,6 +10,7 @@ The package, one concept a module:
 - `merge`: one fold that merges, unmerges and disables every adapter and token row.
 - `peft_format`: adapter_config.json + adapter_model.safetensors, as `peft` writes and reads them.
 - `qlora`: the frozen base in NF4 (QLoRA, Dettmers et al., 2023) and back.
+- `batched`: many adapters served unmerged over one base, mixed in one batch (S-LoRA / Punica).
 
 Names resolve on first use, so the command line can read LoraConfig without importing torch.
 """
@@ -32,6 +33,9 @@ _EXPORTS = {
     "load_adapter": "ember.lora.peft_format",
     "NF4Embedding": "ember.lora.qlora", "TiedNF4Head": "ember.lora.qlora", "quantize_base": "ember.lora.qlora",
     "dequantize_base": "ember.lora.qlora", "base_weight_bytes": "ember.lora.qlora",
+    "BatchedLoraLinear": "ember.lora.batched", "LoraSlots": "ember.lora.batched",
+    "attach_lora_slots": "ember.lora.batched", "UnknownAdapter": "ember.lora.batched",
+    "AdapterInUse": "ember.lora.batched",
 }
 __all__ = sorted(_EXPORTS)
 

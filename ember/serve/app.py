@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -29,11 +30,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember.engine import LLM, CompletionOutput, RequestOutput, SamplingParams
 from ember.errors import EmberError
+from ember.lora.batched import AdapterInUse, UnknownAdapter
 from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
 from ember.serve.auth import exposure_warning
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                  EmbeddingRequest, TokenizeRequest, chat_logprobs, completion_logprobs, now,
+                                  EmbeddingRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, chat_logprobs, completion_logprobs, now,
                                   reject_unsupported, resolve_max_tokens, sampling_params, usage)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
@@ -48,6 +50,7 @@ class ServerState:
     api_key: str | None = None
     embedding_model: str | None = "default"  # None: no /v1/embeddings; "default": Ember's default encoder
     encoders: dict[str, Any] = field(default_factory=dict)  # the embedding model, loaded on first use
+    lora_dirs: list[Path] = field(default_factory=list)  # where /v1/load_lora_adapter may read adapters
 
     @property
     def llm(self) -> LLM:
@@ -61,10 +64,15 @@ class ServerState:
     def max_model_len(self) -> int:
         return self.engine.llm.max_model_len
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.served_model_name:
-            raise APIError(404, f"The model '{name}' does not exist; this server serves '{self.served_model_name}'.",
-                           param="model", code="model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` picks (None: the base); 404 for a name not served here."""
+        if name is None or name == self.served_model_name:
+            return None
+        if name in self.llm.lora_adapters:
+            return name
+        served = ", ".join(f"'{n}'" for n in [self.served_model_name, *sorted(self.llm.lora_adapters)])
+        raise APIError(404, f"The model '{name}' does not exist; this server serves {served}.",
+                       param="model", code="model_not_found")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """A raw prompt's ids. Special-token text in it becomes the special ids (as transformers,
@@ -105,13 +113,16 @@ open_routes = APIRouter()  # liveness and scraping carry no data worth a key
 
 
 # --- the request's life: submit, then collect the final outputs or stream the deltas ------------
-async def start(server: ServerState, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+async def start(server: ServerState, prompts: list[list[int]], params: list[SamplingParams],
+                lora_name: str | None = None) -> RequestStream:
     try:
-        stream = server.engine.submit(prompts, params)
+        stream = server.engine.submit(prompts, params, lora_name)
     except ServerBusy as e:
         raise APIError(429, str(e), type="server_busy_error", code="server_busy") from None
     try:
         await stream.accepted()
+    except UnknownAdapter as e:  # unloaded between the model check and the engine taking the request
+        raise APIError(404, str(e), param="model", code="model_not_found") from None
     except EmberError as e:  # e.g. token ids out of range, or a request bigger than the KV pool
         raise APIError(400, str(e), param="prompt") from None
     return stream
@@ -184,7 +195,7 @@ def completion_prompts(server: ServerState, prompt: str | list[Any]) -> list[lis
 # --- OpenAI routes ---------------------------------------------------------------------------
 @api.post("/v1/completions")
 async def completions(req: CompletionRequest, request: Request, server: ServerState = Depends(server_state)) -> Any:
-    server.check_model(req.model)
+    lora_name = server.check_model(req.model)
     reject_unsupported(req)
     if req.echo and req.stream:
         raise APIError(400, "'echo' cannot be combined with 'stream' on this server.", param="echo",
@@ -200,7 +211,7 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
                                         COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
         params.append(sampling_params(req, 1 if score_only else max_tokens, k,
                                       prompt_logprobs=k if req.echo and k is not None else None))
-    stream = await start(server, prompts, params)
+    stream = await start(server, prompts, params, lora_name)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
             "model": server.served_model_name}
     tok = server.tokenizer
@@ -252,7 +263,7 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
 
 @api.post("/v1/chat/completions")
 async def chat_completions(req: ChatRequest, request: Request, server: ServerState = Depends(server_state)) -> Any:
-    server.check_model(req.model)
+    lora_name = server.check_model(req.model)
     reject_unsupported(req)
     ids = server.chat_ids(req.messages)
     requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
@@ -262,7 +273,7 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, resolve_max_tokens(requested, len(ids), server.max_model_len, None, param,
                                                      "messages"), k)
-    stream = await start(server, [ids], [params])
+    stream = await start(server, [ids], [params], lora_name)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
             "model": server.served_model_name}
     tok = server.tokenizer
@@ -298,8 +309,57 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
 
 @api.get("/v1/models")
 async def models(server: ServerState = Depends(server_state)) -> dict[str, Any]:
-    return {"object": "list", "data": [{"id": server.served_model_name, "object": "model", "created": now(),
-                                        "owned_by": "ember", "max_model_len": server.max_model_len}]}
+    base = {"id": server.served_model_name, "object": "model", "created": now(), "owned_by": "ember",
+            "root": server.served_model_name, "parent": None, "max_model_len": server.max_model_len}
+    # Each LoRA adapter as vLLM lists it: its own id, its directory as root, the base as parent.
+    adapters = [base | {"id": name, "root": str(a.path), "parent": server.served_model_name}
+                for name, a in sorted(server.llm.lora_adapters.items())]
+    return {"object": "list", "data": [base, *adapters]}
+
+
+# --- LoRA adapters at run time (vLLM's routes and bodies) ----------------------------------------
+def allowed_adapter_path(server: ServerState, lora_path: str) -> Path:
+    """The adapter directory `lora_path` names, which must lie under one of the --lora-dir
+    directories (a relative path is taken under the first that holds it)."""
+    if not server.lora_dirs:
+        raise APIError(403, "This server loads no adapters at run time; start it with --lora-dir DIR.",
+                       param="lora_path", type="permission_error")
+    roots = [d.resolve() for d in server.lora_dirs]
+    given = Path(lora_path).expanduser()
+    if given.is_absolute():
+        path = given.resolve()
+    else:
+        options = [(r / given).resolve() for r in roots]
+        path = next((p for p in options if p.exists()), options[0])
+    # Resolved before the check: neither '..' nor a symbolic link leads outside.
+    if any(path.is_relative_to(r) for r in roots):
+        return path
+    raise APIError(403, f"The adapter path '{lora_path}' is outside the adapter directories this server reads "
+                   f"({', '.join(str(r) for r in roots)}).", param="lora_path", type="permission_error")
+
+
+@api.post("/v1/load_lora_adapter")
+async def load_lora_adapter(req: LoadLoraRequest, server: ServerState = Depends(server_state)) -> PlainTextResponse:
+    if req.lora_name == server.served_model_name or req.lora_name in server.llm.lora_adapters:
+        raise APIError(400, f"The name '{req.lora_name}' is already served; unload it first or pick another.",
+                       param="lora_name")
+    path = allowed_adapter_path(server, req.lora_path)
+    try:
+        await asyncio.to_thread(server.llm.load_lora, req.lora_name, path)
+    except EmberError as e:
+        raise APIError(400, str(e), param="lora_path") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' added successfully.")
+
+
+@api.post("/v1/unload_lora_adapter")
+async def unload_lora_adapter(req: UnloadLoraRequest, server: ServerState = Depends(server_state)) -> PlainTextResponse:
+    try:
+        await asyncio.to_thread(server.llm.unload_lora, req.lora_name)
+    except UnknownAdapter as e:
+        raise APIError(404, str(e), param="lora_name", code="model_not_found") from None
+    except AdapterInUse as e:
+        raise APIError(409, str(e), param="lora_name", code="adapter_in_use") from None
+    return PlainTextResponse(f"Success: LoRA adapter '{req.lora_name}' removed successfully.")
 
 
 # --- tokenizer routes (vLLM's shape) -----------------------------------------------------------
@@ -402,9 +462,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def create_app(llm: LLM, served_model_name: str, api_key: str | None = None,
-               max_waiting: int | None = None, embedding_model: str | None = "default") -> FastAPI:
+               max_waiting: int | None = None, embedding_model: str | None = "default",
+               lora_dirs: list[str | Path] | None = None) -> FastAPI:
     app = FastAPI(title="Ember", lifespan=lifespan)
-    app.state.server = ServerState(AsyncEngine(llm, max_waiting), served_model_name, api_key, embedding_model)
+    app.state.server = ServerState(AsyncEngine(llm, max_waiting), served_model_name, api_key, embedding_model,
+                                   lora_dirs=[Path(d) for d in lora_dirs or []])
     app.state.engine = app.state.server.engine
     _install_error_handlers(app)
     app.include_router(api)
@@ -451,9 +513,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def serve(llm: LLM, served_model_name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default") -> None:
+          max_waiting: int | None = None, log_level: str = "info", embedding_model: str | None = "default",
+          lora_dirs: list[str | Path] | None = None) -> None:
     """Run the server until interrupted."""
-    app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model)
+    app = create_app(llm, served_model_name, api_key, max_waiting, embedding_model, lora_dirs)
     print(llm.pool_size.describe(), flush=True)
     if (warning := exposure_warning(host, api_key)) is not None:  # beyond loopback without a key
         print(warning, file=sys.stderr, flush=True)

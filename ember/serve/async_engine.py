@@ -92,6 +92,7 @@ class _Add:
     prompts: list[list[int]]
     params: list[SamplingParams]
     arrival: float = field(default_factory=time.perf_counter)
+    lora_name: str | None = None  # the LoRA adapter the request picked by its model name
 
 
 class AsyncEngine:
@@ -129,7 +130,8 @@ class AsyncEngine:
         return waiting < self.max_waiting or (
             waiting == 0 and self.gauges["running"] < self.llm.scheduler.max_num_seqs)
 
-    def submit(self, prompts: list[list[int]], params: list[SamplingParams]) -> RequestStream:
+    def submit(self, prompts: list[list[int]], params: list[SamplingParams],
+               lora_name: str | None = None) -> RequestStream:
         """Queue one engine request per prompt; raises ServerBusy when the queue is full."""
         base = uuid.uuid4().hex
         stream = RequestStream([f"{base}-{i}" for i in range(len(prompts))], asyncio.get_running_loop())
@@ -138,7 +140,7 @@ class AsyncEngine:
                 self.metrics.rejected += 1
                 raise ServerBusy(f"The server is busy ({self._pending + self.gauges['waiting']} requests waiting); "
                                  "try again later.")
-            self._inbox.append(_Add(stream, prompts, params))
+            self._inbox.append(_Add(stream, prompts, params, lora_name=lora_name))
             self._pending += len(prompts)
             self._wake.notify()
         return stream
@@ -189,7 +191,7 @@ class AsyncEngine:
         added: list[str] = []
         try:
             for rid, ids, params in zip(item.stream.request_ids, item.prompts, item.params):
-                self.llm.add_request(ids, params, request_id=rid, arrival_time=item.arrival)
+                self.llm.add_request(ids, params, request_id=rid, arrival_time=item.arrival, lora_name=item.lora_name)
                 added.append(rid)
         except Exception as e:  # EmberError (bad prompt/params) becomes a 400 in the handler
             for rid in added:

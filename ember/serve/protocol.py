@@ -129,6 +129,20 @@ class EmbeddingRequest(_Strict):
     user: str | None = None
 
 
+class LoadLoraRequest(_Strict):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Strict):
+    """vLLM's body for POST /v1/unload_lora_adapter."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's clients may send it; the name alone picks the adapter
+
+
 class DetokenizeRequest(_Strict):
     model: str | None = None
     tokens: list[int]
