@@ -230,11 +230,13 @@ def resume_args(data_dir: Path, out: Path) -> list:
 
 
 def kill_plan(seed: int) -> list[dict]:
-    """Twenty kills: two after random delays, then the rest shuffled, with the commit's windows twice in
+    """Twenty kills: two after random delays (at most a few steps in), then the rest shuffled, with the commit's windows twice in
     a row (the old checkpoint aside and the new one not in; then the next commit, while `.checkpoint.old`
     is the only checkpoint there is, killed at the same point)."""
     rng = random.Random(seed)
-    timers = [{"timer": rng.uniform(0.3, 0.8)} for _ in range(2)]
+    # A timer kills at a random instant; the step cap keeps a fast machine from finishing the run
+    # before the plan is through (whichever comes first lands).
+    timers = [{"timer": rng.uniform(0.3, 0.8), "event": "step", "n": rng.randint(3, 6)} for _ in range(2)]
     singles = ([{"event": "step", "n": rng.randint(1, 5)} for _ in range(4)]
                + [{"event": "validation", "n": rng.randint(1, 3)} for _ in range(3)]
                + [{"event": e, "n": rng.randint(1, 3)} for e in ("weights", "weights", "optimizer", "optimizer",
