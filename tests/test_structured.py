@@ -398,3 +398,30 @@ def test_server_bad_requests_leave_the_others_alone(client):
     before = free()
     assert http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "guided_regex": "("}).status_code == 400
     assert free() == before
+
+
+# --- ember generate ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model_dir(model, tok, tmp_path_factory):
+    from ember.checkpoint import save_pretrained
+
+    path = tmp_path_factory.mktemp("structured") / "model"
+    save_pretrained(model, tok, path)
+    return path
+
+
+def test_cli_generate_follows_a_json_schema_a_regex_or_choices(model_dir, tmp_path, capsys):
+    from ember.cli import main
+
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(SCHEMAS["pattern"]))
+    runs = [(["--json-schema", schema_file], lambda t: jsonschema.validate(json.loads(t), SCHEMAS["pattern"]) or True),
+            (["--regex", "[xyz]{2,4}!"], lambda t: re.fullmatch("[xyz]{2,4}!", t)),
+            (["--choice", "alpha,beta"], lambda t: t in ("alpha", "beta"))]
+    for flags, check in runs:
+        assert main(["generate", "--model", str(model_dir), "--prompt", "hello", "--seed", "3", "--max-tokens", "80",
+                     *map(str, flags)]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith("hello") and check(printed[len("hello"):].rstrip("\n")), printed
+    assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--regex", "a("]) == 1
+    assert "Invalid regex" in capsys.readouterr().err
