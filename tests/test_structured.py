@@ -425,3 +425,53 @@ def test_cli_generate_follows_a_json_schema_a_regex_or_choices(model_dir, tmp_pa
         assert printed.startswith("hello") and check(printed[len("hello"):].rstrip("\n")), printed
     assert main(["generate", "--model", str(model_dir), "--prompt", "hi", "--regex", "a("]) == 1
     assert "Invalid regex" in capsys.readouterr().err
+
+
+# --- the real model ----------------------------------------------------------------------------------
+PERSON = {"type": "object", "required": ["name", "age"],
+          "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0,
+                                                                             "maximum": 150}}}
+ANSWER = {"type": "object", "additionalProperties": False, "required": ["answer"],
+          "properties": {"answer": {"enum": ["yes", "no"]}}}
+SMOL_SCHEMAS = [
+    ("Give a JSON object with the name and age of a person named Bob who is 30.", PERSON),
+    ('Reply with JSON {"answer": <yes or no>}: is the sky blue?', ANSWER),
+    ("Return JSON with a list of two or three colors under the key colors, and whether you like them.",
+     {"type": "object", "additionalProperties": False, "required": ["colors", "like"],
+      "properties": {"colors": {"type": "array", "minItems": 2, "maxItems": 3,
+                                "items": {"type": "string", "pattern": "^[a-z]{3,10}$"}},
+                     "like": {"anyOf": [{"type": "boolean"}, {"type": "null"}]}}}),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return LLM(str(smollm2_gguf()), max_model_len=512, kv_cache_memory="32MB")
+
+
+def chat_ids(llm, text):
+    return llm.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+
+
+def test_smollm2_greedy_json_it_already_writes_is_unchanged(smollm2):
+    # SmolLM2's own greedy answers to these two prompts are JSON that their schemas accept.
+    prompts = [chat_ids(smollm2, text) for text, _ in SMOL_SCHEMAS[:2]]
+    free = completions(smollm2, prompts, SamplingParams(temperature=0, max_tokens=40))
+    for out, (_, schema) in zip(free, SMOL_SCHEMAS[:2]):
+        jsonschema.validate(json.loads(out.text), schema)
+    constrained = completions(smollm2, prompts, [SamplingParams(temperature=0, max_tokens=40,
+                                                                structured=StructuredOutput(json=schema))
+                                                 for _, schema in SMOL_SCHEMAS[:2]])
+    assert [o.token_ids for o in constrained] == [o.token_ids for o in free]
+
+
+def test_smollm2_json_outputs_validate_at_temperature_1(smollm2):
+    prompts = [chat_ids(smollm2, text) for text, _ in SMOL_SCHEMAS]
+    params = [SamplingParams(temperature=1.0, seed=13, n=3, max_tokens=80, structured=StructuredOutput(json=schema))
+              for _, schema in SMOL_SCHEMAS]
+    outs = smollm2.generate(prompts, params)
+    for out, (_, schema) in zip(outs, SMOL_SCHEMAS):
+        for o in out.outputs:
+            assert o.finish_reason == "stop", o.text
+            jsonschema.validate(json.loads(o.text), schema)
