@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import RESULTS, abba, against_target, fmt, ratio_spread, spread, write_results  # noqa: E402
 from ember import structured  # noqa: E402
 from ember.engine import LLM, SamplingParams  # noqa: E402
-from ember.engine import core as engine_core  # noqa: E402
+from ember.engine import sequence as engine_sequence  # noqa: E402
 from ember.structured import StructuredOutput  # noqa: E402
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -62,7 +62,7 @@ class MaskTimer:
 
     def __init__(self) -> None:
         self.seconds, self.calls, self.rows = 0.0, 0, 0
-        self.inner = engine_core.allowed_tokens
+        self.inner = engine_sequence.allowed_tokens
 
     def __call__(self, matchers, *args, **kwargs):
         start = time.perf_counter()
@@ -116,7 +116,7 @@ def main() -> None:
                                          "name, age, email, city and tags."}], add_generation_prompt=True,
                                        tokenize=True) for s in SUBJECTS]
     timer = MaskTimer()
-    engine_core.allowed_tokens = timer
+    engine_sequence.allowed_tokens = timer
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
         n = len(prompts) if batch > 1 else min(args.batch1_prompts, len(prompts))
@@ -144,7 +144,7 @@ def main() -> None:
                      "mask_ms_per_step": 1000 * masks["seconds"] / max(1, masks["calls"]),
                      "mask_ms_per_row": 1000 * masks["seconds"] / max(1, masks["rows"]),
                      "mask_share_of_constrained_time": masks["seconds"] / max(1e-9, masks["constrained_s"])})
-    engine_core.allowed_tokens = timer.inner
+    engine_sequence.allowed_tokens = timer.inner
 
     result = {"benchmark": "structured_output", "model": model, "max_tokens": args.max_tokens, "rounds": args.rounds,
               "order": "ABBA", "temperature": 0.8, "schema": SCHEMA,

@@ -189,6 +189,10 @@ class GrammarMatcher:
         """Consume one sampled token; False (the matcher then stops) if the grammar forbids it."""
         return self.matcher.consume_token(token)
 
+    def try_advance(self, token: int) -> bool:
+        """Consume `token` if the grammar allows it (True); otherwise change nothing (False)."""
+        return self.matcher.try_consume_tokens([token]) == 1
+
     def rollback(self, num_tokens: int) -> None:
         """Forget the last `num_tokens` consumed tokens."""
         if num_tokens > 0 and not self.matcher.rollback(num_tokens):

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from ember.kv_cache import StaticKVCache
-from ember.sampling import PenaltyTracker, SamplingParams
-from ember.structured import GrammarMatcher
+from ember.sampling import PenaltyTracker, SamplingParams, TokenMask
+from ember.structured import GrammarMatcher, allowed_tokens
 
 _ids = itertools.count()
 
@@ -39,12 +39,14 @@ class SpecState:
     `draft_ids` are the tokens guessed for this step (verified in the same target step as its
     newest token), `draft_probs` [k, V] the distributions they were drawn from (None: the guesses
     were deterministic). `draft_computed` is how far a draft model's own KV has caught up with
-    the sequence's tokens; `draft_cache` a compiled draft's static cache of its own."""
+    the sequence's tokens; `draft_cache` a compiled draft's static cache of its own. A constrained
+    sequence's draft guesses under its grammar too, so its guesses are ones the target may accept."""
 
     draft_ids: list[int] = field(default_factory=list)
     draft_probs: Tensor | None = None
     draft_computed: int = 0
     draft_cache: StaticKVCache | None = None
+    grammar_guesses: int = 0  # guesses its grammar matcher has consumed while drafting (rolled back after)
 
     def settle(self, num_computed_tokens: int) -> None:
         """The step's guesses are verified: forget them; the draft's KV past the accepted tokens is stale."""
@@ -140,3 +142,18 @@ class Sequence:
         if self.spec is not None:
             self.spec.reset()
         self.status = Status.WAITING
+
+
+def grammar_mask(seqs: list[Sequence], vocab_size: int, speculating: bool = False) -> TokenMask | None:
+    """The sampler's grammar mask for a batch of these sequences' rows (one row each, or with
+    `speculating` len(draft_ids) + 1 rows each, one per position verified); None when none is
+    constrained."""
+    constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not constrained:
+        return None
+    counts = [len(s.draft_ids) + 1 if speculating else 1 for s in seqs]
+    firsts = list(itertools.accumulate(counts, initial=0))
+    rows = [r for i in constrained for r in range(firsts[i], firsts[i] + counts[i])]
+    allowed = allowed_tokens([seqs[i].grammar for i in constrained], [seqs[i].stop_ids for i in constrained],
+                             vocab_size, [seqs[i].draft_ids for i in constrained] if speculating else None)
+    return TokenMask(allowed, None if len(rows) == firsts[-1] else torch.tensor(rows))

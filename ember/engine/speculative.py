@@ -29,7 +29,7 @@ from torch import Tensor
 from ember.compiled_step import compiled_decode_step, structure_key
 from ember.engine.model_runner import forward_tokens
 from ember.engine.paged_cache import KVPool
-from ember.engine.sequence import Sequence, SpecState
+from ember.engine.sequence import Sequence, SpecState, grammar_mask
 from ember.kv_cache import StaticKVCache
 from ember.model import CausalLM
 from ember.sampling import SamplingParams, SamplingRows, TokenMask, race, sample
@@ -148,6 +148,10 @@ class DraftProposer:
         if paged:
             self._propose_paged([seqs[i] for i in paged], [ks[i] for i in paged],
                                 [drafts[i] for i in paged], [dists[i] for i in paged])
+        for seq in seqs:  # the grammar goes back to the accepted tokens; verification redoes the guesses
+            if seq.grammar is not None:
+                seq.grammar.rollback(seq.spec.grammar_guesses)
+                seq.spec.grammar_guesses = 0
         return drafts, [torch.stack(d) if d else None for d in dists]
 
     def _propose_paged(self, seqs: list[Sequence], ks: list[int], drafts: list[list[int]],
@@ -214,11 +218,16 @@ class DraftProposer:
 
     @staticmethod
     def _draw(seqs: list[Sequence], logits: Tensor, dists: list[list[Tensor]]) -> list[int]:
-        """A guess per sequence from the draft's logits [len(seqs), V], through the sampler; the
-        distribution a sampled guess was drawn from is kept for verification."""
+        """A guess per sequence from the draft's logits [len(seqs), V], through the sampler (under
+        the sequence's grammar, which takes each guess it allows); the distribution a sampled
+        guess was drawn from is kept for verification."""
         out = sample(logits, SamplingRows([s.params for s in seqs], [s.generator for s in seqs],
-                                          device=logits.device), keep_probs=True)
+                                          device=logits.device), keep_probs=True,
+                     mask=grammar_mask(seqs, logits.shape[-1]))
+        tokens = out.token_ids.tolist()
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:
                 dists[row].append(out.probs[row])
-        return out.token_ids.tolist()
+            if seq.grammar is not None and tokens[row] not in seq.stop_ids and seq.grammar.try_advance(tokens[row]):
+                seq.spec.grammar_guesses += 1
+        return tokens
