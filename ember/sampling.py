@@ -10,8 +10,9 @@ Each transform is a pure function over [B, V] logits, so a test can call it with
 numbers. Order: logit bias, banned ids and grammar masks (what logprobs are reported from), then
 penalties, temperature, top-k, top-p, min-p, and a draw (or argmax for greedy rows). Grammar
 masks (`TokenMask`, from `ember.structured`) change every step, so they come with each call
-rather than with the rows, and touch only the rows they constrain. A row's draw uses only its own random stream when it has one (a seeded
-request), so its tokens do not depend on what else is in the batch.
+rather than with the rows, and touch only the rows they constrain. A row's draw uses only its
+own random stream when it has one (a seeded request), so its tokens do not depend on what else
+is in the batch.
 """
 
 from __future__ import annotations

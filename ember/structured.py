@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import llguidance
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -248,13 +249,16 @@ def fill_bitmasks(matchers: Sequence[GrammarMatcher], bits: Tensor,
         row += len(guess) + 1
 
 
-_BIT = torch.arange(32, dtype=torch.int32)
-
-
 def unpack_bitmask(bits: Tensor, width: int) -> Tensor:
-    """int32 [R, words] (bit b of word w: token 32 w + b) -> bool [R, width]."""
-    shifts = _BIT.to(bits.device)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().view(bits.shape[0], -1)[:, :width]
+    """int32 [R, words] on the CPU (bit b of word w: token 32 w + b) -> bool [R, width]."""
+    return torch.from_numpy(_unpack(bits)).view(torch.bool)[:, :width]
+
+
+def _unpack(bits: Tensor) -> np.ndarray:
+    """uint8 0/1 [R, 32 words]: numpy's unpackbits on the words' bytes in memory order (little-endian,
+    as llguidance writes them), one pass in C; the steps here stay in numpy, free of the thread
+    start-up each small torch op pays on a busy CPU."""
+    return np.unpackbits(bits.numpy().view(np.uint8), axis=1, bitorder="little")
 
 
 def allowed_tokens(matchers: Sequence[GrammarMatcher], stop_ids: Sequence[frozenset[int]], vocab_size: int,
@@ -266,16 +270,13 @@ def allowed_tokens(matchers: Sequence[GrammarMatcher], stop_ids: Sequence[frozen
     counts = [1] * len(matchers) if drafts is None else [len(d) + 1 for d in drafts]
     bits = empty_bitmask(sum(counts), vocab_size)
     fill_bitmasks(matchers, bits, drafts)
-    allowed = unpack_bitmask(bits, vocab_size + 1)
-    may_end, allowed = allowed[:, vocab_size], allowed[:, :vocab_size]
+    unpacked = _unpack(bits)
+    may_end, allowed = unpacked[:, vocab_size], unpacked[:, :vocab_size]
     starts = itertools.accumulate(counts, initial=0)
     pairs = [(row, t) for first, ids, n in zip(starts, stop_ids, counts) for row in range(first, first + n)
              for t in ids if t < vocab_size]
     if pairs:
-        rows, cols = torch.tensor(pairs).T
+        rows, cols = np.array(pairs).T
         allowed[rows, cols] = may_end[rows]
-    empty = ~allowed.any(dim=-1)
-    if bool(empty.any()):
-        allowed[empty] = True
-    return allowed
-
+    allowed[~allowed.any(axis=1)] = 1
+    return torch.from_numpy(allowed).view(torch.bool)

@@ -7,7 +7,7 @@ token, which is appended, and the sequence is uncomputed by exactly one token ag
 
 A constrained sequence carries its grammar matcher (`ember.structured.GrammarMatcher`), which
 takes each appended token. Preemption by recompute keeps the tokens, so the matcher keeps its
-place; rejected speculative guesses never reach it (they are checked on a copy, rolled back).
+place. Speculative guesses are consumed only to work out their masks, then rolled back.
 """
 
 from __future__ import annotations
