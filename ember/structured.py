@@ -4,7 +4,7 @@ A `StructuredOutput` names one constraint. `compile_constraint` turns it into a 
 `llguidance` (the grammar engine of llama.cpp and vLLM) against a tokenizer, once per
 (constraint, tokenizer): the result is a matcher in its start state, and each sequence gets a
 copy (`GrammarMatcher`). Before every sampled token the engine asks the sequences' matchers for
-their token bitmasks in one parallel call (`fill_bitmasks`), the sampler sets the forbidden
+their token bitmasks (`fill_bitmasks`, `allowed_tokens`), the sampler sets the forbidden
 tokens to -inf (`ember.sampling.TokenMask`), and each accepted token advances its matcher.
 
 The grammar sees Ember's vocabulary plus one extra id past the model's, a stand-in for "the
@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -207,16 +206,6 @@ class GrammarMatcher:
 
 
 # --- batches of masks --------------------------------------------------------------------------------
-_executor: llguidance.LLExecutor | None = None
-
-
-def _parallel() -> llguidance.LLExecutor:
-    global _executor
-    if _executor is None:
-        _executor = llguidance.LLExecutor(num_threads=max(1, min(8, os.cpu_count() or 1)))
-    return _executor
-
-
 def empty_bitmask(rows: int, vocab_size: int) -> Tensor:
     """int32 [rows, words] with every bit set (every token allowed), for `vocab_size` + the end stand-in."""
     return torch.full((rows, (vocab_size + 1 + 31) // 32), -1, dtype=torch.int32)
@@ -224,7 +213,9 @@ def empty_bitmask(rows: int, vocab_size: int) -> Tensor:
 
 def fill_bitmasks(matchers: Sequence[GrammarMatcher], bits: Tensor,
                   drafts: Sequence[Sequence[int]] | None = None) -> None:
-    """Row i of `bits` := the next-token mask of matchers[i], all at once on llguidance's threads.
+    """Row i of `bits` := the next-token mask of matchers[i], in this thread: a mask takes a fraction
+    of a millisecond, and a pool of grammar threads would wait for work on the cores the model's
+    threads use.
 
     With `drafts`, matcher i owns len(drafts[i]) + 1 consecutive rows (in order): the mask before
     each guessed token and after the last, each guess consumed in turn and rolled back after. A
@@ -234,8 +225,8 @@ def fill_bitmasks(matchers: Sequence[GrammarMatcher], bits: Tensor,
         raise ValueError("token bitmasks are contiguous int32 CPU tensors")
     words = bits.shape[1]
     if drafts is None:
-        _parallel().unsafe_compute_mask_ptr([(m.matcher, i) for i, m in enumerate(matchers)], bits.data_ptr(),
-                                            words * 4, bits.shape[0])
+        for i, m in enumerate(matchers):
+            m.matcher.unsafe_compute_mask_ptr(bits[i].data_ptr(), words * 4)
         return
     row = 0
     for m, guess in zip(matchers, drafts):
