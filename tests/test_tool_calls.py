@@ -1,0 +1,200 @@
+"""Tool calling: rendering tools into chat templates, reading calls out of model text, and
+`tools`/`tool_choice` on `ember serve`'s chat endpoint through the official `openai` client.
+
+Expected strings here are written by hand from the documented format (a call is
+`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`), never taken from Ember's output.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from conftest import need_module, smollm2_gguf
+from ember.serve.protocol import ChatMessage
+from ember.serve.tools import ToolCallParser, merge_deltas, parse_tool_calls
+from ember.tokenizer import CHATML_TEMPLATE, Tokenizer, train_tokenizer
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city today.",
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+ADD = {"type": "function", "function": {
+    "name": "add", "description": "Add two small numbers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                    "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                   "required": ["a", "b"], "additionalProperties": False}}}
+NAMES = {"get_weather", "add"}
+
+
+# --- reading calls out of text ------------------------------------------------------------------
+def streamed(text: str, cuts: list[int]) -> list[dict]:
+    """The parser's deltas when `text` arrives in pieces cut at `cuts`."""
+    parser, deltas, start = ToolCallParser(NAMES), [], 0
+    for cut in sorted(cuts) + [len(text)]:
+        deltas += parser.push(text[start:cut])
+        start = cut
+    return deltas + parser.finish()
+
+
+def without_ids(merged: dict) -> dict:
+    return {**merged, "tool_calls": [{k: v for k, v in c.items() if k != "id"} for c in merged.get("tool_calls", [])]}
+
+
+TEXTS = [
+    "Plain answer, no tools.",
+    "  Leading spaces, a < sign, a <tool tag that never completes and trailing newlines\n\n",
+    "Ends in half a tag <tool_ca",
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>',
+    '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 7}}\n</tool_call>\n',
+    '<tool_call>{"name": "add", "arguments": {"note": "a } b \\" { [", "nested": {"x": [1, {"y": 2}]}}}</tool_call>',
+    '<tool_call>{"name": "nobody", "arguments": {}}</tool_call> unknown names stay text',
+    '<tool_call>{"name": "add", "arguments": {"a": 1,}}</tool_call> broken JSON stays text',
+]
+
+
+@pytest.mark.parametrize("text", TEXTS[:-1])
+def test_any_split_of_the_text_adds_up_to_the_whole_reading(text):
+    whole = without_ids(merge_deltas(streamed(text, [])))
+    rng = random.Random(0)
+    for trial in range(20):
+        cuts = list(range(1, len(text))) if trial == 0 else rng.sample(range(1, len(text)), rng.randint(1, 6))
+        assert without_ids(merge_deltas(streamed(text, cuts))) == whole
+
+
+def test_text_without_calls_comes_out_unchanged():
+    for text in TEXTS[:3] + TEXTS[-2:]:
+        assert parse_tool_calls(text, NAMES) == (text, [])
+
+
+def test_calls_become_openai_tool_calls_and_text_before_them_content():
+    content, calls = parse_tool_calls(TEXTS[3], NAMES)
+    assert content == "Let me check."
+    assert [(c["type"], c["function"]["name"]) for c in calls] == [("function", "get_weather")]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris", "days": 2}
+    assert calls[0]["id"].startswith("call_")
+
+    content, calls = parse_tool_calls(TEXTS[4], NAMES)
+    assert content is None  # only calls
+    assert [c["function"]["name"] for c in calls] == ["add", "get_weather"]
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"a": 1, "b": 2}, {"city": "Oslo", "days": 7}]
+    assert len({c["id"] for c in calls}) == 2
+
+    _, calls = parse_tool_calls(TEXTS[5], NAMES)
+    assert json.loads(calls[0]["function"]["arguments"]) == {"note": 'a } b " { [', "nested": {"x": [1, {"y": 2}]}}
+
+
+def test_arguments_written_before_the_name_are_read_too():
+    _, calls = parse_tool_calls('<tool_call>{"arguments": {"a": 3, "b": 4}, "name": "add"}</tool_call>', NAMES)
+    assert calls[0]["function"]["name"] == "add" and json.loads(calls[0]["function"]["arguments"]) == {"a": 3, "b": 4}
+
+
+def test_streaming_sends_content_then_id_and_name_then_argument_pieces():
+    parser = ToolCallParser(NAMES)
+    assert parser.push("Sure <tool_ca") == [{"content": "Sure"}]  # the space and half tag wait
+    assert parser.push('ll>\n{"name": "get_wea') == []  # the name is not complete yet
+    first = parser.push('ther", "arguments": {"ci')
+    assert first[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    assert first[0]["tool_calls"][0]["index"] == 0 and first[0]["tool_calls"][0]["id"].startswith("call_")
+    assert first[1:] == [{"tool_calls": [{"index": 0, "function": {"arguments": '{"ci'}}]}]
+    assert parser.push('ty": "Rome", "days": 1}') == [
+        {"tool_calls": [{"index": 0, "function": {"arguments": 'ty": "Rome", "days": 1}'}}]}]
+    assert parser.push("}\n</tool_call>") == []  # the call's own brace is not an argument
+    assert parser.finish() == [] and parser.calls == 1
+
+
+def test_a_streamed_call_is_a_call_once_its_name_went_out():
+    """A broken block read whole is text; streamed, its name and arguments went out before the
+    break could be seen (constrained decoding, with "required", never writes one)."""
+    assert parse_tool_calls(TEXTS[-1], NAMES) == (TEXTS[-1], [])
+    merged = merge_deltas(streamed(TEXTS[-1], list(range(1, len(TEXTS[-1])))))
+    assert merged["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 1,}'}
+    assert merged["content"] == "broken JSON stays text"
+
+
+def test_a_call_cut_off_by_max_tokens_keeps_what_it_got():
+    content, calls = parse_tool_calls('<tool_call>\n{"name": "add", "arguments": {"a": 1', NAMES)
+    assert content is None and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1'}
+
+
+# --- rendering tools into chat templates -------------------------------------------------------
+# A template that renders tools itself (written for this test in the style of tool-aware Hub
+# templates): tool schemas through tojson, an assistant's tool_calls, tool results by id.
+TOOL_TEMPLATE = (
+    "{% if tools is not none %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t | tojson }}\n{% endfor %}"
+    "<|im_end|>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<|im_start|>tool {{ m.tool_call_id }}\n{{ m.content }}<|im_end|>\n"
+    "{% elif m.role == 'assistant' and m.tool_calls %}<|im_start|>assistant\n{{ m.content }}"
+    "{% for c in m.tool_calls %}[call {{ c.function.name }} {{ c.function.arguments | tojson }}]{% endfor %}"
+    "<|im_end|>\n"
+    "{% else %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "You help."},
+    {"role": "user", "content": "Weather in Paris for 2 days, and 2+3?"},
+    {"role": "assistant", "content": "Checking.", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}},
+        {"id": "call_2", "type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "Sunny, 18 C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "5"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tok() -> Tokenizer:
+    texts = ["hello world, the weather in Paris is sunny.\n", '{"name": "add", "arguments": {"a": 1}}\n'] * 40
+    return train_tokenizer(texts, vocab_size=320)
+
+
+@pytest.mark.parametrize("tools", [[WEATHER, ADD], None])
+def test_a_template_that_reads_tools_gets_them_as_transformers_passes_them(chat_tok, tmp_path, tools):
+    transformers = need_module("transformers", "the chat-template peer")
+    tok = Tokenizer(chat_tok.engine, chat_tok.bos_token, chat_tok.eos_token, chat_tok.pad_token,
+                    chat_template=TOOL_TEMPLATE)
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    theirs = hf.apply_chat_template(CONVERSATION, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert tok.apply_chat_template(CONVERSATION, tools=tools) == theirs
+    assert "[call get_weather {\"city\": \"Paris\", \"days\": 2}]" in theirs  # the template did see the calls
+    assert tok.apply_chat_template(CONVERSATION, tools=tools, tokenize=True) == hf.apply_chat_template(
+        CONVERSATION, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def test_openai_shaped_messages_reach_the_template_as_transformers_expects(chat_tok):
+    """The server's messages carry arguments as a JSON string (OpenAI); templates get an object."""
+    tok = Tokenizer(chat_tok.engine, chat_tok.bos_token, chat_tok.eos_token, chat_tok.pad_token,
+                    chat_template=TOOL_TEMPLATE)
+    wire = json.loads(json.dumps(CONVERSATION))
+    for call in wire[2]["tool_calls"]:
+        call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+    rendered = tok.apply_chat_template([ChatMessage(**m).as_template_dict() for m in wire], tools=[WEATHER, ADD])
+    assert rendered == tok.apply_chat_template(CONVERSATION, tools=[WEATHER, ADD])
+
+
+def test_a_template_without_tools_gets_the_chatml_hermes_default(chat_tok):
+    tok = Tokenizer(chat_tok.engine, chat_tok.bos_token, chat_tok.eos_token, chat_tok.pad_token,
+                    chat_template=CHATML_TEMPLATE)
+    text = tok.apply_chat_template(CONVERSATION, tools=[WEATHER, ADD])
+    system, user, assistant, results, prompt = text.split("<|im_start|>")[1:]
+    assert system.startswith("system\nYou help.\n\n")
+    schemas = system.split("<tools>\n")[1].split("\n</tools>")[0]
+    assert [json.loads(line) for line in schemas.splitlines()] == [WEATHER, ADD]
+    assert "<tool_call>" in system and "<tool_response>" in system  # the format is explained
+    assert user == "user\nWeather in Paris for 2 days, and 2+3?<|im_end|>\n"
+    assert assistant == ('assistant\nChecking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", '
+                         '"days": 2}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n'
+                         '</tool_call><|im_end|>\n')
+    assert results == "user\n<tool_response>\nSunny, 18 C\n</tool_response>\n<tool_response>\n5\n</tool_response>" \
+                      "<|im_end|>\n"
+    assert prompt == "assistant\n"
+    # Without a system message the tools get one of their own; without tools, no section at all.
+    assert tok.apply_chat_template(CONVERSATION[1:], tools=[ADD]).startswith("<|im_start|>system\nYou can call")
+    assert "<tools>" not in tok.apply_chat_template(CONVERSATION)
