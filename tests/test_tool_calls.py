@@ -198,3 +198,81 @@ def test_a_template_without_tools_gets_the_chatml_hermes_default(chat_tok):
     # Without a system message the tools get one of their own; without tools, no section at all.
     assert tok.apply_chat_template(CONVERSATION[1:], tools=[ADD]).startswith("<|im_start|>system\nYou can call")
     assert "<tools>" not in tok.apply_chat_template(CONVERSATION)
+
+
+# --- the server ----------------------------------------------------------------------------------
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+from test_serve import NAME, Server  # noqa: E402  (the same subprocess harness as the serve tests)
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from ember.checkpoint import save_pretrained
+    from ember.config import preset
+    from ember.model import CausalLM
+
+    texts = ['the weather in Paris is sunny.\n', '<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n'] * 50
+    tok = train_tokenizer(texts, vocab_size=320)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tools") / "model"
+    save_pretrained(CausalLM(preset("tiny", vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+                                    max_position_embeddings=1024)), tok, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir, tmp_path_factory):
+    s = Server(tiny_dir, tmp_path_factory.mktemp("log") / "serve.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+CHAT = {"model": NAME, "messages": MESSAGES, "max_tokens": 4}
+
+
+def bad_tool(**function) -> dict:
+    return {"tools": [{"type": "function", "function": {"name": "f"} | function}]}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "add"}}}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    (bad_tool(parameters={"type": "object", "properties": {"x": {"type": "banana"}}}), "tools.0.function.parameters"),
+    (bad_tool(parameters={"type": "object", "properties": {"x": {"type": "string", "minLength": "two"}}}),
+     "tools.0.function.parameters"),
+    (bad_tool(parameters={"type": "string"}), "tools.0.function.parameters"),
+    (bad_tool(parameters=[1, 2]), "tools.0.function.parameters"),
+    (bad_tool(name="get weather"), "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools.0.type"),
+    ({"tools": [WEATHER, WEATHER]}, "tools.1.function.name"),
+    ({"messages": MESSAGES + [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+])
+def test_bad_tools_and_tool_choice_get_a_400_naming_the_parameter(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json=CHAT | body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error", err
+
+
+def test_tool_choice_none_hides_the_tools_and_auto_shows_them(server, client):
+    plain = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    none = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                          tools=[WEATHER], tool_choice="none", extra_body={"ignore_eos": True})
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+    auto = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
+                                          tools=[WEATHER], extra_body={"ignore_eos": True})
+    assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the schemas are in the prompt
