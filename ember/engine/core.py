@@ -15,6 +15,7 @@ import itertools
 import time
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ember.engine.block_manager import BlockManager
@@ -25,7 +26,8 @@ from ember.engine.sequence import Sequence
 from ember.engine.speculative import DraftProposer, NgramProposer, verify
 from ember.errors import EmberError
 from ember.model import CausalLM
-from ember.sampling import SamplingRows, sample
+from ember.sampling import SamplingRows, TokenMask, sample
+from ember.structured import allowed_tokens
 
 Proposer = NgramProposer | DraftProposer
 
@@ -139,7 +141,8 @@ class EngineCore:
         if plain:
             seqs = [ready[i] for i in plain]
             rows = self._plain_rows(seqs, logits.device)
-            out = sample(logits if not guessing else logits[[starts[i] for i in plain]], rows)
+            out = sample(logits if not guessing else logits[[starts[i] for i in plain]], rows,
+                         mask=self._grammar_mask(seqs, logits.shape[-1]))
             tokens = out.token_ids.tolist()
             for j, i in enumerate(plain):
                 results[i] = ([tokens[j]], [out.logprobs[j] if out.logprobs is not None else None])
@@ -148,13 +151,30 @@ class EngineCore:
             picks = [r for i in guessing for r in range(starts[i], starts[i] + counts[i])]
             rows = SamplingRows([s.params for s in seqs for _ in range(len(s.draft_ids) + 1)],
                                 [s.generator for s in seqs for _ in range(len(s.draft_ids) + 1)], device=logits.device)
-            accepted = verify(logits[picks], rows, [s.draft_ids for s in seqs], [s.spec.draft_probs for s in seqs])
+            accepted = verify(logits[picks], rows, [s.draft_ids for s in seqs], [s.spec.draft_probs for s in seqs],
+                              mask=self._grammar_mask(seqs, logits.shape[-1], speculating=True))
             for i, tokens in zip(guessing, accepted):
                 results[i] = (tokens, [None] * len(tokens))
         return results
 
+    @staticmethod
+    def _grammar_mask(seqs: list[Sequence], vocab_size: int, speculating: bool = False) -> TokenMask | None:
+        """The grammar masks of the constrained sequences' rows (each speculating sequence has
+        len(draft_ids) + 1 rows, one per position verified); None when no sequence is constrained."""
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if not constrained:
+            return None
+        counts = [len(s.draft_ids) + 1 if speculating else 1 for s in seqs]
+        firsts = list(itertools.accumulate(counts, initial=0))
+        rows = [r for i in constrained for r in range(firsts[i], firsts[i] + counts[i])]
+        allowed = allowed_tokens([seqs[i].grammar for i in constrained], [seqs[i].stop_ids for i in constrained],
+                                 vocab_size, [seqs[i].draft_ids for i in constrained] if speculating else None)
+        return TokenMask(allowed, None if len(rows) == firsts[-1] else torch.tensor(rows))
+
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_ids:  # never before min_tokens: the sampler bans them until then
+            return "stop"
+        if seq.grammar_finished:  # the constrained completion is whole
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

@@ -4,6 +4,10 @@ The scheduler needs no prefill/decode phases: a sequence has `num_computed_token
 `len(token_ids)`; a step computes some of the rest (a prefill chunk, or the one newest
 token when decoding). When everything is computed the model's last logits give the next
 token, which is appended, and the sequence is uncomputed by exactly one token again.
+
+A constrained sequence carries its grammar matcher (`ember.structured.GrammarMatcher`), which
+takes each appended token. Preemption by recompute keeps the tokens, so the matcher keeps its
+place; rejected speculative guesses never reach it (they are checked on a copy, rolled back).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from torch import Tensor
 
 from ember.kv_cache import StaticKVCache
 from ember.sampling import PenaltyTracker, SamplingParams
+from ember.structured import GrammarMatcher
 
 _ids = itertools.count()
 
@@ -72,6 +77,7 @@ class Sequence:
     generator: torch.Generator | None = None  # its own random stream (a seeded request), on the logits' device
     penalties: PenaltyTracker | None = None  # set by the engine when the request has penalties
     spec: SpecState | None = None  # set when this sequence speculates
+    grammar: GrammarMatcher | None = None  # set when its output is constrained (params.structured)
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
 
     def __post_init__(self) -> None:
@@ -110,10 +116,17 @@ class Sequence:
         self.output_ids.append(token)
         if self.penalties is not None:
             self.penalties.add(token)
+        if self.grammar is not None and token not in self.stop_ids:  # a stop token ends it, outside the grammar
+            self.grammar.advance(token)
+
+    @property
+    def grammar_finished(self) -> bool:
+        """Its grammar can take no more tokens: the completion is whole (or the matcher broke)."""
+        return self.grammar is not None and self.grammar.is_finished
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past the first `num_output_tokens` (verified after a stop string).
-        Only for a sequence that is finishing: its penalties are not rolled back."""
+        Only for a sequence that is finishing: its penalties and grammar are not rolled back."""
         drop = len(self.output_ids) - num_output_tokens
         if drop > 0:
             del self.output_ids[num_output_tokens:], self.token_ids[-drop:]

@@ -32,7 +32,7 @@ from ember.engine.paged_cache import KVPool
 from ember.engine.sequence import Sequence, SpecState
 from ember.kv_cache import StaticKVCache
 from ember.model import CausalLM
-from ember.sampling import SamplingParams, SamplingRows, race, sample
+from ember.sampling import SamplingParams, SamplingRows, TokenMask, race, sample
 
 
 def can_speculate(params: SamplingParams) -> bool:
@@ -42,17 +42,18 @@ def can_speculate(params: SamplingParams) -> bool:
 
 
 def verify(target_logits: Tensor, rows: SamplingRows, drafts: list[list[int]],
-           draft_probs: list[Tensor | None] | None = None) -> list[list[int]]:
+           draft_probs: list[Tensor | None] | None = None, mask: TokenMask | None = None) -> list[list[int]]:
     """Tokens to append for each verifying sequence: its accepted guesses, then one token of the target's.
 
     target_logits [R, V] holds len(drafts[i]) + 1 rows per sequence, one after another: row j of
     sequence i is the target's prediction after drafts[i][:j]. `rows` gives each of the R rows its
     sequence's parameters and random stream. draft_probs[i] [k, V]: the
-    distributions the guesses were drawn from (None: deterministic guesses, q one-hot).
+    distributions the guesses were drawn from (None: deterministic guesses, q one-hot). `mask`: the
+    grammar's allowed tokens at each constrained row, so a guess the grammar forbids has p = 0.
     """
     device = target_logits.device
     draft_probs = draft_probs if draft_probs is not None else [None] * len(drafts)
-    processed = rows.process(rows.allowed(target_logits))
+    processed = rows.process(rows.allowed(target_logits, mask))
     best = processed.argmax(dim=-1)
     guess = torch.tensor([t for d in drafts for t in [*d, 0]], device=device)  # 0: the extra row's placeholder
     is_guess = torch.tensor([j < len(d) for d in drafts for j in range(len(d) + 1)], device=device)
