@@ -276,3 +276,137 @@ def test_tool_choice_none_hides_the_tools_and_auto_shows_them(server, client):
     auto = client.chat.completions.create(model=NAME, messages=MESSAGES, max_tokens=6, temperature=0,
                                           tools=[WEATHER], extra_body={"ignore_eos": True})
     assert auto.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the schemas are in the prompt
+
+
+def validates(call, tools=(WEATHER, ADD)) -> dict:
+    """A call's arguments parsed and checked against its tool's parameters schema (jsonschema)."""
+    jsonschema = need_module("jsonschema", "the JSON-schema validator the tool-call tests check arguments with")
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in tools}[call.function.name]
+    arguments = json.loads(call.function.arguments)
+    jsonschema.validate(arguments, schema)
+    return arguments
+
+
+def test_required_calls_validate_against_their_tool_at_any_temperature(client):
+    for seed in range(4):
+        out = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER, ADD], n=2, seed=seed,
+                                             tool_choice="required", parallel_tool_calls=False, temperature=1.0,
+                                             max_tokens=200)
+        for choice in out.choices:
+            assert choice.finish_reason == "tool_calls" and choice.message.content is None
+            (call,) = choice.message.tool_calls
+            assert call.type == "function" and call.id.startswith("call_")
+            validates(call)
+
+
+def test_a_named_function_is_the_one_called(client):
+    for seed in range(3):
+        out = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER, ADD], seed=seed,
+                                             tool_choice={"type": "function", "function": {"name": "add"}},
+                                             temperature=1.0, max_tokens=200)
+        (call,) = out.choices[0].message.tool_calls
+        assert call.function.name == "add" and out.choices[0].finish_reason == "tool_calls"
+        assert set(validates(call)) == {"a", "b"}
+
+
+def test_parallel_required_calls_that_finish_all_validate(client):
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[WEATHER, ADD], seed=7, n=3,
+                                         tool_choice="required", temperature=1.0, max_tokens=120)
+    for choice in out.choices:
+        calls = choice.message.tool_calls
+        finished = calls if choice.finish_reason == "tool_calls" else calls[:-1]  # the last may be cut off
+        assert calls and choice.finish_reason in ("tool_calls", "length")
+        for call in finished:
+            validates(call)
+
+
+def collect_stream(chunks) -> tuple[str | None, list[dict], str]:
+    """A streamed answer added up the way OpenAI's clients do: content, calls by index, finish reason."""
+    content, calls, finish, first = None, {}, None, True
+    for chunk in chunks:
+        choice = chunk.choices[0]
+        if first:
+            assert choice.delta.role == "assistant"
+            first = False
+        if choice.delta.content:
+            content = (content or "") + choice.delta.content
+        for piece in choice.delta.tool_calls or []:
+            if piece.index not in calls:  # a call's first delta names it
+                assert piece.id.startswith("call_") and piece.function.name and piece.type == "function"
+                calls[piece.index] = {"id": piece.id, "type": "function",
+                                      "function": {"name": piece.function.name, "arguments": ""}}
+            else:
+                assert piece.id is None and piece.function.name is None
+            calls[piece.index]["function"]["arguments"] += piece.function.arguments or ""
+        finish = choice.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
+def test_streamed_calls_add_up_to_the_plain_answer(client):
+    kwargs = dict(model=NAME, messages=MESSAGES, tools=[WEATHER, ADD], tool_choice="required", temperature=0,
+                  max_tokens=150)
+    plain = client.chat.completions.create(**kwargs).choices[0]
+    content, calls, finish = collect_stream(client.chat.completions.create(**kwargs, stream=True))
+    assert (content, finish) == (plain.message.content, plain.finish_reason)
+    assert [c["function"] for c in calls] == [c.function.model_dump() for c in plain.message.tool_calls]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_two_turn_tool_conversation_round_trips(server, client, stream):
+    tools = [WEATHER, ADD]
+    first = dict(model=NAME, messages=MESSAGES, tools=tools, temperature=0, max_tokens=150,
+                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    if stream:
+        content, calls, finish = collect_stream(client.chat.completions.create(**first, stream=True))
+        assistant = {"role": "assistant", "content": content, "tool_calls": calls}
+        call_id, arguments = calls[0]["id"], json.loads(calls[0]["function"]["arguments"])
+    else:
+        reply = client.chat.completions.create(**first).choices[0]
+        finish, assistant = reply.finish_reason, reply.message  # sent back as the client returned it
+        call_id, arguments = reply.message.tool_calls[0].id, validates(reply.message.tool_calls[0])
+    assert finish == "tool_calls"
+    result = {"role": "tool", "tool_call_id": call_id, "content": f"Sunny in {arguments['city']}"}
+    messages = MESSAGES + [assistant, result]
+
+    second = client.chat.completions.create(model=NAME, messages=messages, tools=tools, tool_choice="auto",
+                                            temperature=0, max_tokens=8, extra_body={"ignore_eos": True})
+    assert second.choices[0].finish_reason in ("length", "tool_calls")
+    # The second prompt carries the call and its result in the ChatML/Hermes format.
+    wire = [m.model_dump(exclude_none=True) if hasattr(m, "model_dump") else m for m in messages]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": wire}, timeout=30).json()["tokens"]
+    prompt = httpx.post(server.url + "/detokenize", json={"tokens": ids}, timeout=30).json()["prompt"]
+    expected_call = json.dumps({"name": "get_weather", "arguments": arguments})
+    assert f"<|im_start|>assistant\n<tool_call>\n{expected_call}\n</tool_call><|im_end|>" in prompt
+    assert f"<|im_start|>user\n<tool_response>\nSunny in {arguments['city']}\n</tool_response><|im_end|>" in prompt
+    assert second.usage.prompt_tokens > len(ids) + 50  # and the tools' schemas, which /tokenize does not take
+
+
+def test_a_message_dumped_by_the_openai_client_is_accepted_back(client):
+    reply = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[ADD], tool_choice="required",
+                                           parallel_tool_calls=False, temperature=0, max_tokens=100).choices[0]
+    dumped = reply.message.model_dump()  # with refusal, audio, annotations, function_call: None
+    result = {"role": "tool", "tool_call_id": reply.message.tool_calls[0].id, "content": "3"}
+    again = client.chat.completions.create(model=NAME, messages=MESSAGES + [dumped, result], max_tokens=2)
+    assert again.choices[0].message.role == "assistant"
+
+
+# --- the real model ------------------------------------------------------------------------------
+def test_smollm2_required_and_named_calls_validate():
+    from ember.engine import LLM, SamplingParams
+    from ember.serve.protocol import ToolDefinition
+    from ember.serve.tools import plan_tools
+
+    llm = LLM(str(smollm2_gguf()), max_model_len=1024)
+    messages = [{"role": "user", "content": "What will the weather be in Rome over the next 3 days?"}]
+    tools = [ToolDefinition(**WEATHER), ToolDefinition(**ADD)]
+    for choice, temperature in [("required", 0.0), ({"type": "function", "function": {"name": "get_weather"}}, 1.0)]:
+        plan = plan_tools(tools, choice, parallel_tool_calls=False)
+        ids = llm.tokenizer.apply_chat_template(messages, tools=plan.tools, tokenize=True)
+        out = llm.generate([ids], SamplingParams(temperature=temperature, seed=0, max_tokens=40,
+                                                 structured=plan.structured), use_tqdm=False)[0].outputs[0]
+        content, calls = parse_tool_calls(out.text, plan.names)
+        assert out.finish_reason == "stop" and content is None and len(calls) == 1, out.text
+        call = openai.types.chat.ChatCompletionMessageToolCall(**calls[0])
+        validates(call)
+        if isinstance(choice, dict):
+            assert call.function.name == "get_weather"

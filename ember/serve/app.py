@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import uuid
@@ -264,6 +265,8 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, resolve_max_tokens(requested, len(ids), server.max_model_len, None, param,
                                                      "messages"), k)
+    if plan is not None and plan.structured is not None:  # "required" or a named function: calls only
+        params = dataclasses.replace(params, structured=plan.structured)
     stream = await start(server, [ids], [params])
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
             "model": server.served_model_name}

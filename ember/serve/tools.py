@@ -27,9 +27,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import llguidance
-
+from ember.errors import EmberError
 from ember.serve.protocol import APIError
+from ember.structured import StructuredOutput
 from ember.tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 # OpenAI's rule for a function's name.
@@ -53,7 +53,7 @@ class ToolPlan:
 
     tools: list[dict[str, Any]]  # as the chat template receives them
     names: set[str]
-    grammar: str | None  # llguidance Lark grammar constraining the reply, for "required" or a named function
+    structured: StructuredOutput | None  # the constraint on the reply, for "required" or a named function
 
 
 def plan_tools(tools: list[Any] | None, tool_choice: str | dict[str, Any] | None,
@@ -97,11 +97,15 @@ def plan_tools(tools: list[Any] | None, tool_choice: str | dict[str, Any] | None
 
     if not names or choice == "none":
         return None
-    grammar = None
+    structured = None
     if named is not None or choice == "required":
         chosen = [t for t in schemas if named is None or t["function"]["name"] == named]
         grammar = tool_call_grammar(chosen, several=named is None and parallel_tool_calls is not False)
-    return ToolPlan(tools=schemas, names=set(names), grammar=grammar)
+        try:
+            structured = StructuredOutput(grammar=grammar)
+        except EmberError as e:  # each schema compiled alone above; together they should too
+            raise APIError(400, f"The tools cannot be made into a grammar: {e}", param="tools") from None
+    return ToolPlan(tools=schemas, names=set(names), structured=structured)
 
 
 def parameters_problem(schema: Any) -> str | None:
@@ -110,9 +114,11 @@ def parameters_problem(schema: Any) -> str | None:
         return "it must be a JSON object."
     if schema.get("type", "object") != "object":
         return f"arguments are a JSON object, so its type must be \"object\", not {schema['type']!r}."
-    # The grammar engine compiles the schema as a constraint would: what it cannot, is refused here.
-    error = llguidance.LLMatcher.validate_grammar(llguidance.grammar_from("json_schema", json.dumps(schema)))
-    return error.strip().splitlines()[-1] if error else None
+    try:  # compiled as a response_format schema would be: what the grammar engine cannot use is refused
+        StructuredOutput(json=schema)
+    except EmberError as e:
+        return str(e).removeprefix("Invalid json: ")
+    return None
 
 
 def tool_call_grammar(tools: list[dict[str, Any]], several: bool) -> str:
