@@ -399,14 +399,17 @@ def test_smollm2_required_and_named_calls_validate():
     llm = LLM(str(smollm2_gguf()), max_model_len=1024)
     messages = [{"role": "user", "content": "What will the weather be in Rome over the next 3 days?"}]
     tools = [ToolDefinition(**WEATHER), ToolDefinition(**ADD)]
-    for choice, temperature in [("required", 0.0), ({"type": "function", "function": {"name": "get_weather"}}, 1.0)]:
-        plan = plan_tools(tools, choice, parallel_tool_calls=False)
-        ids = llm.tokenizer.apply_chat_template(messages, tools=plan.tools, tokenize=True)
-        out = llm.generate([ids], SamplingParams(temperature=temperature, seed=0, max_tokens=40,
-                                                 structured=plan.structured), use_tqdm=False)[0].outputs[0]
-        content, calls = parse_tool_calls(out.text, plan.names)
-        assert out.finish_reason == "stop" and content is None and len(calls) == 1, out.text
+    # "required" greedy and a named function sampled, in one batch (the prompt is the same).
+    plans = [plan_tools(tools, "required", parallel_tool_calls=False),
+             plan_tools(tools, {"type": "function", "function": {"name": "add"}}, parallel_tool_calls=None)]
+    ids = llm.tokenizer.apply_chat_template(messages, tools=plans[0].tools, tokenize=True)
+    params = [SamplingParams(temperature=t, seed=0, max_tokens=40, structured=p.structured)
+              for t, p in zip((0.0, 1.0), plans)]
+    outs = llm.generate([ids, ids], params)
+    for out, plan in zip(outs, plans):
+        o = out.outputs[0]
+        content, calls = parse_tool_calls(o.text, plan.names)
+        assert o.finish_reason == "stop" and content is None and len(calls) == 1, o.text
         call = openai.types.chat.ChatCompletionMessageToolCall(**calls[0])
         validates(call)
-        if isinstance(choice, dict):
-            assert call.function.name == "get_weather"
+    assert call.function.name == "add"
