@@ -50,8 +50,8 @@ TEXTS = [
     "  Leading spaces, a < sign, a <tool tag that never completes and trailing newlines\n\n",
     "Ends in half a tag <tool_ca",
     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}\n</tool_call>',
-    '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
-    '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 7}}\n</tool_call>\n',
+    ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+     '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "days": 7}}\n</tool_call>\n'),
     '<tool_call>{"name": "add", "arguments": {"note": "a } b \\" { [", "nested": {"x": [1, {"y": 2}]}}}</tool_call>',
     '<tool_call>{"name": "nobody", "arguments": {}}</tool_call> unknown names stay text',
     '<tool_call>{"name": "add", "arguments": {"a": 1,}}</tool_call> broken JSON stays text',
@@ -203,7 +203,7 @@ def test_a_template_without_tools_gets_the_chatml_hermes_default(chat_tok):
 # --- the server ----------------------------------------------------------------------------------
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
-from test_serve import NAME, Server  # noqa: E402  (the same subprocess harness as the serve tests)
+from test_serve import NAME, Server  # the same subprocess harness as the serve tests
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 
@@ -307,6 +307,11 @@ def test_a_named_function_is_the_one_called(client):
         (call,) = out.choices[0].message.tool_calls
         assert call.function.name == "add" and out.choices[0].finish_reason == "tool_calls"
         assert set(validates(call)) == {"a", "b"}
+    # A function declared without parameters takes none: its arguments are an empty object.
+    now = {"type": "function", "function": {"name": "now", "description": "The time."}}
+    out = client.chat.completions.create(model=NAME, messages=MESSAGES, tools=[now, ADD], temperature=1.0, seed=0,
+                                         tool_choice={"type": "function", "function": {"name": "now"}})
+    assert [(c.function.name, c.function.arguments) for c in out.choices[0].message.tool_calls] == [("now", "{}")]
 
 
 def test_parallel_required_calls_that_finish_all_validate(client):
@@ -343,8 +348,8 @@ def collect_stream(chunks) -> tuple[str | None, list[dict], str]:
 
 
 def test_streamed_calls_add_up_to_the_plain_answer(client):
-    kwargs = dict(model=NAME, messages=MESSAGES, tools=[WEATHER, ADD], tool_choice="required", temperature=0,
-                  max_tokens=150)
+    kwargs = {"model": NAME, "messages": MESSAGES, "tools": [WEATHER, ADD], "tool_choice": "required",
+              "temperature": 0, "max_tokens": 150}
     plain = client.chat.completions.create(**kwargs).choices[0]
     content, calls, finish = collect_stream(client.chat.completions.create(**kwargs, stream=True))
     assert (content, finish) == (plain.message.content, plain.finish_reason)
@@ -354,8 +359,8 @@ def test_streamed_calls_add_up_to_the_plain_answer(client):
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_two_turn_tool_conversation_round_trips(server, client, stream):
     tools = [WEATHER, ADD]
-    first = dict(model=NAME, messages=MESSAGES, tools=tools, temperature=0, max_tokens=150,
-                 tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    first = {"model": NAME, "messages": MESSAGES, "tools": tools, "temperature": 0, "max_tokens": 150,
+             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
     if stream:
         content, calls, finish = collect_stream(client.chat.completions.create(**first, stream=True))
         assistant = {"role": "assistant", "content": content, "tool_calls": calls}

@@ -5,6 +5,8 @@ ignored; a few OpenAI parameters are accepted only at their no-op values (`best_
 empty `suffix`, ...). `echo` with `logprobs` scores the prompt too (what lm-eval's
 loglikelihood requests need), with `max_tokens: 0` allowed to score the prompt alone. vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`) ride in the body (`extra_body` in openai).
+Chat takes OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (ember.serve.tools), and
+messages carrying an assistant's `tool_calls` or a tool's result (`role: "tool"`, `tool_call_id`).
 """
 
 from __future__ import annotations

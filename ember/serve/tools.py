@@ -132,10 +132,10 @@ def tool_call_grammar(tools: list[dict[str, Any]], several: bool) -> str:
                                "arguments": function.get("parameters", _NO_PARAMETERS)},
                 "required": ["name", "arguments"], "additionalProperties": False}
         rules.append(f"call_{i}: %json {json.dumps(call)}")
-    lines = ["start: call (\"\\n\" call)*" if several else "start: call",
-             f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} "
-             f"({' | '.join(f'call_{i}' for i in range(len(tools)))}) {json.dumps(chr(10) + TOOL_CALL_CLOSE)}"]
-    return "\n".join(lines + rules)
+    start = 'start: call ("\\n" call)*' if several else "start: call"
+    alternatives = " | ".join(f"call_{i}" for i in range(len(tools)))
+    call = f"call: {json.dumps(TOOL_CALL_OPEN + chr(10))} ({alternatives}) {json.dumps(chr(10) + TOOL_CALL_CLOSE)}"
+    return "\n".join([start, call, *rules])
 
 
 def new_call_id() -> str:
