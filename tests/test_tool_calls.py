@@ -247,6 +247,7 @@ def bad_tool(**function) -> dict:
     ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ({"tools": [WEATHER], "tool_choice": {"type": "function"}}, "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
     (bad_tool(parameters={"type": "object", "properties": {"x": {"type": "banana"}}}), "tools.0.function.parameters"),
     (bad_tool(parameters={"type": "object", "properties": {"x": {"type": "string", "minLength": "two"}}}),
      "tools.0.function.parameters"),

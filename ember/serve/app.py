@@ -201,7 +201,8 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
         max_tokens = resolve_max_tokens(None if score_only else req.max_tokens, len(p), server.max_model_len,
                                         COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
         params.append(sampling_params(req, 1 if score_only else max_tokens, k,
-                                      prompt_logprobs=k if req.echo and k is not None else None))
+                                      prompt_logprobs=k if req.echo and k is not None else None,
+                                      vocab_size=server.llm.model.config.vocab_size))
     stream = await start(server, prompts, params)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
             "model": server.served_model_name}
@@ -264,8 +265,12 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
         raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, resolve_max_tokens(requested, len(ids), server.max_model_len, None, param,
-                                                     "messages"), k)
+                                                     "messages"), k, vocab_size=server.llm.model.config.vocab_size)
     if plan is not None and plan.structured is not None:  # "required" or a named function: calls only
+        if params.structured is not None:
+            raise APIError(400, "'tool_choice' \"required\" or a named function constrains the reply to tool "
+                           "calls, so it cannot be combined with response_format or guided_* parameters.",
+                           param="tool_choice")
         params = dataclasses.replace(params, structured=plan.structured)
     stream = await start(server, [ids], [params])
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),

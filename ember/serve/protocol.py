@@ -5,6 +5,12 @@ ignored; a few OpenAI parameters are accepted only at their no-op values (`best_
 empty `suffix`, ...). `echo` with `logprobs` scores the prompt too (what lm-eval's
 loglikelihood requests need), with `max_tokens: 0` allowed to score the prompt alone. vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`) ride in the body (`extra_body` in openai).
+
+Structured output on both completion endpoints: OpenAI's `response_format` (`text`, `json_object`,
+`json_schema`) and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark
+or GBNF/EBNF), at most one per request; a constraint the grammar engine refuses is a 400 naming
+the parameter that carried it. `logit_bias` maps token-id strings to a bias in [-100, 100].
+
 Chat takes OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (ember.serve.tools), and
 messages carrying an assistant's `tool_calls` or a tool's result (`role: "tool"`, `tool_call_id`).
 """
@@ -19,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.errors import EmberError
 from ember.sampling import SamplingParams
+from ember.structured import StructuredOutput
 
 
 class APIError(Exception):
@@ -57,7 +64,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI allows
-    logit_bias: dict[str, float] | None = None  # only empty
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # vLLM-style extras
     top_k: int | None = None
     min_p: float | None = None
@@ -65,10 +73,14 @@ class _Sampling(_Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> dict[str, bool]:
         """Parameter -> whether it is set to something we do not implement."""
-        return {"logit_bias": bool(self.logit_bias)}
+        return {}
 
 
 class CompletionRequest(_Sampling):
@@ -153,11 +165,6 @@ class ChatRequest(_Sampling):
     tools: list[ToolDefinition] | None = None
     tool_choice: str | dict[str, Any] | None = None  # checked by ember.serve.tools.plan_tools
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> dict[str, bool]:
-        return {**super().unsupported(),
-                "response_format": self.response_format not in (None, {"type": "text"})}
 
 
 class TokenizeRequest(_Strict):
@@ -188,10 +195,75 @@ def reject_unsupported(req: _Sampling) -> None:
                            code="unsupported_parameter")
 
 
+def _response_format(value: dict[str, Any]) -> StructuredOutput | None:
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise EmberError("Invalid response_format: 'json_schema' must hold an object with the schema under "
+                             "'schema'.")
+        schema = spec.get("schema")
+        return StructuredOutput(json_object=True) if schema is None else StructuredOutput(json=schema)
+    raise EmberError(f"Invalid response_format: its type must be 'text', 'json_object' or 'json_schema', "
+                     f"not {kind!r}.")
+
+
+def structured_output(req: _Sampling) -> StructuredOutput | None:
+    """The request's output constraint (at most one of response_format and guided_*), or None;
+    a constraint the grammar engine refuses is a 400 naming its parameter."""
+    given = [(name, getattr(req, name)) for name in ("response_format", "guided_json", "guided_regex",
+                                                     "guided_choice", "guided_grammar")
+             if getattr(req, name) is not None and getattr(req, name) != {"type": "text"}]
+    if len(given) > 1:
+        raise APIError(400, f"Send one output constraint, not both '{given[0][0]}' and '{given[1][0]}'.",
+                       param=given[1][0])
+    if not given:
+        return None
+    name, value = given[0]
+    try:
+        if name == "response_format":
+            return _response_format(value)
+        field = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}[name]
+        return StructuredOutput(**{field: value})
+    except EmberError as e:
+        message = str(e)
+        for kind in ("json", "regex", "choice", "grammar", "json_object"):  # name the request's parameter
+            if message.startswith(f"Invalid {kind}: "):
+                message = f"Invalid {name}: " + message[len(f"Invalid {kind}: "):]
+        raise APIError(400, message, param=name) from None
+
+
+def logit_bias(req: _Sampling, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token-id strings -> a bias in [-100, 100], each id inside the vocabulary."""
+    if not req.logit_bias:
+        return None
+    bias = {}
+    for key, value in req.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys are token ids; {key!r} is not one.", param="logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise APIError(400, f"logit_bias names token id {token}, outside this model's vocabulary of "
+                           f"{vocab_size}.", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100]; token {token} has {value}.",
+                           param="logit_bias")
+        bias[token] = value
+    return bias
+
+
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
     """OpenAI fields -> engine SamplingParams; out-of-range values become a 400. A streamed
-    request asks the engine for deltas, any other for its final output only."""
+    request asks the engine for deltas, any other for its final output only. `vocab_size`
+    bounds the token ids logit_bias may name."""
+    structured, bias = structured_output(req), logit_bias(req, vocab_size)
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                  repetition_penalty=req.repetition_penalty)
@@ -201,7 +273,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
                               max_tokens=max_tokens, min_tokens=req.min_tokens, stop=[s for s in stop if s],
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n,
-                              output_kind="delta" if req.stream else "final")
+                              output_kind="delta" if req.stream else "final", structured=structured,
+                              logit_bias=bias)
     except EmberError as e:
         raise APIError(400, str(e)) from None
 
