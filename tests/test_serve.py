@@ -331,7 +331,8 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, 400, "ANY"),
     ("/v1/chat/completions", CHAT | {"max_completion_tokens": CONTEXT}, 400, "max_completion_tokens"),
-    ("/v1/chat/completions", CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
+    ("/v1/chat/completions", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "banana"}}}}}]}, 400, "tools.0.function.parameters"),
     ("/v1/chat/completions", CHAT | {"response_format": {"type": "yaml"}}, 400, "response_format"),
     ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "response_format"),

@@ -10,10 +10,14 @@ Structured output on both completion endpoints: OpenAI's `response_format` (`tex
 `json_schema`) and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark
 or GBNF/EBNF), at most one per request; a constraint the grammar engine refuses is a 400 naming
 the parameter that carried it. `logit_bias` maps token-id strings to a bias in [-100, 100].
+
+Chat takes OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (ember.serve.tools), and
+messages carrying an assistant's `tool_calls` or a tool's result (`role: "tool"`, `tool_call_id`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -96,16 +100,61 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """transformers' convention: templates get the arguments as an object (a JSON string
+        that is not one is passed on as it is)."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the results
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    # What the openai client's `message.model_dump()` carries back; accepted only as null.
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
         # Chat templates know "system"; OpenAI's newer "developer" role means the same.
         message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message | ({"name": self.name} if self.name else {})
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # accepted; with tool_choice "required" or a named function, always strict
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatRequest(_Sampling):
@@ -113,13 +162,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked by ember.serve.tools.plan_tools
     parallel_tool_calls: bool | None = None
-
-    def unsupported(self) -> dict[str, bool]:
-        return {**super().unsupported(), "tools": bool(self.tools),
-                "tool_choice": self.tool_choice not in (None, "none")}
 
 
 class TokenizeRequest(_Strict):
