@@ -7,6 +7,7 @@ raise `EmberError`, which ends here as one sentence on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from ember.settings import CommandParser, add_command
 
 if TYPE_CHECKING:
     from ember.sampling import SamplingParams
+    from ember.structured import StructuredOutput
 
 EPILOG = """\
 The path from nothing to a model:
@@ -219,8 +221,32 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
                    help="run each decode step as one torch.compile'd graph over a static KV cache (gpt-fast's "
                         "way): the first step compiles for about a minute, then batch-1 decoding runs "
                         "with far less per-operation overhead")
+    shape = p.add_argument_group("constrained output (one of)").add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE", help="the completion is JSON valid under this JSON schema file")
+    shape.add_argument("--regex", metavar="R", help="the whole completion matches this regular expression")
+    shape.add_argument("--choice", metavar="A,B", help="the completion is one of these comma-separated strings")
+    shape.add_argument("--grammar", metavar="FILE",
+                       help="the completion follows this grammar file: Lark (llguidance's syntax) or GBNF")
     _add_sampling(p)
     _add_device(p)
+
+
+def structured_output(a: argparse.Namespace) -> StructuredOutput | None:
+    """The constraint `generate`'s --json-schema, --regex, --choice or --grammar names, or None."""
+    from ember.files import read_json
+    from ember.structured import StructuredOutput
+
+    if a.json_schema is not None:
+        return StructuredOutput(json=read_json(a.json_schema, "JSON schema file"))
+    if a.regex is not None:
+        return StructuredOutput(regex=a.regex)
+    if a.choice is not None:
+        return StructuredOutput(choice=[c for c in a.choice.split(",") if c])
+    if a.grammar is not None:
+        if not Path(a.grammar).is_file():
+            raise EmberError(f"Grammar file {a.grammar} does not exist.")
+        return StructuredOutput(grammar=Path(a.grammar).read_text(encoding="utf-8"))
+    return None
 
 
 def _chat_flags(p: argparse.ArgumentParser) -> None:
@@ -387,7 +413,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
     model = load_model(a.model, device=a.device, dtype=a.dtype, quantization=a.quantize, adapter=a.adapter)
     model = prepare_for_inference(model.eval())
-    params = sampling_params(a)
+    params = dataclasses.replace(sampling_params(a), structured=structured_output(a))
     tok = load_tokenizer(a.model)
     if a.prompt_ids is not None:
         try:

@@ -18,7 +18,8 @@ from ember.detokenizer import Detokenizer
 from ember.kv_cache import KVCache, StaticKVCache
 from ember.model import CausalLM
 from ember.request import check_prompt_ids, stop_token_ids
-from ember.sampling import PenaltyTracker, SamplingParams, SamplingRows, sample, seeded_generator
+from ember.sampling import PenaltyTracker, SamplingParams, SamplingRows, TokenMask, sample, seeded_generator
+from ember.structured import GrammarMatcher, allowed_tokens, compile_constraint
 
 
 def context_length(model: CausalLM) -> int:
@@ -27,14 +28,16 @@ def context_length(model: CausalLM) -> int:
 
 @torch.inference_mode()
 def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingParams,
-                 stop_ids: Sequence[int] = (), compile: bool = False) -> Iterator[int]:
+                 stop_ids: Sequence[int] = (), compile: bool = False,
+                 grammar: GrammarMatcher | None = None) -> Iterator[int]:
     """Yield new token ids one by one, under `params` (its max_tokens, temperature, top-k, top-p,
     min-p, penalties and seed); stops after max_tokens, at the context's end, or after a token
     in `stop_ids` (the caller's choice: no EOS is added here).
 
     `compile=True` runs each one-token step as one `torch.compile`d graph over a static cache
     (see `ember.compiled_step`): the first call compiles (cached on disk after), later steps
-    skip most of PyTorch's per-operation overhead."""
+    skip most of PyTorch's per-operation overhead. `grammar` (params.structured compiled for the
+    tokenizer) constrains each token, and its completion ends the generation."""
     ctx = context_length(model)
     check_prompt_ids(prompt_ids, model.config.vocab_size, ctx)
     max_new_tokens = min(params.max_tokens, ctx - len(prompt_ids))
@@ -57,17 +60,19 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[int], params: SamplingPar
     # Greedy without penalties is the logits' argmax (the sampler's own greedy result, as it
     # computes no logprobs here): taken directly, not through the sampler's steps. Not while
     # stop tokens are banned (before min_tokens).
-    argmax_only = params.greedy and penalties is None
+    argmax_only = params.greedy and penalties is None and not params.logit_bias and grammar is None
 
     logits = model(torch.tensor([list(prompt_ids)], device=device), cache=cache, last_only=True)[:, -1]
     # After the prefill, which fills the layers' lazy caches (e.g. int4 kernel scales).
     structure = structure_key(model) if compile else 0
     for i in range(max_new_tokens):
         current = early if i < params.min_tokens else rows
-        token = logits.argmax(dim=-1) if argmax_only and current is rows else sample(logits, current).token_ids
+        mask = TokenMask(allowed_tokens([grammar], [frozenset(stop)], logits.shape[-1])) if grammar else None
+        token = logits.argmax(dim=-1) if argmax_only and current is rows else sample(logits, current,
+                                                                                      mask=mask).token_ids
         tok = int(token.item())
         yield tok
-        if tok in stop:
+        if tok in stop or (grammar is not None and (not grammar.advance(tok) or grammar.is_finished)):
             return
         if penalties is not None:
             penalties.add(tok)
@@ -83,7 +88,8 @@ def stream_text(model: CausalLM, tokenizer: Any, prompt_ids: Sequence[int], para
     token, or the first stop string (excluded)."""
     detok = Detokenizer(tokenizer, params.stop)
     stop_ids = stop_token_ids(params, model, tokenizer)
-    for tok in generate_ids(model, prompt_ids, params, stop_ids=tuple(stop_ids), compile=compile):
+    grammar = compile_constraint(params.structured, tokenizer, model.config.vocab_size) if params.structured else None
+    for tok in generate_ids(model, prompt_ids, params, stop_ids=tuple(stop_ids), compile=compile, grammar=grammar):
         if tok in stop_ids:
             break
         stopped = detok.push(tok)

@@ -7,9 +7,12 @@ tensors, so a batch mixing greedy rows, seeded rows and rows with penalties is p
 the same few tensor operations, with no per-row trip to the CPU.
 
 Each transform is a pure function over [B, V] logits, so a test can call it with three
-numbers. Order: penalties, temperature, top-k, top-p, min-p, then a draw (or argmax for
-greedy rows). A row's draw uses only its own random stream when it has one (a seeded
-request), so its tokens do not depend on what else is in the batch.
+numbers. Order: logit bias, banned ids and grammar masks (what logprobs are reported from), then
+penalties, temperature, top-k, top-p, min-p, and a draw (or argmax for greedy rows). Grammar
+masks (`TokenMask`, from `ember.structured`) change every step, so they come with each call
+rather than with the rows, and touch only the rows they constrain. A row's draw uses only its
+own random stream when it has one (a seeded request), so its tokens do not depend on what else
+is in the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ember.errors import EmberError
+from ember.structured import StructuredOutput
 
 
 @dataclass
@@ -43,6 +47,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     n: int = 1
+    # Constrained decoding: the completion follows this JSON schema, regex, choice or grammar.
+    structured: StructuredOutput | None = None
+    # OpenAI's logit_bias: token id -> a number in [-100, 100] added to its logit before sampling.
+    logit_bias: dict[int, float] | None = None
     # What the engine's outputs carry (vLLM's RequestOutputKind): the whole completion so far,
     # only what is new since the request's previous output, or one output when it finishes.
     output_kind: Literal["cumulative", "delta", "final"] = "cumulative"
@@ -67,6 +75,17 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise EmberError(f"Invalid sampling parameter: {message}.")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutput):
+            raise EmberError("Invalid sampling parameter: structured must be an ember.structured.StructuredOutput.")
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(t): float(v) for t, v in self.logit_bias.items()}
+            except (TypeError, ValueError):
+                raise EmberError("Invalid sampling parameter: logit_bias maps token ids to numbers.") from None
+            bad = [t for t, v in self.logit_bias.items() if t < 0 or not -100 <= v <= 100]
+            if bad:
+                raise EmberError(f"Invalid sampling parameter: logit_bias for token {bad[0]} needs a token id >= 0 "
+                                 f"and a bias in [-100, 100].")
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +94,33 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+
+@dataclass
+class TokenMask:
+    """The tokens some rows of a [B, V] batch may draw next (constrained decoding; see FORBIDDEN).
+
+    rows: long [R], the constrained rows (None: every row); allowed: bool [R, V]. Other rows are
+    untouched."""
+
+    allowed: Tensor
+    rows: Tensor | None = None
+
+
+# What a token the grammar forbids gets added to its logit. Not -inf: the mask is applied as an
+# add (which vectorises, where a boolean masked_fill does not on a CPU), and 0 x inf would be NaN.
+# exp() of it underflows to exactly 0 in float32, so such a token is never drawn.
+FORBIDDEN = -1e30
+
+
+def apply_token_mask(logits: Tensor, mask: TokenMask) -> Tensor:
+    """The masked rows' forbidden tokens pushed to FORBIDDEN; other rows untouched."""
+    allowed = mask.allowed.to(logits.device).contiguous()
+    shift = allowed.view(torch.int8) - 1  # 0 where allowed, -1 where forbidden
+    if mask.rows is None:
+        return logits.add(shift, alpha=-FORBIDDEN)
+    rows = mask.rows.to(logits.device)
+    return logits.index_copy(0, rows, logits.index_select(0, rows).add(shift, alpha=-FORBIDDEN))
 
 
 def _col(x: float | Tensor, logits: Tensor) -> Tensor:
@@ -194,6 +240,12 @@ class SamplingRows:
             rows = [i for i, ids in enumerate(banned) for _ in ids]
             cols = [t for ids in banned for t in ids]
             self.banned = (torch.tensor(rows, device=self.device), torch.tensor(cols, device=self.device))
+        self.bias: tuple[tuple[Tensor, Tensor], Tensor] | None = None
+        biased = [(i, int(t), float(v)) for i, p in enumerate(self.params) for t, v in (p.logit_bias or {}).items()]
+        if biased:
+            rows_, cols_, values = zip(*biased)
+            self.bias = ((torch.tensor(rows_, device=self.device), torch.tensor(cols_, device=self.device)),
+                         torch.tensor(values, device=self.device))
         self.logprobs = [p.logprobs for p in self.params]
 
     def _stacked(self, attr: str, vocab_size: int, dtype: torch.dtype) -> Tensor:
@@ -201,11 +253,16 @@ class SamplingRows:
                  else torch.zeros(1, vocab_size, dtype=dtype, device=self.device) for t in self.penalties]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def allowed(self, logits: Tensor) -> Tensor:
-        """float32 logits with the banned tokens at -inf: what logprobs are reported from."""
+    def allowed(self, logits: Tensor, mask: TokenMask | None = None) -> Tensor:
+        """float32 logits with each row's logit bias added, its banned tokens at -inf and those its
+        grammar forbids at FORBIDDEN: what logprobs are reported from."""
         logits = logits.float()
+        if self.bias is not None:
+            logits = logits.index_put(self.bias[0], self.bias[1], accumulate=True)
         if self.banned is not None:
             logits = logits.index_put(self.banned, torch.tensor(float("-inf"), device=logits.device))
+        if mask is not None:
+            logits = apply_token_mask(logits, mask)
         return logits
 
     def process(self, logits: Tensor) -> Tensor:
@@ -262,9 +319,11 @@ class SamplerOutput:
     logprobs: list[dict[int, float] | None] | None = None
 
 
-def sample(logits: Tensor, rows: SamplingRows, keep_probs: bool = False) -> SamplerOutput:
-    """The next token of every row of `logits` [B, V], each under its own parameters."""
-    allowed = rows.allowed(logits)
+def sample(logits: Tensor, rows: SamplingRows, keep_probs: bool = False,
+           mask: TokenMask | None = None) -> SamplerOutput:
+    """The next token of every row of `logits` [B, V], each under its own parameters (and the
+    grammar masks of the rows `mask` constrains)."""
+    allowed = rows.allowed(logits, mask)
     processed = rows.process(allowed)
     probs = None
     if rows.all_greedy:

@@ -8,7 +8,9 @@ system needs around it:
 - HF-layout files (`tokenizer.json` + `tokenizer_config.json`) that `transformers` opens;
 - special tokens that user text cannot inject: `<|im_end|>` typed by a user encodes as
   plain text unless the caller allows it (tiktoken's `allowed_special` semantics);
-- HF-compatible Jinja chat templates;
+- HF-compatible Jinja chat templates, with tools (`tools=`, assistant `tool_calls`, `role: "tool"`
+  messages) passed to templates that read them and rendered in the ChatML/Hermes format
+  (`<tools>`, `<tool_call>`, `<tool_response>`) for templates that do not;
 - incremental detokenization for streaming that never emits half a UTF-8 character.
 
 Ember-trained tokenizers put their special tokens at the FIRST ids, in the order given
@@ -28,6 +30,7 @@ from typing import Any, Iterable
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _Engine
@@ -51,6 +54,25 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# The tool-call format of templates that have none (ChatML/Hermes style): the system turn lists
+# the tools' schemas between TOOLS_OPEN/TOOLS_CLOSE, the model calls one by writing
+# TOOL_CALL_OPEN {"name": ..., "arguments": {...}} TOOL_CALL_CLOSE, and each result comes back
+# between TOOL_RESPONSE_OPEN/TOOL_RESPONSE_CLOSE in a user turn.
+TOOLS_OPEN, TOOLS_CLOSE = "<tools>", "</tools>"
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+TOOL_RESPONSE_OPEN, TOOL_RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
+# The system-turn section for such templates; SCHEMAS becomes one tool's JSON per line.
+DEFAULT_TOOLS_PROMPT = """You can call the functions whose JSON schemas are listed between <tools> and </tools>:
+<tools>
+SCHEMAS
+</tools>
+
+To call one, answer with a JSON object holding its name and its arguments between <tool_call> and </tool_call>, one such block per call:
+<tool_call>
+{"name": "<function name>", "arguments": {<arguments as a JSON object>}}
+</tool_call>
+The results come back between <tool_response> and </tool_response>."""
 
 # transformers writes this for "no limit"; writing null instead breaks its loader.
 NO_MAX_LENGTH = int(1e30)
@@ -335,6 +357,7 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = False,
         sanitize_control_tokens: bool = True,
+        tools: list[dict] | None = None,
         **kwargs: Any,
     ) -> str | list[int]:
         """Render `messages` with the chat template, like transformers does.
@@ -342,6 +365,11 @@ class Tokenizer:
         With tokenize=True the specials the template writes become control tokens, while
         special-token strings inside the messages stay plain text (sanitize_control_tokens),
         so a user cannot close a turn by typing `<|im_end|>`.
+
+        `tools` (JSON schemas `{"type": "function", "function": {...}}`), assistant messages'
+        `tool_calls` and `role: "tool"` messages reach a template that reads `tools` exactly as
+        transformers passes them. A template that does not read `tools` gets them in the
+        ChatML/Hermes format instead (`default_tool_messages`).
         """
         if self.chat_template is None:
             raise EmberError("This tokenizer has no chat template; set one in tokenizer_config.json.")
@@ -349,16 +377,21 @@ class Tokenizer:
             raise EmberError("Chat messages must be dicts like {'role': 'user', 'content': '...'}.")
         # As transformers: drop None-valued keys (e.g. OpenAI's content=None).
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        if not template_reads_tools(self.chat_template) and (
+                tools or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)):
+            messages, tools = default_tool_messages(messages, tools or []), None
         fence = tokenize and sanitize_control_tokens and self._special_tokens
         if fence:
             exact = re.compile("|".join(re.escape(s) for s in sorted(self._special_tokens, key=len, reverse=True)))
             messages, kwargs = _fence_specials(messages, exact), _fence_specials(kwargs, exact)
+            tools = _fence_specials(tools, exact)
         variables = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
                      "unk_token": self.unk_token}
         variables = {k: v for k, v in variables.items() if v is not None}
         try:
             text = _compile_template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **{**variables, **kwargs}
+                messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                **{**variables, **kwargs}
             )
         except jinja2.TemplateError as e:
             raise EmberError(f"The chat template failed to render: {e}") from None
@@ -369,6 +402,78 @@ class Tokenizer:
         for i, part in enumerate(re.split(f"{_TEXT_START}(.*?){_TEXT_END}", text, flags=re.S)):
             ids += self.encode(part, allowed_special="none" if i % 2 else "all")
         return ids
+
+
+def template_reads_tools(source: str) -> bool:
+    """Whether a chat template renders tools itself: it reads the `tools` variable."""
+    if source not in _READS_TOOLS:
+        try:
+            _READS_TOOLS[source] = "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(source))
+        except jinja2.TemplateSyntaxError as e:
+            raise EmberError(f"The chat template is not valid Jinja: {e.message} (line {e.lineno}).") from None
+    return _READS_TOOLS[source]
+
+
+_READS_TOOLS: dict[str, bool] = {}
+
+
+def default_tool_messages(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """Tools, tool calls and tool results as plain chat turns, for templates that know no tools.
+
+    The ChatML/Hermes convention: the tools' schemas go into the system turn (appended to the
+    caller's system message, or as a new first message) with DEFAULT_TOOLS_PROMPT; an
+    assistant's `tool_calls` become `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`
+    blocks after its text; consecutive `role: "tool"` messages become one user turn of
+    `<tool_response>...</tool_response>` blocks.
+    """
+    out: list[dict] = []
+    responses_open = False  # the last message of `out` is a user turn of tool responses
+    for m in messages:
+        if m.get("role") == "tool":
+            block = f"{TOOL_RESPONSE_OPEN}\n{_text(m.get('content'))}\n{TOOL_RESPONSE_CLOSE}"
+            if responses_open:
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            responses_open = True
+            continue
+        responses_open = False
+        calls = m.get("tool_calls") or []
+        m = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
+        if calls:
+            text = _text(m.get("content"))
+            m["content"] = "\n".join(([text] if text else []) + [tool_call_text(c) for c in calls])
+        out.append(m)
+    if tools:
+        schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        section = DEFAULT_TOOLS_PROMPT.replace("SCHEMAS", schemas)
+        if out and out[0].get("role") == "system":
+            system = _text(out[0].get("content"))
+            out[0] = out[0] | {"content": f"{system}\n\n{section}" if system else section}
+        else:
+            out.insert(0, {"role": "system", "content": section})
+    return out
+
+
+def tool_call_text(call: dict) -> str:
+    """One tool call (OpenAI's `{"function": {"name", "arguments"}}` or transformers' `{"name",
+    "arguments"}`, arguments a JSON string or an object) as a `<tool_call>` block."""
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:  # not JSON: kept as the string the caller gave
+            pass
+    body = json.dumps({"name": function.get("name"), "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+
+
+def _text(content: Any) -> str:
+    """A message's content as text (OpenAI's list of text parts joined)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
 
 
 def _fence_specials(obj: Any, specials: re.Pattern) -> Any:
@@ -400,9 +505,10 @@ class _GenerationTag(jinja2.ext.Extension):
 _TEMPLATE_CACHE: dict[str, jinja2.Template] = {}
 
 
-def _compile_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the same sandboxed environment transformers uses."""
-    if source not in _TEMPLATE_CACHE:
+def _environment() -> ImmutableSandboxedEnvironment:
+    """The sandboxed Jinja environment transformers renders chat templates in (made once)."""
+    global _ENVIRONMENT
+    if _ENVIRONMENT is None:
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
         )
@@ -419,8 +525,18 @@ def _compile_template(source: str) -> jinja2.Template:
 
         env.filters["tojson"] = tojson
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        _ENVIRONMENT = env
+    return _ENVIRONMENT
+
+
+_ENVIRONMENT: ImmutableSandboxedEnvironment | None = None
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    """Compile a chat template in the same sandboxed environment transformers uses."""
+    if source not in _TEMPLATE_CACHE:
         try:
-            _TEMPLATE_CACHE[source] = env.from_string(source)
+            _TEMPLATE_CACHE[source] = _environment().from_string(source)
         except jinja2.TemplateSyntaxError as e:
             raise EmberError(f"The chat template is not valid Jinja: {e.message} (line {e.lineno}).") from None
     return _TEMPLATE_CACHE[source]

@@ -323,14 +323,19 @@ CHAT = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tok
     ("/v1/completions", COMPLETION | {"max_tokens": 0}, 400, "ANY"),  # only with echo
     ("/v1/completions", COMPLETION | {"best_of": 3}, 400, "best_of"),
     ("/v1/completions", COMPLETION | {"suffix": "end"}, 400, "suffix"),
-    ("/v1/completions", COMPLETION | {"logit_bias": {"1": 5}}, 400, "logit_bias"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"100000": 5}}, 400, "logit_bias"),
+    ("/v1/completions", COMPLETION | {"logit_bias": {"1": 500}}, 400, "logit_bias"),
+    ("/v1/completions", COMPLETION | {"guided_regex": "a(b"}, 400, "guided_regex"),
     ("/v1/completions", COMPLETION | {"frobnicate": 1}, 400, "frobnicate"),
     ("/v1/completions", {"model": NAME}, 400, "prompt"),
     ("/v1/chat/completions", CHAT | {"messages": []}, 400, "messages"),
     ("/v1/chat/completions", CHAT | {"messages": [{"role": "wizard", "content": "x"}]}, 400, "ANY"),
     ("/v1/chat/completions", CHAT | {"max_completion_tokens": CONTEXT}, 400, "max_completion_tokens"),
-    ("/v1/chat/completions", CHAT | {"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-    ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", CHAT | {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "banana"}}}}}]}, 400, "tools.0.function.parameters"),
+    ("/v1/chat/completions", CHAT | {"response_format": {"type": "yaml"}}, 400, "response_format"),
+    ("/v1/chat/completions", CHAT | {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}}}, 400, "response_format"),
     ("/v1/chat/completions", CHAT | {"top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", CHAT | {"presence_penalty": 5}, 400, "ANY"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

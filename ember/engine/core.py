@@ -21,7 +21,7 @@ from ember.engine.block_manager import BlockManager
 from ember.engine.model_runner import ModelRunner
 from ember.engine.paged_cache import KVPool
 from ember.engine.scheduler import Scheduler
-from ember.engine.sequence import Sequence
+from ember.engine.sequence import Sequence, grammar_mask
 from ember.engine.speculative import DraftProposer, NgramProposer, verify
 from ember.errors import EmberError
 from ember.model import CausalLM
@@ -139,7 +139,8 @@ class EngineCore:
         if plain:
             seqs = [ready[i] for i in plain]
             rows = self._plain_rows(seqs, logits.device)
-            out = sample(logits if not guessing else logits[[starts[i] for i in plain]], rows)
+            out = sample(logits if not guessing else logits[[starts[i] for i in plain]], rows,
+                         mask=grammar_mask(seqs, logits.shape[-1]))
             tokens = out.token_ids.tolist()
             for j, i in enumerate(plain):
                 results[i] = ([tokens[j]], [out.logprobs[j] if out.logprobs is not None else None])
@@ -148,13 +149,16 @@ class EngineCore:
             picks = [r for i in guessing for r in range(starts[i], starts[i] + counts[i])]
             rows = SamplingRows([s.params for s in seqs for _ in range(len(s.draft_ids) + 1)],
                                 [s.generator for s in seqs for _ in range(len(s.draft_ids) + 1)], device=logits.device)
-            accepted = verify(logits[picks], rows, [s.draft_ids for s in seqs], [s.spec.draft_probs for s in seqs])
+            accepted = verify(logits[picks], rows, [s.draft_ids for s in seqs], [s.spec.draft_probs for s in seqs],
+                              mask=grammar_mask(seqs, logits.shape[-1], speculating=True))
             for i, tokens in zip(guessing, accepted):
                 results[i] = (tokens, [None] * len(tokens))
         return results
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         if token in seq.stop_ids:  # never before min_tokens: the sampler bans them until then
+            return "stop"
+        if seq.grammar_finished:  # the constrained completion is whole
             return "stop"
         if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"

@@ -50,6 +50,7 @@ from ember.lora.peft_format import read_adapter
 from ember.model import CausalLM
 from ember.request import check_prompt_ids, stop_token_ids
 from ember.sampling import PenaltyTracker, SamplingParams, seeded_generator
+from ember.structured import compile_constraint
 
 __all__ = ["LLM", "EngineConfig", "RequestOutput", "CompletionOutput", "RequestMetrics", "parse_bytes"]
 
@@ -279,10 +280,16 @@ class LLM:
         stop_ids = stop_token_ids(params, self.model, self.tokenizer)
         speculate = self.proposer is not None and can_speculate(params)
         vocab = self.model.config.vocab_size
+        outside = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if outside:
+            raise EmberError(f"logit_bias names token id {outside[0]}, outside this model's vocabulary of {vocab}.")
         seqs = [Sequence(list(ids), params, request_id=request_id, index=i, stop_ids=stop_ids,
                          generator=seeded_generator(params.seed + i, self.device) if params.seed is not None else None,
                          penalties=PenaltyTracker(params, ids, vocab, self.device) if params.has_penalties else None,
-                         spec=SpecState() if speculate else None, lora_id=lora_id)
+                         spec=SpecState() if speculate else None, lora_id=lora_id,
+                         # compiled once per constraint (cached); each sequence gets its own matcher
+                         grammar=compile_constraint(params.structured, self.tokenizer, vocab)
+                         if params.structured is not None else None)
                 for i in range(params.n)]
         fork = len(seqs) > 1 and self.config.enable_prefix_caching and params.prompt_logprobs is None
         self.output_processor.add(request_id, text, seqs, arrival_time or time.perf_counter())

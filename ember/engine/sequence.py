@@ -4,6 +4,10 @@ The scheduler needs no prefill/decode phases: a sequence has `num_computed_token
 `len(token_ids)`; a step computes some of the rest (a prefill chunk, or the one newest
 token when decoding). When everything is computed the model's last logits give the next
 token, which is appended, and the sequence is uncomputed by exactly one token again.
+
+A constrained sequence carries its grammar matcher (`ember.structured.GrammarMatcher`), which
+takes each appended token. Preemption by recompute keeps the tokens, so the matcher keeps its
+place. Speculative guesses are consumed only to work out their masks, then rolled back.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ember.kv_cache import StaticKVCache
-from ember.sampling import PenaltyTracker, SamplingParams
+from ember.sampling import PenaltyTracker, SamplingParams, TokenMask
+from ember.structured import GrammarMatcher, allowed_tokens
 
 _ids = itertools.count()
 
@@ -34,12 +39,14 @@ class SpecState:
     `draft_ids` are the tokens guessed for this step (verified in the same target step as its
     newest token), `draft_probs` [k, V] the distributions they were drawn from (None: the guesses
     were deterministic). `draft_computed` is how far a draft model's own KV has caught up with
-    the sequence's tokens; `draft_cache` a compiled draft's static cache of its own."""
+    the sequence's tokens; `draft_cache` a compiled draft's static cache of its own. A constrained
+    sequence's draft guesses under its grammar too, so its guesses are ones the target may accept."""
 
     draft_ids: list[int] = field(default_factory=list)
     draft_probs: Tensor | None = None
     draft_computed: int = 0
     draft_cache: StaticKVCache | None = None
+    grammar_guesses: int = 0  # guesses its grammar matcher has consumed while drafting (rolled back after)
 
     def settle(self, num_computed_tokens: int) -> None:
         """The step's guesses are verified: forget them; the draft's KV past the accepted tokens is stale."""
@@ -72,6 +79,7 @@ class Sequence:
     generator: torch.Generator | None = None  # its own random stream (a seeded request), on the logits' device
     penalties: PenaltyTracker | None = None  # set by the engine when the request has penalties
     spec: SpecState | None = None  # set when this sequence speculates
+    grammar: GrammarMatcher | None = None  # set when its output is constrained (params.structured)
     token_times: list[float] = field(default_factory=list)  # perf_counter() of each new token
     lora_id: int = 0  # the LoRA adapter it runs with (`LoadedAdapter.id`); 0: the base alone
 
@@ -111,10 +119,17 @@ class Sequence:
         self.output_ids.append(token)
         if self.penalties is not None:
             self.penalties.add(token)
+        if self.grammar is not None and token not in self.stop_ids:  # a stop token ends it, outside the grammar
+            self.grammar.advance(token)
+
+    @property
+    def grammar_finished(self) -> bool:
+        """Its grammar can take no more tokens: the completion is whole (or the matcher broke)."""
+        return self.grammar is not None and self.grammar.is_finished
 
     def truncate_output(self, num_output_tokens: int) -> None:
         """Drop output tokens past the first `num_output_tokens` (verified after a stop string).
-        Only for a sequence that is finishing: its penalties are not rolled back."""
+        Only for a sequence that is finishing: its penalties and grammar are not rolled back."""
         drop = len(self.output_ids) - num_output_tokens
         if drop > 0:
             del self.output_ids[num_output_tokens:], self.token_ids[-drop:]
@@ -128,3 +143,18 @@ class Sequence:
         if self.spec is not None:
             self.spec.reset()
         self.status = Status.WAITING
+
+
+def grammar_mask(seqs: list[Sequence], vocab_size: int, speculating: bool = False) -> TokenMask | None:
+    """The sampler's grammar mask for a batch of these sequences' rows (one row each, or with
+    `speculating` len(draft_ids) + 1 rows each, one per position verified); None when none is
+    constrained."""
+    constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+    if not constrained:
+        return None
+    counts = [len(s.draft_ids) + 1 if speculating else 1 for s in seqs]
+    firsts = list(itertools.accumulate(counts, initial=0))
+    rows = [r for i in constrained for r in range(firsts[i], firsts[i] + counts[i])]
+    allowed = allowed_tokens([seqs[i].grammar for i in constrained], [seqs[i].stop_ids for i in constrained],
+                             vocab_size, [seqs[i].draft_ids for i in constrained] if speculating else None)
+    return TokenMask(allowed, None if len(rows) == firsts[-1] else torch.tensor(rows))

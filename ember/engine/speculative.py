@@ -29,10 +29,10 @@ from torch import Tensor
 from ember.compiled_step import compiled_decode_step, structure_key
 from ember.engine.model_runner import forward_tokens
 from ember.engine.paged_cache import KVPool
-from ember.engine.sequence import Sequence, SpecState
+from ember.engine.sequence import Sequence, SpecState, grammar_mask
 from ember.kv_cache import StaticKVCache
 from ember.model import CausalLM
-from ember.sampling import SamplingParams, SamplingRows, race, sample
+from ember.sampling import SamplingParams, SamplingRows, TokenMask, race, sample
 
 
 def can_speculate(params: SamplingParams) -> bool:
@@ -42,17 +42,18 @@ def can_speculate(params: SamplingParams) -> bool:
 
 
 def verify(target_logits: Tensor, rows: SamplingRows, drafts: list[list[int]],
-           draft_probs: list[Tensor | None] | None = None) -> list[list[int]]:
+           draft_probs: list[Tensor | None] | None = None, mask: TokenMask | None = None) -> list[list[int]]:
     """Tokens to append for each verifying sequence: its accepted guesses, then one token of the target's.
 
     target_logits [R, V] holds len(drafts[i]) + 1 rows per sequence, one after another: row j of
     sequence i is the target's prediction after drafts[i][:j]. `rows` gives each of the R rows its
     sequence's parameters and random stream. draft_probs[i] [k, V]: the
-    distributions the guesses were drawn from (None: deterministic guesses, q one-hot).
+    distributions the guesses were drawn from (None: deterministic guesses, q one-hot). `mask`: the
+    grammar's allowed tokens at each constrained row, so a guess the grammar forbids has p = 0.
     """
     device = target_logits.device
     draft_probs = draft_probs if draft_probs is not None else [None] * len(drafts)
-    processed = rows.process(rows.allowed(target_logits))
+    processed = rows.process(rows.allowed(target_logits, mask))
     best = processed.argmax(dim=-1)
     guess = torch.tensor([t for d in drafts for t in [*d, 0]], device=device)  # 0: the extra row's placeholder
     is_guess = torch.tensor([j < len(d) for d in drafts for j in range(len(d) + 1)], device=device)
@@ -147,6 +148,10 @@ class DraftProposer:
         if paged:
             self._propose_paged([seqs[i] for i in paged], [ks[i] for i in paged],
                                 [drafts[i] for i in paged], [dists[i] for i in paged])
+        for seq in seqs:  # the grammar goes back to the accepted tokens; verification redoes the guesses
+            if seq.grammar is not None:
+                seq.grammar.rollback(seq.spec.grammar_guesses)
+                seq.spec.grammar_guesses = 0
         return drafts, [torch.stack(d) if d else None for d in dists]
 
     def _propose_paged(self, seqs: list[Sequence], ks: list[int], drafts: list[list[int]],
@@ -213,11 +218,16 @@ class DraftProposer:
 
     @staticmethod
     def _draw(seqs: list[Sequence], logits: Tensor, dists: list[list[Tensor]]) -> list[int]:
-        """A guess per sequence from the draft's logits [len(seqs), V], through the sampler; the
-        distribution a sampled guess was drawn from is kept for verification."""
+        """A guess per sequence from the draft's logits [len(seqs), V], through the sampler (under
+        the sequence's grammar, which takes each guess it allows); the distribution a sampled
+        guess was drawn from is kept for verification."""
         out = sample(logits, SamplingRows([s.params for s in seqs], [s.generator for s in seqs],
-                                          device=logits.device), keep_probs=True)
+                                          device=logits.device), keep_probs=True,
+                     mask=grammar_mask(seqs, logits.shape[-1]))
+        tokens = out.token_ids.tolist()
         for row, seq in enumerate(seqs):
             if not seq.params.greedy:
                 dists[row].append(out.probs[row])
-        return out.token_ids.tolist()
+            if seq.grammar is not None and tokens[row] not in seq.stop_ids and seq.grammar.try_advance(tokens[row]):
+                seq.spec.grammar_guesses += 1
+        return tokens

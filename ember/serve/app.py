@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import sys
@@ -35,8 +36,10 @@ from ember.rag.encoder import load_encoder
 from ember.serve.async_engine import AsyncEngine, RequestStream, ServerBusy
 from ember.serve.auth import exposure_warning
 from ember.serve.protocol import (APIError, ChatMessage, ChatRequest, CompletionRequest, DetokenizeRequest,
-                                  EmbeddingRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, chat_logprobs, completion_logprobs, now,
+                                  EmbeddingRequest, LoadLoraRequest, TokenizeRequest, UnloadLoraRequest, chat_logprobs,
+                                  completion_logprobs, now,
                                   reject_unsupported, resolve_max_tokens, sampling_params, usage)
+from ember.serve.tools import ToolCallParser, merge_deltas, parse_tool_calls, plan_tools
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 
@@ -82,12 +85,14 @@ class ServerState:
         return tok.encode(text, allowed_special="all",
                           add_bos=add_special_tokens and bool(getattr(tok, "add_bos_token", False)))
 
-    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+    def chat_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                 tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not messages:
             raise APIError(400, "'messages' must contain at least one message.", param="messages")
         try:
             return self.tokenizer.apply_chat_template([m.as_template_dict() for m in messages],
-                                                      add_generation_prompt=add_generation_prompt, tokenize=True)
+                                                      add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                      tools=tools)
         except EmberError as e:
             raise APIError(400, str(e), param="messages") from None
 
@@ -210,7 +215,8 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
         max_tokens = resolve_max_tokens(None if score_only else req.max_tokens, len(p), server.max_model_len,
                                         COMPLETION_DEFAULT_MAX_TOKENS, "max_tokens", "prompt")
         params.append(sampling_params(req, 1 if score_only else max_tokens, k,
-                                      prompt_logprobs=k if req.echo and k is not None else None))
+                                      prompt_logprobs=k if req.echo and k is not None else None,
+                                      vocab_size=server.llm.model.config.vocab_size))
     stream = await start(server, prompts, params, lora_name)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
             "model": server.served_model_name}
@@ -265,14 +271,21 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
 async def chat_completions(req: ChatRequest, request: Request, server: ServerState = Depends(server_state)) -> Any:
     lora_name = server.check_model(req.model)
     reject_unsupported(req)
-    ids = server.chat_ids(req.messages)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)  # None: no tools in play
+    ids = server.chat_ids(req.messages, tools=plan.tools if plan else None)
     requested, param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens
                         is not None else (req.max_tokens, "max_tokens"))
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "'top_logprobs' needs 'logprobs': true.", param="top_logprobs")
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = sampling_params(req, resolve_max_tokens(requested, len(ids), server.max_model_len, None, param,
-                                                     "messages"), k)
+                                                     "messages"), k, vocab_size=server.llm.model.config.vocab_size)
+    if plan is not None and plan.structured is not None:  # "required" or a named function: calls only
+        if params.structured is not None:
+            raise APIError(400, "'tool_choice' \"required\" or a named function constrains the reply to tool "
+                           "calls, so it cannot be combined with response_format or guided_* parameters.",
+                           param="tool_choice")
+        params = dataclasses.replace(params, structured=plan.structured)
     stream = await start(server, [ids], [params], lora_name)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
             "model": server.served_model_name}
@@ -281,28 +294,46 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
     if req.stream:
         head["object"] = "chat.completion.chunk"
         started: set[int] = set()
+        parsers: dict[int, ToolCallParser] = {}  # per choice, when tools are in play
 
         def chunk(index: int, o: CompletionOutput) -> dict | None:
             delta: dict[str, Any] = {}
             if index not in started:  # the first chunk of each choice names the role
                 started.add(index)
                 delta["role"] = "assistant"
-            if o.text or "role" in delta:
-                delta["content"] = o.text
-            if not delta and o.finish_reason is None:
+            finish_reason = o.finish_reason
+            if plan is None:
+                if o.text or "role" in delta:
+                    delta["content"] = o.text
+            else:  # text before a call streams as content, a call as its id, name and argument pieces
+                parser = parsers.setdefault(index, ToolCallParser(plan.names))
+                delta |= merge_deltas(parser.push(o.text) + (parser.finish() if finish_reason else []))
+                if delta == {"role": "assistant"}:
+                    delta["content"] = ""  # the role's chunk has the shape it has without tools
+                if parser.calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+            if not delta and finish_reason is None:
                 return None
             logprobs = chat_logprobs(tok, o.token_ids, o.logprobs, k) if k is not None and o.token_ids else None
             return head | {"choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                        "finish_reason": o.finish_reason}]}
+                                        "finish_reason": finish_reason}]}
 
         include = bool(req.stream_options and req.stream_options.include_usage)
         return sse(server, stream_choices(stream, req.n, chunk, include,
                                           lambda u: head | {"choices": [], "usage": u}), stream)
 
     out = (await collect(server, stream, request))[stream.request_ids[0]]
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": chat_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None,
-                "finish_reason": o.finish_reason} for o in out.outputs]
+    choices = []
+    for o in out.outputs:
+        message, finish_reason = {"role": "assistant", "content": o.text}, o.finish_reason
+        if plan is not None:
+            message["content"], calls = parse_tool_calls(o.text, plan.names)
+            if calls:
+                message["tool_calls"] = calls
+                finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+        choices.append({"index": o.index, "message": message,
+                        "logprobs": chat_logprobs(tok, o.token_ids, o.logprobs or [], k) if k is not None else None,
+                        "finish_reason": finish_reason})
     return head | {"choices": choices,
                    "usage": usage(len(out.prompt_token_ids), sum(len(o.token_ids) for o in out.outputs))}
 

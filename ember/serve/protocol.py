@@ -5,10 +5,19 @@ ignored; a few OpenAI parameters are accepted only at their no-op values (`best_
 empty `suffix`, ...). `echo` with `logprobs` scores the prompt too (what lm-eval's
 loglikelihood requests need), with `max_tokens: 0` allowed to score the prompt alone. vLLM-style extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `stop_token_ids`, `ignore_eos`) ride in the body (`extra_body` in openai).
+
+Structured output on both completion endpoints: OpenAI's `response_format` (`text`, `json_object`,
+`json_schema`) and vLLM's `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (Lark
+or GBNF/EBNF), at most one per request; a constraint the grammar engine refuses is a 400 naming
+the parameter that carried it. `logit_bias` maps token-id strings to a bias in [-100, 100].
+
+Chat takes OpenAI's `tools`, `tool_choice` and `parallel_tool_calls` (ember.serve.tools), and
+messages carrying an assistant's `tool_calls` or a tool's result (`role: "tool"`, `tool_call_id`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -16,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ember.errors import EmberError
 from ember.sampling import SamplingParams
+from ember.structured import StructuredOutput
 
 
 class APIError(Exception):
@@ -54,7 +64,8 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored, as OpenAI allows
-    logit_bias: dict[str, float] | None = None  # only empty
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
     # vLLM-style extras
     top_k: int | None = None
     min_p: float | None = None
@@ -62,10 +73,14 @@ class _Sampling(_Strict):
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def unsupported(self) -> dict[str, bool]:
         """Parameter -> whether it is set to something we do not implement."""
-        return {"logit_bias": bool(self.logit_bias)}
+        return {}
 
 
 class CompletionRequest(_Sampling):
@@ -85,16 +100,61 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def as_template_dict(self) -> dict[str, Any]:
+        """transformers' convention: templates get the arguments as an object (a JSON string
+        that is not one is passed on as it is)."""
+        try:
+            arguments = json.loads(self.function.arguments)
+        except ValueError:
+            arguments = None
+        if not isinstance(arguments, dict):
+            arguments = self.function.arguments
+        return {"id": self.id, "type": self.type, "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, sent back with the results
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    # What the openai client's `message.model_dump()` carries back; accepted only as null.
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
         # Chat templates know "system"; OpenAI's newer "developer" role means the same.
         message = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [c.as_template_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
         return message | ({"name": self.name} if self.name else {})
+
+
+class FunctionDefinition(_Strict):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None  # accepted; with tool_choice "required" or a named function, always strict
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class ChatRequest(_Sampling):
@@ -102,15 +162,9 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None
+    tool_choice: str | dict[str, Any] | None = None  # checked by ember.serve.tools.plan_tools
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-    def unsupported(self) -> dict[str, bool]:
-        return {**super().unsupported(), "tools": bool(self.tools),
-                "tool_choice": self.tool_choice not in (None, "none"),
-                "response_format": self.response_format not in (None, {"type": "text"})}
 
 
 class TokenizeRequest(_Strict):
@@ -155,10 +209,75 @@ def reject_unsupported(req: _Sampling) -> None:
                            code="unsupported_parameter")
 
 
+def _response_format(value: dict[str, Any]) -> StructuredOutput | None:
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutput(json_object=True)
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise EmberError("Invalid response_format: 'json_schema' must hold an object with the schema under "
+                             "'schema'.")
+        schema = spec.get("schema")
+        return StructuredOutput(json_object=True) if schema is None else StructuredOutput(json=schema)
+    raise EmberError(f"Invalid response_format: its type must be 'text', 'json_object' or 'json_schema', "
+                     f"not {kind!r}.")
+
+
+def structured_output(req: _Sampling) -> StructuredOutput | None:
+    """The request's output constraint (at most one of response_format and guided_*), or None;
+    a constraint the grammar engine refuses is a 400 naming its parameter."""
+    given = [(name, getattr(req, name)) for name in ("response_format", "guided_json", "guided_regex",
+                                                     "guided_choice", "guided_grammar")
+             if getattr(req, name) is not None and getattr(req, name) != {"type": "text"}]
+    if len(given) > 1:
+        raise APIError(400, f"Send one output constraint, not both '{given[0][0]}' and '{given[1][0]}'.",
+                       param=given[1][0])
+    if not given:
+        return None
+    name, value = given[0]
+    try:
+        if name == "response_format":
+            return _response_format(value)
+        field = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                 "guided_grammar": "grammar"}[name]
+        return StructuredOutput(**{field: value})
+    except EmberError as e:
+        message = str(e)
+        for kind in ("json", "regex", "choice", "grammar", "json_object"):  # name the request's parameter
+            if message.startswith(f"Invalid {kind}: "):
+                message = f"Invalid {name}: " + message[len(f"Invalid {kind}: "):]
+        raise APIError(400, message, param=name) from None
+
+
+def logit_bias(req: _Sampling, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token-id strings -> a bias in [-100, 100], each id inside the vocabulary."""
+    if not req.logit_bias:
+        return None
+    bias = {}
+    for key, value in req.logit_bias.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise APIError(400, f"logit_bias keys are token ids; {key!r} is not one.", param="logit_bias") from None
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise APIError(400, f"logit_bias names token id {token}, outside this model's vocabulary of "
+                           f"{vocab_size}.", param="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias values must be in [-100, 100]; token {token} has {value}.",
+                           param="logit_bias")
+        bias[token] = value
+    return bias
+
+
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
+                    prompt_logprobs: int | None = None, vocab_size: int | None = None) -> SamplingParams:
     """OpenAI fields -> engine SamplingParams; out-of-range values become a 400. A streamed
-    request asks the engine for deltas, any other for its final output only."""
+    request asks the engine for deltas, any other for its final output only. `vocab_size`
+    bounds the token ids logit_bias may name."""
+    structured, bias = structured_output(req), logit_bias(req, vocab_size)
     given = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                  repetition_penalty=req.repetition_penalty)
@@ -168,7 +287,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
                               max_tokens=max_tokens, min_tokens=req.min_tokens, stop=[s for s in stop if s],
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                               logprobs=logprobs, prompt_logprobs=prompt_logprobs, n=req.n,
-                              output_kind="delta" if req.stream else "final")
+                              output_kind="delta" if req.stream else "final", structured=structured,
+                              logit_bias=bias)
     except EmberError as e:
         raise APIError(400, str(e)) from None
 
