@@ -18,8 +18,9 @@ For that forward each layer computes, over the slots the batch uses (K of them, 
 so each row gets exactly its own adapter's update B_s A_s x in two dense products per layer, whatever
 the mix (Punica's gather: the used slots' stacked weights are selected once, not one product per
 adapter). A layer that q, k and v (gate and up) share after `prepare_for_inference` fused them has
-its parts' A rows side by side in each slot (one product for all parts) and one B stack per part,
-whose update lands on that part's output columns.
+its parts' A rows side by side in each slot (one product for all parts), and B is block-structured:
+part p's rows of B read only part p's columns of h, so one product puts every part's update on its
+own output columns.
 
 An adapter's trainable token rows (PEFT's `trainable_token_indices`, which Ember's fine-tuning
 trains for the chat template's tokens) ride the same context: the token table's wrapper gives a
@@ -93,11 +94,12 @@ class BatchedLoraLinear(nn.Module):
         self.rank = slots.max_rank
         self.width = len(part_sizes) * self.rank  # one slot's rows of A: every part's, side by side
         device = next(itertools.chain(base_layer.parameters(), base_layer.buffers())).device
-        # Every slot's A stacked by rows, and each part's B with every slot's columns side by side,
+        # Every slot's A stacked by rows, and B with every slot's (and part's) columns side by side,
         # as linear layers: when a batch uses every slot they run whole, through the CPU inference
-        # layer where there is one (a product of a few rows in Ember's GEMV kernel).
+        # layer where there is one (a product of a few rows in Ember's GEMV kernel). B's entries
+        # outside a part's own block stay zero, so a fused layer needs one product, not one a part.
         self.lora_A = _stack_layer(self.in_features, slots.max_loras * self.width, device)
-        self.lora_B = nn.ModuleList([_stack_layer(slots.max_loras * self.rank, size, device) for size in part_sizes])
+        self.lora_B = _stack_layer(slots.max_loras * self.width, self.out_features, device)
         self.filled: set[int] = set()  # slots whose adapter adapts this layer
         self._slots = [slots]  # a list: the shared context, not a submodule
 
@@ -113,23 +115,14 @@ class BatchedLoraLinear(nn.Module):
         if x2.shape[0] != batch.token_slots.shape[0]:
             raise RuntimeError(f"LoRA slots were set for {batch.token_slots.shape[0]} tokens, the layer got {x2.shape[0]}.")
         every = len(slots) == self._slots[0].max_loras  # every slot: the stacks as they are
-        rows_a, mask = batch.rows_and_mask(slots, self.width)
-        rows_b = None if every else batch.rows_and_mask(slots, self.rank)[0]
+        rows, mask = batch.rows_and_mask(slots, self.width)
         x2 = x2.to(self.lora_A.weight.dtype)
-        h = (self.lora_A(x2) if every else F.linear(x2, self.lora_A.weight.index_select(0, rows_a))) * mask
-        if len(self.part_sizes) == 1:
-            b = self.lora_B[0]
-            y = b(h) if every else F.linear(h, b.weight.index_select(1, rows_b))
-            return out + y.view(out.shape).to(out.dtype)
-        out = out.contiguous()  # each part's update is added in place, on its own columns
-        out2 = out.view(-1, self.out_features)
-        parts = h.view(h.shape[0], len(slots), len(self.part_sizes), self.rank)
-        first = 0
-        for p, size in enumerate(self.part_sizes):  # the fused layer's 2 or 3 parts, not the adapters
-            hp, b = parts[:, :, p].reshape(h.shape[0], -1), self.lora_B[p]
-            out2[:, first:first + size] += (b(hp) if every else F.linear(hp, b.weight.index_select(1, rows_b))).to(out.dtype)
-            first += size
-        return out
+        if every:
+            y = self.lora_B(self.lora_A(x2).mul_(mask))
+        else:  # the used slots' rows of A and the same columns of B
+            h = F.linear(x2, self.lora_A.weight.index_select(0, rows)).mul_(mask)
+            y = F.linear(h, self.lora_B.weight.index_select(1, rows))
+        return out.add_(y.view(out.shape).to(out.dtype))  # the base's output is this forward's own
 
     def extra_repr(self) -> str:
         return f"parts={self.part_sizes}, width={self.width}"
@@ -336,14 +329,14 @@ class LoraSlots:
         layers = {id(layer): layer for layer, _ in self.targets.values()}.values()
         for layer in layers:
             layer.lora_A.weight[slot * layer.width:(slot + 1) * layer.width] = 0
-            for b in layer.lora_B:
-                b.weight[:, slot * r:(slot + 1) * r] = 0
+            layer.lora_B.weight[:, slot * layer.width:(slot + 1) * layer.width] = 0
             layer.filled.discard(slot)
         for layer, part, a, b in updates:
-            first = slot * layer.width + part * r
+            first = slot * layer.width + part * r  # this part's block: its A rows, its B columns
+            rows = sum(layer.part_sizes[:part])  # and its output columns
             device = layer.lora_A.weight.device
             layer.lora_A.weight[first:first + a.shape[0]] = a.to(device)
-            layer.lora_B[part].weight[:, slot * r:slot * r + a.shape[0]] = b.to(device)
+            layer.lora_B.weight[rows:rows + b.shape[0], first:first + a.shape[0]] = b.to(device)
             layer.filled.add(slot)
 
     # --- the batch -----------------------------------------------------------------------------
