@@ -276,7 +276,9 @@ def test_server_lists_serves_loads_and_unloads_adapters(client, base_dir, adapte
     # A request picks its adapter by `model`: the text of the adapter merged and run alone.
     for name in ("qv", "base"):
         want = tok.decode(merged_alone(base_dir, adapters["qv"] if name == "qv" else None, PROMPTS[0]))
-        assert text_of(complete(client, name, PROMPTS[0])) == want
+        reply = complete(client, name, PROMPTS[0])
+        assert text_of(reply) == want
+        assert reply.json()["model"] == name  # the reply names the adapter it used, as vLLM's does
     r = complete(client, "nope", PROMPTS[0])
     assert r.status_code == 404 and r.json()["error"]["param"] == "model" and "'nope'" in r.json()["error"]["message"]
 

@@ -219,7 +219,7 @@ async def completions(req: CompletionRequest, request: Request, server: ServerSt
                                       vocab_size=server.llm.model.config.vocab_size))
     stream = await start(server, prompts, params, lora_name)
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": now(),
-            "model": server.served_model_name}
+            "model": lora_name or server.served_model_name}  # the adapter a request named, as vLLM answers
     tok = server.tokenizer
 
     if req.stream:
@@ -288,7 +288,7 @@ async def chat_completions(req: ChatRequest, request: Request, server: ServerSta
         params = dataclasses.replace(params, structured=plan.structured)
     stream = await start(server, [ids], [params], lora_name)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": now(),
-            "model": server.served_model_name}
+            "model": lora_name or server.served_model_name}  # the adapter a request named, as vLLM answers
     tok = server.tokenizer
 
     if req.stream:
