@@ -351,6 +351,8 @@ def test_ppo_interrupted_and_resumed_matches_straight_run(tok, tmp_path):
                   reward_fn=reward_then_die, progress=False)
     saved = json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())
     assert saved["step"] == 2
+    # As a kill between the commit's two renames leaves it: the only complete copy set aside.
+    (tmp_path / "resumed" / "checkpoint").rename(tmp_path / "resumed" / ".checkpoint.old")
     # A fresh process: the policy loaded from its directory again (the reference), then the checkpoint.
     resumed = tiny_model(tok, vocab_size=tok.vocab_size)
     ppo_train(resumed, tok, prompts, tmp_path / "resumed", cfg, reward_fn=reward, resume=True, progress=False)

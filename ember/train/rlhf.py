@@ -30,7 +30,8 @@ from ember.model import CausalLM
 from ember.plot import read_metrics
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
-from ember.train.loop import CHECKPOINT, TrainConfig, learning_rate, load_checkpoint, make_optimizer, save_checkpoint
+from ember.train.loop import (TrainConfig, find_checkpoint, learning_rate, load_checkpoint, make_optimizer,
+                              save_checkpoint)
 from ember.train.ppo import (AdaptiveKL, PolicyWithValue, PPOConfig, RewardFn, encode_prompt, entropy_from_logits,
                              gae, kl_penalized_rewards, load_prompts, masked_mean, masked_whiten, penalize_unfinished,
                              policy_loss, reward_model_fn, rollout, rule_reward, value_loss)
@@ -182,7 +183,7 @@ def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], o
     start, elapsed_before = 0, 0.0
     if resume:
         state = load_checkpoint(out_dir, policy, optimizer)
-        model.value_head.load_state_dict(load_file(str(out_dir / CHECKPOINT / VALUE_HEAD)))
+        model.value_head.load_state_dict(load_file(str(find_checkpoint(out_dir) / VALUE_HEAD)))
         start, elapsed_before, kl_ctl.coef = state["step"], state.get("elapsed_s", 0.0), state["kl_coef"]
         if metrics_path.exists():
             keep = [x for x in metrics_path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
