@@ -46,6 +46,15 @@ ARCHITECTURES = {
 }
 
 
+def _biased_tied_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """What GPT-2 and BLOOM configs share: biases on every projection, a tied head by default, and
+    the initialiser range and special ids as written."""
+    return dict(attention_bias=True, o_proj_bias=True, mlp_bias=True,
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
+                initializer_range=hf.get("initializer_range", 0.02), bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"))
+
+
 @dataclass
 class ModelConfig:
     model_type: str = "llama"
@@ -198,14 +207,7 @@ class ModelConfig:
                     max_position_embeddings=hf.get("n_positions", 1024),
                     norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                     hidden_act=hf.get("activation_function", "gelu_new"),
-                    attention_bias=True,
-                    o_proj_bias=True,
-                    mlp_bias=True,
-                    tie_word_embeddings=hf.get("tie_word_embeddings", True),
-                    initializer_range=hf.get("initializer_range", 0.02),
-                    bos_token_id=hf.get("bos_token_id"),
-                    eos_token_id=hf.get("eos_token_id"),
-                    pad_token_id=hf.get("pad_token_id"),
+                    **_biased_tied_fields(hf),
                 )
                 if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
                     raise EmberError("GPT-2 variants with scale_attn_by_inverse_layer_idx or "
@@ -287,14 +289,7 @@ class ModelConfig:
             max_position_embeddings=hf.get("seq_length") or hf.get("max_position_embeddings") or 2048,
             norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             hidden_act="gelu_pytorch_tanh",
-            attention_bias=True,
-            o_proj_bias=True,
-            mlp_bias=True,
-            tie_word_embeddings=hf.get("tie_word_embeddings", True),
-            initializer_range=hf.get("initializer_range", 0.02),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-            pad_token_id=hf.get("pad_token_id"),
+            **_biased_tied_fields(hf),
         )
 
     def ember_fields(self) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def _pid_alive(pid: int) -> bool:
 def remove_leftovers(path: str | Path) -> list[Path]:
     """Delete the temporary directories that killed writes of `path` left beside it.
 
-    A temp dir's name carries the id of the process writing it (`.NAME.tmp-PID-XXXX`); only those of
+    A temp dir's name carries the id of the process writing it (`.NAME.tmp-<pid>-<random suffix>`); only those of
     processes no longer alive (or of this one, which is not writing `path` now) are removed, so a
     concurrent writer's work in progress is never touched. Returns what was removed."""
     path = Path(path)

@@ -59,3 +59,30 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_rl_curves(records: list[dict], held_out: list[dict], panels: list[tuple[str, str]], xlabel: str,
+                   out: str | Path) -> Path:
+    """A 2 x 2 grid of reinforcement-learning curves (PPO, GRPO): each panel one metric per step of
+    `records`; the reward panel also shows the held-out reward (`eval/reward` of `held_out`)."""
+    import matplotlib  # as in plot_run: slow to import, and Agg must be chosen before pyplot
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), dpi=110)
+    for ax, (key, label) in zip(axes.flat, panels):
+        shown = [r for r in records if key in r]
+        ax.plot([r["step"] for r in shown], [r[key] for r in shown], lw=1.2, label="training batches")
+        if key == "reward":
+            if held_out:
+                ax.plot([r["step"] for r in held_out], [r["eval/reward"] for r in held_out], "o-", label="held-out")
+            ax.legend()
+        ax.set_title(label)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -51,7 +51,7 @@ from ember.engine import LLM
 from ember.errors import EmberError
 from ember.files import read_jsonl, write_json
 from ember.load import load_model, load_tokenizer
-from ember.plot import read_metrics
+from ember.plot import plot_rl_curves, read_metrics
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
 from ember.train.loop import TrainConfig, find_checkpoint, train
@@ -473,34 +473,13 @@ def grpo_train(policy: nn.Module, tok: Any, prompts: Sequence[PromptRow], out_di
 
 def plot_grpo(out_dir: str | Path) -> Path:
     """reward, KL, clip fraction and loss per step, as `grpo.png`."""
-    # Imported here: matplotlib takes a second to import, and the Agg backend must be chosen before pyplot.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     records = [r for r in read_metrics(out_dir) if "reward" in r]
     start = json.loads((out_dir / EVAL_START).read_text()) if (out_dir / EVAL_START).is_file() else None
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), dpi=110)
-    panels = (("reward", "mean reward (sampled replies)"), ("kl", "KL to reference (k3, per reply token)"),
-              ("clipfrac", "clip fraction"), ("loss", "GRPO loss"))
-    for ax, (key, label) in zip(axes.flat, panels):
-        shown = [r for r in records if key in r]
-        ax.plot([r["step"] for r in shown], [r[key] for r in shown], lw=1.2, label="training batches")
-        if key == "reward":
-            ev = ([start] if start and "eval/reward" in start else []) + [r for r in records if "eval/reward" in r]
-            if ev:
-                ax.plot([r["step"] for r in ev], [r["eval/reward"] for r in ev], "o-", label="held-out")
-            ax.legend()
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = out_dir / "grpo.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    held_out = ([start] if start and "eval/reward" in start else []) + [r for r in records if "eval/reward" in r]
+    panels = [("reward", "mean reward (sampled replies)"), ("kl", "KL to reference (k3, per reply token)"),
+              ("clipfrac", "clip fraction"), ("loss", "GRPO loss")]
+    return plot_rl_curves(records, held_out, panels, "step", out_dir / "grpo.png")
 
 
 def run_grpo(model_path: str | Path, prompts_file: str | Path, out_dir: str | Path, train_cfg: TrainConfig,

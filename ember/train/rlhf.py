@@ -27,7 +27,7 @@ from ember.engine import LLM
 from ember.errors import EmberError
 from ember.load import load_model, load_tokenizer
 from ember.model import CausalLM
-from ember.plot import read_metrics
+from ember.plot import plot_rl_curves, read_metrics
 from ember.train.dpo import batch_indices, split_pairs
 from ember.train.examples import end_of_turn_id
 from ember.train.loop import (TrainConfig, find_checkpoint, learning_rate, load_checkpoint, make_optimizer,
@@ -119,31 +119,12 @@ def evaluate_policy(model: PolicyWithValue, ref: CausalLM, llm: Any, tok: Any, p
 
 def plot_ppo(out_dir: str | Path) -> Path:
     """reward, KL, entropy and clip fraction per iteration, as `ppo.png`."""
-    # Imported here: matplotlib takes a second to import, and the Agg backend must be chosen before pyplot.
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     everything = read_metrics(out_dir)
     records = [r for r in everything if "reward" in r]
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6), dpi=110)
-    for ax, key, label in zip(axes.flat, ("reward", "kl", "entropy", "clipfrac"),
-                              ("mean reward (rollouts)", "KL to reference (per reply)", "entropy (nats/token)",
-                               "clip fraction")):
-        ax.plot([r["step"] for r in records], [r[key] for r in records], lw=1.2)
-        if key == "reward":
-            ev = [r for r in everything if "eval/reward" in r]  # includes the step-0 evaluation
-            ax.plot([r["step"] for r in ev], [r["eval/reward"] for r in ev], "o-", label="held-out")
-            ax.legend()
-        ax.set_title(label)
-        ax.set_xlabel("iteration")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out_dir) / "ppo.png"
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    held_out = [r for r in everything if "eval/reward" in r]  # includes the step-0 evaluation
+    panels = [("reward", "mean reward (rollouts)"), ("kl", "KL to reference (per reply)"),
+              ("entropy", "entropy (nats/token)"), ("clipfrac", "clip fraction")]
+    return plot_rl_curves(records, held_out, panels, "iteration", Path(out_dir) / "ppo.png")
 
 
 def ppo_train(policy: CausalLM, tok: Any, prompts: Sequence[str | list[dict]], out_dir: str | Path, cfg: PPOConfig,
